@@ -1,0 +1,225 @@
+"""Typed configuration: dataclasses with their defaults, YAML files and ``--set key=value``.
+
+Defaults follow the paper (Zhang et al., arXiv 1908.10136, §4.1) where it gives one and
+TSN (Wang et al., 2016) for the two-stream training details it inherits; each comment
+says which.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ccs_fast.errors import CCSError, bad_file
+
+VARIANTS = ("baseline", "cb", "cs", "all")
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "all"  # paper Table 3: baseline | cb (connection block) | cs (shared block) | all (CCS)
+    backbone: str = "resnet50"  # torchvision name or "timm:<name>"; same architecture for both streams
+    pretrained: Optional[str] = None  # local RGB checkpoint (never downloaded at run time)
+    num_classes: int = 101  # UCF-101
+    num_segments: int = 3  # TSN training segments K
+    flow_length: int = 5  # TSN: L = 5 flow pairs, 2L = 10 input channels
+    cb_stages: list[int] = field(default_factory=lambda: [4])  # backbone stages followed by a connection block; paper: the last
+    cb_reduction: int = 2  # C_e = C / r (paper §3.1)
+    cb_heads: int = 1  # the paper uses a single head
+    cb_scale: Optional[float] = None  # None: C_e ** -0.5; 1.0 is Eq. 2 literally
+    consensus: str = "avg"  # segment consensus, paper Fig. 5a: avg | max | mul | concat
+    embed_dim: int = 512  # D_s of the shared projection
+    dropout: float = 0.5  # before the classifier (TSN uses 0.8 for RGB, 0.7 for flow with BN-Inception)
+    partial_bn: bool = True  # TSN: freeze BN statistics except the first layer's
+    impl: str = "auto"  # kernels: auto (Triton on CUDA) | triton | eager
+    fusion_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # RGB : flow late fusion, paper 1:1
+
+
+@dataclass
+class LossConfig:
+    lambda1: float = 0.5  # weight of the cross-modal triplet loss L1 (paper §4.1)
+    lambda2: float = 0.5  # weight of the discriminative embedding loss L2 (paper §4.1)
+    alpha1: float = 0.3  # triplet margin (paper §4.1)
+    alpha2: float = 0.3  # intra-class hinge (paper §4.1)
+    alpha3: float = 0.8  # inter-class hinge (paper §4.1)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # data root: rawframes folder (or videos folder for modality=video)
+    train_list: str = ""  # MMAction2 annotation list for training
+    val_list: str = ""  # MMAction2 annotation list for evaluation
+    modality: str = "rawframes"  # rawframes | video (RGB decoded from the videos)
+    flow_root: Optional[str] = None  # rawframes folder holding the flow when modality=video
+    backend: str = "torch"  # torch | dali | synthetic
+    batch_size: int = 32  # clips per batch and GPU
+    classes_per_batch: Optional[int] = None  # balanced batches of N classes x M videos (paper §4.1); None: shuffled
+    input_size: int = 224  # paper §4.1
+    test_segments: int = 25  # TSN test protocol
+    num_workers: Optional[int] = None  # torch backend workers; None: every core
+    skip_bad: bool = False  # skip unreadable samples instead of stopping
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # paper §4.1
+    momentum: float = 0.9  # paper §4.1
+    weight_decay: float = 5e-4  # paper §4.1
+    epochs: int = 80  # paper: lr divided by 10 after 50 epochs; 80 in all (TSN-style schedule)
+    lr_steps: list[int] = field(default_factory=lambda: [50])  # epochs at which lr is divided by 10 (paper §4.1)
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up; the paper uses none
+    clip_grad: Optional[float] = 40.0  # TSN clips the gradient norm at 40 (20 for flow)
+    fused: bool = True  # torch's fused SGD on CUDA
+    use_apex: bool = False  # apex FusedSGD when installed and asked for
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/ccs"
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto: cuda when available, else cpu
+    log_interval: int = 20  # steps between host syncs for logging
+    eval_interval: int = 5  # epochs between evaluations (and at the end)
+    save_interval: int = 1  # epochs between checkpoints
+    progress: bool = True  # progress bar with clips/s
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "config") -> "Config":
+        if self.model.variant not in VARIANTS:
+            raise CCSError(f"{source}: model.variant must be one of {', '.join(VARIANTS)}, got {self.model.variant!r}")
+        if self.model.consensus not in ("avg", "max", "mul", "concat"):
+            raise CCSError(f"{source}: model.consensus must be avg, max, mul or concat, got {self.model.consensus!r}")
+        if self.model.impl not in ("auto", "triton", "eager"):
+            raise CCSError(f"{source}: model.impl must be auto, triton or eager, got {self.model.impl!r}")
+        if self.train.precision not in ("bf16", "fp16", "fp32"):
+            raise CCSError(f"{source}: train.precision must be bf16, fp16 or fp32, got {self.train.precision!r}")
+        if self.data.backend not in ("torch", "dali", "synthetic"):
+            raise CCSError(f"{source}: data.backend must be torch, dali or synthetic, got {self.data.backend!r}")
+        if self.data.modality not in ("rawframes", "video"):
+            raise CCSError(f"{source}: data.modality must be rawframes or video, got {self.data.modality!r}")
+        n = self.data.classes_per_batch
+        if n is not None and (n < 1 or self.data.batch_size % n):
+            raise CCSError(f"{source}: data.batch_size ({self.data.batch_size}) must be a multiple of data.classes_per_batch ({n})")
+        return self
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise CCSError(f"{where}: may not be empty")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise CCSError(f"{where}: expected true or false, got {value!r}")
+    try:
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise CCSError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub):
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise CCSError(f"{source}: unknown config section {section!r} (sections: {sections})")
+    types_ = _field_types(type(sub))
+    if key not in types_:
+        raise CCSError(f"{source}: unknown config key {section}.{key} (keys of {section}: {', '.join(types_)})")
+    setattr(sub, key, _coerce(value, types_[key], f"{source}: {section}.{key}"))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``section.key=value``)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise bad_file(path, "config file not found") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise bad_file(path, f"not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise bad_file(path, "expected a mapping of sections (model, loss, data, optim, train)")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise bad_file(path, f"section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise CCSError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.01")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section.strip(), key.strip(), yaml.safe_load(value) if value.strip() else None, "--set")
+    return cfg.validate(str(path) if path else "config")
+
+
+def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, source)
+    return cfg.validate(source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
