@@ -10,7 +10,7 @@ a freshly built block is the identity and does not disturb pretrained backbones.
 import torch
 from torch import nn
 
-from ccs_fast.kernels import cross_stream_attention
+from ccs_fast.kernels.cross_attention import cross_stream_attention
 
 
 class CrossStreamAttention(nn.Module):
