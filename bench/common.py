@@ -1,0 +1,136 @@
+"""Shared pieces of the benchmarks: device naming, versions, timing, JSON rows, tables.
+
+Every result row carries the device, the library versions, the date and the command that
+produced it (SPEC §7); rows are appended to ``bench/results/<name>-<device-slug>.json``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str | torch.device = "cuda") -> str:
+    """Human-readable name of the device the benchmark runs on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def slug(name: str) -> str:
+    """File-name-safe short form of a device name, e.g. ``nvidia-h100-80gb-hbm3``."""
+    name = re.sub(r"\(.*?\)", "", name)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def env_info(device: str | torch.device = "cuda") -> dict:
+    """Device, versions, date and command for a result row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def result_path(name: str, device: str | torch.device, out_dir: str | Path | None = None) -> Path:
+    return Path(out_dir or RESULTS_DIR) / f"{name}-{slug(device_name(device))}.json"
+
+
+def append_rows(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Append rows to the JSON list at ``path`` (created when missing); written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(existing + list(rows), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """Print rows as a markdown table with the given columns; returns the text."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def timeit(fn: Callable[[], object], device: str | torch.device, warmup: int = 3, rep: int = 10) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of ``fn()``.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs). CPU:
+    ``time.perf_counter`` over ``rep`` runs after ``warmup`` runs.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return float(p50), float(p20), float(p80)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return float(statistics.median(times)), float(q[1]), float(q[7])
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device) -> int | None:
+    """Peak bytes allocated on the CUDA device while ``fn()`` runs, beyond what was live before; None on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def matmul_peak_tflops(device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """Measured dense matmul throughput of the device (the 'peak' that percentages refer to)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _, _ = timeit(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
