@@ -1,0 +1,178 @@
+"""``ccs-fast``: the command-line entry point.
+
+Subcommands: synth, prepare, train, eval, predict, bench, demo. Bad input ends with one
+line on stderr (``ccs-fast: error: ...``) and exit status 2, never a traceback (SPEC §9).
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from ccs_fast.errors import CCSError
+
+BENCHMARKS = ("cross_attention", "losses", "loader", "e2e")
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="config file (a path, or the name of a packaged config: "
+                   + ", ".join(packaged_configs()) + ")")
+    p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override one config value, e.g. --set optim.lr=0.01 (repeatable)")
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    if name is None or Path(name).exists():
+        return name
+    packaged = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return str(packaged) if packaged.exists() else name
+
+
+def _load(args):
+    from ccs_fast.config import load_config
+
+    return load_config(resolve_config_path(args.config), args.overrides)
+
+
+def cmd_synth(args) -> int:
+    from ccs_fast.dataloader.synth import make_synthetic_dataset
+
+    summary = make_synthetic_dataset(
+        args.out, seed=args.seed, classes=args.classes, videos_per_cell=args.videos_per_cell,
+        frames=args.frames, size=args.size, flow=args.flow, workers=args.workers,
+    )
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from ccs_fast.dataloader.prepare import run_prepare
+
+    return run_prepare(args)
+
+
+def cmd_train(args) -> int:
+    from ccs_fast.trainer import train
+
+    cfg = _load(args)
+    if args.out:
+        cfg.train.out_dir = args.out
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ccs_fast.evaluate import evaluate_checkpoint
+
+    cfg = _load(args) if (args.config or args.overrides) else None
+    out = Path(args.out) if args.out else None
+    result = evaluate_checkpoint(
+        cfg, args.checkpoint, annotation=args.list,
+        out_json=out / "eval.json" if out else None, out_md=out / "eval.md" if out else None,
+    )
+    del result  # the table is printed by evaluate_checkpoint
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ccs_fast.evaluate import predict
+
+    cfg = _load(args) if (args.config or args.overrides) else None
+    predict(cfg, args.checkpoint, args.list, args.out)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "bench" / "__init__.py").exists():
+        raise CCSError(f"{repo / 'bench'}: the benchmarks live in the source checkout; run ccs-fast bench from a clone")
+    sys.path.insert(0, str(repo))
+    sys.argv = [f"bench.bench_{args.name}", *args.bench_args]
+    runpy.run_module(f"bench.bench_{args.name}", run_name="__main__")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ccs_fast.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, workers=args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccs-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the embedded default data set (videos, rawframes, TV-L1 flow, lists, splits)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--classes", type=int, default=None, help="number of classes C (appearances = motions = C)")
+    p.add_argument("--videos-per-cell", type=int, default=None, help="videos per (appearance, motion) pair")
+    p.add_argument("--frames", type=int, default=None, help="frames per video")
+    p.add_argument("--size", type=int, default=None, help="frame width and height in pixels")
+    p.add_argument("--flow", choices=("tvl1", "farneback"), default="tvl1", help="optical flow (default TV-L1)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="videos + split files -> rawframes, TV-L1 flow and annotation lists")
+    try:
+        from ccs_fast.dataloader.prepare import add_prepare_arguments
+    except ImportError:  # pragma: no cover - prepare's own dependencies missing
+        add_prepare_arguments = None
+    if add_prepare_arguments is not None:
+        add_prepare_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model")
+    _config_arguments(p)
+    p.add_argument("--out", help="output folder (train.out_dir)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint (e.g. OUT/last.pt)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="RGB, Flow and RGB+Flow top-1/top-5 of a checkpoint on a split")
+    _config_arguments(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--list", help="annotation list to evaluate (default: the config's data.val_list)")
+    p.add_argument("--out", help="folder for eval.json and eval.md")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="per-video predictions of a checkpoint as JSON lines")
+    _config_arguments(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--list", required=True, help="annotation list of the videos to predict")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="run a benchmark from the source checkout: " + ", ".join(BENCHMARKS))
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="synth the embedded data set, train baseline and CCS, evaluate, write a report")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    p.add_argument("--workers", type=int, default=None, help="loader and synth processes (default: every core)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CCSError as exc:
+        print(f"ccs-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ccs-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
