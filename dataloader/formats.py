@@ -1,0 +1,181 @@
+"""Annotation formats: MMAction2 rawframe and video lists, UCF-101 and HMDB-51 splits.
+
+Every reader returns ``list[VideoRecord]`` in file order and raises a one-line ``CCSError``
+naming ``file:line`` for a line that does not parse or a label outside ``[0, num_classes)``,
+and naming the file for a list with no videos (SPEC §9).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccs_fast.errors import CCSError, bad_file
+
+
+@dataclass
+class VideoRecord:
+    path: str  # frame directory (rawframes) or video file, relative to the data root
+    num_frames: int | None  # RGB frames; None where the list does not say (video lists)
+    label: int  # 0-based class index
+    line: int  # 1-based line of the annotation file it came from
+
+
+def _lines(path):
+    """(line number, stripped text) of the non-blank, non-comment lines of ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise bad_file(path, "annotation file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise bad_file(path, f"cannot read annotation file ({exc.__class__.__name__})") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield number, line
+
+
+def _int_field(path, number, value, what, minimum):
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise bad_file(f"{path}:{number}", f"{what} {value!r} is not an integer") from None
+    if parsed < minimum:
+        raise bad_file(f"{path}:{number}", f"{what} {parsed} is below {minimum}")
+    return parsed
+
+
+def _check_records(path, records, num_classes):
+    if not records:
+        raise bad_file(path, "no videos")
+    if num_classes is not None:
+        for record in records:
+            if not 0 <= record.label < num_classes:
+                raise bad_file(
+                    f"{path}:{record.line}",
+                    f"label {record.label} outside the {num_classes} classes [0, {num_classes})",
+                )
+    return records
+
+
+def read_rawframe_list(path, num_classes=None) -> list[VideoRecord]:
+    """MMAction2 rawframe list: ``frame_dir total_frames label`` per line."""
+    records = []
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) != 3:
+            raise bad_file(f"{path}:{number}",
+                           f"expected 'frame_dir total_frames label', got {line!r}")
+        frames = _int_field(path, number, fields[1], "total_frames", 1)
+        label = _int_field(path, number, fields[2], "label", 0)
+        records.append(VideoRecord(fields[0], frames, label, number))
+    return _check_records(path, records, num_classes)
+
+
+def read_video_list(path, num_classes=None) -> list[VideoRecord]:
+    """MMAction2 video list: ``path label`` per line."""
+    records = []
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) != 2:
+            raise bad_file(f"{path}:{number}", f"expected 'path label', got {line!r}")
+        label = _int_field(path, number, fields[1], "label", 0)
+        records.append(VideoRecord(fields[0], None, label, number))
+    return _check_records(path, records, num_classes)
+
+
+def read_ucf101_classes(class_ind) -> dict[str, int]:
+    """classInd.txt (``1 ApplyEyeMakeup``) → {class name: 0-based label}."""
+    classes = {}
+    for number, line in _lines(class_ind):
+        fields = line.split()
+        if len(fields) != 2:
+            raise bad_file(f"{class_ind}:{number}", f"expected 'index ClassName', got {line!r}")
+        index = _int_field(class_ind, number, fields[0], "class index", 1)
+        if fields[1] in classes:
+            raise bad_file(f"{class_ind}:{number}", f"class {fields[1]!r} listed twice")
+        classes[fields[1]] = index - 1
+    if not classes:
+        raise bad_file(class_ind, "no classes")
+    return classes
+
+
+def read_ucf101_split(split_file, class_ind, num_classes=None) -> list[VideoRecord]:
+    """UCF-101 trainlist0N.txt (``Class/v.avi 1``, 1-based label) or testlist0N.txt
+    (``Class/v.avi``, label from the class folder via classInd.txt)."""
+    classes = read_ucf101_classes(class_ind)
+    num_classes = len(classes) if num_classes is None else num_classes
+    records = []
+    for number, line in _lines(split_file):
+        fields = line.split()
+        where = f"{split_file}:{number}"
+        if len(fields) == 2:
+            label = _int_field(split_file, number, fields[1], "label", 1) - 1
+        elif len(fields) == 1:
+            folder = fields[0].replace("\\", "/").split("/")[0]
+            if folder not in classes or "/" not in fields[0].replace("\\", "/"):
+                raise bad_file(where, f"class folder of {fields[0]!r} is not in {class_ind}")
+            label = classes[folder]
+        else:
+            raise bad_file(where, f"expected 'Class/video.avi [label]', got {line!r}")
+        records.append(VideoRecord(fields[0].replace("\\", "/"), None, label, number))
+    return _check_records(split_file, records, num_classes)
+
+
+_HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<split>\d+)\.txt$")
+
+
+def read_hmdb51_split(split_dir, split=1, train=True) -> list[VideoRecord]:
+    """HMDB-51 split files ``<class>_test_split<N>.txt`` (``video.avi 0|1|2``; 1 = train,
+    2 = test, 0 = unused). Labels follow the sorted class names; paths are ``class/video``."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise bad_file(split_dir, "HMDB-51 split folder not found")
+    files = {}
+    for name in os.listdir(split_dir):
+        match = _HMDB_SPLIT.match(name)
+        if match and int(match["split"]) == split:
+            files[match["cls"]] = split_dir / name
+    if not files:
+        raise bad_file(split_dir, f"no '<class>_test_split{split}.txt' files")
+    wanted = "1" if train else "2"
+    records = []
+    for label, cls in enumerate(sorted(files)):
+        for number, line in _lines(files[cls]):
+            fields = line.split()
+            if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                raise bad_file(f"{files[cls]}:{number}", f"expected 'video.avi 0|1|2', got {line!r}")
+            if fields[1] == wanted:
+                records.append(VideoRecord(f"{cls}/{fields[0]}", None, label, number))
+    if not records:
+        raise bad_file(split_dir, f"no videos in split {split} ({'train' if train else 'test'})")
+    return records
+
+
+def read_annotation(path, modality="rawframes", num_classes=None) -> list[VideoRecord]:
+    """The list build_loader reads: rawframe list, or video list for modality="video"."""
+    if modality == "rawframes":
+        return read_rawframe_list(path, num_classes)
+    if modality == "video":
+        return read_video_list(path, num_classes)
+    raise ValueError(f"unknown modality {modality!r}; available: rawframes, video")
+
+
+def write_rawframe_list(records, path) -> None:
+    """Write ``frame_dir total_frames label`` lines atomically (temporary file, rename)."""
+    path = Path(path)
+    lines = []
+    for record in records:
+        if record.num_frames is None:
+            raise ValueError(f"{record.path}: a rawframe list needs num_frames")
+        lines.append(f"{record.path} {record.num_frames} {record.label}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(lines))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CCSError(f"{path}: cannot write annotation list ({exc.strerror or exc})") from None

@@ -1,0 +1,76 @@
+"""The synthetic backend: random clips made on the device, to time compute without I/O.
+
+Batches have the loader contract's shapes, dtype and channels_last layout; labels are
+uniform in [0, num_classes). Each (seed, epoch, rank, batch) has its own generator seed, so
+an epoch replays exactly and ranks see different data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .formats import read_annotation
+
+
+def _generator(device, seed, epoch, rank, batch):
+    state = np.random.SeedSequence([seed, epoch, rank, batch]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class SyntheticLoader:
+    def __init__(self, *, batch_size, num_segments, flow_length, input_size, device, seed,
+                 rank, num_classes, num_videos, num_batches, dtype):
+        self.batch_size, self.num_segments = batch_size, num_segments
+        self.flow_channels, self.input_size = 2 * flow_length, input_size
+        self.device, self.dtype = torch.device(device), dtype
+        self.seed, self.rank = seed, rank
+        self.num_classes, self.num_videos = num_classes, num_videos
+        self.num_batches = num_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def _clips(self, channels, generator):
+        b, k, s = self.batch_size, self.num_segments, self.input_size
+        x = torch.randn((b, k, s, s, channels), generator=generator, device=self.device,
+                        dtype=torch.float32)
+        return x.to(self.dtype).permute(0, 1, 4, 2, 3)
+
+    def __iter__(self):
+        for i in range(self.num_batches):
+            generator = _generator(self.device, self.seed, self.epoch, self.rank, i)
+            start = (self.rank * self.num_batches + i) * self.batch_size
+            yield {
+                "rgb": self._clips(3, generator),
+                "flow": self._clips(self.flow_channels, generator),
+                "label": torch.randint(0, self.num_classes, (self.batch_size,),
+                                       generator=generator, device=self.device),
+                "index": torch.arange(start, start + self.batch_size, device=self.device)
+                % max(self.num_videos, 1),
+            }
+
+
+def build_synthetic_loader(annotation, data_root, *, train, batch_size, num_segments=3,
+                           flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
+                           world_size=1, modality="rawframes", num_workers=None,
+                           classes_per_batch=None, num_classes=None, skip_bad=False,
+                           flow_root=None, dtype=torch.float32, synthetic_batches=50):
+    """``build_loader(..., backend="synthetic")``: the annotation, when given, only supplies
+    num_classes and num_videos; nothing is read from data_root."""
+    del train, data_root, world_size, num_workers, classes_per_batch, skip_bad, flow_root
+    num_videos = synthetic_batches * batch_size
+    if annotation is not None:
+        labels = [r.label for r in read_annotation(annotation, modality, num_classes)]
+        num_videos = len(labels)
+        if num_classes is None:
+            num_classes = max(labels) + 1
+    if num_classes is None:
+        raise ValueError("the synthetic backend needs num_classes or an annotation file")
+    return SyntheticLoader(batch_size=batch_size, num_segments=num_segments,
+                           flow_length=flow_length, input_size=input_size, device=device,
+                           seed=seed, rank=rank, num_classes=num_classes,
+                           num_videos=num_videos, num_batches=synthetic_batches, dtype=dtype)

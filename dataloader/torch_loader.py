@@ -1,0 +1,368 @@
+"""The pure-PyTorch backend: cv2/PyAV decoding in DataLoader workers.
+
+Workers decode JPEG rawframes with cv2 (or RGB from the video with PyAV), crop, resize and
+flip per ``plan_clip`` and return uint8 HWC arrays; the main process moves the uint8 batch to
+the device (pinned, non_blocking) and normalises there, which moves a quarter of the bytes
+of float32 through worker shared memory and PCIe.
+
+The epoch travels with every sampled row as an ``(epoch, row)`` pair, so persistent workers
+never need a mutated attribute to draw the right clip.
+
+Bad input. A worker never raises a ``CCSError``: it returns the one-line message with the
+sample, because DataLoader re-wraps worker exceptions in a multi-line traceback. The main
+process raises it unchanged, or, with ``skip_bad``, drops the sample (the batch comes out
+smaller; a batch with no good sample is skipped) and counts it in ``num_skipped``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ccs_fast.errors import CCSError, bad_file
+
+from .formats import VideoRecord, read_annotation
+from .sampling import num_flow_frames, plan_clip
+from .samplers import BalancedBatchSampler, ShardedSampler
+from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
+                         invert_flow_x, stack_flow)
+
+
+def rgb_frame_path(frame_dir, i):
+    return Path(frame_dir) / f"img_{i + 1:05d}.jpg"
+
+
+def flow_frame_paths(frame_dir, i):
+    return (Path(frame_dir) / f"flow_x_{i + 1:05d}.jpg",
+            Path(frame_dir) / f"flow_y_{i + 1:05d}.jpg")
+
+
+def read_jpeg(path, grey: bool) -> np.ndarray:
+    """uint8 HWC RGB (or HW grey) of a JPEG; CCSError naming a missing or corrupt file."""
+    path = str(path)
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    if img is None:
+        problem = "cannot decode (corrupt or not an image)" if os.path.exists(path) else "missing frame"
+        raise bad_file(path, problem)
+    return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_size(path) -> tuple[int, int]:
+    """(width, height) from the JPEG header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise bad_file(path, "missing frame") from None
+    except (UnidentifiedImageError, OSError):
+        raise bad_file(path, "cannot decode (corrupt or not an image)") from None
+
+
+def count_flow_frames(frame_dir) -> int:
+    try:
+        return sum(1 for name in os.listdir(frame_dir) if name.startswith("flow_x_"))
+    except FileNotFoundError:
+        raise bad_file(frame_dir, "flow frame folder not found") from None
+
+
+def decode_video_frames(path, wanted) -> tuple[dict[int, np.ndarray], int]:
+    """RGB uint8 frames at the 0-based indices ``wanted`` (decoded in order, stopping after
+    the last one) and the number of frames decoded."""
+    import av
+
+    wanted = set(int(i) for i in wanted)
+    last = max(wanted)
+    frames, count = {}, 0
+    if not os.path.exists(path):
+        raise bad_file(path, "video not found")
+    try:
+        with av.open(str(path)) as container:
+            for count, frame in enumerate(container.decode(video=0), start=1):
+                i = count - 1
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+    except av.FFmpegError as exc:
+        raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
+    return frames, count
+
+
+def video_size(path) -> tuple[int, int]:
+    import av
+
+    if not os.path.exists(path):
+        raise bad_file(path, "video not found")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.width, stream.codec_context.height
+    except (av.FFmpegError, IndexError) as exc:
+        raise bad_file(path, f"cannot open video ({exc.__class__.__name__})") from None
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    train: bool
+    num_segments: int
+    flow_length: int
+    input_size: int
+    seed: int
+
+
+class ClipDataset(Dataset):
+    """Map-style dataset indexed by ``(epoch, position)``; returns a sample dict of uint8
+    arrays ``rgb`` (K, S, S, 3), ``flow`` (K, S, S, 2L), ints ``label``, ``index`` (the
+    annotation row, which also seeds the clip) and ``error`` (None, or the one-line CCSError
+    message of a bad sample)."""
+
+    def __init__(self, records, data_root, options: ClipOptions, modality="rawframes",
+                 flow_root=None, rows=None):
+        self.records = records
+        self.rows = list(range(len(records))) if rows is None else list(rows)
+        self.data_root = Path(data_root)
+        self.flow_root = Path(flow_root) if flow_root is not None else self.data_root
+        self.options = options
+        self.modality = modality
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        epoch, position = key
+        record, row = self.records[position], self.rows[position]
+        try:
+            rgb, flow = self.load_clip(record, epoch, row)
+        except CCSError as exc:
+            return {"error": str(exc), "index": row}
+        return {"rgb": rgb, "flow": flow, "label": record.label, "index": row, "error": None}
+
+    def flow_dir(self, record: VideoRecord) -> Path:
+        if self.modality == "video":
+            return self.flow_root / Path(record.path).with_suffix("")
+        return self.data_root / record.path
+
+    def plan(self, record, width, height, epoch, row, name):
+        o = self.options
+        try:
+            return plan_clip(record.num_frames, width, height, num_segments=o.num_segments,
+                             flow_length=o.flow_length, input_size=o.input_size, train=o.train,
+                             seed=o.seed, epoch=epoch, index=row)
+        except ValueError as exc:
+            raise bad_file(name, f"video too short: {exc}") from None
+
+    def load_clip(self, record, epoch, row):
+        size = self.options.input_size
+        frame_dir = self.flow_dir(record)
+        if self.modality == "video":
+            video = self.data_root / record.path
+            width, height = video_size(video)
+            plan = self.plan(record, width, height, epoch, row, video)
+            decoded, count = decode_video_frames(video, plan.frame_indices)
+            missing = [int(i) for i in plan.frame_indices if int(i) not in decoded]
+            if missing:
+                raise bad_file(video, f"video too short: {count} frames decoded, the clip needs "
+                                      f"frame {missing[0] + 1} ({record.num_frames - 1} flow frames)")
+            frames = [(video, decoded[int(i)]) for i in plan.frame_indices]
+        else:
+            width, height = jpeg_size(rgb_frame_path(frame_dir, 0))
+            plan = self.plan(record, width, height, epoch, row, frame_dir)
+            paths = [rgb_frame_path(frame_dir, int(i)) for i in plan.frame_indices]
+            frames = [(path, read_jpeg(path, grey=False)) for path in paths]
+
+        def crop(path, img):
+            if img.shape[1] != width or img.shape[0] != height:
+                raise bad_file(path, f"frame is {img.shape[1]}x{img.shape[0]}, "
+                                     f"the video's frames are {width}x{height}")
+            return crop_resize(img, plan.crop, size, plan.flip)
+
+        rgb = np.stack([crop(path, img) for path, img in frames])
+        stacks = []
+        for segment in plan.flow_indices:
+            fx, fy = [], []
+            for i in segment:
+                path_x, path_y = flow_frame_paths(frame_dir, int(i))
+                x = crop(path_x, read_jpeg(path_x, grey=True))
+                fx.append(invert_flow_x(x) if plan.flip else x)
+                fy.append(crop(path_y, read_jpeg(path_y, grey=True)))
+            stacks.append(stack_flow(fx, fy))
+        return rgb, np.stack(stacks)
+
+
+def collate_clips(samples):
+    """Good samples stacked into uint8/int64 tensors; bad ones as (row, message) pairs."""
+    good = [s for s in samples if s["error"] is None]
+    errors = [(s["index"], s["error"]) for s in samples if s["error"] is not None]
+    if not good:
+        return {"errors": errors}
+    return {
+        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in good])),
+        "flow": torch.from_numpy(np.stack([s["flow"] for s in good])),
+        "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        "errors": errors,
+    }
+
+
+def normalize_on_device(rgb_u8, flow_u8, dtype):
+    """uint8 (B, K, S, S, C) → dtype (B, K, C, S, S) normalised, channels_last per clip.
+
+    The same float32 operations as transforms.normalize_rgb/normalize_flow, then the cast.
+    """
+    mean = torch.as_tensor(IMAGENET_MEAN, device=rgb_u8.device)
+    std = torch.as_tensor(IMAGENET_STD, device=rgb_u8.device)
+    rgb = ((rgb_u8.float() / 255.0 - mean) / std).to(dtype)
+    flow = ((flow_u8.float() - FLOW_MEAN) / FLOW_STD).to(dtype)
+    return rgb.permute(0, 1, 4, 2, 3), flow.permute(0, 1, 4, 2, 3)
+
+
+class _EpochTaggedBatches:
+    """Turns a batch sampler's rows into ``(epoch, row)`` keys for the dataset."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        epoch = self.batch_sampler.epoch
+        for batch in self.batch_sampler:
+            yield [(epoch, row) for row in batch]
+
+
+def _worker_init(_worker_id):
+    cv2.setNumThreads(1)  # one decode thread per worker: the workers already use every core
+
+
+class TorchClipLoader:
+    """One epoch of batch dicts per ``iter``; see the loader contract in docs/HELPERS.md."""
+
+    def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
+                 num_classes, skipped=0):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.skip_bad = skip_bad
+        self.num_videos = len(dataset)
+        self.num_classes = num_classes
+        self.num_skipped = skipped  # bad videos dropped so far (skip_bad)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=_EpochTaggedBatches(batch_sampler),
+            num_workers=num_workers,
+            collate_fn=collate_clips,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if batch["errors"]:
+                if not self.skip_bad:
+                    raise CCSError(batch["errors"][0][1])
+                self.num_skipped += len(batch["errors"])
+            if "rgb" not in batch:
+                continue
+            rgb = batch["rgb"].to(self.device, non_blocking=True)
+            flow = batch["flow"].to(self.device, non_blocking=True)
+            rgb, flow = normalize_on_device(rgb, flow, self.dtype)
+            yield {
+                "rgb": rgb,
+                "flow": flow,
+                "label": batch["label"].to(self.device, non_blocking=True),
+                "index": batch["index"].to(self.device, non_blocking=True),
+            }
+
+
+def default_flow_root(data_root) -> Path:
+    return Path(data_root).resolve().parent / "rawframes"
+
+
+def resolve_records(records, annotation, data_root, *, modality, flow_root, flow_length,
+                    skip_bad):
+    """Fill in num_frames of video lists from the flow folders and check every video is long
+    enough for the flow stack; returns (good records, their annotation rows, number skipped)."""
+    good, rows, skipped = [], [], 0
+    for row, record in enumerate(records):
+        try:
+            if modality == "video":
+                frames = count_flow_frames(Path(flow_root) / Path(record.path).with_suffix("")) + 1
+                record = VideoRecord(record.path, frames, record.label, record.line)
+            if num_flow_frames(record.num_frames) < flow_length:
+                raise bad_file(
+                    f"{annotation}:{record.line}",
+                    f"video {record.path} too short: {record.num_frames} frames give "
+                    f"{max(num_flow_frames(record.num_frames), 0)} flow frames, "
+                    f"fewer than the flow stack of {flow_length}",
+                )
+        except CCSError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        good.append(record)
+        rows.append(row)
+    if not good:
+        raise bad_file(annotation, "no usable videos (all skipped as bad)")
+    return good, rows, skipped
+
+
+def build_batch_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank,
+                        world_size, annotation):
+    if train and classes_per_batch:
+        if batch_size % classes_per_batch:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of "
+                             f"classes_per_batch {classes_per_batch}")
+        try:
+            return BalancedBatchSampler(labels, classes_per_batch, batch_size // classes_per_batch,
+                                        seed=seed, rank=rank, world_size=world_size)
+        except ValueError as exc:
+            raise bad_file(annotation, str(exc)) from None
+    return ShardedSampler(len(labels), batch_size, shuffle=train, seed=seed, rank=rank,
+                          world_size=world_size, drop_last=train)
+
+
+def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments=3,
+                       flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
+                       world_size=1, modality="rawframes", num_workers=None,
+                       classes_per_batch=None, num_classes=None, skip_bad=False,
+                       flow_root=None, dtype=torch.float32, synthetic_batches=50):
+    """``build_loader(..., backend="torch")``."""
+    del synthetic_batches  # synthetic backend only
+    records = read_annotation(annotation, modality, num_classes)
+    if modality == "video" and flow_root is None:
+        flow_root = default_flow_root(data_root)
+    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
+                                       flow_root=flow_root, flow_length=flow_length,
+                                       skip_bad=skip_bad)
+    options = ClipOptions(train=train, num_segments=num_segments, flow_length=flow_length,
+                          input_size=input_size, seed=seed)
+    dataset = ClipDataset(records, data_root, options, modality=modality, flow_root=flow_root,
+                          rows=rows)
+    labels = [r.label for r in records]
+    sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
+                                  classes_per_batch=classes_per_batch, seed=seed, rank=rank,
+                                  world_size=world_size, annotation=annotation)
+    return TorchClipLoader(
+        dataset, sampler, device=device, dtype=dtype,
+        num_workers=os.cpu_count() if num_workers is None else num_workers,
+        skip_bad=skip_bad,
+        num_classes=num_classes if num_classes is not None else max(labels) + 1,
+        skipped=skipped,
+    )
