@@ -1,0 +1,537 @@
+"""DALI backend of the clip loader: JPEG (or VP8/VP9 video) decoding on the GPU (SPEC §4).
+
+One DALI sample is one *segment* of a clip: its RGB frame and its stack of L flow_x / L
+flow_y frames. A batch of B clips is therefore B·K samples, so each of the 1 + 2L image
+decoders decodes a flat batch of B·K images whatever K is (K = 25 at test would otherwise
+need 25 + 250 decoder instances, each with its own nvJPEG padding buffers).
+
+A parallel batch-mode ``fn.external_source`` (``ClipSource``, run in DALI's Python worker
+processes) does everything that is not pixels: it takes the rank's batches of the epoch
+from the same samplers as the torch backend, plans every clip with ``plan_clip(seed, epoch,
+index)``, reads the encoded bytes of the chosen files, checks them (missing file, JPEG
+without SOI/SOF/EOI, frame size that differs within a video, video shorter than the flow
+stack) and passes the crop box, flip and flow normalisation as per-sample arguments. The
+graph then decodes (``device="mixed"`` on a GPU, CPU otherwise), crops + resizes + flips in
+one ``fn.resize`` with a region of interest (a ROI whose x start is past its end is a
+mirror), concatenates the flow planes in TSN order x1, y1, …, xL, yL and normalises.
+flow_x → 255 − flow_x on flip is folded into the normalisation: (x − 127)/(−128).
+
+Batch mode lets the last batch of an evaluation epoch be smaller (DALI silently drops a
+partial batch of a per-sample source) and lets skip_bad drop a clip from its batch.
+
+Outputs are (B·K, S, S, C) per stream; they are copied into torch tensors (DALI owns its
+buffers until the next run) and viewed as (B, K, C, S, S), channels_last after
+``flatten(0, 1)``. Pixels agree with the torch backend up to resize rounding (±1 level before
+normalisation; tests/test_dali.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ccs_fast.errors import CCSError, bad_file
+
+from .formats import read_annotation
+from .samplers import BalancedBatchSampler, ShardedSampler
+from .sampling import plan_clip
+from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
+
+_SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
+                          0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF])
+# DALI reports a worker's exception with its traceback; this pulls our one line back out.
+_CCS_ERROR_IN_TRACEBACK = re.compile(r"CCSError: (.+)")
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
+
+
+def jpeg_size(data) -> tuple[int, int]:
+    """(width, height) from a JPEG's SOF header; ValueError if it is not a whole JPEG.
+
+    Cheap pre-check before DALI sees the bytes: a truncated file lacks the EOI marker,
+    garbage lacks SOI/SOF. Corruption inside the entropy-coded data is left to the decoder.
+    """
+    view = memoryview(data)
+    n = len(view)
+    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        raise ValueError("not a JPEG (no SOI marker)")
+    if bytes(view[max(0, n - 32):]).rfind(b"\xff\xd9") < 0:
+        raise ValueError("truncated JPEG (no EOI marker)")
+    pos = 2
+    while pos + 4 <= n:
+        if view[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG header at byte {pos}")
+        marker = view[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = (view[pos + 2] << 8) | view[pos + 3]
+        if marker in _SOF_MARKERS and pos + 9 <= n:
+            height = (view[pos + 5] << 8) | view[pos + 6]
+            width = (view[pos + 7] << 8) | view[pos + 8]
+            if width == 0 or height == 0:
+                raise ValueError("JPEG with an empty frame")
+            return width, height
+        if marker in (0xD9, 0xDA):
+            break
+        pos += 2 + length
+    raise ValueError("corrupt JPEG header (no SOF marker)")
+
+
+def default_flow_root(data_root) -> Path:
+    """modality="video": flow rawframes live in the ``rawframes`` folder beside the videos."""
+    return Path(data_root).resolve().parent / "rawframes"
+
+
+@dataclass(frozen=True)
+class _Options:
+    num_segments: int
+    flow_length: int
+    input_size: int
+    train: bool
+    seed: int
+    modality: str
+    skip_bad: bool
+
+
+class ClipSource:
+    """Batch-mode DALI source: batch ``i`` of epoch ``epoch_base + epoch_idx`` of one rank.
+
+    Picklable (plain data), so it runs in DALI's worker processes under fork or spawn; the
+    per-video caches (frame size, flow count, video size) fill per worker.
+    """
+
+    def __init__(self, records, data_root, flow_root, sampler, options: _Options, epoch_base=0):
+        self.records = records
+        self.data_root = Path(data_root)
+        self.flow_root = Path(flow_root)
+        self.sampler = sampler
+        self.options = options
+        self.epoch_base = epoch_base
+        self._batches_of_epoch = {}
+        self._video_info = {}
+
+    # -- what each batch holds -------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches_of_epoch:
+            self.sampler.set_epoch(epoch)
+            self._batches_of_epoch = {epoch: [list(b) for b in self.sampler]}
+        return self._batches_of_epoch[epoch]
+
+    def frames_dir(self, index: int) -> Path:
+        record = self.records[index]
+        if self.options.modality == "video":
+            return self.flow_root / Path(record.path).with_suffix("")
+        return self.data_root / record.path
+
+    def plan(self, index: int, epoch: int):
+        """(ClipPlan, frame width, frame height, video info or None) of one clip.
+
+        Raises CCSError naming the video for a clip that cannot be planned.
+        """
+        opts = self.options
+        info = self._describe(index)
+        try:
+            plan = plan_clip(info["num_frames"], info["width"], info["height"],
+                             num_segments=opts.num_segments, flow_length=opts.flow_length,
+                             input_size=opts.input_size, train=opts.train, seed=opts.seed,
+                             epoch=epoch, index=index)
+        except ValueError as exc:
+            raise bad_file(info["name"], str(exc)) from None
+        if info.get("video_frames") is not None:
+            last = int(plan.frame_indices.max())
+            if last >= info["video_frames"]:
+                raise bad_file(info["video"], f"frame {last} requested but the video has "
+                                              f"{info['video_frames']} frames")
+        return plan, info
+
+    def _describe(self, index: int) -> dict:
+        if index in self._video_info:
+            return self._video_info[index]
+        record = self.records[index]
+        folder = self.frames_dir(index)
+        if self.options.modality == "video":
+            if not folder.is_dir():
+                raise bad_file(folder, "flow frames folder not found")
+            num_flow = sum(1 for name in os.listdir(folder) if name.startswith("flow_x_"))
+            first = folder / "flow_x_00001.jpg"
+            video = self.data_root / record.path
+            video_w, video_h, video_frames = _video_geometry(video)
+            width, height = _file_jpeg_size(first) if num_flow else (video_w, video_h)
+            info = dict(name=video, num_frames=num_flow + 1, width=width, height=height,
+                        video=video, video_width=video_w, video_height=video_h,
+                        video_frames=video_frames)
+        else:
+            width, height = _file_jpeg_size(folder / "img_00001.jpg")
+            info = dict(name=folder, num_frames=record.num_frames, width=width, height=height)
+        self._video_info[index] = info
+        return info
+
+    # -- the DALI callback -----------------------------------------------------------
+    def __call__(self, batch_info):
+        epoch = self.epoch_base + batch_info.epoch_idx
+        batches = self.epoch_batches(epoch)
+        if batch_info.iteration >= len(batches):
+            raise StopIteration
+        segments = []
+        for index in batches[batch_info.iteration]:
+            try:
+                segments.extend(self.read_clip(index, epoch))
+            except CCSError:
+                if not self.options.skip_bad:
+                    raise
+        if not segments:
+            raise CCSError(f"every clip of batch {batch_info.iteration} of epoch {epoch} "
+                           f"is bad input (first: {self.frames_dir(batches[batch_info.iteration][0])})")
+        return tuple(list(column) for column in zip(*segments))
+
+    def read_clip(self, index: int, epoch: int) -> list[tuple]:
+        """The K DALI samples of one clip (one tuple of outputs per segment)."""
+        opts = self.options
+        plan, info = self.plan(index, epoch)
+        folder = self.frames_dir(index)
+        size = (info["width"], info["height"])
+        roi_start, roi_end = _roi(plan.crop, plan.flip, 1.0, 1.0)
+        # flow_x → 255 − flow_x on flip, folded into the normalisation: (x − 127)/(−128)
+        x_mean, x_std = (FLOW_MEAN - 1.0, -FLOW_STD) if plan.flip else (FLOW_MEAN, FLOW_STD)
+        flow_mean = np.array([x_mean, FLOW_MEAN] * opts.flow_length, dtype=np.float32)
+        flow_std = np.array([x_std, FLOW_STD] * opts.flow_length, dtype=np.float32)
+        label = np.array(self.records[index].label, dtype=np.int64)
+        row = np.array(index, dtype=np.int64)
+        if opts.modality == "video":
+            video_bytes = _read_bytes(info["video"])
+            rgb_start, rgb_end = _roi(plan.crop, plan.flip, info["video_width"] / size[0],
+                                      info["video_height"] / size[1])
+        segments = []
+        for k in range(opts.num_segments):
+            if opts.modality == "video":
+                rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32),
+                       rgb_start, rgb_end)
+            else:
+                rgb = (_read_jpeg(folder / f"img_{plan.frame_indices[k] + 1:05d}.jpg", size),)
+            flows = []
+            for t in plan.flow_indices[k]:
+                flows.append(_read_jpeg(folder / f"flow_x_{t + 1:05d}.jpg", size))
+                flows.append(_read_jpeg(folder / f"flow_y_{t + 1:05d}.jpg", size))
+            segments.append((*rgb, *flows, roi_start, roi_end, flow_mean, flow_std, label, row))
+        return segments
+
+
+def _roi(crop, flip, scale_x, scale_y):
+    """fn.resize region (y, x) of a crop; x start past x end mirrors the output."""
+    x0, y0, w, h = crop
+    xs, xe = x0 * scale_x, (x0 + w) * scale_x
+    if flip:
+        xs, xe = xe, xs
+    return (np.array([y0 * scale_y, xs], dtype=np.float32),
+            np.array([(y0 + h) * scale_y, xe], dtype=np.float32))
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise bad_file(path, "file not found") from None
+    except OSError as exc:
+        raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise bad_file(path, "empty file")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _read_jpeg(path: Path, size) -> np.ndarray:
+    data = _read_bytes(path)
+    try:
+        found = jpeg_size(data)
+    except ValueError as exc:
+        raise bad_file(path, str(exc)) from None
+    if found != tuple(size):
+        raise bad_file(path, f"frame is {found[0]}x{found[1]} but the video's first frame "
+                             f"is {size[0]}x{size[1]}")
+    return data
+
+
+def _file_jpeg_size(path: Path):
+    try:
+        return jpeg_size(_read_bytes(path))
+    except ValueError as exc:
+        raise bad_file(path, str(exc)) from None
+
+
+def _video_geometry(path: Path):
+    """(width, height, frame count) of a video, counting packets (no decoding)."""
+    import av
+
+    if not path.is_file():
+        raise bad_file(path, "video not found")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise bad_file(path, f"unreadable video ({exc.__class__.__name__})") from None
+    if not width or not height or not frames:
+        raise bad_file(path, "video has no decodable frames")
+    return width, height, frames
+
+
+# -- the pipeline ---------------------------------------------------------------------
+def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_threads,
+                        py_num_workers, dtype, prefetch=2):
+    """The DALI pipeline of ``source``: outputs rgb, flow, label, index (one sample/segment).
+
+    ``device_id=None`` builds a CPU-only pipeline (CPU decoders); otherwise decoding is
+    ``device="mixed"`` and the pixel ops run on the GPU.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    opts = source.options
+    on_gpu = device_id is not None
+    decoder = "mixed" if on_gpu else "cpu"
+    out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+    size = [opts.input_size, opts.input_size]
+    video = opts.modality == "video"
+    num_rgb_outputs = 4 if video else 1
+    num_flow = 2 * opts.flow_length
+    start_method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+
+    @pipeline_def(batch_size=batch_size * opts.num_segments, num_threads=num_threads,
+                  device_id=device_id, py_num_workers=py_num_workers,
+                  py_start_method=start_method, prefetch_queue_depth=prefetch)
+    def clip_pipeline():
+        outputs = fn.external_source(
+            source, num_outputs=num_rgb_outputs + num_flow + 6, batch=True, batch_info=True,
+            parallel=True, prefetch_queue_depth=max(2, py_num_workers),
+        )
+        rgb_inputs, flows = outputs[:num_rgb_outputs], outputs[num_rgb_outputs:-6]
+        roi_start, roi_end, flow_mean, flow_std, label, index = outputs[-6:]
+        if video:
+            encoded, frame, rgb_start, rgb_end = rgb_inputs
+            rgb = fn.decoders.video(encoded, frames=frame, device=decoder)
+            rgb = fn.resize(rgb, size=size, roi_start=rgb_start, roi_end=rgb_end,
+                            interp_type=types.INTERP_LINEAR, antialias=False)
+            rgb_layout = "FHWC"
+        else:
+            rgb = fn.decoders.image(rgb_inputs[0], device=decoder, output_type=types.RGB)
+            rgb = fn.resize(rgb, size=size, roi_start=roi_start, roi_end=roi_end,
+                            interp_type=types.INTERP_LINEAR, antialias=False)
+            rgb_layout = "HWC"
+        rgb = fn.crop_mirror_normalize(
+            rgb, dtype=out_type, output_layout=rgb_layout,
+            mean=(255.0 * IMAGENET_MEAN).tolist(), std=(255.0 * IMAGENET_STD).tolist(),
+        )
+        planes = []
+        for encoded in flows:
+            plane = fn.decoders.image(encoded, device=decoder, output_type=types.GRAY)
+            planes.append(fn.resize(plane, size=size, roi_start=roi_start, roi_end=roi_end,
+                                    interp_type=types.INTERP_LINEAR, antialias=False))
+        flow = fn.cat(*planes, axis=2) if len(planes) > 1 else planes[0]
+        flow = fn.crop_mirror_normalize(flow, dtype=out_type, output_layout="HWC",
+                                        mean=flow_mean, std=flow_std)
+        return rgb, flow, label, index
+
+    return clip_pipeline()
+
+
+# -- the loader -----------------------------------------------------------------------
+class DALILoader:
+    """Epochs of clip batches from a DALI pipeline (see the module docstring).
+
+    ``set_epoch(e)`` picks the clips of epoch ``e``; the pipeline is built on the first
+    ``__iter__`` and rebuilt only when the epochs are not consecutive (its worker processes
+    hold a copy of the source, which counts DALI's epochs from the epoch it was built for).
+    ``num_skipped`` counts the clips dropped as bad input with skip_bad.
+    """
+
+    def __init__(self, source: ClipSource, *, batch_size, device, dtype, num_threads,
+                 py_num_workers, num_classes):
+        self.source = source
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.py_num_workers = py_num_workers
+        self.num_videos = len(source.records)
+        self.num_classes = num_classes
+        self.num_skipped = 0
+        self.epoch = 0
+        self._pipe = None
+        self._pipe_epoch = None  # the epoch the pipeline's next DALI epoch will produce
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source.sampler)
+
+    def __iter__(self):
+        epoch = self.epoch
+        batches = self.source.epoch_batches(epoch)
+        if not batches:
+            return
+        self._ensure_pipeline(epoch)
+        finished = False
+        try:
+            for iteration, wanted in enumerate(batches):
+                try:
+                    outputs = self._pipe.run()
+                except StopIteration:
+                    raise RuntimeError(f"DALI ended epoch {epoch} after {iteration} of "
+                                       f"{len(batches)} batches") from None
+                except Exception as exc:  # DALI reports worker and decoder errors this way
+                    self.close()
+                    raise self._explain(exc, epoch, iteration) from None
+                batch = self._to_torch(*outputs)
+                self.num_skipped += len(wanted) - len(batch["index"])
+                yield batch
+            try:
+                self._pipe.run()
+            except StopIteration:  # the source's StopIteration closes DALI's epoch
+                pass
+            else:
+                raise RuntimeError(f"DALI produced more than {len(batches)} batches in epoch {epoch}")
+            self._pipe.reset()
+            self._pipe_epoch = epoch + 1
+            finished = True
+        finally:
+            if not finished:
+                self.close()
+
+    def close(self) -> None:
+        """Shut the pipeline and its worker processes down (rebuilt on the next epoch)."""
+        pipe, self._pipe, self._pipe_epoch = self._pipe, None, None
+        if pipe is not None:
+            pipe._shutdown()  # noqa: SLF001 - DALI's own __del__; frees decoders now, not at GC
+        del pipe
+
+    def _ensure_pipeline(self, epoch: int) -> None:
+        if self._pipe is not None and self._pipe_epoch == epoch:
+            return
+        self.close()
+        self.source.epoch_base = epoch  # DALI's epoch_idx restarts at 0 in a new pipeline
+        pipe = build_dali_pipeline(
+            self.source, batch_size=self.batch_size,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=self.num_threads, py_num_workers=self.py_num_workers,
+            dtype=self.dtype,
+        )
+        pipe.build()
+        self._pipe, self._pipe_epoch = pipe, epoch
+
+    def _to_torch(self, rgb, flow, label, index) -> dict:
+        k = self.source.options.num_segments
+        rows = np.asarray(index.as_tensor())[::k]
+        n = len(rows)
+        size = self.source.options.input_size
+        rgb = self._copy(rgb).view(n, k, size, size, 3).permute(0, 1, 4, 2, 3)
+        flow = self._copy(flow)
+        flow = flow.view(n, k, size, size, flow.shape[-1]).permute(0, 1, 4, 2, 3)
+        label = torch.from_numpy(np.asarray(label.as_tensor())[::k].copy())
+        return {"rgb": rgb, "flow": flow,
+                "label": label.to(self.device, non_blocking=True),
+                "index": torch.from_numpy(rows.copy()).to(self.device, non_blocking=True)}
+
+    def _copy(self, tensor_list) -> torch.Tensor:
+        """A torch copy of a DALI output (DALI reuses its buffers on the next run)."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        native = torch.float16 if self.dtype == torch.float16 else torch.float32
+        out = torch.empty(dense.shape(), dtype=native, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        return out if native == self.dtype else out.to(self.dtype)
+
+    def _explain(self, exc: Exception, epoch: int, iteration: int) -> Exception:
+        """The one-line CCSError behind a DALI failure, or the DALI error itself."""
+        text = str(exc)
+        found = _CCS_ERROR_IN_TRACEBACK.search(text)
+        if found:
+            return CCSError(found.group(1).strip())
+        found = _DECODE_FAILURE.search(text)
+        if found:
+            return self._undecodable(epoch, iteration, int(found.group(1)))
+        return exc
+
+    def _undecodable(self, epoch: int, iteration: int, sample: int) -> CCSError:
+        """Name the file behind DALI's "Failed to decode sample #i" of one batch."""
+        import cv2
+
+        opts = self.source.options
+        segments = []  # (video index, segment) of every DALI sample of the batch
+        for index in self.source.epoch_batches(epoch)[iteration]:
+            try:
+                plan, _ = self.source.plan(index, epoch)
+            except CCSError:
+                continue  # the source skipped it (skip_bad)
+            segments.extend((index, plan, k) for k in range(opts.num_segments))
+        if not 0 <= sample < len(segments):
+            return CCSError(f"DALI failed to decode sample {sample} of batch {iteration} "
+                            f"of epoch {epoch}")
+        index, plan, k = segments[sample]
+        if opts.modality == "video":
+            return bad_file(self.source.data_root / self.source.records[index].path,
+                            f"DALI cannot decode frame {plan.frame_indices[k]} "
+                            "(its CPU decoder reads VP8, VP9 and MJPEG only)")
+        folder = self.source.frames_dir(index)
+        names = [f"img_{plan.frame_indices[k] + 1:05d}.jpg"]
+        for t in plan.flow_indices[k]:
+            names += [f"flow_x_{t + 1:05d}.jpg", f"flow_y_{t + 1:05d}.jpg"]
+        for name in names:
+            data = np.fromfile(folder / name, dtype=np.uint8)
+            if cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None:
+                return bad_file(folder / name, "corrupt JPEG (cannot be decoded)")
+        return bad_file(folder, f"DALI could not decode segment {k}")
+
+
+def _resolve_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def make_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank, world_size):
+    """The batch sampler the torch backend uses for the same options."""
+    if train and classes_per_batch:
+        if batch_size % classes_per_batch:
+            raise CCSError(f"batch_size {batch_size} is not a multiple of "
+                           f"classes_per_batch {classes_per_batch}")
+        return BalancedBatchSampler(labels, classes_per_batch, batch_size // classes_per_batch,
+                                    seed=seed, rank=rank, world_size=world_size)
+    return ShardedSampler(len(labels), batch_size, shuffle=train, seed=seed, rank=rank,
+                          world_size=world_size)
+
+
+def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=3,
+                      flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
+                      world_size=1, modality="rawframes", num_workers=None,
+                      classes_per_batch=None, num_classes=None, skip_bad=False,
+                      flow_root=None, dtype=torch.float32, **_) -> DALILoader:
+    """The DALI loader of the loader contract (docs/HELPERS.md); ``device="cpu"`` runs a
+    CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
+    records = read_annotation(annotation, modality, num_classes)
+    labels = [record.label for record in records]
+    if num_classes is None:
+        num_classes = max(labels) + 1
+    sampler = make_sampler(labels, train=train, batch_size=batch_size,
+                           classes_per_batch=classes_per_batch, seed=seed, rank=rank,
+                           world_size=world_size)
+    options = _Options(num_segments=num_segments, flow_length=flow_length,
+                       input_size=input_size, train=train, seed=seed, modality=modality,
+                       skip_bad=skip_bad)
+    if flow_root is None:
+        flow_root = default_flow_root(data_root) if modality == "video" else data_root
+    source = ClipSource(records, data_root, flow_root, sampler, options)
+    num_threads = num_workers or os.cpu_count() or 1
+    return DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
+                      dtype=dtype, num_threads=num_threads,
+                      py_num_workers=max(1, min(4, num_threads)), num_classes=num_classes)
