@@ -18,9 +18,11 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 class BalancedBatchSampler:
     """Batches of ``classes_per_batch`` (N) distinct classes × ``videos_per_class`` (M).
 
-    Classes are drawn uniformly per batch; within a class the videos come from a per-epoch
-    shuffle (reshuffled when used up), so an epoch repeats a video only when its class runs
-    out. A class with fewer than M videos fills its M slots by sampling with replacement.
+    Each class's videos are shuffled and cut into groups of M; a batch draws N distinct
+    classes with probability proportional to their groups left and takes one group of each,
+    so an epoch is close to one pass over the videos and repeats a video only when its class
+    runs out (it is then reshuffled). A class with fewer than M videos fills its M slots by
+    sampling with replacement.
     An epoch has ``num_videos // (N·M·world_size)`` batches per rank (rounded up when
     ``drop_last`` is False, at least one); rank r keeps batches r, r + world_size, … of the
     epoch's plan, so ranks get disjoint batches and the same number of them.
@@ -56,26 +58,27 @@ class BalancedBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The whole epoch's plan over all ranks (len(self) · world_size batches)."""
         rng = epoch_rng(self.seed, epoch)
-        queues = [rng.permutation(videos) for videos in self.videos_of_class]
-        cursors = [0] * len(queues)
+        chunks = [self._chunks(c, rng) for c in range(len(self.classes))]
         batches = []
         for _ in range(len(self) * self.world_size):
-            batch = []
-            for c in rng.choice(len(self.classes), self.classes_per_batch, replace=False):
-                batch.extend(self._take(c, queues, cursors, rng))
-            batches.append(batch)
+            left = np.array([len(c) for c in chunks], dtype=np.float64)
+            if np.count_nonzero(left) < self.classes_per_batch:
+                for c in np.flatnonzero(left == 0):
+                    chunks[c] = self._chunks(c, rng)
+                left = np.array([len(c) for c in chunks], dtype=np.float64)
+            picked = rng.choice(len(chunks), self.classes_per_batch, replace=False,
+                                p=left / left.sum())
+            batches.append([v for c in picked for v in chunks[c].pop()])
         return batches
 
-    def _take(self, c, queues, cursors, rng):
-        m = self.videos_per_class
-        if len(queues[c]) < m:
-            return [int(v) for v in rng.choice(queues[c], m, replace=True)]
-        if cursors[c] + m > len(queues[c]):
-            queues[c] = rng.permutation(self.videos_of_class[c])
-            cursors[c] = 0
-        taken = queues[c][cursors[c]:cursors[c] + m]
-        cursors[c] += m
-        return [int(v) for v in taken]
+    def _chunks(self, c, rng) -> list[list[int]]:
+        """One shuffled pass over class c cut into groups of M (remainder left for the next
+        pass), or a single group drawn with replacement when the class has fewer than M."""
+        m, videos = self.videos_per_class, self.videos_of_class[c]
+        if len(videos) < m:
+            return [[int(v) for v in rng.choice(videos, m, replace=True)]]
+        order = rng.permutation(videos)
+        return [[int(v) for v in order[i:i + m]] for i in range(0, len(order) - m + 1, m)]
 
     def __iter__(self):
         yield from self.epoch_batches(self.epoch)[self.rank::self.world_size]
