@@ -90,7 +90,7 @@ def _min_key(d, idx):
 def _triplet_mine_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sqa_ptr, sqb_ptr, y_ptr,
                          row_pos_ptr, row_neg_ptr, col_pos_key_ptr, col_neg_key_ptr, count_ptr,
                          B, D, stride_am, stride_bm, B_BUCKET, D_BUCKET,
-                         SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,6 +112,8 @@ def _triplet_mine_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sqa_ptr, sqb_ptr, y_ptr,
             d_ok = dd < D
             a = tl.load(a_ptr + rows[:, None] * stride_am + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             b = tl.load(b_ptr + cols[:, None] * stride_bm + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             s = tl.dot(a, tl.trans(b), s, input_precision=DOT_PRECISION)
         r_c = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
         sq_c = tl.load(sqb_ptr + cols, mask=col_ok, other=0.0)
@@ -311,14 +313,18 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad):
     col_pos_key = torch.full((B,), _NO_MAX, dtype=torch.int64, device=dev)
     col_neg_key = torch.full((B,), _NO_MIN, dtype=torch.int64, device=dev)
     count = torch.zeros(1, dtype=torch.int32, device=dev)
-    precision = "ieee" if z_a.dtype == torch.float32 else "tf32"
+    # The Triton 3.9 interpreter multiplies bf16 tiles wrongly in tl.dot (numpy has no bf16), so
+    # under TRITON_INTERPRET=1 bf16 tiles are upcast first; tests/test_triplet.py::test_half_inputs covers it.
+    dot_fp32 = interpreting() and z_a.dtype == torch.bfloat16
+    precision = "ieee" if z_a.dtype == torch.float32 or dot_fp32 else "tf32"
     args = (z_a, z_b, r_a, r_b, sq_a, sq_b, labels, row_pos, row_neg, col_pos_key, col_neg_key, count,
             B, D, z_a.stride(0), z_b.stride(0), triton.next_power_of_2(B), triton.next_power_of_2(D))
     if _use_autotune(z_a):
-        _mine_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](*args, SINGLE=single, DOT_PRECISION=precision)
+        _mine_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](*args, SINGLE=single, DOT_PRECISION=precision,
+                                                                      DOT_FP32=False)
     else:
         _triplet_mine_kernel[(triton.cdiv(B, 16),)](*args, SINGLE=single, DOT_PRECISION=precision,
-                                                    BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+                                                    DOT_FP32=dot_fp32, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
 
     bb, bd, w = _blocks_1d(z_a, D)
     nblk = triton.cdiv(B, bb)
