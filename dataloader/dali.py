@@ -37,8 +37,8 @@ import torch
 from ccs_fast.errors import CCSError, bad_file
 
 from .formats import read_annotation
-from .samplers import BalancedBatchSampler, ShardedSampler
 from .sampling import plan_clip
+from .torch_loader import build_batch_sampler, default_flow_root, resolve_records
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
 _SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
@@ -84,11 +84,6 @@ def jpeg_size(data) -> tuple[int, int]:
     raise ValueError("corrupt JPEG header (no SOF marker)")
 
 
-def default_flow_root(data_root) -> Path:
-    """modality="video": flow rawframes live in the ``rawframes`` folder beside the videos."""
-    return Path(data_root).resolve().parent / "rawframes"
-
-
 @dataclass(frozen=True)
 class _Options:
     num_segments: int
@@ -103,12 +98,16 @@ class _Options:
 class ClipSource:
     """Batch-mode DALI source: batch ``i`` of epoch ``epoch_base + epoch_idx`` of one rank.
 
-    Picklable (plain data), so it runs in DALI's worker processes under fork or spawn; the
-    per-video caches (frame size, flow count, video size) fill per worker.
+    ``records`` are the usable videos (as the torch backend resolves them), ``rows`` their
+    annotation rows (the ``index`` of a clip, which also seeds its plan); the sampler draws
+    positions in ``records``. Picklable (plain data), so it runs in DALI's worker processes
+    under fork or spawn; the per-video caches (frame size, video length) fill per worker.
     """
 
-    def __init__(self, records, data_root, flow_root, sampler, options: _Options, epoch_base=0):
+    def __init__(self, records, rows, data_root, flow_root, sampler, options: _Options,
+                 epoch_base=0):
         self.records = records
+        self.rows = rows
         self.data_root = Path(data_root)
         self.flow_root = Path(flow_root)
         self.sampler = sampler
@@ -141,7 +140,7 @@ class ClipSource:
             plan = plan_clip(info["num_frames"], info["width"], info["height"],
                              num_segments=opts.num_segments, flow_length=opts.flow_length,
                              input_size=opts.input_size, train=opts.train, seed=opts.seed,
-                             epoch=epoch, index=index)
+                             epoch=epoch, index=self.rows[index])
         except ValueError as exc:
             raise bad_file(info["name"], str(exc)) from None
         if info.get("video_frames") is not None:
@@ -157,19 +156,13 @@ class ClipSource:
         record = self.records[index]
         folder = self.frames_dir(index)
         if self.options.modality == "video":
-            if not folder.is_dir():
-                raise bad_file(folder, "flow frames folder not found")
-            num_flow = sum(1 for name in os.listdir(folder) if name.startswith("flow_x_"))
-            first = folder / "flow_x_00001.jpg"
             video = self.data_root / record.path
-            video_w, video_h, video_frames = _video_geometry(video)
-            width, height = _file_jpeg_size(first) if num_flow else (video_w, video_h)
-            info = dict(name=video, num_frames=num_flow + 1, width=width, height=height,
-                        video=video, video_width=video_w, video_height=video_h,
-                        video_frames=video_frames)
+            width, height, video_frames = _video_geometry(video)
+            info = dict(name=video, video=video, video_frames=video_frames)
         else:
             width, height = _file_jpeg_size(folder / "img_00001.jpg")
-            info = dict(name=folder, num_frames=record.num_frames, width=width, height=height)
+            info = dict(name=folder)
+        info.update(num_frames=record.num_frames, width=width, height=height)
         self._video_info[index] = info
         return info
 
@@ -197,40 +190,40 @@ class ClipSource:
         plan, info = self.plan(index, epoch)
         folder = self.frames_dir(index)
         size = (info["width"], info["height"])
-        roi_start, roi_end = _roi(plan.crop, plan.flip, 1.0, 1.0)
+        crop_args = _crop_arguments(plan.crop, plan.flip)
         # flow_x → 255 − flow_x on flip, folded into the normalisation: (x − 127)/(−128)
         x_mean, x_std = (FLOW_MEAN - 1.0, -FLOW_STD) if plan.flip else (FLOW_MEAN, FLOW_STD)
         flow_mean = np.array([x_mean, FLOW_MEAN] * opts.flow_length, dtype=np.float32)
         flow_std = np.array([x_std, FLOW_STD] * opts.flow_length, dtype=np.float32)
         label = np.array(self.records[index].label, dtype=np.int64)
-        row = np.array(index, dtype=np.int64)
+        row = np.array(self.rows[index], dtype=np.int64)
         if opts.modality == "video":
             video_bytes = _read_bytes(info["video"])
-            rgb_start, rgb_end = _roi(plan.crop, plan.flip, info["video_width"] / size[0],
-                                      info["video_height"] / size[1])
         segments = []
         for k in range(opts.num_segments):
             if opts.modality == "video":
-                rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32),
-                       rgb_start, rgb_end)
+                rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32))
             else:
                 rgb = (_read_jpeg(folder / f"img_{plan.frame_indices[k] + 1:05d}.jpg", size),)
             flows = []
             for t in plan.flow_indices[k]:
                 flows.append(_read_jpeg(folder / f"flow_x_{t + 1:05d}.jpg", size))
                 flows.append(_read_jpeg(folder / f"flow_y_{t + 1:05d}.jpg", size))
-            segments.append((*rgb, *flows, roi_start, roi_end, flow_mean, flow_std, label, row))
+            segments.append((*rgb, *flows, *crop_args, flow_mean, flow_std, label, row))
         return segments
 
 
-def _roi(crop, flip, scale_x, scale_y):
-    """fn.resize region (y, x) of a crop; x start past x end mirrors the output."""
+def _crop_arguments(crop, flip):
+    """(anchor, shape) of fn.slice and (roi_start, roi_end) of fn.resize, all (y, x).
+
+    Slicing first makes the resize clamp at the crop's edges, as cv2 does on the cropped
+    patch (a ROI alone would blend in the pixels just outside the crop). The ROI spans the
+    whole slice; its x start past its end mirrors the output.
+    """
     x0, y0, w, h = crop
-    xs, xe = x0 * scale_x, (x0 + w) * scale_x
-    if flip:
-        xs, xe = xe, xs
-    return (np.array([y0 * scale_y, xs], dtype=np.float32),
-            np.array([(y0 + h) * scale_y, xe], dtype=np.float32))
+    xs, xe = (w, 0) if flip else (0, w)
+    return (np.array([y0, x0], dtype=np.int64), np.array([h, w], dtype=np.int64),
+            np.array([0, xs], dtype=np.float32), np.array([h, xe], dtype=np.float32))
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -238,7 +231,7 @@ def _read_bytes(path: Path) -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise bad_file(path, "file not found") from None
+        raise bad_file(path, "missing file") from None
     except OSError as exc:
         raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
     if not data:
@@ -253,8 +246,8 @@ def _read_jpeg(path: Path, size) -> np.ndarray:
     except ValueError as exc:
         raise bad_file(path, str(exc)) from None
     if found != tuple(size):
-        raise bad_file(path, f"frame is {found[0]}x{found[1]} but the video's first frame "
-                             f"is {size[0]}x{size[1]}")
+        raise bad_file(path, f"frame is {found[0]}x{found[1]}, "
+                             f"the video's frames are {size[0]}x{size[1]}")
     return data
 
 
@@ -299,7 +292,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     size = [opts.input_size, opts.input_size]
     video = opts.modality == "video"
-    num_rgb_outputs = 4 if video else 1
+    num_rgb_outputs = 2 if video else 1
     num_flow = 2 * opts.flow_length
     start_method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
 
@@ -308,21 +301,24 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
                   py_start_method=start_method, prefetch_queue_depth=prefetch)
     def clip_pipeline():
         outputs = fn.external_source(
-            source, num_outputs=num_rgb_outputs + num_flow + 6, batch=True, batch_info=True,
+            source, num_outputs=num_rgb_outputs + num_flow + 8, batch=True, batch_info=True,
             parallel=True, prefetch_queue_depth=max(2, py_num_workers),
         )
-        rgb_inputs, flows = outputs[:num_rgb_outputs], outputs[num_rgb_outputs:-6]
-        roi_start, roi_end, flow_mean, flow_std, label, index = outputs[-6:]
+        rgb_inputs, flows = outputs[:num_rgb_outputs], outputs[num_rgb_outputs:-8]
+        anchor, shape, roi_start, roi_end, flow_mean, flow_std, label, index = outputs[-8:]
+
+        def crop_resize(image):
+            image = fn.slice(image, anchor, shape, axis_names="HW")
+            return fn.resize(image, size=size, roi_start=roi_start, roi_end=roi_end,
+                             interp_type=types.INTERP_LINEAR, antialias=False)
+
         if video:
-            encoded, frame, rgb_start, rgb_end = rgb_inputs
-            rgb = fn.decoders.video(encoded, frames=frame, device=decoder)
-            rgb = fn.resize(rgb, size=size, roi_start=rgb_start, roi_end=rgb_end,
-                            interp_type=types.INTERP_LINEAR, antialias=False)
+            encoded, frame = rgb_inputs
+            rgb = crop_resize(fn.decoders.video(encoded, frames=frame, device=decoder))
             rgb_layout = "FHWC"
         else:
-            rgb = fn.decoders.image(rgb_inputs[0], device=decoder, output_type=types.RGB)
-            rgb = fn.resize(rgb, size=size, roi_start=roi_start, roi_end=roi_end,
-                            interp_type=types.INTERP_LINEAR, antialias=False)
+            rgb = crop_resize(fn.decoders.image(rgb_inputs[0], device=decoder,
+                                                output_type=types.RGB))
             rgb_layout = "HWC"
         rgb = fn.crop_mirror_normalize(
             rgb, dtype=out_type, output_layout=rgb_layout,
@@ -330,9 +326,8 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
         )
         planes = []
         for encoded in flows:
-            plane = fn.decoders.image(encoded, device=decoder, output_type=types.GRAY)
-            planes.append(fn.resize(plane, size=size, roi_start=roi_start, roi_end=roi_end,
-                                    interp_type=types.INTERP_LINEAR, antialias=False))
+            planes.append(crop_resize(fn.decoders.image(encoded, device=decoder,
+                                                        output_type=types.GRAY)))
         flow = fn.cat(*planes, axis=2) if len(planes) > 1 else planes[0]
         flow = fn.crop_mirror_normalize(flow, dtype=out_type, output_layout="HWC",
                                         mean=flow_mean, std=flow_std)
@@ -359,7 +354,7 @@ class DALILoader:
         self.dtype = dtype
         self.num_threads = num_threads
         self.py_num_workers = py_num_workers
-        self.num_videos = len(source.records)
+        self.num_videos = len(source.records)  # usable videos (bad ones dropped with skip_bad)
         self.num_classes = num_classes
         self.num_skipped = 0
         self.epoch = 0
@@ -499,18 +494,6 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-def make_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank, world_size):
-    """The batch sampler the torch backend uses for the same options."""
-    if train and classes_per_batch:
-        if batch_size % classes_per_batch:
-            raise CCSError(f"batch_size {batch_size} is not a multiple of "
-                           f"classes_per_batch {classes_per_batch}")
-        return BalancedBatchSampler(labels, classes_per_batch, batch_size // classes_per_batch,
-                                    seed=seed, rank=rank, world_size=world_size)
-    return ShardedSampler(len(labels), batch_size, shuffle=train, seed=seed, rank=rank,
-                          world_size=world_size)
-
-
 def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=3,
                       flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
                       world_size=1, modality="rawframes", num_workers=None,
@@ -519,19 +502,23 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
     """The DALI loader of the loader contract (docs/HELPERS.md); ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
     records = read_annotation(annotation, modality, num_classes)
+    if modality == "video" and flow_root is None:
+        flow_root = default_flow_root(data_root)
+    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
+                                             flow_root=flow_root, flow_length=flow_length,
+                                             skip_bad=skip_bad)
     labels = [record.label for record in records]
-    if num_classes is None:
-        num_classes = max(labels) + 1
-    sampler = make_sampler(labels, train=train, batch_size=batch_size,
-                           classes_per_batch=classes_per_batch, seed=seed, rank=rank,
-                           world_size=world_size)
+    sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
+                                  classes_per_batch=classes_per_batch, seed=seed, rank=rank,
+                                  world_size=world_size, annotation=annotation)
     options = _Options(num_segments=num_segments, flow_length=flow_length,
                        input_size=input_size, train=train, seed=seed, modality=modality,
                        skip_bad=skip_bad)
-    if flow_root is None:
-        flow_root = default_flow_root(data_root) if modality == "video" else data_root
-    source = ClipSource(records, data_root, flow_root, sampler, options)
+    source = ClipSource(records, rows, data_root, flow_root or data_root, sampler, options)
     num_threads = num_workers or os.cpu_count() or 1
-    return DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
-                      dtype=dtype, num_threads=num_threads,
-                      py_num_workers=max(1, min(4, num_threads)), num_classes=num_classes)
+    loader = DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
+                        dtype=dtype, num_threads=num_threads,
+                        py_num_workers=max(1, min(4, num_threads)),
+                        num_classes=num_classes if num_classes is not None else max(labels) + 1)
+    loader.num_skipped = skipped
+    return loader

@@ -1,0 +1,187 @@
+"""DALI backend (CPU pipeline) against the torch backend: same clips, same pixels.
+
+Measured tolerance (CPU, libjpeg-turbo in both, 64×64 crops of 100×80 frames): the decoded
+JPEGs are identical and DALI's bilinear resize differs from cv2.INTER_LINEAR by at most one
+uint8 level (≤ 1/(255·0.224) ≈ 0.0177 after RGB normalisation, 1/128 ≈ 0.0078 after flow
+normalisation), on ~12 % of RGB and ~3 % of flow values; the test allows one level and a
+mean under a quarter level. VP9 video frames go through two different
+YUV→RGB conversions (DALI vs PyAV/swscale): a few levels, checked with a looser bound.
+"""
+import shutil
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from ccs_fast.dataloader import build_loader  # noqa: E402
+from ccs_fast.dataloader.dali import jpeg_size  # noqa: E402
+from ccs_fast.dataloader.flow import write_rawframes  # noqa: E402
+from ccs_fast.dataloader.sampling import plan_clip  # noqa: E402
+from ccs_fast.errors import CCSError  # noqa: E402
+
+pytestmark = pytest.mark.dali
+
+WIDTH, HEIGHT, SIZE, K, L = 100, 80, 64, 3, 4
+FRAME_COUNTS = [9, 10, 12, 8, 11]  # 5 videos: batches of 2 leave a partial eval batch
+RGB_ATOL = 1.01 / (255 * 0.224)  # one uint8 level of the narrowest ImageNet std
+FLOW_ATOL = 1.01 / 128
+
+
+def _frames(rng, n):
+    """Smooth moving texture: realistic for JPEG and flow, cheap to make."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    frames = []
+    for t in range(n):
+        channels = [127 + 100 * np.sin((x + 2 * t) / (7 + 3 * c) + phase[c]) * np.cos(y / 11)
+                    for c in range(3)]
+        frames.append(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali")
+    rng = np.random.default_rng(0)
+    lines = []
+    for v, n in enumerate(FRAME_COUNTS):
+        write_rawframes(_frames(rng, n), root / "rawframes" / f"c{v % 2}" / f"v{v}",
+                        method="farneback")
+        lines.append(f"c{v % 2}/v{v} {n} {v % 2}\n")
+    (root / "train.txt").write_text("".join(lines))
+    return root
+
+
+def _load(backend, annotation, data_root, *, epochs=(0,), **kw):
+    options = dict(backend=backend, batch_size=2, num_segments=K, flow_length=L,
+                   input_size=SIZE, device="cpu", seed=3, num_workers=1 if backend == "dali" else 0)
+    options.update(kw)
+    loader = build_loader(annotation, data_root, **options)
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out.append(list(loader))
+    return loader, out
+
+
+@contextmanager
+def deadline(seconds):
+    """Fail instead of hanging if DALI or its workers stall."""
+    def expire(*_):
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _assert_same_batches(dali_batches, torch_batches, rgb_atol=RGB_ATOL, flow_atol=FLOW_ATOL):
+    assert len(dali_batches) == len(torch_batches)
+    for d, t in zip(dali_batches, torch_batches):
+        assert torch.equal(d["index"], t["index"])
+        assert torch.equal(d["label"], t["label"])
+        for key, atol in (("rgb", rgb_atol), ("flow", flow_atol)):
+            diff = (d[key] - t[key]).abs()
+            assert diff.max() <= atol, (key, float(diff.max()))
+            assert diff.mean() < 0.25 * atol, (key, float(diff.mean()))
+
+
+def test_train_agrees_with_torch_backend(tree):
+    annotation = tree / "train.txt"
+    with deadline(60):
+        _, dali_epochs = _load("dali", annotation, tree / "rawframes", train=True, epochs=(0, 1))
+    _, torch_epochs = _load("torch", annotation, tree / "rawframes", train=True, epochs=(0, 1))
+    for dali_batches, torch_batches in zip(dali_epochs, torch_epochs):
+        _assert_same_batches(dali_batches, torch_batches)
+    assert not torch.equal(dali_epochs[0][0]["index"], dali_epochs[1][0]["index"]) or \
+        not torch.equal(dali_epochs[0][0]["rgb"], dali_epochs[1][0]["rgb"])
+    # the flip path (ROI start past its end, flow_x inverted) must have been exercised
+    flips = [plan_clip(FRAME_COUNTS[int(i)], WIDTH, HEIGHT, num_segments=K, flow_length=L,
+                       input_size=SIZE, train=True, seed=3, epoch=e, index=int(i)).flip
+             for e, batches in enumerate(dali_epochs) for b in batches for i in b["index"]]
+    assert any(flips) and not all(flips)
+
+
+def test_batch_layout(tree):
+    with deadline(60):
+        _, (batches,) = _load("dali", tree / "train.txt", tree / "rawframes", train=True,
+                              dtype=torch.bfloat16)
+    batch = batches[0]
+    assert batch["rgb"].shape == (2, K, 3, SIZE, SIZE)
+    assert batch["flow"].shape == (2, K, 2 * L, SIZE, SIZE)
+    assert batch["rgb"].dtype == batch["flow"].dtype == torch.bfloat16
+    assert batch["label"].dtype == batch["index"].dtype == torch.int64
+    for key in ("rgb", "flow"):
+        assert batch[key].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_eval_covers_every_video_once_with_partial_batch(tree):
+    annotation, root = tree / "train.txt", tree / "rawframes"
+    with deadline(60):
+        loader, (dali_batches,) = _load("dali", annotation, root, train=False)
+        assert len(loader) == 3 and [len(b["index"]) for b in dali_batches] == [2, 2, 1]
+        _, (torch_batches,) = _load("torch", annotation, root, train=False)
+        _assert_same_batches(dali_batches, torch_batches)
+        seen = []
+        for rank in range(2):
+            _, (batches,) = _load("dali", annotation, root, train=False, rank=rank, world_size=2)
+            seen += [int(i) for b in batches for i in b["index"]]
+    assert sorted(seen) == list(range(len(FRAME_COUNTS)))
+
+
+def test_video_modality_agrees_with_torch_backend(tmp_path):
+    from ccs_fast.dataloader.synth import pick_video_codec, write_webm
+
+    rng = np.random.default_rng(1)
+    codec = pick_video_codec()
+    lines = []
+    for v, n in enumerate([8, 9, 10]):
+        frames = _frames(rng, n)
+        write_webm(frames, tmp_path / "videos" / f"v{v}.webm", codec=codec)
+        write_rawframes(frames, tmp_path / "rawframes" / f"v{v}", method="farneback")
+        lines.append(f"v{v}.webm {v % 2}\n")
+    (tmp_path / "videos.txt").write_text("".join(lines))
+    kw = dict(train=True, modality="video", batch_size=3)
+    with deadline(60):
+        _, (dali_batches,) = _load("dali", tmp_path / "videos.txt", tmp_path / "videos", **kw)
+    _, (torch_batches,) = _load("torch", tmp_path / "videos.txt", tmp_path / "videos", **kw)
+    # the flow comes from the same rawframes; RGB through two YUV→RGB conversions
+    _assert_same_batches(dali_batches, torch_batches, rgb_atol=12 / (255 * 0.224))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing"])
+def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
+    root = tmp_path / "rawframes"
+    shutil.copytree(tree / "rawframes", root)
+    victim = root / "c0" / "v2" / "flow_y_00003.jpg"  # every clip of v2 reads it at eval
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:300])
+    else:
+        victim.unlink()
+    annotation = tree / "train.txt"
+    with deadline(60):
+        with pytest.raises(CCSError) as error:
+            _load("dali", annotation, root, train=False, num_segments=25)
+        message = str(error.value)
+        assert "\n" not in message and str(victim) in message
+        loader, (batches,) = _load("dali", annotation, root, train=False, num_segments=25,
+                                   skip_bad=True)
+    assert loader.num_skipped == 1
+    assert sorted(int(i) for b in batches for i in b["index"]) == [0, 1, 3, 4]
+
+
+def test_jpeg_size_reads_the_header(tree):
+    data = (tree / "rawframes" / "c0" / "v0" / "img_00001.jpg").read_bytes()
+    assert jpeg_size(data) == (WIDTH, HEIGHT)
+    with pytest.raises(ValueError):
+        jpeg_size(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        jpeg_size(b"GIF89a" + data)
