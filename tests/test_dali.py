@@ -157,13 +157,21 @@ def test_video_modality_agrees_with_torch_backend(tmp_path):
     _assert_same_batches(dali_batches, torch_batches, rgb_atol=12 / (255 * 0.224))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "missing"])
+def _break_huffman_tables(data: bytes) -> bytes:
+    """A JPEG whose header parses (SOI, SOF, EOI intact) but whose decoding fails."""
+    at = data.index(b"\xff\xc4") + 5  # DHT marker, length, table class/id: code counts
+    return data[:at] + b"\xff" * 16 + data[at + 16:]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing", "huffman"])
 def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
     root = tmp_path / "rawframes"
     shutil.copytree(tree / "rawframes", root)
     victim = root / "c0" / "v2" / "flow_y_00003.jpg"  # every clip of v2 reads it at eval
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:300])
+    elif damage == "huffman":  # passes the source's header check; DALI's decoder fails
+        victim.write_bytes(_break_huffman_tables(victim.read_bytes()))
     else:
         victim.unlink()
     annotation = tree / "train.txt"
@@ -172,6 +180,8 @@ def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
             _load("dali", annotation, root, train=False, num_segments=25)
         message = str(error.value)
         assert "\n" not in message and str(victim) in message
+        if damage == "huffman":
+            return  # skip_bad cannot drop a clip once DALI's decoder has it
         loader, (batches,) = _load("dali", annotation, root, train=False, num_segments=25,
                                    skip_bad=True)
     assert loader.num_skipped == 1
