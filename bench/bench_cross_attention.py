@@ -1,0 +1,162 @@
+"""Benchmark of cross_stream_attention (SPEC §7, §8).
+
+    python -m bench.bench_cross_attention                       # CUDA sweep, bf16 and fp32
+    python -m bench.bench_cross_attention --device cpu          # smoke run: tiny shapes, interpreter
+
+Providers: ``eager`` (the reference, fp32 math), ``compile`` (torch.compile of the reference),
+``triton`` (the fused kernels), ``sdpa`` (two ``scaled_dot_product_attention`` calls, one per
+direction: y_f = sdpa(q, k, v_o), y_o = sdpa(k, q, v_f), same scale). Modes: ``fwd``, ``bwd``
+(backward only, graph kept from one forward), ``full`` (forward + backward).
+
+FLOP count (useful work, the same for every provider; multiply-add = 2 FLOPs):
+    fwd  = 2·B·N_f·N_o·(d + 2e)      S once, P_row·v_o and P_colᵀ·v_f
+    bwd  = 2·B·N_f·N_o·(2d + 4e)     dP_row, dP_col, dq, dk, dv_o, dv_f
+    full = 2·B·N_f·N_o·(3d + 6e)
+``tflops`` divides the useful count by the median time. The Triton kernels execute more:
+forward 2·B·N_f·N_o·(2d·⌈e/BLOCK_E⌉ + 2e) (S once per direction and per value slice) and
+backward 2·B·N_f·N_o·(3d + 6e) (S recomputed); ``executed_flops`` records that count for the
+triton rows (BLOCK_E as chosen by the autotuner is not visible here, 128 is assumed).
+``pct_peak`` compares ``tflops`` with a dense torch.matmul of the row's dtype measured on the
+same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak allocation during one
+call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph, excluded).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from bench import common
+
+OP = "cross_stream_attention"
+PROVIDERS = ("eager", "compile", "triton", "sdpa")
+MODES = ("fwd", "bwd", "full")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def useful_flops(mode, B, N_f, N_o, d, e):
+    per_pair = {"fwd": d + 2 * e, "bwd": 2 * d + 4 * e, "full": 3 * d + 6 * e}[mode]
+    return 2 * B * N_f * N_o * per_pair
+
+
+def triton_executed_flops(mode, B, N_f, N_o, d, e, block_e=128):
+    fwd = 2 * B * N_f * N_o * (2 * d * math.ceil(e / block_e) + 2 * e)
+    bwd = 2 * B * N_f * N_o * (3 * d + 6 * e)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def make_op(provider, scale):
+    from ccs_fast.kernels.cross_attention import cross_stream_attention, cross_stream_attention_ref
+
+    if provider == "eager":
+        return lambda q, k, v_f, v_o: cross_stream_attention_ref(q, k, v_f, v_o, scale)
+    if provider == "compile":
+        compiled = torch.compile(cross_stream_attention_ref)
+        return lambda q, k, v_f, v_o: compiled(q, k, v_f, v_o, scale)
+    if provider == "triton":
+        return lambda q, k, v_f, v_o: cross_stream_attention(q, k, v_f, v_o, scale, impl="triton")
+    if provider == "sdpa":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda q, k, v_f, v_o: (sdpa(q, k, v_o, scale=scale), sdpa(k, q, v_f, scale=scale))
+    raise ValueError(provider)
+
+
+def make_case(provider, mode, B, N_f, N_o, d, e, dtype, device):
+    """A zero-argument callable running one ``mode`` step of ``provider``."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shapes = ((B, N_f, d), (B, N_o, d), (B, N_f, e), (B, N_o, e))
+    inputs = [torch.randn(s, generator=g).to(device, dtype).requires_grad_(mode != "fwd") for s in shapes]
+    op = make_op(provider, d ** -0.5)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return op(*inputs)
+        return run
+    grads = [torch.randn(B, N_f, e, generator=g).to(device, dtype), torch.randn(B, N_o, e, generator=g).to(device, dtype)]
+    if mode == "full":
+        def run():
+            outs = op(*inputs)
+            return torch.autograd.grad(outs, inputs, grads)
+        return run
+    outs = op(*inputs)
+
+    def run():
+        return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+    return run
+
+
+def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, rep):
+    dtype = DTYPES[dtype_name]
+    fn = make_case(provider, mode, B, N_f, N_o, d, e, dtype, device)
+    fn()  # compile / autotune outside the timing
+    if device == "cuda":
+        p50, p20, p80 = common.timeit(fn, device)
+    else:
+        p50, p20, p80 = common.timeit(fn, device, warmup=1, rep=rep)
+    flops = useful_flops(mode, B, N_f, N_o, d, e)
+    tflops = flops / (p50 * 1e-3) / 1e12
+    row = dict(
+        op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
+        ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mem_bytes=common.peak_memory(fn, device),
+        tflops=tflops, flops=flops,
+        executed_flops=triton_executed_flops(mode, B, N_f, N_o, d, e) if provider == "triton" else flops,
+        peak_tflops=peak.get(dtype_name), pct_peak=100 * tflops / peak[dtype_name] if peak.get(dtype_name) else None,
+    )
+    row.update(env)
+    return row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=(*DTYPES, "all"), default="all", help="'all' = bfloat16 and float32")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
+    p.add_argument("--providers", default=None, help="comma list (default: all four on cuda, eager,triton on cpu)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--B", type=int, default=None)
+    p.add_argument("--N", default=None, help="comma list of N (= N_f = N_o)")
+    p.add_argument("--features", default=None, help="comma list of d (= e)")
+    p.add_argument("--rep", type=int, default=5, help="CPU repeats")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_cross_attention: --device cuda needs a CUDA GPU (use --device cpu for the smoke run)")
+    if device == "cpu":
+        # the Triton kernels run in the interpreter; triton.jit reads this when they are defined
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    cpu = device == "cpu"
+    B = args.B or (2 if cpu else 32)
+    Ns = [int(n) for n in args.N.split(",")] if args.N else ([20] if cpu else [147, 588, 1225, 2352])
+    feats = [int(f) for f in args.features.split(",")] if args.features else ([16] if cpu else [256, 512, 1024])
+    providers = args.providers.split(",") if args.providers else (["eager", "triton"] if cpu else list(PROVIDERS))
+    modes = args.modes.split(",")
+    dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
+    if cpu:
+        dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
+    peak = {} if cpu else {t: common.matmul_peak_tflops(device, DTYPES[t]) for t in dtypes}
+    env = common.env_info(device)
+    rows = []
+    for dtype_name in dtypes:
+        for n in Ns:
+            for f in feats:
+                for mode in modes:
+                    for provider in providers:
+                        try:
+                            rows.append(bench_one(provider, mode, B, n, n, f, f, dtype_name, device, peak, env, args.rep))
+                        except torch.OutOfMemoryError:
+                            print(f"skip {provider} {mode} {dtype_name} N={n} d=e={f}: out of memory", file=sys.stderr)
+                            torch.cuda.empty_cache()
+    path = common.append_rows(common.result_path("cross_attention", device, args.out), rows)
+    common.print_table(rows, ["provider", "mode", "dtype", "B", "N_f", "d", "ms_p50", "ms_p20", "ms_p80",
+                              "tflops", "pct_peak", "peak_mem_bytes"])
+    print(f"\n{len(rows)} rows appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

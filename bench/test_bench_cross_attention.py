@@ -1,0 +1,37 @@
+"""pytest-benchmark view of bench_cross_attention: the CPU smoke shape (or one CUDA shape).
+
+Without CUDA the Triton kernels run in the interpreter, so TRITON_INTERPRET is set before
+anything imports ccs_fast.kernels.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.bench_cross_attention import make_case  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = dict(B=2, N_f=20, N_o=20, d=16, e=16) if DEVICE == "cpu" else dict(B=32, N_f=588, N_o=588, d=512, e=512)
+DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_cross_attention_full(benchmark, provider):
+    fn = make_case(provider, "full", device=DEVICE, dtype=DTYPE, **SHAPE)
+    fn()  # autotune / first-call costs outside the measurement
+
+    def step():
+        out = fn()
+        _sync()
+        return out
+
+    grads = benchmark.pedantic(step, rounds=3, iterations=1) if DEVICE == "cpu" else benchmark(step)
+    assert all(torch.isfinite(g).all() for g in grads)
