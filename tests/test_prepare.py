@@ -1,0 +1,91 @@
+"""prepare: UCF-style tree of MPEG-4 .avi → rawframes + flow + split lists; resume; bad video."""
+import cv2
+import numpy as np
+import pytest
+
+from ccs_fast.dataloader.formats import read_rawframe_list
+from ccs_fast.dataloader.prepare import prepare_dataset, read_splits, resized_shape
+from ccs_fast.errors import CCSError
+
+W, H, FRAMES = 64, 48, 5
+
+
+def _write_avi(path, seed):
+    import av
+
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (H, W, 3), dtype=np.uint8), (5, 5), 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for t in range(FRAMES):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * t, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture
+def ucf_tree(tmp_path):
+    videos, splits = tmp_path / "videos", tmp_path / "splits"
+    names = {"Jump": ["v_Jump_g01_c01", "v_Jump_g02_c01"], "Run": ["v_Run_g01_c01", "v_Run_g02_c01"]}
+    for c, (cls, stems) in enumerate(names.items()):
+        for s, stem in enumerate(stems):
+            _write_avi(videos / cls / f"{stem}.avi", 10 * c + s)
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("1 Jump\n2 Run\n")
+    (splits / "trainlist01.txt").write_text("Jump/v_Jump_g01_c01.avi 1\nRun/v_Run_g01_c01.avi 2\n")
+    (splits / "testlist01.txt").write_text("Jump/v_Jump_g02_c01.avi\nRun/v_Run_g02_c01.avi\n")
+    return videos, splits, tmp_path / "out"
+
+
+def test_prepare_writes_frames_flow_and_lists_then_resumes(ucf_tree):
+    videos, splits, out = ucf_tree
+    summary = prepare_dataset(videos, splits, out, workers=2, flow="farneback", short_side=32,
+                              progress=False)
+    assert (summary["videos"], summary["done"], summary["failed"]) == (4, 4, 0)
+    train = read_rawframe_list(out / "train_rawframes_split1.txt")
+    val = read_rawframe_list(out / "val_rawframes_split1.txt")
+    assert [(r.path, r.num_frames, r.label) for r in train] == [
+        ("Jump/v_Jump_g01_c01", FRAMES, 0), ("Run/v_Run_g01_c01", FRAMES, 1)]
+    assert [r.label for r in val] == [0, 1]
+    folder = out / "rawframes" / "Run" / "v_Run_g02_c01"
+    names = sorted(p.name for p in folder.iterdir())
+    assert sum(n.startswith("img_") for n in names) == FRAMES
+    assert sum(n.startswith("flow_x_") for n in names) == FRAMES - 1
+    assert sum(n.startswith("flow_y_") for n in names) == FRAMES - 1
+    img = cv2.imread(str(folder / "img_00001.jpg"))
+    assert img.shape[:2] == (32, 42)  # 64x48 scaled to short side 32, long side even
+    assert cv2.imread(str(folder / "flow_x_00001.jpg"), cv2.IMREAD_UNCHANGED).ndim == 2
+
+    stamp = (folder / "img_00001.jpg").stat().st_mtime_ns
+    again = prepare_dataset(videos, splits, out, workers=2, flow="farneback", short_side=32,
+                            progress=False)
+    assert (again["done"], again["existing"], again["failed"]) == (0, 4, 0)
+    assert (folder / "img_00001.jpg").stat().st_mtime_ns == stamp
+    assert read_rawframe_list(out / "train_rawframes_split1.txt")[0].num_frames == FRAMES
+
+
+def test_corrupt_video_is_counted_and_the_rest_done(ucf_tree, capsys):
+    videos, splits, out = ucf_tree
+    bad = videos / "Run" / "v_Run_g02_c01.avi"
+    bad.write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    summary = prepare_dataset(videos, splits, out, workers=1, flow="farneback", short_side=32,
+                              progress=False)
+    assert (summary["done"], summary["failed"]) == (3, 1)
+    assert len(summary["failures"]) == 1 and str(bad) in summary["failures"][0]
+    assert "\n" not in summary["failures"][0]
+    assert [r.path for r in read_rawframe_list(out / "val_rawframes_split1.txt")] == [
+        "Jump/v_Jump_g02_c01"]
+    assert not any(p.name.startswith(".") for p in (out / "rawframes" / "Run").iterdir())
+
+
+def test_split_files_are_checked(tmp_path):
+    with pytest.raises(CCSError, match="split"):
+        read_splits(tmp_path)
+
+
+@pytest.mark.parametrize("size, expected", [((320, 240), (340, 256)), ((240, 320), (256, 340)),
+                                            ((256, 256), (256, 256))])
+def test_resized_shape(size, expected):
+    assert resized_shape(*size, 256) == expected
