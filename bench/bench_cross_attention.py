@@ -15,7 +15,7 @@ FLOP count (useful work, the same for every provider; multiply-add = 2 FLOPs):
 ``tflops`` divides the useful count by the median time. The Triton kernels execute more:
 forward 2·B·N_f·N_o·(2d·⌈e/BLOCK_E⌉ + 2e) (S once per direction and per value slice) and
 backward 2·B·N_f·N_o·(3d + 6e) (S recomputed); ``executed_flops`` records that count for the
-triton rows (BLOCK_E as chosen by the autotuner is not visible here, 128 is assumed).
+triton rows, with the BLOCK_E the forward autotuner picked.
 ``pct_peak`` compares ``tflops`` with a dense torch.matmul of the row's dtype measured on the
 same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak allocation during one
 call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph, excluded).
@@ -44,6 +44,15 @@ def triton_executed_flops(mode, B, N_f, N_o, d, e, block_e=128):
     fwd = 2 * B * N_f * N_o * (2 * d * math.ceil(e / block_e) + 2 * e)
     bwd = 2 * B * N_f * N_o * (3 * d + 6 * e)
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def tuned_block_e(device):
+    """BLOCK_E of the last forward launch (autotuned on CUDA, fixed in the interpreter)."""
+    from ccs_fast.kernels import cross_attention as xa
+
+    tuner = xa._tuned.get("fwd") if device == "cuda" else None
+    config = getattr(tuner, "best_config", None)
+    return config.kwargs["BLOCK_E"] if config is not None else xa._CPU_BLOCKS["BLOCK_E"]
 
 
 def make_op(provider, scale):
@@ -95,12 +104,13 @@ def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, 
     else:
         p50, p20, p80 = common.timeit(fn, device, warmup=1, rep=rep)
     flops = useful_flops(mode, B, N_f, N_o, d, e)
+    executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device)) if provider == "triton" else flops
     tflops = flops / (p50 * 1e-3) / 1e12
     row = dict(
         op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
         ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mem_bytes=common.peak_memory(fn, device),
         tflops=tflops, flops=flops,
-        executed_flops=triton_executed_flops(mode, B, N_f, N_o, d, e) if provider == "triton" else flops,
+        executed_flops=executed,
         peak_tflops=peak.get(dtype_name), pct_peak=100 * tflops / peak[dtype_name] if peak.get(dtype_name) else None,
     )
     row.update(env)

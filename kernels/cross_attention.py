@@ -18,7 +18,8 @@ and every key tile holds at least one real column, so no row ever sees max = -in
 
 Backward. Δ_row = rowsum(dy_f ⊙ y_f) and Δ_col = rowsum(dy_o ⊙ y_o) are two torch reductions.
 Then ONE kernel (``_xattn_bwd_kernel``) is parallel over column blocks of S (blocks of N_o)
-and loops over row blocks; each S tile is recomputed once and serves both directions:
+and loops over all row blocks, each program starting at a different one to spread the atomic
+traffic; each S tile is recomputed once and serves both directions:
 
     P_row = exp(S − lse_row)   P_col = exp(S − lse_col)
     dP_row = dy_f v_oᵀ         dP_col = v_f dy_oᵀ
@@ -188,7 +189,11 @@ if triton is not None:
         lse_col = tl.load(lse_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
         delta_col = tl.load(delta_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
 
-        for start_m in range(0, M, BLOCK_M):
+        # Each column program starts at a different row block (and wraps around), so the
+        # programs of one batch element don't all hit the same dq / dv_f rows at once.
+        num_m_blocks = tl.cdiv(M, BLOCK_M)
+        for step in range(0, num_m_blocks):
+            start_m = ((step + pid_n) % num_m_blocks) * BLOCK_M
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
             valid = row_ok[:, None] & col_ok[None, :]
@@ -268,34 +273,44 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(n), 4096)
 
 
-def _cuda_configs():
-    configs = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for bd in (64, 128):
-                for be in (64, 128, 256):
-                    for warps, stages in ((4, 2), (8, 2), (8, 3)):
-                        configs.append(triton.Config(
-                            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_E=be), num_warps=warps, num_stages=stages))
-    return configs
+def _configs(rows):
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_E=be), num_warps=w, num_stages=st)
+            for bm, bn, bd, be, w, st in rows]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    # no feature tile wider than the (power-of-two) feature dim; bound the register tiles
-    D, E = named_args["D"], named_args["E"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_D"] <= max(64, triton.next_power_of_2(D))
-            and c.kwargs["BLOCK_E"] <= max(64, triton.next_power_of_2(E))
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_E"] <= 128 * 128]
-    return kept or configs[:1]
+# Candidates only: chosen without a GPU at hand and still to be measured (module docstring).
+# Forward: the fp32 accumulator is BLOCK_M × BLOCK_E, so BLOCK_M = 32 lets one program hold
+# e = 512 whole (S built once per direction) at 16K accumulator values.
+_FWD_CONFIGS = (
+    # BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, warps, stages
+    (64, 64, 64, 64, 4, 2),
+    (64, 64, 64, 128, 4, 2),
+    (128, 64, 64, 128, 8, 2),
+    (128, 64, 128, 128, 8, 3),
+    (64, 64, 128, 256, 8, 2),
+    (64, 128, 64, 128, 8, 3),
+    (32, 64, 64, 256, 4, 2),
+    (32, 64, 64, 512, 8, 2),
+)
+# Backward: six BLOCK_M × BLOCK_N fp32 tiles live at once (S, both P, both dP, dS).
+_BWD_CONFIGS = (
+    (32, 64, 64, 64, 4, 2),
+    (64, 64, 64, 64, 4, 2),
+    (64, 64, 64, 64, 8, 2),
+    (64, 128, 64, 64, 8, 2),
+    (128, 64, 64, 64, 8, 2),
+    (64, 64, 128, 128, 8, 2),
+)
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    D, E = named_args["D"], named_args["E"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_D"] <= max(64, triton.next_power_of_2(D))
-            and c.kwargs["BLOCK_E"] <= min(128, max(64, triton.next_power_of_2(E)))
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+def _fits_features(config, named_args):
+    # no feature slice wider than the feature dim rounded up to a power of two (64 at least)
+    return (config.kwargs["BLOCK_D"] <= max(64, triton.next_power_of_2(named_args["D"]))
+            and config.kwargs["BLOCK_E"] <= max(64, triton.next_power_of_2(named_args["E"])))
+
+
+def _prune(configs, named_args, **kwargs):
+    kept = [c for c in configs if _fits_features(c, named_args)]
     return kept or configs[:1]
 
 
@@ -308,12 +323,14 @@ def _kernel(name):
     if not torch.cuda.is_available() or _interpreting():
         return raw, dict(_CPU_BLOCKS)
     if name not in _tuned:
+        keys = ["M_BUCKET", "N_BUCKET", "D", "E"]
         if name == "fwd":
-            _tuned[name] = triton.autotune(_cuda_configs(), key=["M_BUCKET", "N_BUCKET", "D", "E"],
-                                           prune_configs_by={"early_config_prune": _prune_fwd})(raw)
+            _tuned[name] = triton.autotune(_configs(_FWD_CONFIGS), key=keys,
+                                           prune_configs_by={"early_config_prune": _prune})(raw)
         else:
-            _tuned[name] = triton.autotune(_cuda_configs(), key=["M_BUCKET", "N_BUCKET", "D", "E"],
-                                           prune_configs_by={"early_config_prune": _prune_bwd},
+            # the autotuner runs every candidate: the atomic accumulators restart from zero
+            _tuned[name] = triton.autotune(_configs(_BWD_CONFIGS), key=keys,
+                                           prune_configs_by={"early_config_prune": _prune},
                                            reset_to_zero=["dq_ptr", "dk_ptr", "dvf_ptr", "dvo_ptr"])(raw)
     return _tuned[name], {}
 
