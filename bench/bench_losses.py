@@ -1,0 +1,167 @@
+"""Benchmark of the ranking losses (SPEC §7, §8): cross_modal_triplet_loss,
+batch_hard_triplet_loss and discriminative_embedding_loss.
+
+    python -m bench.bench_losses                          # CUDA sweep, bf16
+    python -m bench.bench_losses --dtype float32 --ops cross_modal_triplet_loss
+    python -m bench.bench_losses --device cpu             # smoke run: tiny shapes, interpreter
+
+Sweep: B ∈ {256, 512, 1024, 2048, 4096, 8192} × D ∈ {256, 512, 2048}; labels are balanced
+batches of 8 samples per class (B/8 classes, shuffled), as the CCS sampler makes them.
+Providers: ``eager`` (the reference), ``compile`` (torch.compile of the reference),
+``triton`` (the fused kernels), ``pml`` (pytorch-metric-learning's TripletMarginLoss with a
+BatchHardMiner on squared L2 of normalised embeddings; batch_hard_triplet_loss only, when
+importable). Modes: ``fwd`` (loss only, no_grad) and ``full`` (loss + gradients of every
+embedding input). The fused ops compute the gradient inside the forward when an input needs
+it, so ``bwd`` alone is not a meaningful split and is not measured.
+
+Useful FLOPs (multiply-add = 2): triplets 2·B²·D per distance matrix (cross-modal: one matrix
+serves both directions); center loss 2·C²·D for the class-mean distances plus O(B·D).
+``peak_mem_bytes`` is the peak allocation during one call beyond what was live before it.
+Rows are appended to bench/results/losses-<gpu-slug>.json.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from bench import common
+
+OPS = ("cross_modal_triplet_loss", "batch_hard_triplet_loss", "discriminative_embedding_loss")
+PROVIDERS = ("eager", "compile", "triton", "pml")
+MODES = ("fwd", "full")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+PER_CLASS = 8
+
+
+def useful_flops(op, B, D):
+    if op == "discriminative_embedding_loss":
+        classes = max(B // PER_CLASS, 1)
+        return 2 * classes * classes * D + 8 * B * D
+    return 2 * B * B * D
+
+
+def _pml_batch_hard():
+    try:
+        from pytorch_metric_learning.distances import LpDistance
+        from pytorch_metric_learning.losses import TripletMarginLoss
+        from pytorch_metric_learning.miners import BatchHardMiner
+        from pytorch_metric_learning.reducers import MeanReducer
+    except ImportError:
+        return None
+    distance = LpDistance(normalize_embeddings=True, power=2)
+    loss_fn = TripletMarginLoss(margin=0.3, distance=distance, reducer=MeanReducer())
+    miner = BatchHardMiner(distance=distance)
+    return lambda z, y: loss_fn(z, y, miner(z, y))
+
+
+def make_op(op, provider):
+    """``fn(*embeddings, labels) -> loss`` for this op and provider, or None if it does not apply."""
+    import importlib
+
+    module = importlib.import_module("ccs_fast.kernels." + ("center" if op.startswith("discriminative") else "triplet"))
+    ref = getattr(module, op + "_ref")
+    if provider == "eager":
+        return ref
+    if provider == "compile":
+        return torch.compile(ref)
+    if provider == "triton":
+        fused = getattr(module, op)
+        return lambda *args: fused(*args, impl="triton")
+    if provider == "pml":
+        return _pml_batch_hard() if op == "batch_hard_triplet_loss" else None
+    raise ValueError(provider)
+
+
+def make_case(op, provider, mode, B, D, dtype, device):
+    """A zero-argument callable running one ``mode`` step, or None if the provider lacks the op."""
+    fn = make_op(op, provider)
+    if fn is None:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n_inputs = 2 if op == "cross_modal_triplet_loss" else 1
+    inputs = [torch.randn(B, D, generator=g).to(device, dtype).requires_grad_(mode == "full") for _ in range(n_inputs)]
+    labels = (torch.arange(B) // PER_CLASS)[torch.randperm(B, generator=g)].to(device)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs, labels)
+        return run
+    grad_out = torch.tensor(1.3, device=device)
+
+    def run():
+        return torch.autograd.grad(fn(*inputs, labels), inputs, grad_out)
+    return run
+
+
+def bench_one(op, provider, mode, B, D, dtype_name, device, env, rep):
+    fn = make_case(op, provider, mode, B, D, DTYPES[dtype_name], device)
+    if fn is None:
+        return None
+    fn()  # compile / autotune outside the timing
+    if device == "cuda":
+        p50, p20, p80 = common.timeit(fn, device)
+    else:
+        p50, p20, p80 = common.timeit(fn, device, warmup=1, rep=rep)
+    flops = useful_flops(op, B, D)
+    row = dict(op=op, provider=provider, mode=mode, dtype=dtype_name, B=B, D=D, ms_p50=p50, ms_p20=p20, ms_p80=p80,
+               peak_mem_bytes=common.peak_memory(fn, device), flops=flops, tflops=flops / (p50 * 1e-3) / 1e12)
+    row.update(env)
+    return row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=(*DTYPES, "all"), default="bfloat16", help="'all' = bfloat16 and float32")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--providers", default=None, help="comma list (default: all on cuda, eager,triton,pml on cpu)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--B", default=None, help="comma list of batch sizes")
+    p.add_argument("--D", default=None, help="comma list of embedding sizes")
+    p.add_argument("--rep", type=int, default=3, help="CPU repeats")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_losses: --device cuda needs a CUDA GPU (use --device cpu for the smoke run)")
+    if device == "cpu":
+        # the Triton kernels run in the interpreter; triton.jit reads this when they are defined
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    cpu = device == "cpu"
+    Bs = [int(b) for b in args.B.split(",")] if args.B else ([24] if cpu else [256, 512, 1024, 2048, 4096, 8192])
+    Ds = [int(d) for d in args.D.split(",")] if args.D else ([16] if cpu else [256, 512, 2048])
+    providers = args.providers.split(",") if args.providers else (["eager", "triton", "pml"] if cpu else list(PROVIDERS))
+    dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
+    if cpu:
+        dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
+    env = common.env_info(device)
+    rows = []
+    for op in args.ops.split(","):
+        for dtype_name in dtypes:
+            for B in Bs:
+                for D in Ds:
+                    for mode in args.modes.split(","):
+                        for provider in providers:
+                            try:
+                                row = bench_one(op, provider, mode, B, D, dtype_name, device, env, args.rep)
+                            except torch.OutOfMemoryError:
+                                print(f"skip {op} {provider} {mode} {dtype_name} B={B} D={D}: out of memory",
+                                      file=sys.stderr)
+                                torch.cuda.empty_cache()
+                                continue
+                            if row is not None:
+                                rows.append(row)
+    path = common.append_rows(common.result_path("losses", device, args.out), rows)
+    common.print_table(rows, ["op", "provider", "mode", "dtype", "B", "D", "ms_p50", "ms_p20", "ms_p80",
+                              "tflops", "peak_mem_bytes"])
+    print(f"\n{len(rows)} rows appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""pytest-benchmark view of bench_losses: the CPU smoke shape (or one CUDA shape) of each op.
+
+Without CUDA the Triton kernels run in the interpreter, so TRITON_INTERPRET is set before
+anything imports ccs_fast.kernels.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.bench_losses import OPS, make_case  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = dict(B=24, D=16) if DEVICE == "cpu" else dict(B=4096, D=512)
+DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_loss_full(benchmark, op, provider):
+    fn = make_case(op, provider, "full", device=DEVICE, dtype=DTYPE, **SHAPE)
+    fn()  # autotune / first-call costs outside the measurement
+
+    def step():
+        out = fn()
+        _sync()
+        return out
+
+    grads = benchmark.pedantic(step, rounds=3, iterations=1) if DEVICE == "cpu" else benchmark(step)
+    assert all(torch.isfinite(g).all() for g in grads)
