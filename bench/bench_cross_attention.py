@@ -102,7 +102,7 @@ def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, 
     if device == "cuda":
         p50, p20, p80 = common.timeit(fn, device)
     else:
-        p50, p20, p80 = common.timeit(fn, device, warmup=1, rep=rep)
+        p50, p20, p80 = common.timeit(fn, device, warmup=3, rep=rep)
     flops = useful_flops(mode, B, N_f, N_o, d, e)
     executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device)) if provider == "triton" else flops
     tflops = flops / (p50 * 1e-3) / 1e12
