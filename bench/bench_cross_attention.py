@@ -14,7 +14,7 @@ FLOP count (useful work, the same for every provider; multiply-add = 2 FLOPs):
     full = 2·B·N_f·N_o·(3d + 6e)
 ``tflops`` divides the useful count by the median time. The Triton kernels execute more:
 forward 2·B·N_f·N_o·(2d·⌈e/BLOCK_E⌉ + 2e) (S once per direction and per value slice) and
-backward 2·B·N_f·N_o·(3d + 6e) (S recomputed); ``executed_flops`` records that count for the
+backward 2·B·N_f·N_o·(3d + 4e) (S recomputed once); ``executed_flops`` records that count for the
 triton rows, with the BLOCK_E the forward autotuner picked.
 ``pct_peak`` compares ``tflops`` with a dense torch.matmul of the row's dtype measured on the
 same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak allocation during one
@@ -42,7 +42,7 @@ def useful_flops(mode, B, N_f, N_o, d, e):
 
 def triton_executed_flops(mode, B, N_f, N_o, d, e, block_e=128):
     fwd = 2 * B * N_f * N_o * (2 * d * math.ceil(e / block_e) + 2 * e)
-    bwd = 2 * B * N_f * N_o * (3 * d + 6 * e)
+    bwd = 2 * B * N_f * N_o * (3 * d + 4 * e)
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 

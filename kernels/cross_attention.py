@@ -36,8 +36,9 @@ nothing of size N_f × N_o ever exists in device memory.
 
 Work actually done (multiply-adds × 2): forward 2·B·N_f·N_o·(2·d·⌈e/BLOCK_E⌉ + 2·e) —
 S is built twice (once per direction) and once more for every extra BLOCK_E slice of the
-values; backward 2·B·N_f·N_o·(d + 4e + 2d + 2e) = 2·B·N_f·N_o·(3d + 6e). The useful count
-(S once, two P·V products) is 2·B·N_f·N_o·(d + 2e) forward.
+values; backward 2·B·N_f·N_o·(3d + 4e) (S, dq, dk over d; dP_row, dP_col, dv_o, dv_f over
+e). The useful counts are 2·B·N_f·N_o·(d + 2e) forward (S once, two P·V products) and
+2·B·N_f·N_o·(2d + 4e) backward (S not recomputed).
 
 Known limits
 ------------
