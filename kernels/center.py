@@ -16,7 +16,7 @@ used, since |𝒞| is known only on the device; no B×B tensor, no host sync):
      w_i = 2/B·[active] and the direct gradient w_i (ẑ_i − μ_{y_i}).
   4. ``_center_inter_kernel``: per tile of classes, ‖μ_c − μ_c'‖² tile by tile with ``tl.dot``,
      the inter hinge and ∂L/∂μ_c = (4/P)(Σ_c' a_cc' μ_c' − deg_c μ_c), P = |𝒞|(|𝒞|−1), added
-     into the program's own rows of a B×D buffer (no atomics).
+     into the program's own rows of a B×D buffer (uncontended atomics, see the kernel).
   5. ``_center_grad_kernel``: per (class, D chunk) G_c = ∂L/∂μ_c − Σ_{i∈c} w_i (ẑ_i − μ_c),
      then each member gets G_c / n_c.
   6. ``_normalize_bwd_kernel`` (triplet.py): ∂L/∂z = r (g − ẑ (ẑ·g)).
@@ -121,14 +121,15 @@ def _center_inter_kernel(mu_ptr, num_classes_ptr, dmu_ptr, partial_ptr, D, alpha
         if COMPUTE_GRAD:
             a_w = tl.where(act, 4.0 * inv_pairs, 0.0)
             deg += tl.sum(a_w, axis=1)
-            # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c'  (rows owned by this program: plain read-modify-write)
+            # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c'. Only this program touches these rows; the adds are
+            # atomic so that later iterations see earlier ones whatever thread layout the compiler
+            # picks, and they stay in program order (deterministic).
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < D
                 b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                ptrs = dmu_ptr + rows[:, None] * D + dd[None, :]
-                m = row_ok[:, None] & d_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + tl.dot(a_w, b, input_precision="ieee"), mask=m)
+                tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], tl.dot(a_w, b, input_precision="ieee"),
+                              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(partial_ptr + pid, tl.sum(total, axis=0) * inv_pairs)
     if COMPUTE_GRAD:
         # ∂L/∂μ_c −= (4/P) deg_c μ_c
@@ -136,8 +137,7 @@ def _center_inter_kernel(mu_ptr, num_classes_ptr, dmu_ptr, partial_ptr, D, alpha
             dd = d0 + tl.arange(0, BLOCK_D)
             m = row_ok[:, None] & (dd < D)[None, :]
             a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            ptrs = dmu_ptr + rows[:, None] * D + dd[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) - deg[:, None] * a, mask=m)
+            tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], -deg[:, None] * a, mask=m)
 
 
 @triton.jit
