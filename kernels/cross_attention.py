@@ -460,7 +460,8 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
     """``(y_f, y_o)`` of cross-stream attention; ``impl`` is "auto" | "triton" | "eager".
 
     q (B, N_f, d), k (B, N_o, d), v_f (B, N_f, e), v_o (B, N_o, e); ``scale`` None means
-    d ** -0.5. Outputs are in the inputs' (common) dtype. fp64 inputs always run eager.
+    d ** -0.5. Outputs are in the inputs' (common) dtype. fp64 and empty inputs always run
+    the eager reference.
     """
     _check_inputs(q, k, v_f, v_o)
     if scale is None:
@@ -468,7 +469,8 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"cross_stream_attention: scale must be finite, got {scale}")
-    if resolve_impl(impl, q, k, v_f, v_o) == "eager" or q.dtype == torch.float64:
+    empty = any(t.numel() == 0 for t in (q, k, v_f, v_o))
+    if resolve_impl(impl, q, k, v_f, v_o) == "eager" or q.dtype == torch.float64 or empty:
         return cross_stream_attention_ref(q, k, v_f, v_o, scale)
     dtype = q.dtype
     for t in (k, v_f, v_o):

@@ -159,6 +159,8 @@ def test_dispatch():
     ins = [t.detach().double() for t in (q, k, v_f, v_o)]
     for got, want in zip(cross_stream_attention(*ins, impl="triton"), cross_stream_attention_ref(*ins)):
         assert torch.equal(got, want)
+    y_f, y_o = cross_stream_attention(q[:, :0], k, v_f[:, :0], v_o, impl="triton")  # N_f = 0
+    assert y_f.shape == (1, 0, 8) and torch.equal(y_o, torch.zeros(1, 3, 8))
     if not torch.cuda.is_available():  # auto on CPU = the reference
         for got, want in zip(cross_stream_attention(q, k, v_f, v_o), cross_stream_attention_ref(q, k, v_f, v_o)):
             assert torch.equal(got, want)
