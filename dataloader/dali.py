@@ -172,17 +172,32 @@ class ClipSource:
         batches = self.epoch_batches(epoch)
         if batch_info.iteration >= len(batches):
             raise StopIteration
+        opts = self.options
         segments = []
         for index in batches[batch_info.iteration]:
             try:
                 segments.extend(self.read_clip(index, epoch))
             except CCSError:
-                if not self.options.skip_bad:
+                if not opts.skip_bad:
                     raise
-        if not segments:
-            raise CCSError(f"every clip of batch {batch_info.iteration} of epoch {epoch} "
-                           f"is bad input (first: {self.frames_dir(batches[batch_info.iteration][0])})")
+        if not segments:  # DALI refuses empty batches: send one clip the loader drops
+            if opts.modality == "video":
+                raise CCSError(f"{self.data_root}: every video of batch {batch_info.iteration} "
+                               f"of epoch {epoch} is bad input")
+            segments = self.placeholder_clip()
         return tuple(list(column) for column in zip(*segments))
+
+    def placeholder_clip(self) -> list[tuple]:
+        """K samples of a black 16×16 JPEG with index −1 (dropped by the loader)."""
+        import cv2
+
+        opts = self.options
+        jpeg = np.ascontiguousarray(cv2.imencode(".jpg", np.zeros((16, 16), np.uint8))[1].ravel())
+        mean = np.full(2 * opts.flow_length, FLOW_MEAN, dtype=np.float32)
+        std = np.full(2 * opts.flow_length, FLOW_STD, dtype=np.float32)
+        segment = (jpeg, *[jpeg] * (2 * opts.flow_length), *_crop_arguments((0, 0, 16, 16), False),
+                   mean, std, np.array(-1, dtype=np.int64), np.array(-1, dtype=np.int64))
+        return [segment] * opts.num_segments
 
     def read_clip(self, index: int, epoch: int) -> list[tuple]:
         """The K DALI samples of one clip (one tuple of outputs per segment)."""
@@ -294,7 +309,8 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
     video = opts.modality == "video"
     num_rgb_outputs = 2 if video else 1
     num_flow = 2 * opts.flow_length
-    start_method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    # fork is only safe before the process holds a CUDA context (DALI's or torch's)
+    start_method = "spawn" if on_gpu else "fork"
 
     @pipeline_def(batch_size=batch_size * opts.num_segments, num_threads=num_threads,
                   device_id=device_id, py_num_workers=py_num_workers,
@@ -386,7 +402,8 @@ class DALILoader:
                     raise self._explain(exc, epoch, iteration) from None
                 batch = self._to_torch(*outputs)
                 self.num_skipped += len(wanted) - len(batch["index"])
-                yield batch
+                if len(batch["index"]):
+                    yield batch
             try:
                 self._pipe.run()
             except StopIteration:  # the source's StopIteration closes DALI's epoch
@@ -430,6 +447,8 @@ class DALILoader:
         flow = self._copy(flow)
         flow = flow.view(n, k, size, size, flow.shape[-1]).permute(0, 1, 4, 2, 3)
         label = torch.from_numpy(np.asarray(label.as_tensor())[::k].copy())
+        if rows[0] < 0:  # the placeholder of a batch whose clips were all skipped
+            rgb, flow, label, rows = rgb[:0], flow[:0], label[:0], rows[:0]
         return {"rgb": rgb, "flow": flow,
                 "label": label.to(self.device, non_blocking=True),
                 "index": torch.from_numpy(rows.copy()).to(self.device, non_blocking=True)}
@@ -515,7 +534,9 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
                        input_size=input_size, train=train, seed=seed, modality=modality,
                        skip_bad=skip_bad)
     source = ClipSource(records, rows, data_root, flow_root or data_root, sampler, options)
-    num_threads = num_workers or os.cpu_count() or 1
+    # the cores of this machine shared by the ranks on it
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    num_threads = num_workers or max(1, (os.cpu_count() or 1) // local_ranks)
     loader = DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
                         dtype=dtype, num_threads=num_threads,
                         py_num_workers=max(1, min(4, num_threads)),
