@@ -402,15 +402,15 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _hardest(d: torch.Tensor, mask: torch.Tensor, largest: bool):
-    """Per row: d at the lowest-index arg-max (``largest``) or arg-min over ``mask``, and whether any."""
+    """Per row: d at the arg-max (``largest``) or arg-min over ``mask``, and whether there is any.
+
+    ``torch.max``/``torch.min`` along a dim return the first index of a tie (documented), so the
+    gradient follows the lowest index, as in the kernel.
+    """
     fill = float("-inf") if largest else float("inf")
     masked = d.masked_fill(~mask, fill)
-    best = masked.amax(1, keepdim=True) if largest else masked.amin(1, keepdim=True)
-    cols = torch.arange(d.shape[1], device=d.device).expand_as(d)
-    idx = torch.where((masked == best) & mask, cols, d.shape[1]).amin(1)
-    found = mask.any(1)
-    idx = torch.where(found, idx, 0)
-    return d.gather(1, idx[:, None]).squeeze(1), found
+    idx = masked.max(1).indices if largest else masked.min(1).indices
+    return d.gather(1, idx[:, None]).squeeze(1), mask.any(1)
 
 
 def _batch_hard_mean(d: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float):
