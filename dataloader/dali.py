@@ -130,10 +130,8 @@ class ClipSource:
         return self.data_root / record.path
 
     def plan(self, index: int, epoch: int):
-        """(ClipPlan, frame width, frame height, video info or None) of one clip.
-
-        Raises CCSError naming the video for a clip that cannot be planned.
-        """
+        """(ClipPlan, video info) of one clip; CCSError naming the video if it cannot be
+        planned (too short, unreadable first frame or video, frames past the video's end)."""
         opts = self.options
         info = self._describe(index)
         try:
@@ -409,7 +407,8 @@ class DALILoader:
             except StopIteration:  # the source's StopIteration closes DALI's epoch
                 pass
             else:
-                raise RuntimeError(f"DALI produced more than {len(batches)} batches in epoch {epoch}")
+                raise RuntimeError(f"DALI produced more than {len(batches)} batches in "
+                                   f"epoch {epoch}")
             self._pipe.reset()
             self._pipe_epoch = epoch + 1
             finished = True

@@ -46,7 +46,8 @@ def read_splits(splits_dir) -> dict[int, tuple[list[VideoRecord], list[VideoReco
         for n in ucf:
             train = read_ucf101_split(splits_dir / f"trainlist{n:02d}.txt", class_ind)
             test_file = splits_dir / f"testlist{n:02d}.txt"
-            splits[n] = (train, read_ucf101_split(test_file, class_ind) if test_file.exists() else [])
+            val = read_ucf101_split(test_file, class_ind) if test_file.exists() else []
+            splits[n] = (train, val)
         return splits
     hmdb = sorted({int(m[1]) for m in map(_HMDB_SPLIT.search, names) if m})
     if hmdb:

@@ -28,7 +28,8 @@ def _write_avi(path, seed):
 @pytest.fixture
 def ucf_tree(tmp_path):
     videos, splits = tmp_path / "videos", tmp_path / "splits"
-    names = {"Jump": ["v_Jump_g01_c01", "v_Jump_g02_c01"], "Run": ["v_Run_g01_c01", "v_Run_g02_c01"]}
+    names = {"Jump": ["v_Jump_g01_c01", "v_Jump_g02_c01"],
+             "Run": ["v_Run_g01_c01", "v_Run_g02_c01"]}
     for c, (cls, stems) in enumerate(names.items()):
         for s, stem in enumerate(stems):
             _write_avi(videos / cls / f"{stem}.avi", 10 * c + s)
