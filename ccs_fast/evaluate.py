@@ -1,0 +1,199 @@
+"""Evaluation: RGB, Flow and RGB+Flow top-1/top-5 over a whole split (paper Table 1).
+
+Prediction follows SPEC §2.2: per stream the softmax of its logits, fused score
+``w_f·softmax(logits_f) + w_o·softmax(logits_o)``. The eval loader (``train=False``) gives
+every video exactly once over all ranks with the TSN test protocol (25 evenly spaced
+segments, centre crop); counts are summed across ranks, so the accuracies cover the whole
+split whatever the world size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ccs_fast.amp import autocast_context
+from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_model
+from ccs_fast.config import Config, config_from_dict
+from ccs_fast.errors import CCSError
+from ccs_fast.metrics import topk_correct
+
+STREAMS = ("rgb", "flow", "fused")
+STREAM_TITLES = {"rgb": "RGB", "flow": "Flow", "fused": "RGB+Flow"}
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CCSError(f"train.device={name}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def fuse_scores(logits_f: torch.Tensor, logits_o: torch.Tensor, fusion_weights: Sequence[float] = (1.0, 1.0)) -> dict:
+    """Per-stream softmax probabilities (fp32) and their weighted sum (SPEC §2.2)."""
+    w_f, w_o = (float(w) for w in fusion_weights)
+    rgb = torch.softmax(logits_f.float(), dim=-1)
+    flow = torch.softmax(logits_o.float(), dim=-1)
+    return {"rgb": rgb, "flow": flow, "fused": w_f * rgb + w_o * flow}
+
+
+def _forward_scores(model, batch, device, precision, fusion_weights) -> dict:
+    with autocast_context(precision, device):
+        out = model(batch["rgb"], batch["flow"])
+    return fuse_scores(out["logits_f"], out["logits_o"], fusion_weights)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
+             fusion_weights: Sequence[float] = (1.0, 1.0)) -> dict:
+    """Top-1 and top-5 (top-min(5, C)) fractions for ``rgb``, ``flow`` and ``fused``.
+
+    Returns ``{"rgb": {"top1", "top5"}, "flow": {...}, "fused": {...}, "num_videos"}``.
+    Under torch.distributed the counts are summed over ranks (every rank must call this).
+    The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    # rows: streams; columns: top-1 hits, top-5 hits. Summed on the device, read once.
+    counts = torch.zeros(len(STREAMS), 2, dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for batch in loader:
+            labels = batch["label"].to(device, non_blocking=True)
+            scores = _forward_scores(model, batch, device, precision, fusion_weights)
+            for row, stream in enumerate(STREAMS):
+                counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.cat([counts.flatten(), total.view(1)])
+        dist.all_reduce(packed)
+        counts, total = packed[:-1].view(len(STREAMS), 2), packed[-1]
+    values = (counts / total.clamp_min(1)).tolist()  # host sync: once per evaluation
+    result = {}
+    for row, stream in enumerate(STREAMS):
+        result[stream] = {"top1": values[row][0], "top5": values[row][1]}
+    result["num_videos"] = int(total.item())
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown table like the paper's Table 1: columns RGB | Flow | RGB+Flow, in percent."""
+    header = "| | " + " | ".join(STREAM_TITLES[s] for s in STREAMS) + " |"
+    rule = "|---|" + "---:|" * len(STREAMS)
+    rows = [
+        f"| top-{k} | " + " | ".join(f"{100 * result[s][f'top{k}']:.2f}" for s in STREAMS) + " |"
+        for k in (1, 5)
+    ]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+# ---------------------------------------------------------------------------- from a checkpoint
+
+def _config_for(cfg: Optional[Config], checkpoint) -> Config:
+    if cfg is not None:
+        return cfg
+    saved = read_checkpoint(checkpoint).get("config")
+    if not saved:
+        raise CCSError(f"{checkpoint}: checkpoint holds no config; pass one with --config")
+    return config_from_dict(saved, source=str(checkpoint))
+
+
+def _load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
+    from ccs_fast.model import build_model
+    model = build_model(cfg.model)
+    load_checkpoint(checkpoint, model, cfg=cfg)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def _eval_loader(cfg: Config, annotation, device, segments: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1):
+    from ccs_fast.dataloader import build_loader
+    annotation = annotation or cfg.data.val_list
+    if not annotation and cfg.data.backend != "synthetic":
+        raise CCSError("config: data.val_list is empty; give an annotation list to evaluate on")
+    return build_loader(
+        annotation or None, cfg.data.root, backend=cfg.data.backend, train=False,
+        batch_size=cfg.data.batch_size, num_segments=segments or cfg.data.test_segments,
+        flow_length=cfg.model.flow_length, input_size=cfg.data.input_size, device=str(device),
+        seed=cfg.train.seed, rank=rank, world_size=world_size, modality=cfg.data.modality,
+        num_workers=cfg.data.num_workers, num_classes=cfg.model.num_classes,
+        skip_bad=cfg.data.skip_bad, flow_root=cfg.data.flow_root,
+    )
+
+
+def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,
+                        out_md=None, segments: Optional[int] = None) -> dict:
+    """Evaluate ``checkpoint`` on ``annotation`` (default ``cfg.data.val_list``) with
+    ``segments`` test segments (default ``cfg.data.test_segments``, 25) and centre crops.
+
+    ``cfg`` None: the config stored in the checkpoint. Writes the result as JSON to
+    ``out_json`` and as a markdown table to ``out_md`` when given; returns the dict of
+    ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments`` and ``table``.
+    """
+    cfg = _config_for(cfg, checkpoint)
+    device = select_device(cfg.train.device)
+    model = _load_model(cfg, checkpoint, device)
+    loader = _eval_loader(cfg, annotation, device, segments)
+    result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights)
+    result.update(
+        checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
+        segments=segments or cfg.data.test_segments, variant=cfg.model.variant,
+    )
+    table = format_table(result)
+    print(table, end="", flush=True)
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    if out_md:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(
+            f"Checkpoint `{checkpoint}`, {result['num_videos']} videos, "
+            f"{result['segments']} segments, variant `{cfg.model.variant}`\n\n{table}"
+        )
+    result["table"] = table
+    return result
+
+
+@torch.no_grad()
+def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: Optional[int] = None) -> dict:
+    """Write one JSON line per video of ``annotation`` to ``out_path``, in annotation order:
+    ``index``, ``label``, ``rgb``, ``flow``, ``fused`` (predicted classes) and ``score``
+    (the fused score of the fused prediction). Single process. Returns a small summary."""
+    cfg = _config_for(cfg, checkpoint)
+    device = select_device(cfg.train.device)
+    model = _load_model(cfg, checkpoint, device)
+    loader = _eval_loader(cfg, annotation, device, segments)
+    rows = []
+    for batch in loader:
+        scores = _forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
+        fused_score, fused_class = scores["fused"].max(dim=-1)
+        columns = {
+            "index": batch["index"], "label": batch["label"], "rgb": scores["rgb"].argmax(-1),
+            "flow": scores["flow"].argmax(-1), "fused": fused_class, "score": fused_score,
+        }
+        host = {k: v.cpu().tolist() for k, v in columns.items()}  # one copy per batch
+        rows.extend(dict(zip(host, values)) for values in zip(*host.values()))
+    rows.sort(key=lambda r: r["index"])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    correct = sum(r["fused"] == r["label"] for r in rows)
+    return {"num_videos": len(rows), "fused_top1": correct / max(len(rows), 1), "out_path": str(out_path)}

@@ -1,0 +1,147 @@
+"""Training logs: JSON-lines metrics, TensorBoard scalars, a progress bar, top-k accuracy.
+
+Only rank 0 writes (the writers are no-ops elsewhere). Values reach these writers as Python
+numbers, read from the device at logging intervals by the trainer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no nan/inf; keep them readable
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to ``out_dir/metrics.jsonl`` and mirrors the
+    numeric values to TensorBoard under ``out_dir/tb`` as ``<split>/<name>``."""
+
+    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / TENSORBOARD_DIR))
+
+    def log(self, split: str, step: int, values: dict, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "step": int(step), "time": round(time.time(), 3), **fields}
+        record.update({k: _jsonable(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{split}/{name}", value, step)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def flatten_metrics(values: dict, prefix: str = "") -> dict:
+    """``{"fused": {"top1": x}}`` → ``{"fused_top1": x}`` (for JSON lines and TensorBoard)."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file (for tests and reports)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar over one epoch showing loss and clips/s; silent when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, **values) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Throughput:
+    """Clips per second between calls to ``rate`` (call it only after a host sync)."""
+
+    def __init__(self):
+        self._t0 = time.perf_counter()
+        self._clips = 0
+
+    def add(self, clips: int) -> None:
+        self._clips += clips
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self._clips / max(now - self._t0, 1e-9)
+        self._t0, self._clips = now, 0
+        return rate
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> torch.Tensor:
+    """Number of rows whose label is among the top-k scores, for each k (k capped at the
+    number of classes), as a float device tensor (no host sync)."""
+    ks = list(ks)
+    kmax = min(max(ks), scores.shape[-1])
+    top = scores.topk(kmax, dim=-1).indices  # (B, kmax)
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).float()
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> list[float]:
+    """Top-k accuracies as fractions (reads the device: call outside the hot loop)."""
+    correct = topk_correct(scores, labels, ks)
+    return (correct / max(labels.numel(), 1)).tolist()

@@ -1,0 +1,341 @@
+"""The training loop: ``train(cfg, resume=None) -> summary``.
+
+One process per GPU under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK; DDP when
+WORLD_SIZE > 1, NCCL on CUDA, gloo on CPU); rank 0 writes every file. The hot loop never
+waits for the device: losses accumulate in a device tensor and are read (``.tolist()``,
+a host sync) only every ``train.log_interval`` steps and at the end of an epoch, which is
+also where a NaN/inf loss is caught. A NaN stops training with a one-line CCSError and the
+last good checkpoint untouched (checkpoints are only written after a finite epoch).
+
+Files in ``train.out_dir``: ``config.yaml``, ``metrics.jsonl``, ``tb/`` (TensorBoard),
+``last.pt`` (every ``save_interval`` epochs and at the end) and ``best.pt`` (best RGB+Flow
+top-1 so far).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ccs_fast.amp import amp_step, autocast_context, check_precision, make_scaler
+from ccs_fast.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, unwrap_model
+from ccs_fast.config import Config, save_config
+from ccs_fast.errors import CCSError
+from ccs_fast.evaluate import evaluate, select_device
+from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics
+
+LOSS_NAMES = ("loss", "ce", "triplet", "center")
+
+
+# ---------------------------------------------------------------------------- processes
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env_from_environ() -> DistEnv:
+    """The torchrun environment; a single process when the variables are absent."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- builders
+
+def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    from ccs_fast.model import build_model as build_ccs_model
+    model = build_ccs_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_objective(cfg: Config) -> torch.nn.Module:
+    from ccs_fast.losses import CCSObjective
+    loss = cfg.loss
+    return CCSObjective(
+        loss.lambda1, loss.lambda2, loss.alpha1, loss.alpha2, loss.alpha3,
+        ranking=cfg.model.variant in ("cs", "all"), impl=cfg.model.impl,
+    )
+
+
+def build_loaders(cfg: Config, device: torch.device, env: DistEnv):
+    """(train loader with K = model.num_segments, eval loader with K = data.test_segments
+    or None when there is nothing to evaluate on)."""
+    from ccs_fast.dataloader import build_loader
+    data = cfg.data
+    if not data.train_list and data.backend != "synthetic":
+        raise CCSError("config: data.train_list is empty; set it to an annotation list (or use data.backend=synthetic)")
+    common = dict(
+        backend=data.backend, batch_size=data.batch_size, flow_length=cfg.model.flow_length,
+        input_size=data.input_size, device=str(device), seed=cfg.train.seed, rank=env.rank,
+        world_size=env.world_size, modality=data.modality, num_workers=data.num_workers,
+        num_classes=cfg.model.num_classes, skip_bad=data.skip_bad, flow_root=data.flow_root,
+    )
+    train_loader = build_loader(
+        data.train_list or None, data.root, train=True, num_segments=cfg.model.num_segments,
+        classes_per_batch=data.classes_per_batch, **common,
+    )
+    eval_loader = None
+    if data.val_list or data.backend == "synthetic":
+        eval_loader = build_loader(data.val_list or None, data.root, train=False, num_segments=data.test_segments, **common)
+    return train_loader, eval_loader
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: BN/LayerNorm parameters and biases (every
+    parameter with fewer than 2 dimensions) get none, as in TSN and torchvision's recipes."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    optim = cfg.optim
+    groups = param_groups(model, optim.weight_decay)
+    if optim.use_apex:
+        try:
+            from apex.optimizers import FusedSGD
+        except ImportError:
+            raise CCSError("optim.use_apex=true but NVIDIA apex is not installed; install apex or set optim.use_apex=false") from None
+        return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum)
+    fused = bool(optim.fused and device.type == "cuda")
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=fused or None)
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, lr_steps, gamma: float, warmup_iters: int) -> float:
+    """LR multiplier at ``iteration`` (0-based): ×gamma at each epoch in ``lr_steps``, times
+    a linear warm-up from 1/warmup_iters to 1 over the first ``warmup_iters`` iterations."""
+    decays = sum(iteration >= step * iters_per_epoch for step in lr_steps)
+    factor = gamma ** decays
+    if warmup_iters > 0 and iteration < warmup_iters:
+        factor *= (iteration + 1) / warmup_iters
+    return factor
+
+
+def build_scheduler(cfg: Config, optimizer, iters_per_epoch: int):
+    """Per-iteration LambdaLR; the lambda is rebuilt from the config, its position
+    (``last_epoch`` = iterations done) comes back from the checkpoint on resume."""
+    optim = cfg.optim
+    warmup_iters = int(round(optim.warmup_epochs * iters_per_epoch))
+    steps, gamma = list(optim.lr_steps), optim.lr_gamma
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, steps, gamma, warmup_iters)
+    )
+
+
+def wrap_model(model: torch.nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> torch.nn.Module:
+    """DDP (when distributed), then torch.compile (when asked); checkpoints unwrap both."""
+    wrapped = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # without the ranking losses the shared projection gets no gradient
+            find_unused_parameters=cfg.model.variant not in ("cs", "all"),
+        )
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _gather_rng_states(env: DistEnv) -> list:
+    if not env.distributed:
+        return [rng_state()]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _nan_error(where: str, values: dict, epoch: int, step: int, last_path: Path) -> CCSError:
+    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+    kept = f"last good checkpoint kept at {last_path}" if last_path.exists() else "no checkpoint written yet"
+    return CCSError(f"{last_path.parent}: non-finite loss ({bad}) at epoch {epoch + 1} step {step} ({where}); training stopped, {kept}")
+
+
+def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
+    """Mean of the accumulated losses over ``count`` steps (and every rank)."""
+    if env.distributed:
+        running = running.clone()
+        dist.all_reduce(running)
+        count *= env.world_size
+    values = (running / max(count, 1)).tolist()  # syncs with the device: logging intervals only
+    return dict(zip(LOSS_NAMES + ("grad_norm",), values))
+
+
+# ---------------------------------------------------------------------------- train
+
+def train(cfg: Config, resume: Optional[str] = None) -> dict:
+    """Train per ``cfg``; ``resume``: a checkpoint (or an out_dir holding last.pt) to go on from.
+
+    Returns a summary: ``epochs``, ``steps``, ``out_dir``, ``last_checkpoint``,
+    ``best_checkpoint``, ``best_metric`` (RGB+Flow top-1), ``train`` (last logged losses)
+    and ``eval`` (the final evaluation, empty without an eval split).
+    """
+    env = dist_env_from_environ()
+    device = select_device(cfg.train.device, env.local_rank)
+    own_group = env.distributed and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, resume, env, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.device) -> dict:
+    check_precision(cfg.train.precision, device)
+    out_dir = Path(cfg.train.out_dir)
+    last_path, best_path = out_dir / LAST, out_dir / BEST
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # Same seed everywhere for the initial weights (DDP would broadcast rank 0's anyway);
+    # then a per-rank seed so dropout and augmentation differ between ranks.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, device)
+    objective = build_objective(cfg).to(device)
+    seed_everything(cfg.train.seed + env.rank)
+
+    train_loader, eval_loader = build_loaders(cfg, device, env)
+    iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
+        raise CCSError(f"{cfg.data.train_list}: no full training batch (batch_size {cfg.data.batch_size} on {env.world_size} process(es))")
+    optimizer = build_optimizer(cfg, model, device)
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
+    scaler = make_scaler(cfg.train.precision, device)
+
+    start_epoch, step, best_metric = 0, 0, None
+    if resume:
+        resume_path = Path(resume)
+        if resume_path.is_dir():
+            resume_path = resume_path / LAST
+        state = load_checkpoint(resume_path, model, optimizer, scheduler, scaler, cfg=cfg,
+                                restore_rng=True, rank=env.rank)
+        start_epoch, step, best_metric = state["epoch"], state["step"], state.get("best_metric")
+
+    forward_model = wrap_model(model, cfg, env, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger = MetricsLogger(out_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
+        logger.log("info", step, {}, event="start", world_size=env.world_size, device=str(device),
+                   iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
+                   weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain)
+
+    def save(path: Path, epoch_done: int) -> None:
+        rngs = _gather_rng_states(env)  # collective: every rank calls save()
+        if env.is_main:
+            save_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch_done, step=step, config=cfg.to_dict(),
+                            best_metric=best_metric, rng_states=rngs)
+
+    clips_per_step = cfg.data.batch_size * env.world_size
+    eval_model = unwrap_model(forward_model) if not cfg.train.compile else forward_model
+    last_train: dict = {}
+    last_eval: dict = {}
+    epochs = cfg.optim.epochs
+    try:
+        for epoch in range(start_epoch, epochs):
+            train_loader.set_epoch(epoch)
+            forward_model.train()
+            running = torch.zeros(len(LOSS_NAMES) + 1, device=device)
+            since_log = 0
+            epoch_sum = torch.zeros(len(LOSS_NAMES) + 1, device=device)
+            epoch_steps = 0
+            throughput = Throughput()
+            bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
+            for batch in train_loader:
+                with autocast_context(cfg.train.precision, device):
+                    out = forward_model(batch["rgb"], batch["flow"])
+                    losses = objective(out["z_f"], out["z_o"], out["logits_f"], out["logits_o"], batch["label"])
+                grad_norm = amp_step(losses["loss"], optimizer, scaler, cfg.optim.clip_grad, params)
+                scheduler.step()
+                step += 1
+                stats = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
+                running += stats
+                epoch_sum += stats
+                since_log += 1
+                epoch_steps += 1
+                throughput.add(clips_per_step)
+                bar.update()
+                if step % cfg.train.log_interval == 0:
+                    values = _read_running(running, since_log, env)  # host sync
+                    running.zero_()
+                    since_log = 0
+                    if not math.isfinite(values["loss"]):
+                        raise _nan_error("log interval", values, epoch, step, last_path)
+                    values.update(lr=scheduler.get_last_lr()[0], clips_per_s=throughput.rate())
+                    logger.log("train", step, values, epoch=epoch + 1)
+                    bar.show(loss=values["loss"], clips_s=values["clips_per_s"])
+                    last_train = values
+            bar.close()
+            epoch_values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
+            if not math.isfinite(epoch_values["loss"]):
+                raise _nan_error("epoch end", epoch_values, epoch, step, last_path)
+            logger.log("train_epoch", step, epoch_values, epoch=epoch + 1)
+            if not last_train:
+                last_train = epoch_values
+
+            epoch_done = epoch + 1
+            final = epoch_done == epochs
+            if eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0):
+                last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights)
+                logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done)
+                if best_metric is None or last_eval["fused"]["top1"] > best_metric:
+                    best_metric = last_eval["fused"]["top1"]
+                    save(best_path, epoch_done)
+            if final or epoch_done % cfg.train.save_interval == 0:
+                save(last_path, epoch_done)
+            logger.flush()
+    finally:
+        logger.close()
+
+    return {
+        "epochs": epochs,
+        "steps": step,
+        "out_dir": str(out_dir),
+        "last_checkpoint": str(last_path),
+        "best_checkpoint": str(best_path) if best_path.exists() else None,
+        "best_metric": best_metric,
+        "train": last_train,
+        "eval": last_eval,
+    }

@@ -1,0 +1,172 @@
+"""The training loop on CPU with a tiny model and synthetic clips: outputs, exact resume,
+NaN stop, optimizer and LR schedule."""
+import functools
+import shutil
+
+import pytest
+import torch
+
+import ccs_fast.dataloader as dataloader
+from ccs_fast import trainer
+from ccs_fast.checkpoint import read_checkpoint
+from ccs_fast.config import Config
+from ccs_fast.errors import CCSError
+from ccs_fast.metrics import read_metrics
+
+pytest.importorskip("timm")
+
+
+BATCHES = 2  # synthetic batches per epoch (train and eval)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Shared runs (the slow part): 2 epochs straight, and 1 epoch then a resumed 2nd."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=BATCHES))
+        straight = trainer.train(tiny_config(root / "straight", epochs=2))
+        trainer.train(tiny_config(root / "split", epochs=1))
+        shutil.copy(root / "split" / "last.pt", root / "epoch1.pt")
+        resumed = trainer.train(tiny_config(root / "split", epochs=2), resume=str(root / "split"))
+    return {"root": root, "straight": straight, "resumed": resumed}
+
+
+@pytest.fixture
+def small_loader(monkeypatch):
+    monkeypatch.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=BATCHES))
+
+
+def tiny_config(out_dir, epochs=2, **train) -> Config:
+    cfg = Config()
+    cfg.model.backbone = "timm:test_resnet"  # ~0.4 M parameters per stream
+    cfg.model.num_classes = 4
+    cfg.model.num_segments = 2
+    cfg.model.flow_length = 1
+    cfg.model.embed_dim = 16
+    cfg.model.impl = "eager"
+    cfg.data.backend = "synthetic"
+    cfg.data.batch_size = 4
+    cfg.data.input_size = 32
+    cfg.data.test_segments = 2
+    cfg.data.num_workers = 0
+    cfg.optim.lr = 0.01
+    cfg.optim.epochs = epochs
+    cfg.optim.lr_steps = [1]
+    cfg.optim.warmup_epochs = 0.5
+    cfg.train.out_dir = str(out_dir)
+    cfg.train.precision = "fp32"
+    cfg.train.device = "cpu"
+    cfg.train.log_interval = 2
+    cfg.train.eval_interval = 1
+    cfg.train.progress = False
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg.validate()
+
+
+def test_train_writes_outputs_and_summary(runs):
+    out, summary = runs["root"] / "straight", runs["straight"]
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * BATCHES
+    assert set(summary["eval"]) >= {"rgb", "flow", "fused", "num_videos"}
+    assert 0.0 <= summary["eval"]["fused"]["top1"] <= summary["eval"]["fused"]["top5"] <= 1.0
+    assert summary["best_metric"] is not None
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    records = read_metrics(out / "metrics.jsonl")
+    splits = [r["split"] for r in records]
+    assert splits.count("train") == 2 and splits.count("val") == 2 and splits.count("train_epoch") == 2
+    train_record = next(r for r in records if r["split"] == "train")
+    assert {"loss", "ce", "triplet", "center", "grad_norm", "lr", "clips_per_s", "epoch"} <= set(train_record)
+    assert "fused_top1" in next(r for r in records if r["split"] == "val")
+    state = read_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["step"]) == (2, 2 * BATCHES)
+    assert state["config"]["model"]["backbone"] == "timm:test_resnet"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+
+
+def test_resume_equals_straight_run(runs):
+    root = runs["root"]
+    assert read_checkpoint(root / "epoch1.pt")["epoch"] == 1
+    assert runs["resumed"]["steps"] == 2 * BATCHES
+    straight = read_checkpoint(root / "straight" / "last.pt")
+    resumed = read_checkpoint(root / "split" / "last.pt")
+    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"])
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key, value in straight["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
+    assert straight["scheduler"] == resumed["scheduler"]
+    assert runs["resumed"]["eval"] == runs["straight"]["eval"]
+
+
+class _NaNLoss(torch.nn.Module):
+    """The real objective whose reported loss turns NaN (weights stay finite: the NaN is a
+    constant added to the loss, so the gradient is the real one)."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, *args):
+        losses = self.objective(*args)
+        losses["loss"] = losses["loss"] + float("nan")
+        return losses
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(runs, small_loader, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    good = (out / "last.pt").read_bytes()
+    real_objective = trainer.build_objective
+    monkeypatch.setattr(trainer, "build_objective", lambda cfg: _NaNLoss(real_objective(cfg)))
+    with pytest.raises(CCSError) as info:
+        trainer.train(tiny_config(out, epochs=2), resume=str(out / "last.pt"))
+    message = str(info.value)
+    assert "\n" not in message and "non-finite loss" in message and str(out / "last.pt") in message
+    assert (out / "last.pt").read_bytes() == good
+    assert not (out / "best.pt").exists()
+
+
+def test_resume_from_another_config_is_refused(runs, small_loader):
+    cfg = tiny_config(runs["root"] / "other", epochs=2)
+    cfg.model.embed_dim = 8
+    with pytest.raises(CCSError, match="embed_dim"):
+        trainer.train(cfg, resume=str(runs["root"] / "epoch1.pt"))
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))
+    decay, plain = trainer.param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and len(decay["params"]) == 2
+    assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 4
+
+
+def test_apex_asked_for_but_missing(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_apex(name, *args, **kwargs):
+        if name.startswith("apex"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_apex)
+    cfg = Config()
+    cfg.optim.use_apex = True
+    with pytest.raises(CCSError, match="apex"):
+        trainer.build_optimizer(cfg, torch.nn.Linear(2, 2), torch.device("cpu"))
+
+
+def test_lr_schedule_warmup_and_steps():
+    factor = functools.partial(trainer.lr_factor, iters_per_epoch=10, lr_steps=[2, 4], gamma=0.1, warmup_iters=5)
+    assert factor(0) == pytest.approx(0.2)
+    assert factor(4) == pytest.approx(1.0)
+    assert factor(19) == pytest.approx(1.0)
+    assert factor(20) == pytest.approx(0.1)
+    assert factor(40) == pytest.approx(0.01)
