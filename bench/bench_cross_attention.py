@@ -46,13 +46,13 @@ def triton_executed_flops(mode, B, N_f, N_o, d, e, block_e=128):
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-def tuned_block_e(device):
+def tuned_block_e(device, e):
     """BLOCK_E of the last forward launch (autotuned on CUDA, fixed in the interpreter)."""
     from ccs_fast.kernels import cross_attention as xa
 
     tuner = xa._tuned.get("fwd") if device == "cuda" else None
     config = getattr(tuner, "best_config", None)
-    return config.kwargs["BLOCK_E"] if config is not None else xa._CPU_BLOCKS["BLOCK_E"]
+    return config.kwargs["BLOCK_E"] if config is not None else xa._cpu_blocks(e, e)["BLOCK_E"]
 
 
 def make_op(provider, scale):
@@ -104,7 +104,7 @@ def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, 
     else:
         p50, p20, p80 = common.timeit(fn, device, warmup=3, rep=rep)
     flops = useful_flops(mode, B, N_f, N_o, d, e)
-    executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device)) if provider == "triton" else flops
+    executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device, e)) if provider == "triton" else flops
     tflops = flops / (p50 * 1e-3) / 1e12
     row = dict(
         op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
