@@ -1,0 +1,247 @@
+"""The two-stream CCS network (SPEC §2, paper Fig. 2 and Table 3).
+
+``build_model(cfg: ModelConfig) -> CCSModel``;
+``CCSModel.forward(rgb, flow) -> {"logits_f", "logits_o", "z_f", "z_o"}`` with rgb
+(B, K, 3, H, W) and flow (B, K, 2L, H, W); suffix ``_f`` is the appearance (RGB) stream,
+``_o`` the motion (optical-flow) stream, as in the paper.
+
+Per stream the backbone stages run on the B·K segments; after each stage in ``cb_stages``
+(variants ``cb`` and ``all``) both streams' maps (B·K, C, h, w) become (B, K·h·w, C) — a free
+permute and view for channels_last tensors — and pass through one ``CrossStreamAttention``.
+Then per stream: global average pooling over h·w, segment consensus over K (paper Fig. 5a),
+and the head:
+
+- ``baseline`` / ``cb``: dropout, then one linear classifier per stream; z = the video feature.
+- ``cs`` / ``all``: the shared block — projection P = Linear + BatchNorm1d and one classifier
+  (after dropout), both shared by the streams and applied to the two streams stacked along the
+  batch, so BatchNorm sees (and its running statistics mix) both modalities; z = P(feature).
+
+Consensus with a test clip of K segments when training used K_train = ``num_segments``:
+``avg`` and ``max`` reduce any K. ``concat`` and ``mul`` depend on the number of segments, so
+the K segments are first averaged within K_train equal temporal sections (segment i goes to
+section ⌊i·K_train/K⌋; with K = K_train nothing changes), which keeps the training layout
+(slot k = the k-th part of the video) and scale; K < K_train is an error.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
+from ccs_fast.config import VARIANTS, ModelConfig
+from ccs_fast.connection import CrossStreamAttention
+from ccs_fast.errors import CCSError
+
+CONSENSUS = ("avg", "max", "mul", "concat")
+
+
+class SegmentConsensus(nn.Module):
+    """(B, K, C) segment features -> (B, C) video feature (``concat``: (B, K_train·C))."""
+
+    def __init__(self, mode: str, num_segments: int):
+        super().__init__()
+        if mode not in CONSENSUS:
+            raise CCSError(f"model.consensus must be one of {', '.join(CONSENSUS)}, got {mode!r}")
+        self.mode, self.num_segments = mode, num_segments
+
+    def out_features(self, channels: int) -> int:
+        return channels * self.num_segments if self.mode == "concat" else channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "avg":
+            return x.mean(dim=1)
+        if self.mode == "max":
+            return x.amax(dim=1)
+        x = self._to_training_segments(x)
+        if self.mode == "mul":
+            return x.prod(dim=1)
+        return x.flatten(1)
+
+    def _to_training_segments(self, x: torch.Tensor) -> torch.Tensor:
+        B, K, C = x.shape
+        if K == self.num_segments:
+            return x
+        if K < self.num_segments:
+            raise CCSError(
+                f"consensus {self.mode!r} needs at least model.num_segments={self.num_segments} segments per clip, got {K}"
+            )
+        # Average segment i into section floor(i * K_train / K): a (K_train, K) averaging matrix.
+        section = torch.arange(K, device=x.device) * self.num_segments // K
+        weights = nn.functional.one_hot(section, self.num_segments).to(x.dtype).t()
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        return torch.einsum("sk,bkc->bsc", weights, x)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, num_segments={self.num_segments}"
+
+
+class CCSModel(nn.Module):
+    """Two backbones, connection blocks after ``cb_stages``, consensus and the heads."""
+
+    def __init__(self, cfg: ModelConfig, rgb_backbone: StagedBackbone, flow_backbone: StagedBackbone):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise CCSError(f"model.variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
+        self.variant = cfg.variant
+        self.num_classes = cfg.num_classes
+        self.flow_channels = 2 * cfg.flow_length
+        self.partial_bn = cfg.partial_bn
+        self.fusion_weights = tuple(float(w) for w in cfg.fusion_weights)
+        self.impl = cfg.impl
+        if rgb_backbone.in_chans != 3 or flow_backbone.in_chans != self.flow_channels:
+            raise ValueError(
+                f"backbones take {rgb_backbone.in_chans} and {flow_backbone.in_chans} channels; "
+                f"expected 3 (RGB) and {self.flow_channels} (flow, 2 * flow_length)"
+            )
+        self.backbone_f = rgb_backbone
+        self.backbone_o = flow_backbone
+        self.num_stages = rgb_backbone.num_stages
+        self.cb_stages = tuple(_resolve_stages(cfg, rgb_backbone)) if self.uses_connection else ()
+        self.connections = nn.ModuleDict(
+            {
+                str(stage): CrossStreamAttention(
+                    rgb_backbone.channels[stage - 1],
+                    reduction=cfg.cb_reduction,
+                    heads=cfg.cb_heads,
+                    scale=cfg.cb_scale,
+                    impl=cfg.impl,
+                )
+                for stage in self.cb_stages
+            }
+        )
+
+        self.consensus = SegmentConsensus(cfg.consensus, cfg.num_segments)
+        self.feature_dim = self.consensus.out_features(rgb_backbone.channels[-1])
+        self.dropout = nn.Dropout(cfg.dropout)
+        if self.uses_shared_block:
+            self.embed_dim = cfg.embed_dim
+            self.projection = nn.Sequential(nn.Linear(self.feature_dim, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim))
+            self.classifier = nn.Linear(cfg.embed_dim, cfg.num_classes)
+            classifiers = [self.classifier]
+        else:
+            self.embed_dim = self.feature_dim
+            self.classifier_f = nn.Linear(self.feature_dim, cfg.num_classes)
+            self.classifier_o = nn.Linear(self.feature_dim, cfg.num_classes)
+            classifiers = [self.classifier_f, self.classifier_o]
+        for fc in classifiers:  # TSN: new classifiers start small around zero
+            nn.init.normal_(fc.weight, std=0.001)
+            nn.init.zeros_(fc.bias)
+
+    @property
+    def uses_connection(self) -> bool:
+        return self.variant in ("cb", "all")
+
+    @property
+    def uses_shared_block(self) -> bool:
+        """True for ``cs`` and ``all``: the ranking losses L1 and L2 apply to z_f, z_o."""
+        return self.variant in ("cs", "all")
+
+    def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rgb.dim() != 5 or flow.dim() != 5 or rgb.shape[:2] != flow.shape[:2]:
+            raise ValueError(
+                f"expected rgb (B, K, 3, H, W) and flow (B, K, {self.flow_channels}, H, W), "
+                f"got {tuple(rgb.shape)} and {tuple(flow.shape)}"
+            )
+        B, K = rgb.shape[:2]
+        x_f, x_o = rgb.flatten(0, 1), flow.flatten(0, 1)
+        for index in range(self.num_stages):
+            x_f = self.backbone_f.stages[index](x_f)
+            x_o = self.backbone_o.stages[index](x_o)
+            if str(index + 1) in self.connections:
+                x_f, x_o = _connect(self.connections[str(index + 1)], x_f, x_o, B)
+        v_f = self.consensus(x_f.mean(dim=(2, 3)).view(B, K, -1))
+        v_o = self.consensus(x_o.mean(dim=(2, 3)).view(B, K, -1))
+        return self._head(v_f, v_o)
+
+    def _head(self, v_f: torch.Tensor, v_o: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.uses_shared_block:
+            logits_f = self.classifier_f(self.dropout(v_f))
+            logits_o = self.classifier_o(self.dropout(v_o))
+            return {"logits_f": logits_f, "logits_o": logits_o, "z_f": v_f, "z_o": v_o}
+        B = v_f.shape[0]
+        z = self.projection(torch.cat([v_f, v_o]))
+        logits = self.classifier(self.dropout(z))
+        return {"logits_f": logits[:B], "logits_o": logits[B:], "z_f": z[:B], "z_o": z[B:]}
+
+    @torch.no_grad()
+    def predict_scores(self, out: dict[str, torch.Tensor], weights: Optional[Sequence[float]] = None):
+        """Class probabilities per stream and their late fusion w_f·p_f + w_o·p_o (fp32)."""
+        w_f, w_o = self.fusion_weights if weights is None else weights
+        p_f = out["logits_f"].float().softmax(dim=-1)
+        p_o = out["logits_o"].float().softmax(dim=-1)
+        return {"rgb": p_f, "flow": p_o, "fused": w_f * p_f + w_o * p_o}
+
+    def set_impl(self, impl: str) -> None:
+        """Switch every connection block's attention kernel: "auto", "triton" or "eager"."""
+        self.impl = impl
+        for block in self.connections.values():
+            block.impl = impl
+
+    def train(self, mode: bool = True) -> "CCSModel":
+        super().train(mode)
+        if mode and self.partial_bn:
+            # TSN partial BN: every backbone BN but the first keeps its running statistics
+            # (eval mode); γ and β still train.
+            for backbone in (self.backbone_f, self.backbone_o):
+                for bn in [m for m in backbone.modules() if isinstance(m, _BatchNorm)][1:]:
+                    bn.eval()
+        return self
+
+
+def _connect(block: CrossStreamAttention, x_f: torch.Tensor, x_o: torch.Tensor, B: int):
+    """Run a connection block on (B·K, C, h, w) maps, attending over all K·h·w positions."""
+    y_f, y_o = block(maps_to_tokens(x_f, B), maps_to_tokens(x_o, B))
+    return tokens_to_maps(y_f, x_f.shape), tokens_to_maps(y_o, x_o.shape)
+
+
+def maps_to_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B·K, C, h, w) -> (B, K·h·w, C); a view (no copy) when ``x`` is channels_last."""
+    return x.permute(0, 2, 3, 1).reshape(batch, -1, x.shape[1])
+
+
+def tokens_to_maps(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B, K·h·w, C) -> (B·K, C, h, w) with channels_last strides."""
+    n, c, h, w = shape
+    return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _resolve_stages(cfg: ModelConfig, backbone: StagedBackbone) -> list[int]:
+    """Checked 1-based stage numbers from ``cfg.cb_stages`` (negative counts from the last)."""
+    n = backbone.num_stages
+    stages = []
+    for stage in cfg.cb_stages:
+        resolved = stage + n + 1 if stage < 0 else stage
+        if not 1 <= resolved <= n:
+            if not backbone.splittable:
+                raise CCSError(
+                    f"model.cb_stages: {backbone.name} exposes no stage structure ccs_fast can split; "
+                    f"a connection block can only follow its last stage (cb_stages=[-1]), got {list(cfg.cb_stages)}"
+                )
+            raise CCSError(f"model.cb_stages: {backbone.name} has stages 1..{n} (or -1 for the last), got {stage}")
+        if resolved not in stages:
+            stages.append(resolved)
+    if not stages:
+        raise CCSError(f"model.cb_stages: variant {cfg.variant!r} needs at least one stage for the connection block")
+    for stage in stages:
+        channels = backbone.channels[stage - 1]
+        if channels % cfg.cb_reduction or (channels // cfg.cb_reduction) % cfg.cb_heads:
+            raise CCSError(
+                f"model.cb_reduction/cb_heads: stage {stage} has {channels} channels, which do not split into "
+                f"C/{cfg.cb_reduction} embedding channels over {cfg.cb_heads} heads"
+            )
+    return sorted(stages)
+
+
+def build_model(cfg: ModelConfig) -> CCSModel:
+    """Both backbones (flow: 2L input channels, TSN cross-modality init) and the CCS heads."""
+    if cfg.variant not in VARIANTS:
+        raise CCSError(f"model.variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
+    if cfg.consensus not in CONSENSUS:
+        raise CCSError(f"model.consensus must be one of {', '.join(CONSENSUS)}, got {cfg.consensus!r}")
+    if len(cfg.fusion_weights) != 2:
+        raise CCSError(f"model.fusion_weights needs two weights (RGB, flow), got {list(cfg.fusion_weights)}")
+    rgb, flow = build_two_stream_backbones(cfg.backbone, 2 * cfg.flow_length, cfg.pretrained)
+    return CCSModel(cfg, rgb, flow)
