@@ -17,7 +17,13 @@ mirror), concatenates the flow planes in TSN order x1, y1, …, xL, yL and norma
 flow_x → 255 − flow_x on flip is folded into the normalisation: (x − 127)/(−128).
 
 Batch mode lets the last batch of an evaluation epoch be smaller (DALI silently drops a
-partial batch of a per-sample source) and lets skip_bad drop a clip from its batch.
+partial batch of a per-sample source) and lets skip_bad drop a clip from its batch (a batch
+left with no clip carries a placeholder the loader drops: DALI refuses empty batches).
+
+Bad input is a one-line CCSError: the source's own checks travel back in DALI's error text;
+a file that passes them but fails in DALI's decoder is found by re-checking that batch's
+files with cv2 in the main process. The failed pipeline and its workers are shut down; with
+skip_bad the video is excluded and a new pipeline resumes at the same batch.
 
 Outputs are (B·K, S, S, C) per stream; they are copied into torch tensors (DALI owns its
 buffers until the next run) and viewed as (B, K, C, S, S), channels_last after
@@ -104,15 +110,18 @@ class ClipSource:
     under fork or spawn; the per-video caches (frame size, video length) fill per worker.
     """
 
-    def __init__(self, records, rows, data_root, flow_root, sampler, options: _Options,
-                 epoch_base=0):
+    def __init__(self, records, rows, data_root, flow_root, sampler, options: _Options):
         self.records = records
         self.rows = rows
         self.data_root = Path(data_root)
         self.flow_root = Path(flow_root)
         self.sampler = sampler
         self.options = options
-        self.epoch_base = epoch_base
+        # A pipeline built for epoch e (restarted at batch i after a decoder failure) sees
+        # DALI's epoch_idx 0 and iteration 0 there.
+        self.epoch_base = 0
+        self.iteration_base = 0
+        self.excluded = set()  # videos whose frames DALI could not decode (skip_bad)
         self._batches_of_epoch = {}
         self._video_info = {}
 
@@ -167,23 +176,31 @@ class ClipSource:
     # -- the DALI callback -----------------------------------------------------------
     def __call__(self, batch_info):
         epoch = self.epoch_base + batch_info.epoch_idx
+        iteration = batch_info.iteration + (self.iteration_base if batch_info.epoch_idx == 0
+                                            else 0)
         batches = self.epoch_batches(epoch)
-        if batch_info.iteration >= len(batches):
+        if iteration >= len(batches):
             raise StopIteration
-        opts = self.options
         segments = []
-        for index in batches[batch_info.iteration]:
-            try:
-                segments.extend(self.read_clip(index, epoch))
-            except CCSError:
-                if not opts.skip_bad:
-                    raise
+        for index in batches[iteration]:
+            segments.extend(self.try_read_clip(index, epoch) or [])
         if not segments:  # DALI refuses empty batches: send one clip the loader drops
-            if opts.modality == "video":
-                raise CCSError(f"{self.data_root}: every video of batch {batch_info.iteration} "
+            if self.options.modality == "video":
+                raise CCSError(f"{self.data_root}: every video of batch {iteration} "
                                f"of epoch {epoch} is bad input")
             segments = self.placeholder_clip()
         return tuple(list(column) for column in zip(*segments))
+
+    def try_read_clip(self, index: int, epoch: int) -> list[tuple] | None:
+        """``read_clip``, or None for a clip that skip_bad drops."""
+        if index in self.excluded:
+            return None
+        try:
+            return self.read_clip(index, epoch)
+        except CCSError:
+            if not self.options.skip_bad:
+                raise
+            return None
 
     def placeholder_clip(self) -> list[tuple]:
         """K samples of a black 16×16 JPEG with index −1 (dropped by the loader)."""
@@ -389,7 +406,8 @@ class DALILoader:
         self._ensure_pipeline(epoch)
         finished = False
         try:
-            for iteration, wanted in enumerate(batches):
+            iteration = 0
+            while iteration < len(batches):
                 try:
                     outputs = self._pipe.run()
                 except StopIteration:
@@ -397,9 +415,17 @@ class DALILoader:
                                        f"{len(batches)} batches") from None
                 except Exception as exc:  # DALI reports worker and decoder errors this way
                     self.close()
-                    raise self._explain(exc, epoch, iteration) from None
+                    error, bad_video = self._explain(exc, epoch, iteration)
+                    if not (self.source.options.skip_bad and bad_video is not None):
+                        raise error from None
+                    # the decoder rejected a file the source's checks let through: drop the
+                    # video for good and restart the pipeline at this batch
+                    self.source.excluded.add(bad_video)
+                    self._ensure_pipeline(epoch, first_batch=iteration)
+                    continue
                 batch = self._to_torch(*outputs)
-                self.num_skipped += len(wanted) - len(batch["index"])
+                self.num_skipped += len(batches[iteration]) - len(batch["index"])
+                iteration += 1
                 if len(batch["index"]):
                     yield batch
             try:
@@ -423,11 +449,12 @@ class DALILoader:
             pipe._shutdown()  # noqa: SLF001 - DALI's own __del__; frees decoders now, not at GC
         del pipe
 
-    def _ensure_pipeline(self, epoch: int) -> None:
-        if self._pipe is not None and self._pipe_epoch == epoch:
+    def _ensure_pipeline(self, epoch: int, first_batch: int = 0) -> None:
+        if self._pipe is not None and self._pipe_epoch == epoch and not first_batch:
             return
         self.close()
-        self.source.epoch_base = epoch  # DALI's epoch_idx restarts at 0 in a new pipeline
+        # DALI's epoch_idx and iteration restart at 0 in a new pipeline
+        self.source.epoch_base, self.source.iteration_base = epoch, first_batch
         pipe = build_dali_pipeline(
             self.source, batch_size=self.batch_size,
             device_id=self.device.index if self.device.type == "cuda" else None,
@@ -463,46 +490,44 @@ class DALILoader:
         feed_ndarray(dense, out, cuda_stream=stream)
         return out if native == self.dtype else out.to(self.dtype)
 
-    def _explain(self, exc: Exception, epoch: int, iteration: int) -> Exception:
-        """The one-line CCSError behind a DALI failure, or the DALI error itself."""
+    def _explain(self, exc: Exception, epoch: int, iteration: int):
+        """(error to raise, video position to blame or None) for a DALI failure: the
+        one-line CCSError behind it, or the DALI error itself."""
         text = str(exc)
         found = _CCS_ERROR_IN_TRACEBACK.search(text)
         if found:
-            return CCSError(found.group(1).strip())
+            return CCSError(found.group(1).strip()), None
         found = _DECODE_FAILURE.search(text)
         if found:
             return self._undecodable(epoch, iteration, int(found.group(1)))
-        return exc
+        return exc, None
 
-    def _undecodable(self, epoch: int, iteration: int, sample: int) -> CCSError:
-        """Name the file behind DALI's "Failed to decode sample #i" of one batch."""
+    def _undecodable(self, epoch: int, iteration: int, sample: int):
+        """(CCSError naming the file, video position) of DALI's "Failed to decode sample #i"."""
         import cv2
 
-        opts = self.source.options
-        segments = []  # (video index, segment) of every DALI sample of the batch
-        for index in self.source.epoch_batches(epoch)[iteration]:
-            try:
-                plan, _ = self.source.plan(index, epoch)
-            except CCSError:
-                continue  # the source skipped it (skip_bad)
-            segments.extend((index, plan, k) for k in range(opts.num_segments))
+        source, opts = self.source, self.source.options
+        segments = []  # (video position, segment) of every DALI sample of the batch
+        for index in source.epoch_batches(epoch)[iteration]:
+            if source.try_read_clip(index, epoch) is not None:
+                segments.extend((index, k) for k in range(opts.num_segments))
         if not 0 <= sample < len(segments):
             return CCSError(f"DALI failed to decode sample {sample} of batch {iteration} "
-                            f"of epoch {epoch}")
-        index, plan, k = segments[sample]
+                            f"of epoch {epoch}"), None
+        index, k = segments[sample]
+        plan, info = source.plan(index, epoch)
         if opts.modality == "video":
-            return bad_file(self.source.data_root / self.source.records[index].path,
-                            f"DALI cannot decode frame {plan.frame_indices[k]} "
-                            "(its CPU decoder reads VP8, VP9 and MJPEG only)")
-        folder = self.source.frames_dir(index)
+            return bad_file(info["video"], f"DALI cannot decode frame {plan.frame_indices[k]} "
+                                           "(its CPU decoder reads VP8, VP9 and MJPEG only)"), index
+        folder = source.frames_dir(index)
         names = [f"img_{plan.frame_indices[k] + 1:05d}.jpg"]
         for t in plan.flow_indices[k]:
             names += [f"flow_x_{t + 1:05d}.jpg", f"flow_y_{t + 1:05d}.jpg"]
         for name in names:
             data = np.fromfile(folder / name, dtype=np.uint8)
             if cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None:
-                return bad_file(folder / name, "corrupt JPEG (cannot be decoded)")
-        return bad_file(folder, f"DALI could not decode segment {k}")
+                return bad_file(folder / name, "corrupt JPEG (cannot be decoded)"), index
+        return bad_file(folder, f"DALI could not decode segment {k}"), index
 
 
 def _resolve_device(device) -> torch.device:
