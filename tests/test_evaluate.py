@@ -1,0 +1,133 @@
+"""Evaluation: top-1/top-5 on hand-built logits, late fusion, checkpoint evaluation and
+per-video predictions."""
+import functools
+import json
+
+import pytest
+import torch
+
+import ccs_fast.dataloader as dataloader
+from ccs_fast.checkpoint import save_checkpoint
+from ccs_fast.config import Config
+from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores, predict
+
+
+class FixedLogits(torch.nn.Module):
+    """Returns the logits stored for each batch, looked up by the batch's first index."""
+
+    def __init__(self, logits_f, logits_o):
+        super().__init__()
+        self.logits_f, self.logits_o = logits_f, logits_o
+
+    def forward(self, rgb, flow):
+        rows = rgb[:, 0, 0, 0, 0].long()  # the test stores each row's index in the input
+        return {"logits_f": self.logits_f[rows], "logits_o": self.logits_o[rows],
+                "z_f": torch.zeros(len(rows), 2), "z_o": torch.zeros(len(rows), 2)}
+
+
+def _loader(labels, batch_size):
+    batches = []
+    for start in range(0, len(labels), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(labels)))
+        rgb = idx.float().view(-1, 1, 1, 1, 1).expand(-1, 2, 3, 4, 4).contiguous()
+        batches.append({"rgb": rgb, "flow": torch.zeros(len(idx), 2, 2, 4, 4),
+                        "label": labels[idx], "index": idx})
+    return batches
+
+
+def test_topk_by_hand():
+    # 7 videos, 6 classes, last batch partial. Ranks of the true label per stream:
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    rank_f = [0, 0, 1, 4, 5, 0, 2]  # top-1 hits: 3/7, top-5 hits: 6/7
+    rank_o = [1, 0, 0, 0, 3, 5, 5]  # top-1 hits: 3/7, top-5 hits: 5/7
+    order = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+
+    def logits_with_rank(ranks):
+        out = torch.empty(len(labels), 6)
+        for i, (y, r) in enumerate(zip(labels.tolist(), ranks)):
+            others = [c for c in range(6) if c != y]
+            classes = others[:r] + [y] + others[r:]
+            out[i, classes] = order
+        return out
+
+    model = FixedLogits(logits_with_rank(rank_f), logits_with_rank(rank_o))
+    result = evaluate(model, _loader(labels, 3), "cpu", "fp32", (1.0, 0.0))
+    assert result["num_videos"] == 7
+    assert result["rgb"] == pytest.approx({"top1": 3 / 7, "top5": 6 / 7})
+    assert result["flow"] == pytest.approx({"top1": 3 / 7, "top5": 5 / 7})
+    assert result["fused"] == result["rgb"]  # weights 1:0 is the RGB stream alone
+
+
+def test_top5_is_top_c_with_few_classes():
+    labels = torch.tensor([0, 1, 2, 1])
+    logits = torch.randn(4, 3)
+    result = evaluate(FixedLogits(logits, logits), _loader(labels, 2), "cpu", "fp32")
+    assert result["rgb"]["top5"] == 1.0 and result["fused"]["top5"] == 1.0
+
+
+def test_fused_is_weighted_softmax_sum():
+    torch.manual_seed(0)
+    logits_f, logits_o = torch.randn(5, 4), torch.randn(5, 4) * 3
+    scores = fuse_scores(logits_f, logits_o, (0.3, 1.7))
+    expected = 0.3 * torch.softmax(logits_f, -1) + 1.7 * torch.softmax(logits_o, -1)
+    torch.testing.assert_close(scores["fused"], expected)
+    torch.testing.assert_close(scores["rgb"], torch.softmax(logits_f, -1))
+    # A case where the fusion picks a class neither stream ranks first.
+    lf = torch.tensor([[2.0, 0.0, 1.9]]).log()
+    lo = torch.tensor([[0.0, 2.0, 1.9]]).log()
+    assert fuse_scores(lf, lo)["fused"].argmax().item() == 2
+    labels = torch.tensor([2])
+    result = evaluate(FixedLogits(lf, lo), _loader(labels, 1), "cpu", "fp32", (1.0, 1.0))
+    assert (result["rgb"]["top1"], result["flow"]["top1"], result["fused"]["top1"]) == (0.0, 0.0, 1.0)
+
+
+def test_evaluate_restores_training_mode():
+    model = FixedLogits(torch.randn(2, 3), torch.randn(2, 3)).train()
+    evaluate(model, _loader(torch.tensor([0, 1]), 2), "cpu", "fp32")
+    assert model.training
+
+
+def test_format_table():
+    result = {s: {"top1": 0.5, "top5": 0.875} for s in ("rgb", "flow", "fused")}
+    lines = format_table(result).splitlines()
+    assert lines[0] == "| | RGB | Flow | RGB+Flow |"
+    assert lines[2] == "| top-1 | 50.00 | 50.00 | 50.00 |" and lines[3].startswith("| top-5 | 87.50")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    from ccs_fast.model import build_model
+
+    monkeypatch.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=2))
+    cfg = Config()
+    cfg.model.backbone = "timm:test_resnet"
+    cfg.model.num_classes = 5
+    cfg.model.flow_length = 1
+    cfg.model.embed_dim = 8
+    cfg.model.impl = "eager"
+    cfg.data.backend = "synthetic"
+    cfg.data.batch_size = 3
+    cfg.data.input_size = 32
+    cfg.data.test_segments = 2
+    cfg.train.device = "cpu"
+    cfg.train.precision = "fp32"
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "last.pt", build_model(cfg.model), config=cfg.to_dict())
+    return cfg, path
+
+
+def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
+    cfg, path = tiny_checkpoint
+    result = evaluate_checkpoint(None, path, out_json=tmp_path / "eval.json", out_md=tmp_path / "eval.md")
+    assert result["num_videos"] == 6 and result["segments"] == 2
+    assert json.loads((tmp_path / "eval.json").read_text())["fused"] == result["fused"]
+    assert "| top-1 |" in (tmp_path / "eval.md").read_text()
+    assert "RGB+Flow" in capsys.readouterr().out
+
+    summary = predict(cfg, path, None, tmp_path / "pred.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert summary["num_videos"] == len(rows) == 6
+    assert set(rows[0]) == {"index", "label", "rgb", "flow", "fused", "score"}
+    assert all(0 <= r["fused"] < 5 and 0.0 < r["score"] <= 2.0 for r in rows)
+    assert summary["fused_top1"] == pytest.approx(sum(r["fused"] == r["label"] for r in rows) / 6)

@@ -1,0 +1,53 @@
+"""Metrics: JSON lines, TensorBoard events, rank-0-only writing, top-k counts."""
+import json
+
+import pytest
+import torch
+
+from ccs_fast.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, Progress, Throughput,
+                              flatten_metrics, read_metrics, topk_accuracy, topk_correct)
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    with MetricsLogger(tmp_path, enabled=True, tensorboard=True) as logger:
+        logger.log("train", 10, {"loss": 1.5, "lr": 0.01}, epoch=1)
+        logger.log("val", 10, flatten_metrics({"fused": {"top1": 0.5}, "num_videos": 4}), epoch=1)
+        logger.log("train", 20, {"loss": float("nan")}, epoch=2)
+    records = read_metrics(tmp_path / METRICS_FILE)
+    assert [r["split"] for r in records] == ["train", "val", "train"]
+    assert records[0]["loss"] == 1.5 and records[0]["epoch"] == 1 and records[0]["step"] == 10
+    assert records[1]["fused_top1"] == 0.5 and records[1]["num_videos"] == 4
+    assert records[2]["loss"] == "nan"  # valid JSON, still readable
+    for line in (tmp_path / METRICS_FILE).read_text().splitlines():
+        json.loads(line)
+    events = list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "rank1", enabled=False)
+    logger.log("train", 1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_topk_correct_and_accuracy():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    assert topk_correct(scores, labels, (1, 2, 5)).tolist() == [1.0, 2.0, 3.0]
+    assert topk_accuracy(scores, labels, (1,)) == pytest.approx([1 / 3])
+
+
+def test_flatten_metrics():
+    assert flatten_metrics({"rgb": {"top1": 1, "top5": 2}, "n": 3}) == {"rgb_top1": 1, "rgb_top5": 2, "n": 3}
+
+
+def test_progress_and_throughput():
+    bar = Progress(3, "epoch", enabled=False)
+    bar.update()
+    bar.show(loss=1.0)
+    bar.close()
+    meter = Throughput()
+    meter.add(64)
+    assert meter.rate() > 0
