@@ -82,7 +82,7 @@ def make_case(provider, mode, B, N_f, N_o, d, e, dtype, device):
             with torch.no_grad():
                 return op(*inputs)
         return run
-    grads = [torch.randn(B, N_f, e, generator=g).to(device, dtype), torch.randn(B, N_o, e, generator=g).to(device, dtype)]
+    grads = [torch.randn(B, n, e, generator=g).to(device, dtype) for n in (N_f, N_o)]
     if mode == "full":
         def run():
             outs = op(*inputs)
@@ -104,7 +104,9 @@ def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, 
     else:
         p50, p20, p80 = common.timeit(fn, device, warmup=3, rep=rep)
     flops = useful_flops(mode, B, N_f, N_o, d, e)
-    executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device, e)) if provider == "triton" else flops
+    executed = flops
+    if provider == "triton":
+        executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device, e))
     tflops = flops / (p50 * 1e-3) / 1e12
     row = dict(
         op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
@@ -157,7 +159,8 @@ def main(argv=None):
                 for mode in modes:
                     for provider in providers:
                         try:
-                            rows.append(bench_one(provider, mode, B, n, n, f, f, dtype_name, device, peak, env, args.rep))
+                            rows.append(bench_one(provider, mode, B, n, n, f, f, dtype_name, device,
+                                                  peak, env, args.rep))
                         except torch.OutOfMemoryError:
                             print(f"skip {provider} {mode} {dtype_name} N={n} d=e={f}: out of memory", file=sys.stderr)
                             torch.cuda.empty_cache()

@@ -75,4 +75,5 @@ class CrossStreamAttention(nn.Module):
         return x_f, x_o
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, embed={self.embed}, heads={self.heads}, scale={self.scale}, impl={self.impl!r}"
+        return (f"channels={self.channels}, embed={self.embed}, heads={self.heads}, "
+                f"scale={self.scale}, impl={self.impl!r}")

@@ -45,8 +45,11 @@ Known limits
 - GPU timings and the autotune configs are still to be measured: this file was written and
   tested without a GPU (Triton interpreter on CPU), so no H100/H200 figures are claimed here.
 - Feature dims wider than BLOCK_E recompute S once per value slice in the forward.
-- Atomic accumulation makes the backward non-deterministic in the last bits on GPU; dk and
-  dv_o could live in registers when d, e ≤ 128 (not done yet).
+- The backward issues (BLOCK_M + BLOCK_N)·(d + e) fp32 atomics per S tile, about one per
+  ~200 FLOPs at 64 × 64 tiles: on H100-class GPUs that may bound it by L2 atomic throughput
+  rather than tensor cores (to be measured). Keeping dk and dv_o in registers when d, e fit
+  in one slice would halve it (not done yet). Atomics also make the backward
+  non-deterministic in the last bits on GPU.
 - fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 - Inputs must be fp32, fp16 or bf16 for the Triton path (fp64 runs on the eager reference).
 - Under TRITON_INTERPRET, bf16 dot operands are widened to fp32 (the 3.9 interpreter's bf16
