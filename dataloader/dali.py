@@ -11,9 +11,10 @@ from the same samplers as the torch backend, plans every clip with ``plan_clip(s
 index)``, reads the encoded bytes of the chosen files, checks them (missing file, JPEG
 without SOI/SOF/EOI, frame size that differs within a video, video shorter than the flow
 stack) and passes the crop box, flip and flow normalisation as per-sample arguments. The
-graph then decodes (``device="mixed"`` on a GPU, CPU otherwise), crops + resizes + flips in
-one ``fn.resize`` with a region of interest (a ROI whose x start is past its end is a
-mirror), concatenates the flow planes in TSN order x1, y1, …, xL, yL and normalises.
+graph then decodes (``device="mixed"`` on a GPU, CPU otherwise), cuts the crop with
+``fn.slice`` (so the resize clamps at the crop's edges as cv2 does on the cropped patch),
+resizes and flips in one ``fn.resize`` whose region of interest runs from x = w to 0 when
+flipped, concatenates the flow planes in TSN order x1, y1, …, xL, yL and normalises.
 flow_x → 255 − flow_x on flip is folded into the normalisation: (x − 127)/(−128).
 
 Batch mode lets the last batch of an evaluation epoch be smaller (DALI silently drops a
@@ -359,7 +360,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
         for encoded in flows:
             planes.append(crop_resize(fn.decoders.image(encoded, device=decoder,
                                                         output_type=types.GRAY)))
-        flow = fn.cat(*planes, axis=2) if len(planes) > 1 else planes[0]
+        flow = fn.cat(*planes, axis=2)
         flow = fn.crop_mirror_normalize(flow, dtype=out_type, output_layout="HWC",
                                         mean=flow_mean, std=flow_std)
         return rgb, flow, label, index
