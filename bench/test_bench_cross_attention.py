@@ -1,17 +1,12 @@
 """pytest-benchmark view of bench_cross_attention: the CPU smoke shape (or one CUDA shape).
 
-Without CUDA the Triton kernels run in the interpreter, so TRITON_INTERPRET is set before
-anything imports ccs_fast.kernels.
+Without CUDA the Triton kernels run in the interpreter (the repository's conftest.py sets
+TRITON_INTERPRET=1).
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.bench_cross_attention import make_case  # noqa: E402
+from bench.bench_cross_attention import make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = dict(B=2, N_f=20, N_o=20, d=16, e=16) if DEVICE == "cpu" else dict(B=32, N_f=588, N_o=588, d=512, e=512)
