@@ -90,3 +90,12 @@ def test_split_files_are_checked(tmp_path):
                                             ((256, 256), (256, 256))])
 def test_resized_shape(size, expected):
     assert resized_shape(*size, 256) == expected
+
+
+def test_hmdb_split_files_give_train_and_val(tmp_path):
+    for cls in ("jump", "run"):
+        (tmp_path / f"{cls}_test_split1.txt").write_text(
+            f"{cls}_a.avi 1\n{cls}_b.avi 2\n{cls}_c.avi 0\n")
+    ((train, val),) = read_splits(tmp_path).values()
+    assert [(r.path, r.label) for r in train] == [("jump/jump_a.avi", 0), ("run/run_a.avi", 1)]
+    assert [r.path for r in val] == ["jump/jump_b.avi", "run/run_b.avi"]
