@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ccs_fast.amp import amp_step, autocast_context, check_precision, make_scaler
-from ccs_fast.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, unwrap_model
+from ccs_fast.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint
 from ccs_fast.config import Config, save_config
 from ccs_fast.errors import CCSError
 from ccs_fast.evaluate import evaluate, select_device
@@ -260,6 +260,10 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
         logger.log("info", step, {}, event="start", world_size=env.world_size, device=str(device),
                    iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
                    weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain)
+        print(f"[train] {cfg.model.variant} on {device} x{env.world_size}, {cfg.train.precision}, "
+              f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
+              f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
+              f"-> {out_dir}", flush=True)
 
     def save(path: Path, epoch_done: int) -> None:
         rngs = _gather_rng_states(env)  # collective: every rank calls save()
@@ -269,7 +273,9 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
                             best_metric=best_metric, rng_states=rngs)
 
     clips_per_step = cfg.data.batch_size * env.world_size
-    eval_model = unwrap_model(forward_model) if not cfg.train.compile else forward_model
+    # Never evaluate through DDP: ranks may get different numbers of eval batches, and DDP's
+    # per-forward buffer broadcast would then wait forever.
+    eval_model = forward_model if (cfg.train.compile and not env.distributed) else model
     last_train: dict = {}
     last_eval: dict = {}
     epochs = cfg.optim.epochs
@@ -320,6 +326,10 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
             if eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0):
                 last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights)
                 logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done)
+                if env.is_main:
+                    print(f"[eval] epoch {epoch_done}: top-1 RGB {last_eval['rgb']['top1']:.4f} "
+                          f"Flow {last_eval['flow']['top1']:.4f} RGB+Flow {last_eval['fused']['top1']:.4f} "
+                          f"({last_eval['num_videos']} videos)", flush=True)
                 if best_metric is None or last_eval["fused"]["top1"] > best_metric:
                     best_metric = last_eval["fused"]["top1"]
                     save(best_path, epoch_done)
