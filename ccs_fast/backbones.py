@@ -252,18 +252,18 @@ def _split_timm(name: str, model: nn.Module) -> tuple[list[nn.Module], bool]:
 def _timm_sequential_stages(model: nn.Module, stage_names: list[str]) -> Optional[list[nn.Module]]:
     children = list(model.named_children())
     order = [n for n, _ in children]
-    top = [n.split(".")[0] for n in stage_names]
-    first, last = order.index(top[0]), order.index(top[-1])
     if stage_names[0].startswith("stages."):
+        first = last = order.index("stages")
         modules = list(model.stages)
     else:
+        positions = [order.index(n) for n in stage_names]
+        if positions != list(range(positions[0], positions[0] + len(positions))):
+            return None  # other modules sit between the stages: where they run is unknown
+        first, last = positions[0], positions[-1]
         modules = [getattr(model, n) for n in stage_names]
     stem = [m for _, m in children[:first]]
     tail = [m for n, m in children[last + 1:] if n not in _TIMM_HEAD_MODULES]
-    if len(set(top)) not in (1, len(top)) or (len(set(top)) > 1 and order[first:last + 1] != top):
-        return None  # stage modules interleaved with other children: order unknown
-    stages = [nn.Sequential(*stem, modules[0]), *modules[1:-1], nn.Sequential(modules[-1], *tail)]
-    return stages if len(modules) > 1 else None
+    return [nn.Sequential(*stem, modules[0]), *modules[1:-1], nn.Sequential(modules[-1], *tail)]
 
 
 @torch.no_grad()
