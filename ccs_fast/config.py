@@ -28,7 +28,7 @@ class ModelConfig:
     num_classes: int = 101  # UCF-101
     num_segments: int = 3  # TSN training segments K
     flow_length: int = 5  # TSN: L = 5 flow pairs, 2L = 10 input channels
-    cb_stages: list[int] = field(default_factory=lambda: [4])  # backbone stages followed by a connection block; paper: the last
+    cb_stages: list[int] = field(default_factory=lambda: [-1])  # stages followed by a connection block (1-based, -1 = last); paper: the last
     cb_reduction: int = 2  # C_e = C / r (paper §3.1)
     cb_heads: int = 1  # the paper uses a single head
     cb_scale: Optional[float] = None  # None: C_e ** -0.5; 1.0 is Eq. 2 literally
