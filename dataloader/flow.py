@@ -1,0 +1,199 @@
+"""Optical flow for rawframes: estimation, the denseflow uint8 mapping, atomic frame folders.
+
+Flow is stored the denseflow way (SPEC §4): TV-L1 on grey frames, clipped to ``±FLOW_BOUND``
+pixels per frame, mapped linearly onto 0–255 (128 ≈ zero motion) and written as grey JPEG,
+one ``flow_x``/``flow_y`` pair per consecutive frame pair, so a video of ``n`` frames has
+``n - 1`` flow images.
+
+``write_rawframes`` is atomic: it writes into a hidden temporary folder beside ``out_dir`` and
+renames it when every file is on disk, so a folder named like a video is always complete and
+an interrupted ``prepare``/``synth`` resumes by skipping the folders that exist.
+
+Measured on this project's 2-core CPU box (one thread, OpenCV 5.0): TV-L1 with OpenCV's
+defaults takes ~0.065 s per 64×64 pair and ~0.16 s per 112×112 pair; Farneback ~1 ms.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+FLOW_BOUND = 20.0  # denseflow's default bound, in pixels per frame
+
+FLOW_METHODS = ("tvl1", "farneback")
+
+# OpenCV's defaults except where noted; `make_flow_estimator(..., **params)` overrides them.
+_TVL1_DEFAULTS = dict(
+    tau=0.25, lambda_=0.15, theta=0.3, nscales=5, warps=5, epsilon=0.01,
+    innnerIterations=30, outerIterations=10, scaleStep=0.8, gamma=0.0, medianFiltering=5,
+)
+# Farneback parameters that recover a few px/frame on small frames (OpenCV's sample values).
+_FARNEBACK_DEFAULTS = dict(
+    pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0,
+)
+
+FlowEstimator = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class _TVL1:
+    """(gray0, gray1) -> (H, W, 2) float32 with OpenCV's Dual TV-L1.
+
+    The OpenCV object is built on first use so the estimator pickles into worker processes.
+    """
+
+    def __init__(self, **params):
+        unknown = set(params) - set(_TVL1_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown TV-L1 parameters {sorted(unknown)}")
+        self.params = {**_TVL1_DEFAULTS, **params}
+        self._impl = None
+
+    def __getstate__(self):
+        return {"params": self.params, "_impl": None}
+
+    def __call__(self, gray0: np.ndarray, gray1: np.ndarray) -> np.ndarray:
+        _check_pair(gray0, gray1)
+        if self._impl is None:
+            self._impl = cv2.optflow.DualTVL1OpticalFlow_create(**self.params)
+        return self._impl.calc(gray0, gray1, None).astype(np.float32, copy=False)
+
+
+class _Farneback:
+    """(gray0, gray1) -> (H, W, 2) float32 with OpenCV's Farneback (fast, less accurate)."""
+
+    def __init__(self, **params):
+        unknown = set(params) - set(_FARNEBACK_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown Farneback parameters {sorted(unknown)}")
+        self.params = {**_FARNEBACK_DEFAULTS, **params}
+
+    def __call__(self, gray0: np.ndarray, gray1: np.ndarray) -> np.ndarray:
+        _check_pair(gray0, gray1)
+        return cv2.calcOpticalFlowFarneback(gray0, gray1, None, **self.params).astype(
+            np.float32, copy=False)
+
+
+def _check_pair(gray0: np.ndarray, gray1: np.ndarray) -> None:
+    if gray0.dtype != np.uint8 or gray1.dtype != np.uint8:
+        raise TypeError(f"flow needs uint8 grey frames, got {gray0.dtype} and {gray1.dtype}")
+    if gray0.ndim != 2 or gray0.shape != gray1.shape:
+        raise ValueError(f"flow needs two grey frames of one HxW shape, got {gray0.shape} "
+                         f"and {gray1.shape}")
+
+
+def make_flow_estimator(method: str = "tvl1", **params) -> FlowEstimator:
+    """A picklable callable ``(gray0, gray1) -> flow``: uint8 HxW frames to float32 (H, W, 2).
+
+    ``flow[..., 0]`` is the x (rightward) and ``flow[..., 1]`` the y (downward) displacement in
+    pixels from ``gray0`` to ``gray1``. ``method`` is ``"tvl1"`` (the denseflow/TSN standard)
+    or ``"farneback"`` (about 50× faster, for tests and quick looks); ``params`` override the
+    OpenCV parameters of that method.
+    """
+    if method == "tvl1":
+        return _TVL1(**params)
+    if method == "farneback":
+        return _Farneback(**params)
+    raise ValueError(f"unknown flow method {method!r}; expected one of {FLOW_METHODS}")
+
+
+def flow_to_uint8(flow: np.ndarray, bound: float = FLOW_BOUND) -> tuple[np.ndarray, np.ndarray]:
+    """``(fx, fy)`` uint8 images: clip to ``±bound``, map ``[-bound, bound]`` onto ``[0, 255]``.
+
+    Zero flow maps to 127.5, which rounds to 128 (denseflow's convention); decode with
+    ``(v - 128) / 128 * bound`` up to half a level.
+    """
+    if flow.ndim != 3 or flow.shape[-1] != 2:
+        raise ValueError(f"flow must be (H, W, 2), got {flow.shape}")
+    scaled = (np.clip(flow, -bound, bound) + bound) * (255.0 / (2.0 * bound))
+    levels = np.rint(scaled).astype(np.uint8)
+    return np.ascontiguousarray(levels[..., 0]), np.ascontiguousarray(levels[..., 1])
+
+
+def uint8_to_flow(fx: np.ndarray, fy: np.ndarray, bound: float = FLOW_BOUND) -> np.ndarray:
+    """Inverse of ``flow_to_uint8`` up to quantisation: (H, W, 2) float32 pixels per frame."""
+    levels = np.stack([fx, fy], axis=-1).astype(np.float32)
+    return levels * (2.0 * bound / 255.0) - bound
+
+
+def frame_name(kind: str, index: int) -> str:
+    """``img_00001.jpg``, ``flow_x_00001.jpg``, … (1-based, the MMAction2 rawframes names)."""
+    return f"{kind}_{index:05d}.jpg"
+
+
+def _imwrite(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]):
+        raise OSError(f"{path}: could not write JPEG")
+
+
+def atomic_dir(out_dir: str | os.PathLike, write: Callable[[Path], object], *,
+               overwrite: bool = False):
+    """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out_dir`` only if it returns.
+
+    The temporary folder is a hidden sibling of ``out_dir`` (same file system, so the rename is
+    atomic); it is removed if ``write`` raises. An existing ``out_dir`` raises
+    ``FileExistsError`` unless ``overwrite``, in which case it is replaced only after the new
+    folder is complete. Returns what ``write`` returned.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        result = write(tmp_dir)
+        if out_dir.exists():
+            old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old_dir)
+            os.rename(tmp_dir, out_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return result
+
+
+def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
+                       estimator: FlowEstimator, jpeg_quality: int, bound: float) -> int:
+    previous_gray = None
+    for index, rgb in enumerate(frames_rgb, start=1):
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+            raise ValueError(f"frame {index}: expected HxWx3 uint8 RGB, got "
+                             f"{rgb.shape} {rgb.dtype}")
+        _imwrite(folder / frame_name("img", index), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                 jpeg_quality)
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if previous_gray is not None:
+            fx, fy = flow_to_uint8(estimator(previous_gray, gray), bound)
+            _imwrite(folder / frame_name("flow_x", index - 1), fx, jpeg_quality)
+            _imwrite(folder / frame_name("flow_y", index - 1), fy, jpeg_quality)
+        previous_gray = gray
+    if previous_gray is None:
+        raise ValueError("no frames to write")
+    return index
+
+
+def write_rawframes(frames_rgb: Sequence[np.ndarray], out_dir: str | os.PathLike,
+                    method: str | FlowEstimator = "tvl1", jpeg_quality: int = 95, *,
+                    bound: float = FLOW_BOUND, overwrite: bool = False) -> int:
+    """Write one video's MMAction2 rawframes atomically and return its frame count ``n``.
+
+    ``out_dir`` receives ``img_00001.jpg`` … ``img_{n}.jpg`` (RGB JPEG) and ``flow_x_``/
+    ``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from frame i to i+1 on the grey frames,
+    mapped by ``flow_to_uint8``). ``method`` is a method name for ``make_flow_estimator`` or
+    an estimator callable. The folder appears only when complete (see ``atomic_dir``).
+    """
+    estimator = make_flow_estimator(method) if isinstance(method, str) else method
+    return atomic_dir(
+        out_dir,
+        lambda folder: _write_frames_into(folder, frames_rgb, estimator, jpeg_quality, bound),
+        overwrite=overwrite,
+    )
