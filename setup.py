@@ -35,6 +35,7 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6",
             "pytorch-metric-learning>=2.5",
+            "timm>=1.0",  # tiny test backbones (timm:test_resnet)
         ],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "timm": ["timm>=1.0"],

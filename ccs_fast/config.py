@@ -58,11 +58,13 @@ class DataConfig:
     flow_root: Optional[str] = None  # rawframes folder holding the flow when modality=video
     backend: str = "torch"  # torch | dali | synthetic
     batch_size: int = 32  # clips per batch and GPU
+    eval_batch_size: Optional[int] = None  # clips per evaluation batch (25 segments each); None: batch_size
     classes_per_batch: Optional[int] = None  # balanced batches of N classes x M videos (paper §4.1); None: shuffled
     input_size: int = 224  # paper §4.1
     test_segments: int = 25  # TSN test protocol
     num_workers: Optional[int] = None  # torch backend workers; None: every core
     skip_bad: bool = False  # skip unreadable samples instead of stopping
+    synthetic_batches: int = 50  # batches per epoch of the synthetic backend (benchmarks)
 
 
 @dataclass

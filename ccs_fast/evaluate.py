@@ -19,6 +19,7 @@ from ccs_fast.amp import autocast_context
 from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_model
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
+from ccs_fast.loaders import loader_from_config
 from ccs_fast.metrics import topk_correct
 
 STREAMS = ("rgb", "flow", "fused")
@@ -123,18 +124,8 @@ def _load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
 
 def _eval_loader(cfg: Config, annotation, device, segments: Optional[int] = None,
                  rank: int = 0, world_size: int = 1):
-    from ccs_fast.dataloader import build_loader
-    annotation = annotation or cfg.data.val_list
-    if not annotation and cfg.data.backend != "synthetic":
-        raise CCSError("config: data.val_list is empty; give an annotation list to evaluate on")
-    return build_loader(
-        annotation or None, cfg.data.root, backend=cfg.data.backend, train=False,
-        batch_size=cfg.data.batch_size, num_segments=segments or cfg.data.test_segments,
-        flow_length=cfg.model.flow_length, input_size=cfg.data.input_size, device=str(device),
-        seed=cfg.train.seed, rank=rank, world_size=world_size, modality=cfg.data.modality,
-        num_workers=cfg.data.num_workers, num_classes=cfg.model.num_classes,
-        skip_bad=cfg.data.skip_bad, flow_root=cfg.data.flow_root,
-    )
+    return loader_from_config(cfg, train=False, device=device, rank=rank, world_size=world_size,
+                              annotation=annotation, segments=segments)
 
 
 def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,

@@ -29,6 +29,7 @@ from ccs_fast.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_che
 from ccs_fast.config import Config, save_config
 from ccs_fast.errors import CCSError
 from ccs_fast.evaluate import evaluate, select_device
+from ccs_fast.loaders import loader_from_config
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics
 
 LOSS_NAMES = ("loss", "ce", "triplet", "center")
@@ -88,23 +89,10 @@ def build_objective(cfg: Config) -> torch.nn.Module:
 def build_loaders(cfg: Config, device: torch.device, env: DistEnv):
     """(train loader with K = model.num_segments, eval loader with K = data.test_segments
     or None when there is nothing to evaluate on)."""
-    from ccs_fast.dataloader import build_loader
-    data = cfg.data
-    if not data.train_list and data.backend != "synthetic":
-        raise CCSError("config: data.train_list is empty; set it to an annotation list (or use data.backend=synthetic)")
-    common = dict(
-        backend=data.backend, batch_size=data.batch_size, flow_length=cfg.model.flow_length,
-        input_size=data.input_size, device=str(device), seed=cfg.train.seed, rank=env.rank,
-        world_size=env.world_size, modality=data.modality, num_workers=data.num_workers,
-        num_classes=cfg.model.num_classes, skip_bad=data.skip_bad, flow_root=data.flow_root,
-    )
-    train_loader = build_loader(
-        data.train_list or None, data.root, train=True, num_segments=cfg.model.num_segments,
-        classes_per_batch=data.classes_per_batch, **common,
-    )
+    train_loader = loader_from_config(cfg, train=True, device=device, rank=env.rank, world_size=env.world_size)
     eval_loader = None
-    if data.val_list or data.backend == "synthetic":
-        eval_loader = build_loader(data.val_list or None, data.root, train=False, num_segments=data.test_segments, **common)
+    if cfg.data.val_list or cfg.data.backend == "synthetic":
+        eval_loader = loader_from_config(cfg, train=False, device=device, rank=env.rank, world_size=env.world_size)
     return train_loader, eval_loader
 
 

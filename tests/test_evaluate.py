@@ -1,12 +1,10 @@
 """Evaluation: top-1/top-5 on hand-built logits, late fusion, checkpoint evaluation and
 per-video predictions."""
-import functools
 import json
 
 import pytest
 import torch
 
-import ccs_fast.dataloader as dataloader
 from ccs_fast.checkpoint import save_checkpoint
 from ccs_fast.config import Config
 from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores, predict
@@ -99,7 +97,6 @@ def tiny_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     from ccs_fast.model import build_model
 
-    monkeypatch.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=2))
     cfg = Config()
     cfg.model.backbone = "timm:test_resnet"
     cfg.model.num_classes = 5
@@ -107,6 +104,7 @@ def tiny_checkpoint(tmp_path, monkeypatch):
     cfg.model.embed_dim = 8
     cfg.model.impl = "eager"
     cfg.data.backend = "synthetic"
+    cfg.data.synthetic_batches = 2
     cfg.data.batch_size = 3
     cfg.data.input_size = 32
     cfg.data.test_segments = 2

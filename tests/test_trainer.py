@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-import ccs_fast.dataloader as dataloader
 from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.config import Config
@@ -23,18 +22,11 @@ BATCHES = 2  # synthetic batches per epoch (train and eval)
 def runs(tmp_path_factory):
     """Shared runs (the slow part): 2 epochs straight, and 1 epoch then a resumed 2nd."""
     root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=BATCHES))
-        straight = trainer.train(tiny_config(root / "straight", epochs=2))
-        trainer.train(tiny_config(root / "split", epochs=1))
-        shutil.copy(root / "split" / "last.pt", root / "epoch1.pt")
-        resumed = trainer.train(tiny_config(root / "split", epochs=2), resume=str(root / "split"))
+    straight = trainer.train(tiny_config(root / "straight", epochs=2))
+    trainer.train(tiny_config(root / "split", epochs=1))
+    shutil.copy(root / "split" / "last.pt", root / "epoch1.pt")
+    resumed = trainer.train(tiny_config(root / "split", epochs=2), resume=str(root / "split"))
     return {"root": root, "straight": straight, "resumed": resumed}
-
-
-@pytest.fixture
-def small_loader(monkeypatch):
-    monkeypatch.setattr(dataloader, "build_loader", functools.partial(dataloader.build_loader, synthetic_batches=BATCHES))
 
 
 def tiny_config(out_dir, epochs=2, **train) -> Config:
@@ -43,6 +35,7 @@ def tiny_config(out_dir, epochs=2, **train) -> Config:
     cfg.model.num_classes = 4
     cfg.model.num_segments = 2
     cfg.model.flow_length = 1
+    cfg.data.synthetic_batches = BATCHES
     cfg.model.embed_dim = 16
     cfg.model.impl = "eager"
     cfg.data.backend = "synthetic"
@@ -115,7 +108,7 @@ class _NaNLoss(torch.nn.Module):
         return losses
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(runs, small_loader, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(runs, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
@@ -130,7 +123,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(runs, small_loader, tmp_p
     assert not (out / "best.pt").exists()
 
 
-def test_resume_from_another_config_is_refused(runs, small_loader):
+def test_resume_from_another_config_is_refused(runs):
     cfg = tiny_config(runs["root"] / "other", epochs=2)
     cfg.model.embed_dim = 8
     with pytest.raises(CCSError, match="embed_dim"):
