@@ -244,7 +244,9 @@ def write_webm(frames_rgb: Sequence[np.ndarray], path: str | os.PathLike, *,
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     height, width = frames_rgb[0].shape[:2]
     try:
-        with av.open(str(tmp), mode="w", format="webm") as container:
+        # bitexact: no muxing date or random track UIDs, so a seed gives the same bytes.
+        with av.open(str(tmp), mode="w", format="webm",
+                     options={"fflags": "+bitexact"}) as container:
             stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # Constant quality, one thread: near-lossless at this size and byte-reproducible.
