@@ -146,7 +146,8 @@ def read_hmdb51_split(split_dir, split=1, train=True) -> list[VideoRecord]:
         for number, line in _lines(files[cls]):
             fields = line.split()
             if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                raise bad_file(f"{files[cls]}:{number}", f"expected 'video.avi 0|1|2', got {line!r}")
+                raise bad_file(f"{files[cls]}:{number}",
+                               f"expected 'video.avi 0|1|2', got {line!r}")
             if fields[1] == wanted:
                 records.append(VideoRecord(f"{cls}/{fields[0]}", None, label, number))
     if not records:

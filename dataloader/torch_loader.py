@@ -47,8 +47,9 @@ def read_jpeg(path, grey: bool) -> np.ndarray:
     path = str(path)
     img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
     if img is None:
-        problem = "cannot decode (corrupt or not an image)" if os.path.exists(path) else "missing frame"
-        raise bad_file(path, problem)
+        if not os.path.exists(path):
+            raise bad_file(path, "missing frame")
+        raise bad_file(path, "cannot decode (corrupt or not an image)")
     return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -72,40 +73,29 @@ def count_flow_frames(frame_dir) -> int:
         raise bad_file(frame_dir, "flow frame folder not found") from None
 
 
-def decode_video_frames(path, wanted) -> tuple[dict[int, np.ndarray], int]:
-    """RGB uint8 frames at the 0-based indices ``wanted`` (decoded in order, stopping after
-    the last one) and the number of frames decoded."""
+def read_video_clip(path, make_plan):
+    """Open the video once: ``plan = make_plan(width, height)``, then decode in order up to
+    the last frame the plan needs. Returns (plan, {index: RGB uint8 frame}, frames decoded,
+    (width, height))."""
     import av
 
-    wanted = set(int(i) for i in wanted)
-    last = max(wanted)
+    if not os.path.exists(path):
+        raise bad_file(path, "video not found")
     frames, count = {}, 0
-    if not os.path.exists(path):
-        raise bad_file(path, "video not found")
-    try:
-        with av.open(str(path)) as container:
-            for count, frame in enumerate(container.decode(video=0), start=1):
-                i = count - 1
-                if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-    except av.FFmpegError as exc:
-        raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
-    return frames, count
-
-
-def video_size(path) -> tuple[int, int]:
-    import av
-
-    if not os.path.exists(path):
-        raise bad_file(path, "video not found")
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            return stream.codec_context.width, stream.codec_context.height
+            size = stream.codec_context.width, stream.codec_context.height
+            plan = make_plan(*size)
+            wanted = set(int(i) for i in plan.frame_indices)
+            for count, frame in enumerate(container.decode(stream), start=1):
+                if count - 1 in wanted:
+                    frames[count - 1] = frame.to_ndarray(format="rgb24")
+                if count > max(wanted):
+                    break
     except (av.FFmpegError, IndexError) as exc:
-        raise bad_file(path, f"cannot open video ({exc.__class__.__name__})") from None
+        raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
+    return plan, frames, count, size
 
 
 @dataclass(frozen=True)
@@ -163,13 +153,13 @@ class ClipDataset(Dataset):
         frame_dir = self.flow_dir(record)
         if self.modality == "video":
             video = self.data_root / record.path
-            width, height = video_size(video)
-            plan = self.plan(record, width, height, epoch, row, video)
-            decoded, count = decode_video_frames(video, plan.frame_indices)
+            plan, decoded, count, (width, height) = read_video_clip(
+                video, lambda w, h: self.plan(record, w, h, epoch, row, video))
             missing = [int(i) for i in plan.frame_indices if int(i) not in decoded]
             if missing:
                 raise bad_file(video, f"video too short: {count} frames decoded, the clip needs "
-                                      f"frame {missing[0] + 1} ({record.num_frames - 1} flow frames)")
+                                      f"frame {missing[0] + 1} "
+                                      f"({record.num_frames - 1} flow frames)")
             frames = [(video, decoded[int(i)]) for i in plan.frame_indices]
         else:
             width, height = jpeg_size(rgb_frame_path(frame_dir, 0))
