@@ -261,10 +261,20 @@ class TorchClipLoader:
     def __len__(self):
         return len(self.batch_sampler)
 
+    def close(self) -> None:
+        """Stop the persistent workers now (the next epoch starts fresh ones)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            # DataLoader has no public close(): without this the workers live until the
+            # iterator is garbage collected, which a traceback's reference cycle can delay.
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
     def __iter__(self):
         for batch in self.loader:
             if batch["errors"]:
                 if not self.skip_bad:
+                    self.close()
                     raise CCSError(batch["errors"][0][1])
                 self.num_skipped += len(batch["errors"])
             if "rgb" not in batch:

@@ -206,17 +206,21 @@ def test_corrupt_frame_names_the_file(tree):
 
 def test_worker_error_surfaces_as_its_one_line_message(tree):
     annotation, root = tree
-    (root / "v4" / "img_00001.jpg").write_bytes(b"\xff\xd8 truncated")
+    frame = root / "v4" / "img_00001.jpg"
+    good = frame.read_bytes()
+    frame.write_bytes(b"\xff\xd8 truncated")
+    data = loader(annotation, root, num_workers=1)
     with pytest.raises(CCSError) as excinfo:
-        list(loader(annotation, root, num_workers=1))
-    expected = f"{root / 'v4' / 'img_00001.jpg'}: cannot decode (corrupt or not an image)"
-    assert str(excinfo.value) == expected
+        list(data)
+    assert str(excinfo.value) == f"{frame}: cannot decode (corrupt or not an image)"
+    frame.write_bytes(good)
+    assert len(list(data)) == len(data)  # the error stopped the workers; new ones start
 
 
 def test_skip_bad_drops_and_counts_the_bad_video(tree):
     annotation, root = tree
     shutil.rmtree(root / "v3")
-    data = loader(annotation, root, train=False, skip_bad=True, num_workers=1)
+    data = loader(annotation, root, train=False, skip_bad=True)
     rows = [int(i) for b in data for i in b["index"]]
     assert sorted(rows) == [0, 1, 2, 4, 5] and data.num_skipped == 1
 
