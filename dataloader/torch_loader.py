@@ -10,8 +10,10 @@ never need a mutated attribute to draw the right clip.
 
 Bad input. A worker never raises a ``CCSError``: it returns the one-line message with the
 sample, because DataLoader re-wraps worker exceptions in a multi-line traceback. The main
-process raises it unchanged, or, with ``skip_bad``, drops the sample (the batch comes out
-smaller; a batch with no good sample is skipped) and counts it in ``num_skipped``.
+process raises it unchanged (after stopping the workers), or, with ``skip_bad``, drops the
+sample: the batch comes out smaller (a balanced batch is then no longer exactly N × M), a batch
+with no good sample is skipped, and ``num_skipped`` / ``skipped_errors`` say what was dropped.
+Videos the annotation already shows too short are dropped when the list is read.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ def flow_frame_paths(frame_dir, i):
 def read_jpeg(path, grey: bool) -> np.ndarray:
     """uint8 HWC RGB (or HW grey) of a JPEG; CCSError naming a missing or corrupt file."""
     path = str(path)
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    # EXIF orientation ignored: the crop is planned on the header's width and height.
+    flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imread(path, flags)
     if img is None:
         if not os.path.exists(path):
             raise bad_file(path, "missing frame")
@@ -244,7 +248,10 @@ class TorchClipLoader:
         self.skip_bad = skip_bad
         self.num_videos = len(dataset)
         self.num_classes = num_classes
-        self.num_skipped = skipped  # bad videos dropped so far (skip_bad)
+        # skip_bad: videos dropped when the list was read, plus bad samples dropped from
+        # batches (a bad video counts each time it is drawn); the last message per row.
+        self.num_skipped = skipped
+        self.skipped_errors: dict[int, str] = {}
         self.loader = DataLoader(
             dataset,
             batch_sampler=_EpochTaggedBatches(batch_sampler),
@@ -277,6 +284,7 @@ class TorchClipLoader:
                     self.close()
                     raise CCSError(batch["errors"][0][1])
                 self.num_skipped += len(batch["errors"])
+                self.skipped_errors.update(batch["errors"])
             if "rgb" not in batch:
                 continue
             rgb = batch["rgb"].to(self.device, non_blocking=True)

@@ -223,6 +223,7 @@ def test_skip_bad_drops_and_counts_the_bad_video(tree):
     data = loader(annotation, root, train=False, skip_bad=True)
     rows = [int(i) for b in data for i in b["index"]]
     assert sorted(rows) == [0, 1, 2, 4, 5] and data.num_skipped == 1
+    assert list(data.skipped_errors) == [3] and "missing frame" in data.skipped_errors[3]
 
 
 def test_too_short_video_in_the_list(tree):
