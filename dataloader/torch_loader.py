@@ -298,6 +298,11 @@ class TorchClipLoader:
             }
 
 
+def default_num_workers() -> int:
+    """Every core of the machine, shared among the ranks torchrun started on it."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_flow_root(data_root) -> Path:
     return Path(data_root).resolve().parent / "rawframes"
 
@@ -369,7 +374,7 @@ def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments
                                   world_size=world_size, annotation=annotation)
     return TorchClipLoader(
         dataset, sampler, device=device, dtype=dtype,
-        num_workers=os.cpu_count() if num_workers is None else num_workers,
+        num_workers=default_num_workers() if num_workers is None else num_workers,
         skip_bad=skip_bad,
         num_classes=num_classes if num_classes is not None else max(labels) + 1,
         skipped=skipped,

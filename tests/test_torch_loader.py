@@ -314,3 +314,13 @@ def test_unknown_backend_and_missing_dali(tree, monkeypatch):
     assert "dali" not in dataloader.available_backends()
     with pytest.raises(CCSError, match="nvidia-dali"):
         loader(*tree, backend="dali")
+
+
+def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
+    from ccs_fast.dataloader.torch_loader import default_num_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers() == 2
