@@ -12,11 +12,13 @@ How each factor is hidden from the other stream:
   value plus a chroma vector orthogonal to the luminance weights, and each pixel is then
   nudged so that ``cv2.cvtColor(RGB2GRAY)`` (what flow is computed on) returns *exactly* the
   grey frame the scene defines. The grey video, hence its flow, does not depend on ``a``.
-* Motion is invisible to any single frame and to the unordered set of frames. The disk does
-  not move: its isotropic random texture drifts (up, down, sideways) or spins inside it, at a
-  random speed, from a random phase. Every frame is the same kind of random texture, and
-  reversing time maps a video onto another of the same motion, so no per-frame feature or
-  average of them tells motions apart; only frame order (flow) does.
+* Motion is invisible to any single frame and, in practice, to averages over frames. The
+  disk does not move: its isotropic random texture drifts (up, down, sideways) or spins
+  inside it, at a random speed, from a random phase, so every frame on its own has the same
+  distribution under every motion. No trajectory footprint exists (a moving object would
+  show its axis in the spread of its positions); up and down are each other's time reverse,
+  sideways and spin their own. Only frame-to-frame correspondence (flow) tells motions apart:
+  a probe CNN on averaged features of 3 frames scores chance on ``m``.
 * Motions are unchanged by a horizontal flip (sideways and spin take a random sign), so the
   standard flip augmentation (SPEC §4) never changes a label. The disk stays near the centre
   so every multi-scale corner crop still shows most of it.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -74,7 +77,7 @@ def class_names(classes: int) -> list[str]:
 
 
 def _hue_chroma(appearance: int, classes: int, amplitude: float) -> np.ndarray:
-    """An RGB offset with zero luminance: hue ``appearance`` of ``classes`` around the circle."""
+    """An RGB offset of zero luminance; the ``classes`` hues are evenly spaced in angle."""
     luma = _LUMA / np.linalg.norm(_LUMA)
     u = np.array([1.0, -1.0, 0.0])
     u -= u.dot(luma) * luma
@@ -160,7 +163,8 @@ def render_video(spec: VideoSpec, appearance: int | None = None) -> np.ndarray:
 
     grey = np.empty((frames, size, size), np.float64)
     for t in range(frames):
-        # Texture seen at (x, y) at time t is the texture at time 0 moved by -t*motion.
+        # The texture moves by +velocity*t and turns by +omega*t about the centre, so pixel p
+        # shows at time t what was at R(-omega*t)(p - centre) + centre - velocity*t at 0.
         cos_r, sin_r = math.cos(-omega * t), math.sin(-omega * t)
         sx = centre[0] + cos_r * dx - sin_r * dy - velocity[0] * t
         sy = centre[1] + sin_r * dx + cos_r * dy - velocity[1] * t
@@ -176,7 +180,8 @@ def render_video(spec: VideoSpec, appearance: int | None = None) -> np.ndarray:
 
 # --- the data set on disk -------------------------------------------------------------------
 
-# Defaults sized for the CPU demo (see the module docstring of ccs_fast.demo and the README).
+# Defaults sized for the 2-core CPU demo: ~0.17 CPU-s per video (TV-L1 below, JPEG, VP9), so
+# the 468 default videos take ~45 s on two idle cores.
 DEFAULT_CLASSES = 3
 DEFAULT_VIDEOS_PER_CELL = 40        # training videos per (appearance, motion) cell
 DEFAULT_VAL_VIDEOS_PER_CELL = 12    # validation videos per cell
@@ -283,6 +288,17 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
     return True
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete what a killed run left half-written (hidden ``.<name>.tmp-*`` files and folders)."""
+    for top in ("videos", "rawframes"):
+        for class_dir in (root / top).glob("*"):
+            for stale in class_dir.glob(".*.tmp-*"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+
+
 def _count_written(results, bar) -> int:
     written = 0
     for wrote in results:
@@ -375,6 +391,7 @@ def make_synthetic_dataset(
         raise bad_file(root, "exists and is not a synthetic data set; pick another --out")
     root.mkdir(parents=True, exist_ok=True)
     _write_text(options_path, [json.dumps(options, sort_keys=True)])
+    _remove_stale_temporaries(root)
 
     names = class_names(classes)
     specs = video_specs(seed=seed, classes=classes, videos_per_cell=videos_per_cell,
