@@ -88,6 +88,8 @@ def read_video_clip(path, make_plan):
     frames, count = {}, 0
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise bad_file(path, "no video stream")
             stream = container.streams.video[0]
             size = stream.codec_context.width, stream.codec_context.height
             plan = make_plan(*size)
@@ -97,7 +99,7 @@ def read_video_clip(path, make_plan):
                     frames[count - 1] = frame.to_ndarray(format="rgb24")
                 if count > max(wanted):
                     break
-    except (av.FFmpegError, IndexError) as exc:
+    except av.FFmpegError as exc:
         raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
     return plan, frames, count, size
 
