@@ -33,6 +33,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-timeout>=2",  # a hung DataLoader or DALI worker fails its test instead of the whole run
             "hypothesis>=6",
             "pytorch-metric-learning>=2.5",
             "timm>=1.0",  # tiny test backbones (timm:test_resnet)
