@@ -44,7 +44,8 @@ def cmd_synth(args) -> int:
 
     summary = make_synthetic_dataset(
         args.out, seed=args.seed, classes=args.classes, videos_per_cell=args.videos_per_cell,
-        frames=args.frames, size=args.size, flow=args.flow, workers=args.workers,
+        val_videos_per_cell=args.val_videos_per_cell, frames=args.frames, size=args.size,
+        flow=args.flow, workers=args.workers, progress=True,
     )
     print(f"wrote {args.out}: {summary}")
     return 0
@@ -104,17 +105,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _synth_defaults() -> dict:
+    import inspect
+
+    from ccs_fast.dataloader.synth import make_synthetic_dataset
+
+    params = inspect.signature(make_synthetic_dataset).parameters
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    synth_defaults = _synth_defaults()
     parser = argparse.ArgumentParser(prog="ccs-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the embedded default data set (videos, rawframes, TV-L1 flow, lists, splits)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--classes", type=int, default=None, help="number of classes C (appearances = motions = C)")
-    p.add_argument("--videos-per-cell", type=int, default=None, help="videos per (appearance, motion) pair")
-    p.add_argument("--frames", type=int, default=None, help="frames per video")
-    p.add_argument("--size", type=int, default=None, help="frame width and height in pixels")
+    p.add_argument("--classes", type=int, default=synth_defaults["classes"], help="number of classes C, 2-4 (appearances = motions = C; default %(default)s)")
+    p.add_argument("--videos-per-cell", type=int, default=synth_defaults["videos_per_cell"], help="training videos per (appearance, motion) pair (default %(default)s)")
+    p.add_argument("--val-videos-per-cell", type=int, default=synth_defaults["val_videos_per_cell"], help="test videos per pair (default %(default)s)")
+    p.add_argument("--frames", type=int, default=synth_defaults["frames"], help="frames per video (default %(default)s)")
+    p.add_argument("--size", type=int, default=synth_defaults["size"], help="frame width and height in pixels, even (default %(default)s)")
     p.add_argument("--flow", choices=("tvl1", "farneback"), default="tvl1", help="optical flow (default TV-L1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     p.set_defaults(func=cmd_synth)
