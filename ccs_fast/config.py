@@ -69,8 +69,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd (paper §4.1) | adamw
     lr: float = 1e-3  # paper §4.1
-    momentum: float = 0.9  # paper §4.1
+    momentum: float = 0.9  # paper §4.1 (sgd)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (torch's defaults)
     weight_decay: float = 5e-4  # paper §4.1
     epochs: int = 80  # paper: lr divided by 10 after 50 epochs; 80 in all (TSN-style schedule)
     lr_steps: list[int] = field(default_factory=lambda: [50])  # epochs at which lr is divided by 10 (paper §4.1)
@@ -118,6 +120,8 @@ class Config:
             raise CCSError(f"{source}: train.precision must be bf16, fp16 or fp32, got {self.train.precision!r}")
         if self.data.backend not in ("torch", "dali", "synthetic"):
             raise CCSError(f"{source}: data.backend must be torch, dali or synthetic, got {self.data.backend!r}")
+        if self.optim.name not in ("sgd", "adamw"):
+            raise CCSError(f"{source}: optim.name must be sgd or adamw, got {self.optim.name!r}")
         if self.data.modality not in ("rawframes", "video"):
             raise CCSError(f"{source}: data.modality must be rawframes or video, got {self.data.modality!r}")
         n = self.data.classes_per_batch

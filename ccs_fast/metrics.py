@@ -98,7 +98,9 @@ class Progress:
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+            # disable=None: no bar when stderr is not a terminal (logs, CI); the trainer still
+            # prints its [train] and [eval] lines.
+            self._bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=None)
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

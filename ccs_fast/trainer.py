@@ -110,16 +110,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW; torch's fused kernels on CUDA, apex's when asked."""
     optim = cfg.optim
     groups = param_groups(model, optim.weight_decay)
     if optim.use_apex:
         try:
-            from apex.optimizers import FusedSGD
+            from apex.optimizers import FusedAdam, FusedSGD
         except ImportError:
             raise CCSError("optim.use_apex=true but NVIDIA apex is not installed; install apex or set optim.use_apex=false") from None
+        if optim.name == "adamw":
+            return FusedAdam(groups, lr=optim.lr, betas=tuple(optim.betas), adam_w_mode=True)
         return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum)
-    fused = bool(optim.fused and device.type == "cuda")
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=fused or None)
+    fused = bool(optim.fused and device.type == "cuda") or None
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=fused)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=fused)
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, lr_steps, gamma: float, warmup_iters: int) -> float:

@@ -43,9 +43,8 @@ import torch
 
 from ccs_fast.errors import CCSError, bad_file
 
-from .formats import read_annotation
 from .sampling import plan_clip
-from .torch_loader import build_batch_sampler, default_flow_root, resolve_records
+from .torch_loader import build_batch_sampler, load_records
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
 _SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
@@ -545,12 +544,9 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
                       flow_root=None, dtype=torch.float32, **_) -> DALILoader:
     """The DALI loader of the loader contract (docs/HELPERS.md); ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
-    records = read_annotation(annotation, modality, num_classes)
-    if modality == "video" and flow_root is None:
-        flow_root = default_flow_root(data_root)
-    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
-                                             flow_root=flow_root, flow_length=flow_length,
-                                             skip_bad=skip_bad)
+    records, rows, skipped, flow_root = load_records(
+        annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
+        num_classes=num_classes, skip_bad=skip_bad)
     labels = [record.label for record in records]
     sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
                                   classes_per_batch=classes_per_batch, seed=seed, rank=rank,

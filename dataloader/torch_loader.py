@@ -338,6 +338,20 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
     return good, rows, skipped
 
 
+def load_records(annotation, data_root, *, modality, flow_root, flow_length, num_classes,
+                 skip_bad):
+    """Read and check an annotation list for either backend: (records, their annotation rows,
+    number skipped, flow root). Video lists take their flow from ``flow_root`` (default: the
+    ``rawframes`` folder beside ``data_root``)."""
+    records = read_annotation(annotation, modality, num_classes)
+    if modality == "video" and flow_root is None:
+        flow_root = default_flow_root(data_root)
+    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
+                                             flow_root=flow_root, flow_length=flow_length,
+                                             skip_bad=skip_bad)
+    return records, rows, skipped, flow_root
+
+
 def build_batch_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank,
                         world_size, annotation):
     if train and classes_per_batch:
@@ -360,12 +374,9 @@ def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments
                        flow_root=None, dtype=torch.float32, synthetic_batches=50):
     """``build_loader(..., backend="torch")``."""
     del synthetic_batches  # synthetic backend only
-    records = read_annotation(annotation, modality, num_classes)
-    if modality == "video" and flow_root is None:
-        flow_root = default_flow_root(data_root)
-    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
-                                       flow_root=flow_root, flow_length=flow_length,
-                                       skip_bad=skip_bad)
+    records, rows, skipped, flow_root = load_records(
+        annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
+        num_classes=num_classes, skip_bad=skip_bad)
     options = ClipOptions(train=train, num_segments=num_segments, flow_length=flow_length,
                           input_size=input_size, seed=seed)
     dataset = ClipDataset(records, data_root, options, modality=modality, flow_root=flow_root,
