@@ -32,6 +32,7 @@ class ModelConfig:
     cb_reduction: int = 2  # C_e = C / r (paper §3.1)
     cb_heads: int = 1  # the paper uses a single head
     cb_scale: Optional[float] = None  # None: C_e ** -0.5; 1.0 is Eq. 2 literally
+    cb_gamma_init: float = 0.0  # BN γ of the block's output: 0 = identity at init (paper); >0 helps from scratch
     consensus: str = "avg"  # segment consensus, paper Fig. 5a: avg | max | mul | concat
     embed_dim: int = 512  # D_s of the shared projection
     dropout: float = 0.5  # before the classifier (TSN uses 0.8 for RGB, 0.7 for flow with BN-Inception)

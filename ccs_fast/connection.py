@@ -21,7 +21,8 @@ class CrossStreamAttention(nn.Module):
     "triton", "eager") picks the attention op and may be changed after construction.
     """
 
-    def __init__(self, channels: int, reduction: int = 2, heads: int = 1, scale=None, impl: str = "auto"):
+    def __init__(self, channels: int, reduction: int = 2, heads: int = 1, scale=None, impl: str = "auto",
+                 gamma_init: float = 0.0):
         super().__init__()
         if channels % reduction:
             raise ValueError(f"channels={channels} is not divisible by reduction={reduction}")
@@ -39,9 +40,11 @@ class CrossStreamAttention(nn.Module):
         self.w_o = nn.Linear(embed, channels)
         self.bn_f = nn.BatchNorm1d(channels)
         self.bn_o = nn.BatchNorm1d(channels)
-        # γ = 0: the block starts as the identity (paper, following non-local networks).
-        nn.init.zeros_(self.bn_f.weight)
-        nn.init.zeros_(self.bn_o.weight)
+        # γ = 0 (default): the block starts as the identity (paper, following non-local
+        # networks), right for pretrained backbones. From scratch a zero gate scales every
+        # gradient into the block by γ and the exchange is slow to start; gamma_init > 0 opens it.
+        nn.init.constant_(self.bn_f.weight, gamma_init)
+        nn.init.constant_(self.bn_o.weight, gamma_init)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, C_e) -> (B·heads, N, C_e / heads): heads fold into the batch of the op.

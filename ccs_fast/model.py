@@ -108,6 +108,7 @@ class CCSModel(nn.Module):
                     heads=cfg.cb_heads,
                     scale=cfg.cb_scale,
                     impl=cfg.impl,
+                    gamma_init=cfg.cb_gamma_init,
                 )
                 for stage in self.cb_stages
             }

@@ -26,6 +26,19 @@ def test_shapes_and_identity_at_init(heads):
         torch.testing.assert_close(y_o, x_o, rtol=0, atol=0)
 
 
+def test_gamma_init_opens_the_exchange():
+    """gamma_init > 0: each stream's output depends on the other stream from the first step,
+    and the block's projections get gradients (with γ = 0 they get none)."""
+    x_f, x_o = streams()
+    for gamma, exchanges in ((0.0, False), (1.0, True)):
+        block = CrossStreamAttention(16, reduction=2, impl="eager", gamma_init=gamma)
+        y_f, _ = block(x_f, x_o)
+        y_f_other, _ = block(x_f, x_o + torch.randn_like(x_o))
+        assert bool((y_f - y_f_other).abs().max() > 1e-4) == exchanges
+        (y_f * torch.randn_like(y_f)).sum().backward()
+        assert bool(block.g_o.weight.grad.abs().sum() > 0) == exchanges
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="heads"):
         CrossStreamAttention(16, reduction=2, heads=3)
