@@ -32,7 +32,7 @@ def build_loader(annotation, data_root, *, backend, train, batch_size, num_segme
                  num_classes=None, skip_bad=False, flow_root=None, dtype=torch.float32,
                  synthetic_batches=50):
     """A loader of clip batches: ``__iter__`` (one epoch), ``__len__``, ``set_epoch``,
-    ``num_videos``, ``num_classes``. See docs/HELPERS.md "Loader contract"."""
+    ``num_videos``, ``num_classes``. See docs/loader.md."""
     options = dict(
         train=train, batch_size=batch_size, num_segments=num_segments,
         flow_length=flow_length, input_size=input_size, device=device, seed=seed, rank=rank,

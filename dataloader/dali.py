@@ -542,7 +542,7 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
                       world_size=1, modality="rawframes", num_workers=None,
                       classes_per_batch=None, num_classes=None, skip_bad=False,
                       flow_root=None, dtype=torch.float32, **_) -> DALILoader:
-    """The DALI loader of the loader contract (docs/HELPERS.md); ``device="cpu"`` runs a
+    """The DALI loader of the loader contract (docs/loader.md); ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
     records, rows, skipped, flow_root = load_records(
         annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,

@@ -239,7 +239,7 @@ def _worker_init(_worker_id):
 
 
 class TorchClipLoader:
-    """One epoch of batch dicts per ``iter``; see the loader contract in docs/HELPERS.md."""
+    """One epoch of batch dicts per ``iter``; see the loader contract in docs/loader.md."""
 
     def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
                  num_classes, skipped=0):
