@@ -1,0 +1,77 @@
+"""The ``ccs-fast`` command line: every subcommand's help, a tiny synth → train → eval →
+predict run through ``main``, and bad input ending in one line on stderr with status 2."""
+import json
+
+import pytest
+
+from ccs_fast.cli import build_parser, main
+from ccs_fast.demo import format_report
+
+SUBCOMMANDS = ("synth", "prepare", "train", "eval", "predict", "bench", "demo")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: ccs-fast " + command in capsys.readouterr().out
+
+
+def test_synth_train_eval_predict(tmp_path, capsys):
+    pytest.importorskip("timm")
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--classes", "2", "--videos-per-cell", "2",
+                 "--val-videos-per-cell", "1", "--frames", "8", "--size", "32", "--flow", "farneback",
+                 "--workers", "1"]) == 0
+    sets = [
+        f"data.root={data / 'rawframes'}",
+        f"data.train_list={data / 'annotations' / 'train_rawframes.txt'}",
+        f"data.val_list={data / 'annotations' / 'val_rawframes.txt'}",
+        "model.backbone=timm:test_resnet", "model.num_classes=2", "model.embed_dim=8",
+        "model.cb_stages=[-1]", "data.input_size=32", "data.batch_size=4", "data.classes_per_batch=2",
+        "data.test_segments=3", "data.num_workers=0", "optim.epochs=1", "train.tensorboard=false",
+    ]
+    run = tmp_path / "run"
+    args = ["train", "--config", "demo", "--out", str(run)]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert (run / "last.pt").exists() and (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
+
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for stream in ("rgb", "flow", "fused"):
+        assert 0.0 <= result[stream]["top1"] <= result[stream]["top5"] <= 1.0
+    assert "RGB+Flow" in (tmp_path / "eval" / "eval.md").read_text()
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", "--checkpoint", str(run / "last.pt"), "--out", str(out),
+                 "--list", str(data / "annotations" / "val_rawframes.txt")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    videos = (data / "annotations" / "val_rawframes.txt").read_text().splitlines()
+    assert len(rows) == len(videos) and {"label", "rgb", "flow", "fused"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--set", "model.nope=1"], "unknown config key model.nope"),
+    (["train", "--config", "/nonexistent/cfg.yaml"], "cfg.yaml: config file not found"),
+    (["eval", "--checkpoint", "/nonexistent/last.pt"], "last.pt: checkpoint not found"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ccs-fast: error: ") and match in err and "\n" not in err
+
+
+def test_parser_lists_packaged_configs():
+    text = build_parser().format_help()
+    assert all(name in text for name in SUBCOMMANDS)
+
+
+def test_demo_report_table():
+    report = {"chance": 1 / 3, "classes": 3, "test_videos": 108, "seed": 0, "wall_s": 400.0,
+              "variants": {"baseline": {"rgb": 0.3, "flow": 0.31, "fused": 0.32},
+                           "all": {"rgb": 1.0, "flow": 0.99, "fused": 1.0}}}
+    text = format_report(report)
+    assert "| all | 1.000 | 0.990 | 1.000 |" in text and "chance 0.333" in text
