@@ -59,7 +59,7 @@ import math
 
 import torch
 
-from ccs_fast.kernels._dispatch import resolve_impl, triton_available
+from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
 
 if triton_available():
     import triton
@@ -329,7 +329,7 @@ _tuned = {}
 def _kernel(name, D, E):
     """The kernel to launch: fixed small blocks under the interpreter, autotuned on CUDA."""
     raw = {"fwd": _xattn_fwd_kernel, "bwd": _xattn_bwd_kernel}[name]
-    if not torch.cuda.is_available() or _interpreting():
+    if not torch.cuda.is_available() or interpreting():
         return raw, _cpu_blocks(D, E)
     if name not in _tuned:
         keys = ["M_BUCKET", "N_BUCKET", "D", "E"]
@@ -344,11 +344,6 @@ def _kernel(name, D, E):
     return _tuned[name], {}
 
 
-def _interpreting():
-    from ccs_fast.kernels._dispatch import interpreting
-    return interpreting()
-
-
 def _dot_precision(dtype):
     if dtype == torch.float32 and not (torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
@@ -361,7 +356,7 @@ def _empty_output(shape, device, dtype):
 
 
 def _dot_fp32(dtype):
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _attend(queries, keys, values, scale):
