@@ -29,145 +29,151 @@ with one huge class serialises step 2 and 5 on a few programs. GPU timings: not 
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from ccs_fast.kernels._dispatch import interpreting, resolve_impl
+from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
 from ccs_fast.kernels.triplet import _EPS, normalize_backward_, row_norms
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # the package must import without Triton; the dispatcher then only offers "eager"
+    triton = None
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
-def _class_mean_kernel(z_ptr, r_ptr, order_ptr, starts_ptr, counts_ptr, mu_ptr, D, stride_zm,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    start = tl.load(starts_ptr + c)
-    n = tl.load(counts_ptr + c)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    # μ_c = Σ_{i∈c} z_i r_i / n_c over the class's slice of the sorted order
-    for k0 in range(0, n, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < n
-        i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
-        r = tl.load(r_ptr + i, mask=k_ok, other=0.0)
-        z = tl.load(z_ptr + i[:, None] * stride_zm + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(z.to(tl.float32) * r[:, None], axis=0)
-    tl.store(mu_ptr + c * D + dd, acc / tl.maximum(n, 1).to(tl.float32), mask=d_ok)
+if triton is not None:
+
+    @triton.jit
+    def _class_mean_kernel(z_ptr, r_ptr, order_ptr, starts_ptr, counts_ptr, mu_ptr, D, stride_zm,
+                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        c = tl.program_id(0).to(tl.int64)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        start = tl.load(starts_ptr + c)
+        n = tl.load(counts_ptr + c)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # μ_c = Σ_{i∈c} z_i r_i / n_c over the class's slice of the sorted order
+        for k0 in range(0, n, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < n
+            i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
+            r = tl.load(r_ptr + i, mask=k_ok, other=0.0)
+            z = tl.load(z_ptr + i[:, None] * stride_zm + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(z.to(tl.float32) * r[:, None], axis=0)
+        tl.store(mu_ptr + c * D + dd, acc / tl.maximum(n, 1).to(tl.float32), mask=d_ok)
 
 
-@triton.jit
-def _center_intra_kernel(z_ptr, r_ptr, cls_ptr, mu_ptr, w_ptr, g_ptr, partial_ptr, B, D, stride_zm, alpha_intra,
-                         COMPUTE_GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    c = tl.load(cls_ptr + rows, mask=row_ok, other=0)
-    # dist_i = ‖ẑ_i − μ_{y_i}‖²
-    dist = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (dd < D)[None, :]
-        e = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-        mu = tl.load(mu_ptr + c[:, None] * D + dd[None, :], mask=m, other=0.0)
-        dist += tl.sum((e - mu) * (e - mu), axis=1)
-    hinge = tl.where(row_ok, tl.maximum(dist - alpha_intra, 0.0), 0.0)
-    tl.store(partial_ptr + pid, tl.sum(hinge, axis=0) / B)
-    if COMPUTE_GRAD:
-        # ∂/∂ẑ_i (direct) = w_i (ẑ_i − μ), w_i = 2/B [active]; the μ part is step 5's
-        w = tl.where(row_ok & (dist - alpha_intra > 0.0), 2.0 / B, 0.0)
-        tl.store(w_ptr + rows, w, mask=row_ok)
+    @triton.jit
+    def _center_intra_kernel(z_ptr, r_ptr, cls_ptr, mu_ptr, w_ptr, g_ptr, partial_ptr, B, D, stride_zm, alpha_intra,
+                             COMPUTE_GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+        c = tl.load(cls_ptr + rows, mask=row_ok, other=0)
+        # dist_i = ‖ẑ_i − μ_{y_i}‖²
+        dist = tl.zeros([BLOCK_B], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             m = row_ok[:, None] & (dd < D)[None, :]
             e = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
             mu = tl.load(mu_ptr + c[:, None] * D + dd[None, :], mask=m, other=0.0)
-            tl.store(g_ptr + rows[:, None] * D + dd[None, :], w[:, None] * (e - mu), mask=m)
-
-
-@triton.jit
-def _center_inter_kernel(mu_ptr, num_classes_ptr, dmu_ptr, partial_ptr, D, alpha_inter,
-                         COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    C = tl.load(num_classes_ptr)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < C
-    inv_pairs = 1.0 / tl.maximum(C * (C - 1), 1).to(tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    deg = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, C, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        sq_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sq_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(a, tl.trans(b), s, input_precision="ieee")
-            sq_r += tl.sum(a * a, axis=1)
-            sq_c += tl.sum(b * b, axis=1)
-        # hinge α − ‖μ_c − μ_c'‖² over distinct present classes
-        gap = alpha_inter - (sq_r[:, None] + sq_c[None, :] - 2.0 * s)
-        pair = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-        act = pair & (gap > 0.0)
-        total += tl.sum(tl.where(act, gap, 0.0), axis=1)
+            dist += tl.sum((e - mu) * (e - mu), axis=1)
+        hinge = tl.where(row_ok, tl.maximum(dist - alpha_intra, 0.0), 0.0)
+        tl.store(partial_ptr + pid, tl.sum(hinge, axis=0) / B)
         if COMPUTE_GRAD:
-            a_w = tl.where(act, 4.0 * inv_pairs, 0.0)
-            deg += tl.sum(a_w, axis=1)
-            # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c'. Only this program touches these rows; the adds are
-            # atomic so that later iterations see earlier ones whatever thread layout the compiler
-            # picks, and they stay in program order (deterministic).
+            # ∂/∂ẑ_i (direct) = w_i (ẑ_i − μ), w_i = 2/B [active]; the μ part is step 5's
+            w = tl.where(row_ok & (dist - alpha_intra > 0.0), 2.0 / B, 0.0)
+            tl.store(w_ptr + rows, w, mask=row_ok)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = row_ok[:, None] & (dd < D)[None, :]
+                e = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+                mu = tl.load(mu_ptr + c[:, None] * D + dd[None, :], mask=m, other=0.0)
+                tl.store(g_ptr + rows[:, None] * D + dd[None, :], w[:, None] * (e - mu), mask=m)
+
+
+    @triton.jit
+    def _center_inter_kernel(mu_ptr, num_classes_ptr, dmu_ptr, partial_ptr, D, alpha_inter,
+                             COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        C = tl.load(num_classes_ptr)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < C
+        inv_pairs = 1.0 / tl.maximum(C * (C - 1), 1).to(tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        deg = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, C, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < C
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            sq_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+            sq_c = tl.zeros([BLOCK_N], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < D
+                a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], tl.dot(a_w, b, input_precision="ieee"),
-                              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(partial_ptr + pid, tl.sum(total, axis=0) * inv_pairs)
-    if COMPUTE_GRAD:
-        # ∂L/∂μ_c −= (4/P) deg_c μ_c
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (dd < D)[None, :]
-            a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], -deg[:, None] * a, mask=m)
+                s = tl.dot(a, tl.trans(b), s, input_precision="ieee")
+                sq_r += tl.sum(a * a, axis=1)
+                sq_c += tl.sum(b * b, axis=1)
+            # hinge α − ‖μ_c − μ_c'‖² over distinct present classes
+            gap = alpha_inter - (sq_r[:, None] + sq_c[None, :] - 2.0 * s)
+            pair = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+            act = pair & (gap > 0.0)
+            total += tl.sum(tl.where(act, gap, 0.0), axis=1)
+            if COMPUTE_GRAD:
+                a_w = tl.where(act, 4.0 * inv_pairs, 0.0)
+                deg += tl.sum(a_w, axis=1)
+                # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c'. Only this program touches these rows; the adds are
+                # atomic so that later iterations see earlier ones whatever thread layout the compiler
+                # picks, and they stay in program order (deterministic).
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = dd < D
+                    b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], tl.dot(a_w, b, input_precision="ieee"),
+                                  mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(partial_ptr + pid, tl.sum(total, axis=0) * inv_pairs)
+        if COMPUTE_GRAD:
+            # ∂L/∂μ_c −= (4/P) deg_c μ_c
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = row_ok[:, None] & (dd < D)[None, :]
+                a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+                tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], -deg[:, None] * a, mask=m)
 
 
-@triton.jit
-def _center_grad_kernel(z_ptr, r_ptr, order_ptr, starts_ptr, counts_ptr, mu_ptr, dmu_ptr, w_ptr, g_ptr, D, stride_zm,
-                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    start = tl.load(starts_ptr + c)
-    n = tl.load(counts_ptr + c)
-    mu = tl.load(mu_ptr + c * D + dd, mask=d_ok, other=0.0)
-    # G_c = ∂L/∂μ_c − Σ_{i∈c} w_i (ẑ_i − μ_c)
-    acc = tl.load(dmu_ptr + c * D + dd, mask=d_ok, other=0.0)
-    for k0 in range(0, n, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < n
-        i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
-        r = tl.load(r_ptr + i, mask=k_ok, other=0.0)
-        w = tl.load(w_ptr + i, mask=k_ok, other=0.0)
-        e = tl.load(z_ptr + i[:, None] * stride_zm + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc -= tl.sum(w[:, None] * (e.to(tl.float32) * r[:, None] - mu[None, :]), axis=0)
-    share = acc / tl.maximum(n, 1).to(tl.float32)
-    # ∂L/∂ẑ_i += G_c / n_c for every member (each row belongs to one class: no atomics)
-    for k0 in range(0, n, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < n
-        i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
-        ptrs = g_ptr + i[:, None] * D + dd[None, :]
-        m = k_ok[:, None] & d_ok[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + share[None, :], mask=m)
+    @triton.jit
+    def _center_grad_kernel(z_ptr, r_ptr, order_ptr, starts_ptr, counts_ptr, mu_ptr, dmu_ptr, w_ptr, g_ptr, D, stride_zm,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        c = tl.program_id(0).to(tl.int64)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        start = tl.load(starts_ptr + c)
+        n = tl.load(counts_ptr + c)
+        mu = tl.load(mu_ptr + c * D + dd, mask=d_ok, other=0.0)
+        # G_c = ∂L/∂μ_c − Σ_{i∈c} w_i (ẑ_i − μ_c)
+        acc = tl.load(dmu_ptr + c * D + dd, mask=d_ok, other=0.0)
+        for k0 in range(0, n, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < n
+            i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
+            r = tl.load(r_ptr + i, mask=k_ok, other=0.0)
+            w = tl.load(w_ptr + i, mask=k_ok, other=0.0)
+            e = tl.load(z_ptr + i[:, None] * stride_zm + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            acc -= tl.sum(w[:, None] * (e.to(tl.float32) * r[:, None] - mu[None, :]), axis=0)
+        share = acc / tl.maximum(n, 1).to(tl.float32)
+        # ∂L/∂ẑ_i += G_c / n_c for every member (each row belongs to one class: no atomics)
+        for k0 in range(0, n, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < n
+            i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
+            ptrs = g_ptr + i[:, None] * D + dd[None, :]
+            m = k_ok[:, None] & d_ok[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + share[None, :], mask=m)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -36,10 +36,14 @@ reference; fp16/bf16 use tensor cores with fp32 accumulation. GPU timings: not m
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from ccs_fast.kernels._dispatch import interpreting, resolve_impl
+from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # the package must import without Triton; the dispatcher then only offers "eager"
+    triton = None
 
 _EPS = 1e-12  # F.normalize's clamp of the norm
 _LOW31 = 2**31 - 1  # low 31 bits of a selection key hold the index tiebreak
@@ -50,188 +54,190 @@ _NO_MIN = 2**63 - 1
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
-def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
-                    mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-        ss += tl.sum(z * z, axis=1)
-    if NORMALIZE:
-        # r = 1 / max(‖z‖, eps), ‖ẑ‖² = ‖z‖² r²
-        r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
-    else:
-        r = tl.full([BLOCK_B], 1.0, tl.float32)
-    tl.store(r_ptr + rows, r, mask=row_ok)
-    tl.store(sq_ptr + rows, ss * r * r, mask=row_ok)
+if triton is not None:
 
-
-@triton.jit
-def _max_key(d, idx):
-    # order-preserving int of fp32 d, times 2³¹, plus a tiebreak that prefers the lower index
-    bits = d.to(tl.int32, bitcast=True).to(tl.int64)
-    ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
-    return ordered * 2147483648 + (2147483647 - idx.to(tl.int64))
-
-
-@triton.jit
-def _min_key(d, idx):
-    bits = d.to(tl.int32, bitcast=True).to(tl.int64)
-    ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
-    return ordered * 2147483648 + idx.to(tl.int64)
-
-
-@triton.jit
-def _triplet_mine_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sqa_ptr, sqb_ptr, y_ptr,
-                         row_pos_ptr, row_neg_ptr, col_pos_key_ptr, col_neg_key_ptr, count_ptr,
-                         B, D, stride_am, stride_bm, B_BUCKET, D_BUCKET,
-                         SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    y_r = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    r_r = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
-    sq_r = tl.load(sqa_ptr + rows, mask=row_ok, other=0.0)
-    best_pos = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    best_neg = tl.full([BLOCK_M], float("inf"), tl.float32)
-    pos_idx = tl.full([BLOCK_M], -1, tl.int32)
-    neg_idx = tl.full([BLOCK_M], -1, tl.int32)
-    for n0 in range(0, B, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < B
-        # S = a_rows · b_colsᵀ over D chunks, fp32 accumulation
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(a_ptr + rows[:, None] * stride_am + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + cols[:, None] * stride_bm + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            s = tl.dot(a, tl.trans(b), s, input_precision=DOT_PRECISION)
-        r_c = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
-        sq_c = tl.load(sqb_ptr + cols, mask=col_ok, other=0.0)
-        y_c = tl.load(y_ptr + cols, mask=col_ok, other=0)
-        # d = ‖ẑ_a‖² + ‖ẑ_b‖² − 2 r_a r_b S
-        d = sq_r[:, None] + sq_c[None, :] - 2.0 * s * r_r[:, None] * r_c[None, :]
-        both = row_ok[:, None] & col_ok[None, :]
-        same = y_r[:, None] == y_c[None, :]
-        pos = both & same
-        if SINGLE:
-            pos = pos & (rows[:, None] != cols[None, :])
-        neg = both & (y_r[:, None] != y_c[None, :])
-        d_pos = tl.where(pos, d, float("-inf"))
-        d_neg = tl.where(neg, d, float("inf"))
-        # rows: strict improvement only, so earlier (lower) indices win ties across tiles
-        tile_pos = tl.max(d_pos, axis=1)
-        tile_pos_idx = (n0 + tl.argmax(d_pos, axis=1, tie_break_left=True)).to(tl.int32)
-        take = tile_pos > best_pos
-        pos_idx = tl.where(take, tile_pos_idx, pos_idx)
-        best_pos = tl.where(take, tile_pos, best_pos)
-        tile_neg = tl.min(d_neg, axis=1)
-        tile_neg_idx = (n0 + tl.argmin(d_neg, axis=1, tie_break_left=True)).to(tl.int32)
-        take = tile_neg < best_neg
-        neg_idx = tl.where(take, tile_neg_idx, neg_idx)
-        best_neg = tl.where(take, tile_neg, best_neg)
-        if not SINGLE:
-            # columns: reduce over this tile's rows, merge across programs by packed keys
-            col_pos = tl.max(d_pos, axis=0)
-            col_pos_idx = pid * BLOCK_M + tl.argmax(d_pos, axis=0, tie_break_left=True)
-            tl.atomic_max(col_pos_key_ptr + cols, _max_key(col_pos, col_pos_idx),
-                          mask=col_ok & (col_pos > float("-inf")))
-            col_neg = tl.min(d_neg, axis=0)
-            col_neg_idx = pid * BLOCK_M + tl.argmin(d_neg, axis=0, tie_break_left=True)
-            tl.atomic_min(col_neg_key_ptr + cols, _min_key(col_neg, col_neg_idx),
-                          mask=col_ok & (col_neg < float("inf")))
-    tl.store(row_pos_ptr + rows, pos_idx, mask=row_ok)
-    tl.store(row_neg_ptr + rows, neg_idx, mask=row_ok)
-    valid = row_ok & (pos_idx >= 0) & (neg_idx >= 0)
-    tl.atomic_add(count_ptr, tl.sum(valid.to(tl.int32), axis=0))
-
-
-@triton.jit
-def _triplet_grad_kernel(anc_ptr, tgt_ptr, r_anc_ptr, r_tgt_ptr, pos_ptr, neg_ptr, count_ptr,
-                         g_anc_ptr, g_tgt_ptr, partial_ptr,
-                         B, D, stride_am, stride_tm, margin,
-                         FROM_KEYS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    @triton.jit
+    def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    if FROM_KEYS:
-        pos_key = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-        neg_key = tl.load(neg_ptr + rows, mask=row_ok, other=9223372036854775807)
-        found = (pos_key >= 0) & (neg_key != 9223372036854775807)
-        p = 2147483647 - (pos_key & 2147483647)
-        n = neg_key & 2147483647
-    else:
-        p = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        n = tl.load(neg_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        found = (p >= 0) & (n >= 0)
-    valid = row_ok & found
-    p = tl.where(valid, p, 0)
-    n = tl.where(valid, n, 0)
-    r_a = tl.load(r_anc_ptr + rows, mask=valid, other=0.0)
-    r_p = tl.load(r_tgt_ptr + p, mask=valid, other=0.0)
-    r_n = tl.load(r_tgt_ptr + n, mask=valid, other=0.0)
-    # exact d(a, p) = ‖ẑ_a − ẑ_p‖², d(a, n) = ‖ẑ_a − ẑ_n‖²
-    dp = tl.zeros([BLOCK_B], dtype=tl.float32)
-    dn = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m = valid[:, None] & (dd < D)[None, :]
-        a = tl.load(anc_ptr + rows[:, None] * stride_am + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_a[:, None]
-        zp = tl.load(tgt_ptr + p[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_p[:, None]
-        zn = tl.load(tgt_ptr + n[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_n[:, None]
-        dp += tl.sum((a - zp) * (a - zp), axis=1)
-        dn += tl.sum((a - zn) * (a - zn), axis=1)
-    inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-    hinge = tl.where(valid, tl.maximum(dp - dn + margin, 0.0), 0.0)
-    tl.store(partial_ptr + pid, tl.sum(hinge, axis=0) * inv_count)
-    if COMPUTE_GRAD:
-        active = valid & (dp - dn + margin > 0.0)
-        c = 2.0 * inv_count
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
+                        mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(z * z, axis=1)
+        if NORMALIZE:
+            # r = 1 / max(‖z‖, eps), ‖ẑ‖² = ‖z‖² r²
+            r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
+        else:
+            r = tl.full([BLOCK_B], 1.0, tl.float32)
+        tl.store(r_ptr + rows, r, mask=row_ok)
+        tl.store(sq_ptr + rows, ss * r * r, mask=row_ok)
+
+
+    @triton.jit
+    def _max_key(d, idx):
+        # order-preserving int of fp32 d, times 2³¹, plus a tiebreak that prefers the lower index
+        bits = d.to(tl.int32, bitcast=True).to(tl.int64)
+        ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
+        return ordered * 2147483648 + (2147483647 - idx.to(tl.int64))
+
+
+    @triton.jit
+    def _min_key(d, idx):
+        bits = d.to(tl.int32, bitcast=True).to(tl.int64)
+        ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
+        return ordered * 2147483648 + idx.to(tl.int64)
+
+
+    @triton.jit
+    def _triplet_mine_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sqa_ptr, sqb_ptr, y_ptr,
+                             row_pos_ptr, row_neg_ptr, col_pos_key_ptr, col_neg_key_ptr, count_ptr,
+                             B, D, stride_am, stride_bm, B_BUCKET, D_BUCKET,
+                             SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        y_r = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        r_r = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+        sq_r = tl.load(sqa_ptr + rows, mask=row_ok, other=0.0)
+        best_pos = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_neg = tl.full([BLOCK_M], float("inf"), tl.float32)
+        pos_idx = tl.full([BLOCK_M], -1, tl.int32)
+        neg_idx = tl.full([BLOCK_M], -1, tl.int32)
+        for n0 in range(0, B, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < B
+            # S = a_rows · b_colsᵀ over D chunks, fp32 accumulation
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                a = tl.load(a_ptr + rows[:, None] * stride_am + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                b = tl.load(b_ptr + cols[:, None] * stride_bm + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                s = tl.dot(a, tl.trans(b), s, input_precision=DOT_PRECISION)
+            r_c = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+            sq_c = tl.load(sqb_ptr + cols, mask=col_ok, other=0.0)
+            y_c = tl.load(y_ptr + cols, mask=col_ok, other=0)
+            # d = ‖ẑ_a‖² + ‖ẑ_b‖² − 2 r_a r_b S
+            d = sq_r[:, None] + sq_c[None, :] - 2.0 * s * r_r[:, None] * r_c[None, :]
+            both = row_ok[:, None] & col_ok[None, :]
+            same = y_r[:, None] == y_c[None, :]
+            pos = both & same
+            if SINGLE:
+                pos = pos & (rows[:, None] != cols[None, :])
+            neg = both & (y_r[:, None] != y_c[None, :])
+            d_pos = tl.where(pos, d, float("-inf"))
+            d_neg = tl.where(neg, d, float("inf"))
+            # rows: strict improvement only, so earlier (lower) indices win ties across tiles
+            tile_pos = tl.max(d_pos, axis=1)
+            tile_pos_idx = (n0 + tl.argmax(d_pos, axis=1, tie_break_left=True)).to(tl.int32)
+            take = tile_pos > best_pos
+            pos_idx = tl.where(take, tile_pos_idx, pos_idx)
+            best_pos = tl.where(take, tile_pos, best_pos)
+            tile_neg = tl.min(d_neg, axis=1)
+            tile_neg_idx = (n0 + tl.argmin(d_neg, axis=1, tie_break_left=True)).to(tl.int32)
+            take = tile_neg < best_neg
+            neg_idx = tl.where(take, tile_neg_idx, neg_idx)
+            best_neg = tl.where(take, tile_neg, best_neg)
+            if not SINGLE:
+                # columns: reduce over this tile's rows, merge across programs by packed keys
+                col_pos = tl.max(d_pos, axis=0)
+                col_pos_idx = pid * BLOCK_M + tl.argmax(d_pos, axis=0, tie_break_left=True)
+                tl.atomic_max(col_pos_key_ptr + cols, _max_key(col_pos, col_pos_idx),
+                              mask=col_ok & (col_pos > float("-inf")))
+                col_neg = tl.min(d_neg, axis=0)
+                col_neg_idx = pid * BLOCK_M + tl.argmin(d_neg, axis=0, tie_break_left=True)
+                tl.atomic_min(col_neg_key_ptr + cols, _min_key(col_neg, col_neg_idx),
+                              mask=col_ok & (col_neg < float("inf")))
+        tl.store(row_pos_ptr + rows, pos_idx, mask=row_ok)
+        tl.store(row_neg_ptr + rows, neg_idx, mask=row_ok)
+        valid = row_ok & (pos_idx >= 0) & (neg_idx >= 0)
+        tl.atomic_add(count_ptr, tl.sum(valid.to(tl.int32), axis=0))
+
+
+    @triton.jit
+    def _triplet_grad_kernel(anc_ptr, tgt_ptr, r_anc_ptr, r_tgt_ptr, pos_ptr, neg_ptr, count_ptr,
+                             g_anc_ptr, g_tgt_ptr, partial_ptr,
+                             B, D, stride_am, stride_tm, margin,
+                             FROM_KEYS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        if FROM_KEYS:
+            pos_key = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+            neg_key = tl.load(neg_ptr + rows, mask=row_ok, other=9223372036854775807)
+            found = (pos_key >= 0) & (neg_key != 9223372036854775807)
+            p = 2147483647 - (pos_key & 2147483647)
+            n = neg_key & 2147483647
+        else:
+            p = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+            n = tl.load(neg_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+            found = (p >= 0) & (n >= 0)
+        valid = row_ok & found
+        p = tl.where(valid, p, 0)
+        n = tl.where(valid, n, 0)
+        r_a = tl.load(r_anc_ptr + rows, mask=valid, other=0.0)
+        r_p = tl.load(r_tgt_ptr + p, mask=valid, other=0.0)
+        r_n = tl.load(r_tgt_ptr + n, mask=valid, other=0.0)
+        # exact d(a, p) = ‖ẑ_a − ẑ_p‖², d(a, n) = ‖ẑ_a − ẑ_n‖²
+        dp = tl.zeros([BLOCK_B], dtype=tl.float32)
+        dn = tl.zeros([BLOCK_B], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            m = active[:, None] & (dd < D)[None, :]
+            m = valid[:, None] & (dd < D)[None, :]
             a = tl.load(anc_ptr + rows[:, None] * stride_am + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_a[:, None]
             zp = tl.load(tgt_ptr + p[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_p[:, None]
             zn = tl.load(tgt_ptr + n[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_n[:, None]
-            # ∂/∂a = 2c(n − p), ∂/∂p = 2c(p − a), ∂/∂n = 2c(a − n)
-            tl.atomic_add(g_anc_ptr + rows[:, None] * D + dd[None, :], c * (zn - zp), mask=m)
-            tl.atomic_add(g_tgt_ptr + p[:, None] * D + dd[None, :], c * (zp - a), mask=m)
-            tl.atomic_add(g_tgt_ptr + n[:, None] * D + dd[None, :], c * (a - zn), mask=m)
+            dp += tl.sum((a - zp) * (a - zp), axis=1)
+            dn += tl.sum((a - zn) * (a - zn), axis=1)
+        inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+        hinge = tl.where(valid, tl.maximum(dp - dn + margin, 0.0), 0.0)
+        tl.store(partial_ptr + pid, tl.sum(hinge, axis=0) * inv_count)
+        if COMPUTE_GRAD:
+            active = valid & (dp - dn + margin > 0.0)
+            c = 2.0 * inv_count
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = active[:, None] & (dd < D)[None, :]
+                a = tl.load(anc_ptr + rows[:, None] * stride_am + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_a[:, None]
+                zp = tl.load(tgt_ptr + p[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_p[:, None]
+                zn = tl.load(tgt_ptr + n[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_n[:, None]
+                # ∂/∂a = 2c(n − p), ∂/∂p = 2c(p − a), ∂/∂n = 2c(a − n)
+                tl.atomic_add(g_anc_ptr + rows[:, None] * D + dd[None, :], c * (zn - zp), mask=m)
+                tl.atomic_add(g_tgt_ptr + p[:, None] * D + dd[None, :], c * (zp - a), mask=m)
+                tl.atomic_add(g_tgt_ptr + n[:, None] * D + dd[None, :], c * (a - zn), mask=m)
 
 
-@triton.jit
-def _normalize_bwd_kernel(z_ptr, r_ptr, g_ptr, B, D, stride_zm, EPS: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    dot = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (dd < D)[None, :]
-        zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-        g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-        dot += tl.sum(zh * g, axis=1)
-    # ∂L/∂z = r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = r g
-    unclamped = r < 1.0 / EPS
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (dd < D)[None, :]
-        zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-        g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-        dz = tl.where(unclamped[:, None], r[:, None] * (g - zh * dot[:, None]), r[:, None] * g)
-        tl.store(g_ptr + rows[:, None] * D + dd[None, :], dz, mask=m)
+    @triton.jit
+    def _normalize_bwd_kernel(z_ptr, r_ptr, g_ptr, B, D, stride_zm, EPS: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+        dot = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (dd < D)[None, :]
+            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+            dot += tl.sum(zh * g, axis=1)
+        # ∂L/∂z = r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = r g
+        unclamped = r < 1.0 / EPS
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (dd < D)[None, :]
+            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+            dz = tl.where(unclamped[:, None], r[:, None] * (g - zh * dot[:, None]), r[:, None] * g)
+            tl.store(g_ptr + rows[:, None] * D + dd[None, :], dz, mask=m)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -259,7 +265,7 @@ def _reset_mine(nargs):
 
 
 _mine_tuned = None
-if torch.cuda.is_available():
+if triton is not None and torch.cuda.is_available():
     _mine_tuned = triton.autotune(configs=_mine_configs(), key=["B_BUCKET", "D_BUCKET", "SINGLE", "DOT_PRECISION"])(
         _triplet_mine_kernel
     )
