@@ -134,3 +134,20 @@ def matmul_peak_tflops(device: str | torch.device = "cuda", dtype: torch.dtype =
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms, _, _ = timeit(lambda: a @ b, device)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def run_pytest_benchmark(benchmark, fn: Callable[[], object], device: str | torch.device):
+    """pytest-benchmark of ``fn`` with first-call costs (autotune, compilation) left out and
+    the device synchronised in each timed call; a few rounds on CPU, where it is slow."""
+    device = torch.device(device)
+    fn()
+
+    def step():
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    if device.type == "cpu":
+        return benchmark.pedantic(step, rounds=3, iterations=1)
+    return benchmark(step)

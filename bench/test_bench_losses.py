@@ -6,6 +6,7 @@ TRITON_INTERPRET=1).
 import pytest
 import torch
 
+from bench.common import run_pytest_benchmark
 from bench.bench_losses import OPS, make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -13,21 +14,9 @@ SHAPE = dict(B=24, D=16) if DEVICE == "cpu" else dict(B=4096, D=512)
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("provider", ["eager", "triton"])
 def test_loss_full(benchmark, op, provider):
     fn = make_case(op, provider, "full", device=DEVICE, dtype=DTYPE, **SHAPE)
-    fn()  # autotune / first-call costs outside the measurement
-
-    def step():
-        out = fn()
-        _sync()
-        return out
-
-    grads = benchmark.pedantic(step, rounds=3, iterations=1) if DEVICE == "cpu" else benchmark(step)
+    grads = run_pytest_benchmark(benchmark, fn, DEVICE)
     assert all(torch.isfinite(g).all() for g in grads)
