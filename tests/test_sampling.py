@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccs_fast.dataloader.sampling import SCALE_PAIRS, clip_rng, plan_clip
 
@@ -97,3 +99,32 @@ def test_too_short_video_is_rejected():
     with pytest.raises(ValueError, match="fewer than the flow stack of 5"):
         plan(5, L=5)
     plan(6, L=5)  # exactly enough flow frames
+
+
+# Properties of every plan, over random videos, segment counts and (seed, epoch, index).
+
+@settings(max_examples=200, deadline=None)
+@given(num_frames=st.integers(2, 400), num_segments=st.integers(1, 25), flow_length=st.integers(1, 10),
+       width=st.integers(16, 400), height=st.integers(16, 400), train=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), epoch=st.integers(0, 100), index=st.integers(0, 10**6))
+def test_every_plan_stays_inside_the_video_and_the_frame(num_frames, num_segments, flow_length, width,
+                                                         height, train, seed, epoch, index):
+    if num_frames - 1 < flow_length:
+        return  # a video too short for the flow stack is bad input, tested above
+    plan = plan_clip(num_frames, width, height, num_segments=num_segments, flow_length=flow_length,
+                     input_size=8, train=train, seed=seed, epoch=epoch, index=index)
+    num_flow = num_frames - 1
+    assert plan.frame_indices.shape == (num_segments,) and plan.flow_indices.shape == (num_segments, flow_length)
+    assert (plan.frame_indices >= 0).all() and (plan.frame_indices < num_flow).all()
+    assert (plan.flow_indices >= 0).all() and (plan.flow_indices < num_flow).all()
+    assert (plan.flow_indices[:, 0] == plan.frame_indices).all()  # the stack starts at the sampled frame
+    assert (np.diff(plan.frame_indices) >= 0).all()  # segments in temporal order
+    assert (np.diff(plan.flow_indices, axis=1) >= 0).all() and (np.diff(plan.flow_indices, axis=1) <= 1).all()
+    x0, y0, w, h = plan.crop
+    assert 0 <= x0 and 0 <= y0 and 0 < w and 0 < h and x0 + w <= width and y0 + h <= height
+    assert train or (not plan.flip and w == h)
+    again = plan_clip(num_frames, width, height, num_segments=num_segments, flow_length=flow_length,
+                      input_size=8, train=train, seed=seed, epoch=epoch, index=index)
+    assert np.array_equal(again.frame_indices, plan.frame_indices)
+    assert np.array_equal(again.flow_indices, plan.flow_indices)
+    assert again.crop == plan.crop and again.flip == plan.flip
