@@ -163,3 +163,41 @@ def test_lr_schedule_warmup_and_steps():
     assert factor(19) == pytest.approx(1.0)
     assert factor(20) == pytest.approx(0.1)
     assert factor(40) == pytest.approx(0.01)
+
+
+def test_two_process_ddp_under_torchrun(tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes the run
+    folder, and evaluation counts the videos of both ranks."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    out = tmp_path / "run"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_trainer import tiny_config\n"
+        "from ccs_fast import trainer\n"
+        "torch.set_num_threads(1)\n"
+        f"summary = trainer.train(tiny_config({str(out)!r}, epochs=1))\n"
+        "print('RESULT', os.environ['RANK'], json.dumps(summary['eval']['num_videos']), flush=True)\n"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    assert set(results) == {"0", "1"}
+    # synthetic eval: BATCHES batches of 4 clips on each of the 2 ranks, gathered
+    assert all(json.loads(v) == 2 * BATCHES * 4 for v in results.values())
+    assert (out / "last.pt").exists()
+    starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
