@@ -22,7 +22,6 @@ call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph
 """
 import argparse
 import math
-import os
 import sys
 
 import torch
@@ -136,15 +135,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_cross_attention: --device cuda needs a CUDA GPU (use --device cpu for the smoke run)")
-    if device == "cpu":
-        # the Triton kernels run in the interpreter; triton.jit reads this when they are defined
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    cpu = device == "cpu"
+    cpu = common.prepare_kernel_device(device, "bench_cross_attention")
     B = args.B or (2 if cpu else 32)
-    Ns = [int(n) for n in args.N.split(",")] if args.N else ([20] if cpu else [147, 588, 1225, 2352])
-    feats = [int(f) for f in args.features.split(",")] if args.features else ([16] if cpu else [256, 512, 1024])
+    Ns = common.int_list(args.N, [20] if cpu else [147, 588, 1225, 2352])
+    feats = common.int_list(args.features, [16] if cpu else [256, 512, 1024])
     providers = args.providers.split(",") if args.providers else (["eager", "triton"] if cpu else list(PROVIDERS))
     modes = args.modes.split(",")
     dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]

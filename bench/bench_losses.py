@@ -20,7 +20,6 @@ serves both directions); center loss 2·C²·D for the class-mean distances plus
 Rows are appended to bench/results/losses-<gpu-slug>.json.
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -127,14 +126,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_losses: --device cuda needs a CUDA GPU (use --device cpu for the smoke run)")
-    if device == "cpu":
-        # the Triton kernels run in the interpreter; triton.jit reads this when they are defined
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    cpu = device == "cpu"
-    Bs = [int(b) for b in args.B.split(",")] if args.B else ([24] if cpu else [256, 512, 1024, 2048, 4096, 8192])
-    Ds = [int(d) for d in args.D.split(",")] if args.D else ([16] if cpu else [256, 512, 2048])
+    cpu = common.prepare_kernel_device(device, "bench_losses")
+    Bs = common.int_list(args.B, [24] if cpu else [256, 512, 1024, 2048, 4096, 8192])
+    Ds = common.int_list(args.D, [16] if cpu else [256, 512, 2048])
     providers = args.providers.split(",") if args.providers else (["eager", "triton", "pml"] if cpu else list(PROVIDERS))
     dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
     if cpu:

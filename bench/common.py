@@ -151,3 +151,19 @@ def run_pytest_benchmark(benchmark, fn: Callable[[], object], device: str | torc
     if device.type == "cpu":
         return benchmark.pedantic(step, rounds=3, iterations=1)
     return benchmark(step)
+
+
+def prepare_kernel_device(device: str, prog: str) -> bool:
+    """Check ``device`` for a kernel benchmark; on CPU the Triton kernels run in the
+    interpreter (``triton.jit`` reads TRITON_INTERPRET when they are defined, so this runs
+    before they are imported). Returns True for the CPU smoke run."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{prog}: --device cuda needs a CUDA GPU (use --device cpu for the smoke run)")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device == "cpu"
+
+
+def int_list(text: str | None, default: Sequence[int]) -> list[int]:
+    """``"1,2,3"`` → ``[1, 2, 3]``; ``default`` when the option was not given."""
+    return [int(v) for v in text.split(",")] if text else list(default)
