@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ccs_fast.checkpoint import save_checkpoint
-from ccs_fast.config import Config
 from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores, predict
+from tiny import tiny_config
 
 
 class FixedLogits(torch.nn.Module):
@@ -97,19 +97,9 @@ def tiny_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     from ccs_fast.model import build_model
 
-    cfg = Config()
-    cfg.model.backbone = "timm:test_resnet"
+    cfg = tiny_config(tmp_path)
     cfg.model.num_classes = 5
-    cfg.model.flow_length = 1
-    cfg.model.embed_dim = 8
-    cfg.model.impl = "eager"
-    cfg.data.backend = "synthetic"
-    cfg.data.synthetic_batches = 2
     cfg.data.batch_size = 3
-    cfg.data.input_size = 32
-    cfg.data.test_segments = 2
-    cfg.train.device = "cpu"
-    cfg.train.precision = "fp32"
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "last.pt", build_model(cfg.model), config=cfg.to_dict())
     return cfg, path

@@ -11,11 +11,11 @@ from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.config import Config
 from ccs_fast.errors import CCSError
 from ccs_fast.metrics import read_metrics
+from tiny import BATCHES, tiny_config
 
 pytest.importorskip("timm")
 
 
-BATCHES = 2  # synthetic batches per epoch (train and eval)
 
 
 @pytest.fixture(scope="module")
@@ -29,33 +29,6 @@ def runs(tmp_path_factory):
     return {"root": root, "straight": straight, "resumed": resumed}
 
 
-def tiny_config(out_dir, epochs=2, **train) -> Config:
-    cfg = Config()
-    cfg.model.backbone = "timm:test_resnet"  # ~0.4 M parameters per stream
-    cfg.model.num_classes = 4
-    cfg.model.num_segments = 2
-    cfg.model.flow_length = 1
-    cfg.data.synthetic_batches = BATCHES
-    cfg.model.embed_dim = 16
-    cfg.model.impl = "eager"
-    cfg.data.backend = "synthetic"
-    cfg.data.batch_size = 4
-    cfg.data.input_size = 32
-    cfg.data.test_segments = 2
-    cfg.data.num_workers = 0
-    cfg.optim.lr = 0.01
-    cfg.optim.epochs = epochs
-    cfg.optim.lr_steps = [1]
-    cfg.optim.warmup_epochs = 0.5
-    cfg.train.out_dir = str(out_dir)
-    cfg.train.precision = "fp32"
-    cfg.train.device = "cpu"
-    cfg.train.log_interval = 2
-    cfg.train.eval_interval = 1
-    cfg.train.progress = False
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg.validate()
 
 
 def test_train_writes_outputs_and_summary(runs):
@@ -179,7 +152,7 @@ def test_two_process_ddp_under_torchrun(tmp_path):
     script.write_text(
         "import json, os, sys, torch\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_trainer import tiny_config\n"
+        "from tiny import tiny_config\n"
         "from ccs_fast import trainer\n"
         "torch.set_num_threads(1)\n"
         f"summary = trainer.train(tiny_config({str(out)!r}, epochs=1))\n"
