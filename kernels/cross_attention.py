@@ -6,69 +6,71 @@
 
 Algorithm
 ---------
-Forward. Because Sᵀ = scale · k qᵀ, the column direction is the row direction with the roles
-of q and k swapped, so one flash-style kernel (``_xattn_fwd_kernel``) runs twice: a row pass
+Forward. Sᵀ = scale · k qᵀ, so the column direction is the row direction with the roles of q
+and k swapped, and one flash-style kernel (``_xattn_fwd_kernel``) runs twice: a row pass
 (queries q, keys k, values v_o) gives y_f and the row log-sum-exp, a column pass (queries k,
-keys q, values v_f) gives y_o and the column log-sum-exp. Each program owns a block of query
-rows and one block of value features, walks the keys in tiles, builds each S tile from
-BLOCK_D-wide slices of the features (any d), and keeps an online softmax (running max m, sum
-l) with the fp32 accumulator in registers. Softmaxes use exp2 with log2(e) folded into the
-scale; the saved LSE vectors are in base 2. Padded key columns are set to -inf before the max,
-and every key tile holds at least one real column, so no row ever sees max = -inf.
+keys q, values v_f) gives y_o and the column log-sum-exp. A program owns BLOCK_M query rows
+and BLOCK_E value features, walks the keys in tiles, builds each S tile from BLOCK_D-wide
+slices of the features (any d) and keeps an online softmax (running max m, sum l) with its
+fp32 accumulator in registers. BLOCK_E is the value width rounded up to a power of two, up to
+512, so for e ≤ 512 each S tile is built once per direction: S twice in all, the least
+possible without an N_f × N_o matrix in memory (the column statistics need every row).
+For e > 512 the values are split into 512-wide slices and S is rebuilt once per slice.
+Softmaxes use exp2 with log2(e) folded into the scale; the saved LSE vectors are in base 2.
+Padded key columns are -inf before the max, and every key tile holds at least one real key.
 
-Backward. Δ_row = rowsum(dy_f ⊙ y_f) and Δ_col = rowsum(dy_o ⊙ y_o) are two torch reductions.
-Then ONE kernel (``_xattn_bwd_kernel``) is parallel over column blocks of S (blocks of N_o)
-and loops over all row blocks, each program starting at a different one to spread the atomic
-traffic; each S tile is recomputed once and serves both directions:
+Backward (no atomics; FlashAttention-2's split by ownership). ``_delta_kernel`` computes
+Δ_row = rowsum(dy_f ⊙ y_f) and Δ_col = rowsum(dy_o ⊙ y_o) in fp32. Then one kernel,
+``_xattn_bwd_kernel``, runs twice: once with each program owning a block of S's columns
+(it writes dk and dv_o) and once owning a block of rows (dq and dv_f). Both recompute, per
+S tile,
 
     P_row = exp(S − lse_row)   P_col = exp(S − lse_col)
-    dP_row = dy_f v_oᵀ         dP_col = v_f dy_oᵀ
-    dS  = P_row ⊙ (dP_row − Δ_row) + P_col ⊙ (dP_col − Δ_col)
-    dq += scale · dS k    dk += scale · dSᵀ q    dv_o += P_rowᵀ dy_f    dv_f += P_col dy_o
+    dS    = P_row ⊙ (dy_f v_oᵀ − Δ_row) + P_col ⊙ (v_f dy_oᵀ − Δ_col)
+    columns:  dk += scale · dSᵀ q    dv_o += P_rowᵀ dy_f
+    rows:     dq += scale · dS k     dv_f += P_col dy_o
 
-All four gradients accumulate with fp32 ``tl.atomic_add`` into zeroed (B, N, features)
-buffers, one BLOCK_D / BLOCK_E slice at a time, so d and e up to 1024 (and beyond) never need
-a whole feature row in registers. dk and dv_o rows belong to one program (no contention);
-dq and dv_f rows are shared by all column programs of a batch element (contended atomics).
+A program is the only writer of its output rows, so it accumulates them in place with plain
+loads and stores (a barrier per tile orders them among its threads), BLOCK_D / BLOCK_E
+columns at a time, in an fp32 scratch for half inputs; the first tile stores without reading
+(no zeroing) and the last stores in the input dtype (no cast afterwards). The gradients are
+therefore bit-identical run to run.
 
-Memory: O(B·(N_f + N_o)·(d + e)) — outputs, the fp32 gradient buffers and two LSE vectors;
-nothing of size N_f × N_o ever exists in device memory.
+Memory: O(B·(N_f + N_o)·(d + e)): outputs, the fp32 scratch of half-precision gradients and
+four vectors; nothing of size N_f × N_o exists in device memory.
 
-Work actually done (multiply-adds × 2): forward 2·B·N_f·N_o·(2·d·⌈e/BLOCK_E⌉ + 2·e) —
-S is built twice (once per direction) and once more for every extra BLOCK_E slice of the
-values; backward 2·B·N_f·N_o·(3d + 4e) (S, dq, dk over d; dP_row, dP_col, dv_o, dv_f over
-e). The useful counts are 2·B·N_f·N_o·(d + 2e) forward (S once, two P·V products) and
-2·B·N_f·N_o·(2d + 4e) backward (S not recomputed).
+Work (multiply-adds × 2), see ``executed_flops``: useful forward 2·B·N_f·N_o·(d + 2e) (S once,
+two P·V products), executed 2·B·N_f·N_o·(2d·⌈e/512⌉ + 2e); useful backward
+2·B·N_f·N_o·(2d + 4e), executed 2·B·N_f·N_o·(4d + 6e) (each pass rebuilds S, dP_row and
+dP_col). At d = e = 512: forward 4/3 of the useful work, backward 5/3.
+The one-pass alternative (dq and dv_f merged by atomics across column programs) executes
+3d + 4e but issues BLOCK_M·(d + e) fp32 atomics per S tile; ``bench.static`` compares both.
 
 Known limits
 ------------
-- GPU timings and the autotune configs are still to be measured: this file was written and
-  tested without a GPU (Triton interpreter on CPU), so no H100/H200 figures are claimed here.
-- Feature dims wider than BLOCK_E recompute S once per value slice in the forward.
-- The backward issues (BLOCK_M + BLOCK_N)·(d + e) fp32 atomics per S tile, about one per
-  ~200 FLOPs at 64 × 64 tiles: on H100-class GPUs that may bound it by L2 atomic throughput
-  rather than tensor cores (to be measured). Keeping dk and dv_o in registers when d, e fit
-  in one slice would halve it (not done yet). Atomics also make the backward
-  non-deterministic in the last bits on GPU.
+- GPU timings: not yet measured, see bench/results/README.md; the autotune candidates are
+  pruned by the compile gate (``bench.aot``: no spills, wgmma on sm_90a), not by timings.
 - fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 - Inputs must be fp32, fp16 or bf16 for the Triton path (fp64 runs on the eager reference).
-- Under TRITON_INTERPRET, bf16 dot operands are widened to fp32 (the 3.9 interpreter's bf16
-  dot is wrong); on GPU bf16 tiles go to the tensor cores as they are.
+- Under TRITON_INTERPRET, bf16 dot operands are widened to fp32 (``_common.dot_fp32``).
 """
 import math
 
 import torch
 
-from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
-
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # the package must import without Triton; the dispatcher then only offers "eager"
-    triton = None
+from ccs_fast.kernels._common import (
+    check_dtype,
+    dot_fp32,
+    dot_precision,
+    launch,
+    tl,
+    triton,
+    use_autotune,
+)
+from ccs_fast.kernels._dispatch import resolve_impl
 
 LOG2E = 1.4426950408889634
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCK_E = 512  # widest value slice a forward program holds (BLOCK_M × BLOCK_E fp32 accumulator)
 
 
 def _check_inputs(q, k, v_f, v_o):
@@ -88,16 +90,7 @@ def _check_inputs(q, k, v_f, v_o):
 
 
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        # DOT_FP32: the interpreter (Triton 3.9) returns garbage for bf16 × bf16 dots, so under
-        # TRITON_INTERPRET bf16 tiles are widened first (exact: every bf16 is an fp32);
-        # tests/test_cross_attention.py's bf16 cases catch a regression either way.
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
+    from ccs_fast.kernels._common import dot as _dot
 
     @triton.jit
     def _xattn_fwd_kernel(
@@ -159,10 +152,40 @@ if triton is not None:
             tl.store(lse_ptr + pid_b * stride_lb + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
     @triton.jit
+    def _delta_kernel(dy_ptr, y_ptr, delta_ptr, R, E,
+                      stride_dyb, stride_dyr, stride_dye, stride_yb, stride_yr, stride_ye,
+                      BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+        # Δ = rowsum(dy ⊙ y) in fp32, into a contiguous (B, R) vector
+        pid_r = tl.program_id(0).to(tl.int64)
+        pid_b = tl.program_id(1).to(tl.int64)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start_e in range(0, E, BLOCK_E):
+            offs_e = start_e + tl.arange(0, BLOCK_E)
+            m = row_ok[:, None] & (offs_e < E)[None, :]
+            dy = tl.load(dy_ptr + pid_b * stride_dyb + rows[:, None] * stride_dyr + offs_e[None, :] * stride_dye,
+                         mask=m, other=0.0)
+            y = tl.load(y_ptr + pid_b * stride_yb + rows[:, None] * stride_yr + offs_e[None, :] * stride_ye,
+                        mask=m, other=0.0)
+            acc += tl.sum(dy.to(tl.float32) * y.to(tl.float32), axis=1)
+        tl.store(delta_ptr + pid_b * R + rows, acc, mask=row_ok)
+
+    @triton.jit
+    def _accumulate(acc_ptrs, out_ptrs, mask, contrib, first, last):
+        # owned rows: total = (earlier tiles' sum) + contrib; fp32 scratch until the last tile
+        prev = tl.load(acc_ptrs, mask=mask & (first == 0), other=0.0)
+        total = prev + contrib
+        if last:
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(acc_ptrs, total, mask=mask)
+
+    @triton.jit
     def _xattn_bwd_kernel(
         q_ptr, k_ptr, vf_ptr, vo_ptr, dyf_ptr, dyo_ptr,
         lse_row_ptr, lse_col_ptr, delta_row_ptr, delta_col_ptr,
-        dq_ptr, dk_ptr, dvf_ptr, dvo_ptr,
+        out_d_ptr, out_e_ptr, acc_d_ptr, acc_e_ptr,
         stride_qb, stride_qm, stride_qd,
         stride_kb, stride_kn, stride_kd,
         stride_vfb, stride_vfm, stride_vfe,
@@ -172,38 +195,46 @@ if triton is not None:
         M, N, D, E,
         scale, qk_scale,
         M_BUCKET, N_BUCKET,  # autotune keys only
+        OWN_ROWS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
-        # gradient buffers are fp32, contiguous (B, M|N, D|E); lse/delta are contiguous (B, M|N)
-        pid_n = tl.program_id(0).to(tl.int64)
+        # OWN_ROWS: this program owns BLOCK_M rows of S and writes dq (out_d) and dv_f (out_e);
+        # else it owns BLOCK_N columns and writes dk (out_d) and dv_o (out_e). Outputs and fp32
+        # scratch are contiguous (B, rows or columns, D | E); lse and Δ are contiguous (B, M | N).
+        pid = tl.program_id(0).to(tl.int64)
         pid_b = tl.program_id(1).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
         q_base = q_ptr + pid_b * stride_qb
         k_base = k_ptr + pid_b * stride_kb
         vf_base = vf_ptr + pid_b * stride_vfb
         vo_base = vo_ptr + pid_b * stride_vob
         dyf_base = dyf_ptr + pid_b * stride_dyfb
         dyo_base = dyo_ptr + pid_b * stride_dyob
-        dq_base = dq_ptr + pid_b * M * D
-        dk_base = dk_ptr + pid_b * N * D
-        dvf_base = dvf_ptr + pid_b * M * E
-        dvo_base = dvo_ptr + pid_b * N * E
-        lse_col = tl.load(lse_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
-        delta_col = tl.load(delta_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
-
-        # Each column program starts at a different row block (and wraps around), so the
-        # programs of one batch element don't all hit the same dq / dv_f rows at once.
-        num_m_blocks = tl.cdiv(M, BLOCK_M)
-        for step in range(0, num_m_blocks):
-            start_m = ((step + pid_n) % num_m_blocks) * BLOCK_M
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+        if OWN_ROWS:
+            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            steps = tl.cdiv(N, BLOCK_N)
+            out_rows = offs_m
+            out_ok = offs_m < M
+            owned = M
+        else:
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            steps = tl.cdiv(M, BLOCK_M)
+            out_rows = offs_n
+            out_ok = offs_n < N
+            owned = N
+        for step in range(0, steps):
+            if OWN_ROWS:
+                offs_n = step * BLOCK_N + tl.arange(0, BLOCK_N)
+            else:
+                offs_m = step * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
+            col_ok = offs_n < N
             valid = row_ok[:, None] & col_ok[None, :]
             lse_row = tl.load(lse_row_ptr + pid_b * M + offs_m, mask=row_ok, other=0.0)
             delta_row = tl.load(delta_row_ptr + pid_b * M + offs_m, mask=row_ok, other=0.0)
-            # s = q kᵀ, recomputed once for both directions
+            lse_col = tl.load(lse_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
+            delta_col = tl.load(delta_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
+            # s₂ = scale·log2(e)·q kᵀ
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start_d in range(0, D, BLOCK_D):
                 offs_d = start_d + tl.arange(0, BLOCK_D)
@@ -214,96 +245,106 @@ if triton is not None:
                              mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 s += _dot(q, kt, DOT_PRECISION, DOT_FP32)
             s = s * qk_scale
-            # P_row = 2^(s₂ − lse₂_row), P_col = 2^(s₂ − lse₂_col); zero outside the real tile
+            # ds = P_row ⊙ (dy_f v_oᵀ − Δ_row) + P_col ⊙ (v_f dy_oᵀ − Δ_col); keep the P the outputs need
             p_row = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0)
             p_col = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0)
-            # dP_row = dy_f v_oᵀ, dP_col = v_f dy_oᵀ
-            dp_row = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            dp_col = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_e in range(0, E, BLOCK_E):
-                offs_e = start_e + tl.arange(0, BLOCK_E)
-                e_ok = offs_e < E
-                m_mask = row_ok[:, None] & e_ok[None, :]
-                nt_mask = e_ok[:, None] & col_ok[None, :]
-                dyf = tl.load(dyf_base + offs_m[:, None] * stride_dyfm + offs_e[None, :] * stride_dyfe,
-                              mask=m_mask, other=0.0)
-                vo_t = tl.load(vo_base + offs_n[None, :] * stride_von + offs_e[:, None] * stride_voe,
-                               mask=nt_mask, other=0.0)
-                dp_row += _dot(dyf, vo_t, DOT_PRECISION, DOT_FP32)
-                vf = tl.load(vf_base + offs_m[:, None] * stride_vfm + offs_e[None, :] * stride_vfe,
-                             mask=m_mask, other=0.0)
-                dyo_t = tl.load(dyo_base + offs_n[None, :] * stride_dyon + offs_e[:, None] * stride_dyoe,
-                                mask=nt_mask, other=0.0)
-                dp_col += _dot(vf, dyo_t, DOT_PRECISION, DOT_FP32)
-            # dS = P_row ⊙ (dP_row − Δ_row) + P_col ⊙ (dP_col − Δ_col)
-            ds = p_row * (dp_row - delta_row[:, None]) + p_col * (dp_col - delta_col[None, :])
-            # dq += scale · dS k;  dk += scale · dSᵀ q
-            for start_d in range(0, D, BLOCK_D):
-                offs_d = start_d + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < D
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                dq = _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_FP32) * scale
-                tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & d_ok[None, :])
-                dk = _dot(tl.trans(ds).to(q.dtype), q, DOT_PRECISION, DOT_FP32) * scale
-                tl.atomic_add(dk_base + offs_n[:, None] * D + offs_d[None, :], dk,
-                              mask=col_ok[:, None] & d_ok[None, :])
-            # dv_o += P_rowᵀ dy_f;  dv_f += P_col dy_o
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start_e in range(0, E, BLOCK_E):
                 offs_e = start_e + tl.arange(0, BLOCK_E)
                 e_ok = offs_e < E
                 dyf = tl.load(dyf_base + offs_m[:, None] * stride_dyfm + offs_e[None, :] * stride_dyfe,
                               mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                dyo = tl.load(dyo_base + offs_n[:, None] * stride_dyon + offs_e[None, :] * stride_dyoe,
-                              mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-                dvo = _dot(tl.trans(p_row).to(dyf.dtype), dyf, DOT_PRECISION, DOT_FP32)
-                tl.atomic_add(dvo_base + offs_n[:, None] * E + offs_e[None, :], dvo,
-                              mask=col_ok[:, None] & e_ok[None, :])
-                dvf = _dot(p_col.to(dyo.dtype), dyo, DOT_PRECISION, DOT_FP32)
-                tl.atomic_add(dvf_base + offs_m[:, None] * E + offs_e[None, :], dvf,
-                              mask=row_ok[:, None] & e_ok[None, :])
+                vo_t = tl.load(vo_base + offs_n[None, :] * stride_von + offs_e[:, None] * stride_voe,
+                               mask=e_ok[:, None] & col_ok[None, :], other=0.0)
+                dp += _dot(dyf, vo_t, DOT_PRECISION, DOT_FP32)
+            ds = p_row * (dp - delta_row[:, None])
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start_e in range(0, E, BLOCK_E):
+                offs_e = start_e + tl.arange(0, BLOCK_E)
+                e_ok = offs_e < E
+                vf = tl.load(vf_base + offs_m[:, None] * stride_vfm + offs_e[None, :] * stride_vfe,
+                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                dyo_t = tl.load(dyo_base + offs_n[None, :] * stride_dyon + offs_e[:, None] * stride_dyoe,
+                                mask=e_ok[:, None] & col_ok[None, :], other=0.0)
+                dp += _dot(vf, dyo_t, DOT_PRECISION, DOT_FP32)
+            ds += p_col * (dp - delta_col[None, :])
+            first = step == 0
+            last = step == steps - 1
+            if OWN_ROWS:
+                # dq += scale · dS k;  dv_f += P_col dy_o
+                for start_d in range(0, D, BLOCK_D):
+                    offs_d = start_d + tl.arange(0, BLOCK_D)
+                    d_ok = offs_d < D
+                    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    idx = pid_b * owned * D + out_rows[:, None] * D + offs_d[None, :]
+                    _accumulate(acc_d_ptr + idx, out_d_ptr + idx, out_ok[:, None] & d_ok[None, :],
+                                _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_FP32) * scale, first, last)
+                for start_e in range(0, E, BLOCK_E):
+                    offs_e = start_e + tl.arange(0, BLOCK_E)
+                    e_ok = offs_e < E
+                    dyo = tl.load(dyo_base + offs_n[:, None] * stride_dyon + offs_e[None, :] * stride_dyoe,
+                                  mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+                    idx = pid_b * owned * E + out_rows[:, None] * E + offs_e[None, :]
+                    _accumulate(acc_e_ptr + idx, out_e_ptr + idx, out_ok[:, None] & e_ok[None, :],
+                                _dot(p_col.to(dyo.dtype), dyo, DOT_PRECISION, DOT_FP32), first, last)
+            else:
+                # dk += scale · dSᵀ q;  dv_o += P_rowᵀ dy_f
+                for start_d in range(0, D, BLOCK_D):
+                    offs_d = start_d + tl.arange(0, BLOCK_D)
+                    d_ok = offs_d < D
+                    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    idx = pid_b * owned * D + out_rows[:, None] * D + offs_d[None, :]
+                    _accumulate(acc_d_ptr + idx, out_d_ptr + idx, out_ok[:, None] & d_ok[None, :],
+                                _dot(tl.trans(ds).to(q.dtype), q, DOT_PRECISION, DOT_FP32) * scale, first, last)
+                for start_e in range(0, E, BLOCK_E):
+                    offs_e = start_e + tl.arange(0, BLOCK_E)
+                    e_ok = offs_e < E
+                    dyf = tl.load(dyf_base + offs_m[:, None] * stride_dyfm + offs_e[None, :] * stride_dyfe,
+                                  mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                    idx = pid_b * owned * E + out_rows[:, None] * E + offs_e[None, :]
+                    _accumulate(acc_e_ptr + idx, out_e_ptr + idx, out_ok[:, None] & e_ok[None, :],
+                                _dot(tl.trans(p_row).to(dyf.dtype), dyf, DOT_PRECISION, DOT_FP32), first, last)
+            # the next tile reads what this one stored, possibly from other threads
+            tl.debug_barrier()
 
+
+# ----------------------------------------------------------------------------- configs
 
 # Interpreter blocks: large enough that the interpreter runs few iterations, small enough
 # that the tests still cross tile boundaries (N = 7, 147, 200; d or e = 40, 1000, 1024).
-_CPU_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, BLOCK_E=32)
-
-
 def _cpu_blocks(D, E):
     # wide features take 128-wide slices: the interpreter's cost is per slice, not per element
-    return dict(_CPU_BLOCKS, BLOCK_D=32 if D <= 256 else 128, BLOCK_E=32 if E <= 256 else 128)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32 if D <= 256 else 128, BLOCK_E=32 if E <= 256 else 128)
 
 
 def _bucket(n: int) -> int:
     # autotune key: powers of two up to 4096, so nearby sizes share a tuned config
-    return min(triton.next_power_of_2(n), 4096)
+    return min(1 << max(n - 1, 0).bit_length(), 4096)
 
 
-def _configs(rows):
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_E=be), num_warps=w, num_stages=st)
-            for bm, bn, bd, be, w, st in rows]
+def fwd_block_e(E: int) -> int:
+    """Value slice of a forward program: all of e (rounded up to a power of two, ≥ 16) up to 512."""
+    return min(max(16, 1 << max(E - 1, 0).bit_length()), MAX_BLOCK_E)
 
 
-# Candidates only: chosen without a GPU at hand and still to be measured (module docstring).
-# Forward: the fp32 accumulator is BLOCK_M × BLOCK_E, so BLOCK_M = 32 lets one program hold
-# e = 512 whole (S built once per direction) at 16K accumulator values.
-_FWD_CONFIGS = (
-    # BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, warps, stages
-    (64, 64, 64, 64, 4, 2),
-    (64, 64, 64, 128, 4, 2),
-    (128, 64, 64, 128, 8, 2),
-    (128, 64, 128, 128, 8, 3),
-    (64, 64, 128, 256, 8, 2),
-    (64, 128, 64, 128, 8, 3),
-    (32, 64, 64, 256, 4, 2),
-    (32, 64, 64, 512, 8, 2),
+# Candidates (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). BLOCK_M ≥ 64 everywhere: a
+# Hopper warpgroup MMA (wgmma, HGMMA in SASS) is 64 rows tall. Forward: BLOCK_E comes from
+# ``fwd_block_e``; its fp32 accumulator takes BLOCK_M·BLOCK_E / (32·num_warps) registers per
+# thread, kept ≤ 128 by ``_prune`` so the S tile, P and addresses fit beside it without spills.
+FWD_CONFIGS = (
+    (64, 64, 64, 4, 2),
+    (64, 64, 64, 8, 2),
+    (64, 128, 64, 8, 2),
+    (128, 64, 64, 8, 2),
+    (128, 128, 64, 8, 2),
+    (64, 64, 128, 8, 2),
 )
-# Backward: six BLOCK_M × BLOCK_N fp32 tiles live at once (S, both P, both dP, dS).
-_BWD_CONFIGS = (
-    (32, 64, 64, 64, 4, 2),
+# Backward (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, num_warps, num_stages): four BLOCK_M × BLOCK_N
+# fp32 tiles live at once (S, the kept P, dP, dS). The column pass's output dots are BLOCK_N
+# rows tall, so BLOCK_N ≥ 64 too.
+BWD_CONFIGS = (
     (64, 64, 64, 64, 4, 2),
     (64, 64, 64, 64, 8, 2),
     (64, 128, 64, 64, 8, 2),
@@ -312,42 +353,55 @@ _BWD_CONFIGS = (
 )
 
 
-def _fits_features(config, named_args):
-    # no feature slice wider than the feature dim rounded up to a power of two (64 at least)
-    return (config.kwargs["BLOCK_D"] <= max(64, triton.next_power_of_2(named_args["D"]))
-            and config.kwargs["BLOCK_E"] <= max(64, triton.next_power_of_2(named_args["E"])))
+def _config(kwargs, warps, stages):
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def fwd_configs():
+    return [_config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), w, st) for bm, bn, bd, w, st in FWD_CONFIGS]
+
+
+def bwd_configs():
+    return [_config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_E=be), w, st)
+            for bm, bn, bd, be, w, st in BWD_CONFIGS]
+
+
+def _fits(config, D, E):
+    kw = config.kwargs
+    width = max(16, 1 << max(D - 1, 0).bit_length())
+    if kw["BLOCK_D"] > max(64, width):
+        return False
+    if "BLOCK_E" in kw:  # backward: no value slice wider than e needs
+        return kw["BLOCK_E"] <= max(64, 1 << max(E - 1, 0).bit_length())
+    return kw["BLOCK_M"] * fwd_block_e(E) <= 128 * 32 * config.num_warps
+
+
+def prune_configs(configs, D, E):
+    """The candidates the autotuner may choose from at feature sizes (d, e)."""
+    kept = [c for c in configs if _fits(c, D, E)]
+    return kept or configs[:1]
 
 
 def _prune(configs, named_args, **kwargs):
-    kept = [c for c in configs if _fits_features(c, named_args)]
-    return kept or configs[:1]
+    return prune_configs(configs, named_args["D"], named_args["E"])
 
 
 _tuned = {}
 
 
 def _kernel(name, D, E):
-    """The kernel to launch: fixed small blocks under the interpreter, autotuned on CUDA."""
+    """The kernel to launch and its fixed blocks: interpreter blocks on CPU, autotuned on CUDA."""
     raw = {"fwd": _xattn_fwd_kernel, "bwd": _xattn_bwd_kernel}[name]
-    if not torch.cuda.is_available() or interpreting():
-        return raw, _cpu_blocks(D, E)
     if name not in _tuned:
-        keys = ["M_BUCKET", "N_BUCKET", "D", "E"]
-        if name == "fwd":
-            _tuned[name] = triton.autotune(_configs(_FWD_CONFIGS), key=keys,
-                                           prune_configs_by={"early_config_prune": _prune})(raw)
-        else:
-            # the autotuner runs every candidate: the atomic accumulators restart from zero
-            _tuned[name] = triton.autotune(_configs(_BWD_CONFIGS), key=keys,
-                                           prune_configs_by={"early_config_prune": _prune},
-                                           reset_to_zero=["dq_ptr", "dk_ptr", "dvf_ptr", "dvo_ptr"])(raw)
-    return _tuned[name], {}
+        keys = ["M_BUCKET", "N_BUCKET", "D", "E"] + (["OWN_ROWS"] if name == "bwd" else [])
+        configs = fwd_configs() if name == "fwd" else bwd_configs()
+        _tuned[name] = triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _prune})(raw)
+    return _tuned[name]
 
 
-def _dot_precision(dtype):
-    if dtype == torch.float32 and not (torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
+def tuned_config(name):
+    """The config the autotuner chose at its last launch of ``name`` ("fwd" | "bwd"), or None."""
+    return getattr(_tuned.get(name), "best_config", None)
 
 
 def _empty_output(shape, device, dtype):
@@ -355,8 +409,7 @@ def _empty_output(shape, device, dtype):
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _dot_fp32(dtype):
-    return dtype == torch.bfloat16 and interpreting()
+# ----------------------------------------------------------------------------- launchers
 
 
 def _attend(queries, keys, values, scale):
@@ -365,23 +418,25 @@ def _attend(queries, keys, values, scale):
     N, E = keys.shape[1], values.shape[2]
     y = _empty_output((B, M, E), queries.device, queries.dtype)
     lse = _empty_output((B, M), queries.device, torch.float32)
-    kernel, blocks = _kernel("fwd", D, E)
+    if use_autotune(queries):
+        kernel, blocks = _kernel("fwd", D, E), dict(BLOCK_E=fwd_block_e(E))
+    else:
+        kernel, blocks = _xattn_fwd_kernel, _cpu_blocks(D, E)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_E"]), B)
 
-    kernel[grid](
-        queries, keys, values, y, lse,
-        *queries.stride(), *keys.stride(), *values.stride(), *y.stride(), lse.stride(0),
-        M, N, D, E, scale * LOG2E, _bucket(M), _bucket(N),
-        DOT_PRECISION=_dot_precision(queries.dtype), DOT_FP32=_dot_fp32(queries.dtype), **blocks,
-    )
+    launch(kernel, grid,
+           queries, keys, values, y, lse,
+           *queries.stride(), *keys.stride(), *values.stride(), *y.stride(), lse.stride(0),
+           M, N, D, E, scale * LOG2E, _bucket(M), _bucket(N),
+           DOT_PRECISION=dot_precision(queries.dtype), DOT_FP32=dot_fp32(queries.dtype), **blocks)
     return y, lse
 
 
 def _check_launch(q, k, v_f, v_o):
     _check_inputs(q, k, v_f, v_o)
-    assert q.dtype in _TRITON_DTYPES, f"Triton cross_stream_attention takes fp32/fp16/bf16, got {q.dtype}"
+    check_dtype("cross_stream_attention", q)
     assert q.dtype == k.dtype == v_f.dtype == v_o.dtype, "inputs must share one dtype"
     assert q.device == k.device == v_f.device == v_o.device, "inputs must share one device"
     assert min(q.shape) >= 1 and min(k.shape) >= 1 and v_f.shape[2] >= 1, "empty inputs"
@@ -395,34 +450,64 @@ def xattn_forward(q, k, v_f, v_o, scale):
     return y_f, y_o, lse_row, lse_col
 
 
+def _delta(dy, y):
+    B, R, E = y.shape
+    delta = torch.empty((B, R), device=y.device, dtype=torch.float32)
+    block_e = min(max(16, 1 << max(E - 1, 0).bit_length()), 128)
+    launch(_delta_kernel, (triton.cdiv(R, 32), B), dy, y, delta, R, E, *dy.stride(), *y.stride(),
+           BLOCK_R=32, BLOCK_E=block_e)
+    return delta
+
+
 def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale):
-    """Gradients (dq, dk, dv_f, dv_o) in the input dtype from one fused backward kernel."""
+    """Gradients (dq, dk, dv_f, dv_o) in the input dtype: Δ, then the row and column passes."""
     _check_launch(q, k, v_f, v_o)
     assert dy_f.shape == y_f.shape and dy_o.shape == y_o.shape, "grad_output shapes"
     B, M, D = q.shape
     N, E = k.shape[1], v_f.shape[2]
     dy_f = dy_f.to(q.dtype)
     dy_o = dy_o.to(q.dtype)
-    # Δ_row = rowsum(dy_f ⊙ y_f), Δ_col = rowsum(dy_o ⊙ y_o), in fp32
-    delta_row = (dy_f.float() * y_f.float()).sum(-1).contiguous()
-    delta_col = (dy_o.float() * y_o.float()).sum(-1).contiguous()
-    f32 = dict(device=q.device, dtype=torch.float32)
-    dq, dk = torch.zeros((B, M, D), **f32), torch.zeros((B, N, D), **f32)
-    dv_f, dv_o = torch.zeros((B, M, E), **f32), torch.zeros((B, N, E), **f32)
-    kernel, blocks = _kernel("bwd", D, E)
+    delta_row, delta_col = _delta(dy_f, y_f), _delta(dy_o, y_o)
+    lse_row, lse_col = lse_row.contiguous(), lse_col.contiguous()
+    grads = {}
+    for own_rows, (rows, out_d, out_e) in ((True, (M, "dq", "dv_f")), (False, (N, "dk", "dv_o"))):
+        g_d = _empty_output((B, rows, D), q.device, q.dtype)
+        g_e = _empty_output((B, rows, E), q.device, q.dtype)
+        # fp32 gradients accumulate in place; half ones in an fp32 scratch, cast at the last tile
+        s_d = g_d if q.dtype == torch.float32 else _empty_output((B, rows, D), q.device, torch.float32)
+        s_e = g_e if q.dtype == torch.float32 else _empty_output((B, rows, E), q.device, torch.float32)
+        if use_autotune(q):
+            kernel, blocks = _kernel("bwd", D, E), {}
+        else:
+            kernel, blocks = _xattn_bwd_kernel, _cpu_blocks(D, E)
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), B)
+        def grid(meta, own_rows=own_rows, rows=rows):
+            return (triton.cdiv(rows, meta["BLOCK_M" if own_rows else "BLOCK_N"]), B)
 
-    kernel[grid](
-        q, k, v_f, v_o, dy_f, dy_o,
-        lse_row.contiguous(), lse_col.contiguous(), delta_row, delta_col,
-        dq, dk, dv_f, dv_o,
-        *q.stride(), *k.stride(), *v_f.stride(), *v_o.stride(), *dy_f.stride(), *dy_o.stride(),
-        M, N, D, E, scale, scale * LOG2E, _bucket(M), _bucket(N),
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype), **blocks,
-    )
-    return dq.to(q.dtype), dk.to(k.dtype), dv_f.to(v_f.dtype), dv_o.to(v_o.dtype)
+        launch(kernel, grid,
+               q, k, v_f, v_o, dy_f, dy_o, lse_row, lse_col, delta_row, delta_col,
+               g_d, g_e, s_d, s_e,
+               *q.stride(), *k.stride(), *v_f.stride(), *v_o.stride(), *dy_f.stride(), *dy_o.stride(),
+               M, N, D, E, scale, scale * LOG2E, _bucket(M), _bucket(N),
+               OWN_ROWS=own_rows, DOT_PRECISION=dot_precision(q.dtype), DOT_FP32=dot_fp32(q.dtype), **blocks)
+        grads[out_d], grads[out_e] = g_d, g_e
+    return grads["dq"], grads["dk"], grads["dv_f"], grads["dv_o"]
+
+
+def executed_flops(mode, B, N_f, N_o, d, e):
+    """FLOPs the Triton kernels execute (``mode``: "fwd", "bwd" or "full"), by the algorithm above."""
+    pairs = 2 * B * N_f * N_o
+    fwd = pairs * (2 * d * math.ceil(e / MAX_BLOCK_E) + 2 * e)
+    bwd = pairs * (4 * d + 6 * e)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def useful_flops(mode, B, N_f, N_o, d, e):
+    """FLOPs of the mathematics (S once forward, no recomputation backward)."""
+    pairs = 2 * B * N_f * N_o
+    fwd = pairs * (d + 2 * e)
+    bwd = pairs * (2 * d + 4 * e)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
 class CrossStreamAttentionFunction(torch.autograd.Function):

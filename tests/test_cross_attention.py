@@ -185,10 +185,10 @@ def test_cuda_autocast():
 
 def test_cuda_candidate_configs_are_valid():
     # the autotuned path cannot run here; at least the candidates must be legal tl.dot tiles
-    for rows in (xa._FWD_CONFIGS, xa._BWD_CONFIGS):
-        for row in rows:
-            assert all(b >= 16 and b & (b - 1) == 0 for b in row[:4]), row
+    for row in xa.FWD_CONFIGS + xa.BWD_CONFIGS:
+        blocks = row[:3] if len(row) == 5 else row[:4]
+        assert all(b >= 16 and b & (b - 1) == 0 for b in blocks), row
     for D, E in ((8, 8), (40, 24), (512, 512), (1024, 1000)):
-        for configs in (xa._configs(xa._FWD_CONFIGS), xa._configs(xa._BWD_CONFIGS)):
-            kept = xa._prune(configs, {"D": D, "E": E})
+        for configs in (xa.fwd_configs(), xa.bwd_configs()):
+            kept = xa.prune_configs(configs, D, E)
             assert kept and all(c.kwargs["BLOCK_D"] <= max(64, 2 * D) for c in kept)

@@ -1,0 +1,148 @@
+"""Pieces every kernel module shares: the Triton import, dtype checks, the interpreter's
+bf16 workaround, dot precision, launching (with a hook for the static cost report) and the
+autograd Function of the losses, whose gradient is computed in the forward.
+
+``triton`` and ``tl`` are None when Triton is not installed; the kernel modules then define
+no kernels and their dispatchers offer only the eager references.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ccs_fast.kernels._dispatch import interpreting, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # the package must import without Triton; the dispatchers then only offer "eager"
+    triton = None
+    tl = None
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, *HALF_DTYPES)
+
+
+def check_dtype(op: str, *tensors: torch.Tensor) -> None:
+    """The Triton path takes fp32, fp16 and bf16 floating inputs."""
+    for t in tensors:
+        if t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
+
+
+def dot_fp32(dtype: torch.dtype) -> bool:
+    """Widen bf16 dot operands to fp32 first: only under the interpreter, whose bf16 ``tl.dot``
+    (numpy has no bf16) returns wrong values; on a GPU bf16 tiles go to the tensor cores."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``"ieee"`` for fp32 unless torch allows TF32 matmuls on CUDA; half inputs use tensor cores."""
+    if dtype == torch.float32 and not (torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    if dot_fp32(dtype):
+        return "ieee"
+    return "tf32"
+
+
+def use_autotune(t: torch.Tensor) -> bool:
+    """Autotuned configs on a GPU; fixed small blocks under the interpreter."""
+    return t.is_cuda and not interpreting()
+
+
+def deterministic(flag: bool | None) -> bool:
+    """An op's ``deterministic`` argument; None follows ``torch.use_deterministic_algorithms``."""
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
+if triton is not None:
+
+    @triton.jit
+    def dot(a, b, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        """``tl.dot`` with fp32 accumulation; DOT_FP32 widens the operands first (``dot_fp32``)."""
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------- launching
+
+_recorder = None
+
+
+@contextlib.contextmanager
+def record_launches(configs: dict | None = None):
+    """Within this block kernels are not launched: each launch is appended to the yielded list
+    as ``(kernel name, grid, arguments by name, meta)``. ``configs`` maps a kernel name to the
+    autotune config to assume for it (its kwargs and num_warps). Used by ``bench.static`` to
+    count a call's work and bytes on meta tensors, with no GPU."""
+    global _recorder
+    launches: list = []
+    _recorder = (launches, configs or {})
+    try:
+        yield launches
+    finally:
+        _recorder = None
+
+
+def _name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def launch(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)``; ``grid`` may be a tuple or a function of the meta."""
+    if _recorder is None:
+        return kernel[grid](*args, **meta)
+    launches, configs = _recorder
+    name = _name(kernel)
+    full = dict(meta)
+    cfg = configs.get(name)
+    if cfg is not None:
+        full.update(cfg.kwargs)
+        full["num_warps"] = cfg.num_warps
+        full["num_stages"] = cfg.num_stages
+    g = grid(full) if callable(grid) else grid
+    raw = getattr(kernel, "fn", kernel)
+    while hasattr(raw, "fn") and not hasattr(raw, "arg_names"):
+        raw = raw.fn
+    named = dict(zip(raw.arg_names, args))
+    launches.append((name, tuple(int(x) for x in g), named, full))
+    return None
+
+
+def kernel_configs(kernel) -> list:
+    """The configs an autotuned kernel may choose from (before pruning); [] for a plain kernel."""
+    return list(getattr(kernel, "configs", []))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class GradInForward(torch.autograd.Function):
+    """Autograd for the losses: ``forward(ctx, fn, *inputs)`` runs ``fn(needs_grad) -> (loss,
+    grads)`` (one fp32 gradient or None per input), saves the gradients, and ``backward`` only
+    scales them by grad_output and casts them to each input's dtype."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, fn, *inputs):
+        needs = ctx.needs_input_grad[1:]
+        loss, grads = fn(needs)
+        ctx.dtypes = [getattr(t, "dtype", None) for t in inputs]
+        ctx.has = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        return loss
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        out = [None]
+        for has, dtype in zip(ctx.has, ctx.dtypes):
+            out.append((next(saved) * grad_out).to(dtype) if has else None)
+        return tuple(out)
