@@ -8,6 +8,7 @@ no kernels and their dispatchers offer only the eager references.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,7 @@ def check_dtype(op: str, *tensors: torch.Tensor) -> None:
 def dot_fp32(dtype: torch.dtype) -> bool:
     """Widen bf16 dot operands to fp32 first: only under the interpreter, whose bf16 ``tl.dot``
     (numpy has no bf16) returns wrong values; on a GPU bf16 tiles go to the tensor cores."""
-    return dtype == torch.bfloat16 and interpreting()
+    return dtype == torch.bfloat16 and interpreting() and _recorder is None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -47,8 +48,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def use_autotune(t: torch.Tensor) -> bool:
-    """Autotuned configs on a GPU; fixed small blocks under the interpreter."""
-    return t.is_cuda and not interpreting()
+    """Autotuned configs on a GPU (and while launches are recorded); fixed small blocks under
+    the interpreter."""
+    return (t.is_cuda and not interpreting()) or _recorder is not None
 
 
 def deterministic(flag: bool | None) -> bool:
@@ -72,12 +74,20 @@ if triton is not None:
 _recorder = None
 
 
+class Launch(NamedTuple):
+    name: str  # the @triton.jit function's name
+    kernel: object  # what was launched: a JITFunction or an Autotuner
+    grid: tuple
+    args: tuple  # positional arguments as passed
+    meta: dict  # keyword arguments, with the assumed config's blocks, num_warps and num_stages
+
+
 @contextlib.contextmanager
 def record_launches(configs: dict | None = None):
-    """Within this block kernels are not launched: each launch is appended to the yielded list
-    as ``(kernel name, grid, arguments by name, meta)``. ``configs`` maps a kernel name to the
-    autotune config to assume for it (its kwargs and num_warps). Used by ``bench.static`` to
-    count a call's work and bytes on meta tensors, with no GPU."""
+    """Within this block kernels are not launched but recorded, as on a GPU: autotuned
+    kernels take the config that ``configs`` names for them (kernel name → triton.Config),
+    and the launchers choose their GPU paths. Yields the list of ``Launch``es. ``bench.aot``
+    compiles exactly these launches and ``bench.static`` counts their work, on meta tensors."""
     global _recorder
     launches: list = []
     _recorder = (launches, configs or {})
@@ -87,11 +97,12 @@ def record_launches(configs: dict | None = None):
         _recorder = None
 
 
-def _name(kernel) -> str:
-    fn = getattr(kernel, "fn", kernel)
-    while hasattr(fn, "fn"):
+def jit_function(kernel):
+    """The @triton.jit function behind a kernel object (an Autotuner wraps one)."""
+    fn = kernel
+    while not hasattr(fn, "arg_names") or hasattr(fn, "configs"):
         fn = fn.fn
-    return fn.__name__
+    return fn
 
 
 def launch(kernel, grid, *args, **meta):
@@ -99,19 +110,14 @@ def launch(kernel, grid, *args, **meta):
     if _recorder is None:
         return kernel[grid](*args, **meta)
     launches, configs = _recorder
-    name = _name(kernel)
+    name = jit_function(kernel).__name__
     full = dict(meta)
     cfg = configs.get(name)
     if cfg is not None:
         full.update(cfg.kwargs)
-        full["num_warps"] = cfg.num_warps
-        full["num_stages"] = cfg.num_stages
+        full["num_warps"], full["num_stages"] = cfg.num_warps, cfg.num_stages
     g = grid(full) if callable(grid) else grid
-    raw = getattr(kernel, "fn", kernel)
-    while hasattr(raw, "fn") and not hasattr(raw, "arg_names"):
-        raw = raw.fn
-    named = dict(zip(raw.arg_names, args))
-    launches.append((name, tuple(int(x) for x in g), named, full))
+    launches.append(Launch(name, kernel, tuple(int(x) for x in g), args, full))
     return None
 
 

@@ -9,35 +9,34 @@ Triton algorithm (O(B·D) memory: μ and ∂L/∂μ are B×D buffers of which th
 used, since |𝒞| is known only on the device; no B×B tensor, no host sync):
   0. ``class_ids``: stable sort of the labels → dense class ids, class sizes, member order and
      segment starts (a handful of small torch ops).
-  1. ``_row_norm_kernel`` (shared with triplet.py): r = 1/max(‖z‖, eps) per row.
+  1. ``normalize.row_norms``: r = 1/max(‖z‖, eps) per row.
   2. ``_class_mean_kernel``: one program per (class, D chunk) sums its members' ẑ from the
      sorted order, so the segment sums are deterministic and need no atomics.
   3. ``_center_intra_kernel``: per sample the intra hinge, its loss partial, the weight
      w_i = 2/B·[active] and the direct gradient w_i (ẑ_i − μ_{y_i}).
   4. ``_center_inter_kernel``: per tile of classes, ‖μ_c − μ_c'‖² tile by tile with ``tl.dot``,
-     the inter hinge and ∂L/∂μ_c = (4/P)(Σ_c' a_cc' μ_c' − deg_c μ_c), P = |𝒞|(|𝒞|−1), added
-     into the program's own rows of a B×D buffer (uncontended atomics, see the kernel).
+     the inter hinge and ∂L/∂μ_c = (4/P)(Σ_c' a_cc' μ_c' − deg_c μ_c), P = |𝒞|(|𝒞|−1),
+     accumulated with plain loads and stores in the program's own rows of a B×D buffer (no
+     atomics). Its grid covers B rows; programs past |𝒞| return at once (C²·D work).
   5. ``_center_grad_kernel``: per (class, D chunk) G_c = ∂L/∂μ_c − Σ_{i∈c} w_i (ẑ_i − μ_c),
      then each member gets G_c / n_c.
-  6. ``_normalize_bwd_kernel`` (triplet.py): ∂L/∂z = r (g − ẑ (ẑ·g)).
+  6. ``normalize.normalize_backward_``: ∂L/∂z = r (g − ẑ (ẑ·g)).
 Each step needs the previous one complete (means → hinges → ∂L/∂μ → per-sample gradient),
 hence the separate launches. The gradient is computed in the forward; backward only scales it.
+No step uses floating-point atomics: the gradients are bit-identical run to run.
 
 Limits: fp32 μ with IEEE-precision dots; one program per class walks its members, so a batch
-with one huge class serialises step 2 and 5 on a few programs. GPU timings: not measured yet
-(no GPU in the session that wrote this); see bench/bench_losses.py.
+with one huge class serialises step 2 and 5 on a few programs. GPU timings: not yet measured,
+see bench/results/README.md.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
-from ccs_fast.kernels.triplet import _EPS, normalize_backward_, row_norms
-
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # the package must import without Triton; the dispatcher then only offers "eager"
-    triton = None
+from ccs_fast.kernels._common import GradInForward, launch, tl, triton, use_autotune
+from ccs_fast.kernels._dispatch import resolve_impl
+from ccs_fast.kernels.normalize import EPS as _EPS, normalize_backward_, row_norms
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -100,50 +99,57 @@ if triton is not None:
                              BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         C = tl.load(num_classes_ptr)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < C
-        inv_pairs = 1.0 / tl.maximum(C * (C - 1), 1).to(tl.float32)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        deg = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, C, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < C
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            sq_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-            sq_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < D
-                a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                s = tl.dot(a, tl.trans(b), s, input_precision="ieee")
-                sq_r += tl.sum(a * a, axis=1)
-                sq_c += tl.sum(b * b, axis=1)
-            # hinge α − ‖μ_c − μ_c'‖² over distinct present classes
-            gap = alpha_inter - (sq_r[:, None] + sq_c[None, :] - 2.0 * s)
-            pair = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-            act = pair & (gap > 0.0)
-            total += tl.sum(tl.where(act, gap, 0.0), axis=1)
-            if COMPUTE_GRAD:
-                a_w = tl.where(act, 4.0 * inv_pairs, 0.0)
-                deg += tl.sum(a_w, axis=1)
-                # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c'. Only this program touches these rows; the adds are
-                # atomic so that later iterations see earlier ones whatever thread layout the compiler
-                # picks, and they stay in program order (deterministic).
+        # the grid covers B rows, the classes are the first C ≤ B: programs past C have no work
+        if pid * BLOCK_M < C:
+            rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < C
+            inv_pairs = 1.0 / tl.maximum(C * (C - 1), 1).to(tl.float32)
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            deg = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(0, C, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < C
+                s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                sq_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+                sq_c = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_D):
                     dd = d0 + tl.arange(0, BLOCK_D)
                     d_ok = dd < D
+                    a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                     b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], tl.dot(a_w, b, input_precision="ieee"),
-                                  mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(partial_ptr + pid, tl.sum(total, axis=0) * inv_pairs)
-        if COMPUTE_GRAD:
-            # ∂L/∂μ_c −= (4/P) deg_c μ_c
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                m = row_ok[:, None] & (dd < D)[None, :]
-                a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-                tl.atomic_add(dmu_ptr + rows[:, None] * D + dd[None, :], -deg[:, None] * a, mask=m)
+                    s = tl.dot(a, tl.trans(b), s, input_precision="ieee")
+                    sq_r += tl.sum(a * a, axis=1)
+                    sq_c += tl.sum(b * b, axis=1)
+                # hinge α − ‖μ_c − μ_c'‖² over distinct present classes
+                gap = alpha_inter - (sq_r[:, None] + sq_c[None, :] - 2.0 * s)
+                pair = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+                act = pair & (gap > 0.0)
+                total += tl.sum(tl.where(act, gap, 0.0), axis=1)
+                if COMPUTE_GRAD:
+                    a_w = tl.where(act, 4.0 * inv_pairs, 0.0)
+                    deg += tl.sum(a_w, axis=1)
+                    # ∂L/∂μ_c += (4/P) Σ_c' a_cc' μ_c': this program is the only writer of these rows
+                    # (first column tile stores, later ones add; a barrier orders the threads)
+                    for d0 in range(0, D, BLOCK_D):
+                        dd = d0 + tl.arange(0, BLOCK_D)
+                        d_ok = dd < D
+                        m = row_ok[:, None] & d_ok[None, :]
+                        b = tl.load(mu_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                        ptrs = dmu_ptr + rows[:, None] * D + dd[None, :]
+                        prev = tl.load(ptrs, mask=m & (n0 > 0), other=0.0)
+                        tl.store(ptrs, prev + tl.dot(a_w, b, input_precision="ieee"), mask=m)
+                    tl.debug_barrier()
+            tl.store(partial_ptr + pid, tl.sum(total, axis=0) * inv_pairs)
+            if COMPUTE_GRAD:
+                # ∂L/∂μ_c −= (4/P) deg_c μ_c
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    m = row_ok[:, None] & (dd < D)[None, :]
+                    a = tl.load(mu_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+                    ptrs = dmu_ptr + rows[:, None] * D + dd[None, :]
+                    tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) - deg[:, None] * a, mask=m)
+        else:
+            tl.store(partial_ptr + pid, 0.0)
 
 
     @triton.jit
@@ -179,11 +185,20 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _blocks(z: torch.Tensor, D: int):
-    """(BLOCK_K, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_DOT_D, num_warps): small on the interpreter."""
-    if z.is_cuda and not interpreting():
-        return 16, min(triton.next_power_of_2(D), 128), 64, 64, 32, 4
-    return 16, min(triton.next_power_of_2(D), 32), 16, 16, 16, 1
+class _Blocks(NamedTuple):
+    rows: int  # BLOCK_K / BLOCK_B: class members or samples per step of the row kernels
+    width: int  # BLOCK_D of the row kernels
+    tile_m: int  # BLOCK_M × BLOCK_N class tiles of the inter-class kernel
+    tile_n: int
+    tile_d: int  # its BLOCK_D
+    warps: int
+
+
+def _blocks(z: torch.Tensor, D: int) -> _Blocks:
+    """Block sizes: the GPU's, or small ones under the interpreter."""
+    if use_autotune(z):
+        return _Blocks(16, min(triton.next_power_of_2(D), 128), 64, 64, 32, 4)
+    return _Blocks(16, min(triton.next_power_of_2(D), 32), 16, 16, 16, 1)
 
 
 def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad):
@@ -195,48 +210,28 @@ def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad)
     dev = z.device
     cls, num_classes, counts, order, starts = class_ids(labels.contiguous())
     r, _ = row_norms(z, normalize)
-    bk, bd, bm, bn, bdd, w = _blocks(z, D)
-    mu = torch.empty(B, D, dtype=torch.float32, device=dev)
-    _class_mean_kernel[(B, triton.cdiv(D, bd))](z, r, order, starts, counts, mu, D, z.stride(0),
-                                                BLOCK_K=bk, BLOCK_D=bd, num_warps=w)
-    n_intra, n_inter = triton.cdiv(B, bk), triton.cdiv(B, bm)
-    partial = torch.empty(n_intra + n_inter, dtype=torch.float32, device=dev)
-    weights = torch.empty(B, dtype=torch.float32, device=dev) if compute_grad else partial
-    g = torch.empty(B, D, dtype=torch.float32, device=dev) if compute_grad else partial
-    dmu = torch.zeros(B, D, dtype=torch.float32, device=dev) if compute_grad else partial
-    _center_intra_kernel[(n_intra,)](z, r, cls, mu, weights, g, partial, B, D, z.stride(0), alpha_intra,
-                                     COMPUTE_GRAD=compute_grad, BLOCK_B=bk, BLOCK_D=bd, num_warps=w)
-    _center_inter_kernel[(n_inter,)](mu, num_classes, dmu, partial[n_intra:], D, alpha_inter, COMPUTE_GRAD=compute_grad,
-                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bdd, num_warps=w)
+    blk = _blocks(z, D)
+    f32 = dict(dtype=torch.float32, device=dev)
+    mu = torch.empty(B, D, **f32)
+    launch(_class_mean_kernel, (B, triton.cdiv(D, blk.width)), z, r, order, starts, counts, mu, D, z.stride(0),
+           BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
+    n_intra, n_inter = triton.cdiv(B, blk.rows), triton.cdiv(B, blk.tile_m)
+    partial = torch.empty(n_intra + n_inter, **f32)
+    weights = torch.empty(B, **f32) if compute_grad else partial
+    g = torch.empty(B, D, **f32) if compute_grad else partial
+    dmu = torch.empty(B, D, **f32) if compute_grad else partial  # rows < C written by the inter kernel
+    launch(_center_intra_kernel, (n_intra,), z, r, cls, mu, weights, g, partial, B, D, z.stride(0), alpha_intra,
+           COMPUTE_GRAD=compute_grad, BLOCK_B=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
+    launch(_center_inter_kernel, (n_inter,), mu, num_classes, dmu, partial[n_intra:], D, alpha_inter,
+           COMPUTE_GRAD=compute_grad, BLOCK_M=blk.tile_m, BLOCK_N=blk.tile_n, BLOCK_D=blk.tile_d, num_warps=blk.warps)
     loss = partial.sum()
     if not compute_grad:
         return loss, None
-    _center_grad_kernel[(B, triton.cdiv(D, bd))](z, r, order, starts, counts, mu, dmu, weights, g, D, z.stride(0),
-                                                 BLOCK_K=bk, BLOCK_D=bd, num_warps=w)
+    launch(_center_grad_kernel, (B, triton.cdiv(D, blk.width)), z, r, order, starts, counts, mu, dmu, weights, g,
+           D, z.stride(0), BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
     if normalize:
         normalize_backward_(z, r, g)
     return loss, g
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class DiscriminativeEmbeddingFunction(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, z, labels, alpha_intra, alpha_inter, normalize):
-        need = ctx.needs_input_grad[0]
-        loss, g = center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad=need)
-        ctx.dtype = z.dtype
-        if need:
-            ctx.save_for_backward(g)
-        return loss
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return (g * grad_out).to(ctx.dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- eager reference
@@ -279,10 +274,20 @@ def discriminative_embedding_loss_ref(z, labels, alpha_intra=0.3, alpha_inter=0.
         return intra + inter
 
 
-def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, normalize=True, impl="auto"):
-    """One modality's discriminative embedding loss (fp32 0-dim). ``impl``: "auto" | "triton" | "eager"."""
+def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, normalize=True, impl="auto",
+                                  deterministic=None):
+    """One modality's discriminative embedding loss (fp32 0-dim). ``impl``: "auto" | "triton" | "eager".
+
+    The Triton path has no floating-point atomics, so its gradients are bit-identical run to
+    run whatever ``deterministic`` says (the argument exists for a uniform interface)."""
     if z.dim() != 2 or labels.shape != (z.shape[0],):
         raise ValueError(f"discriminative_embedding_loss: need z (B, D) and labels (B,), got {tuple(z.shape)}, {tuple(labels.shape)}")
     if resolve_impl(impl, z, labels) == "eager":
         return discriminative_embedding_loss_ref(z, labels, alpha_intra, alpha_inter, normalize)
-    return DiscriminativeEmbeddingFunction.apply(z, labels, float(alpha_intra), float(alpha_inter), bool(normalize))
+
+    def run(needs):
+        loss, g = center_forward(z, labels, float(alpha_intra), float(alpha_inter), bool(normalize),
+                                 compute_grad=needs[0])
+        return loss, (g, None)
+
+    return GradInForward.apply(run, z, labels)

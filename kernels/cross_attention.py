@@ -172,6 +172,22 @@ if triton is not None:
         tl.store(delta_ptr + pid_b * R + rows, acc, mask=row_ok)
 
     @triton.jit
+    def _dp_tile(a_base, stride_ar, stride_ae, b_base, stride_bc, stride_be, offs_m, offs_n, row_ok, col_ok, E,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        # a[rows] b[cols]ᵀ over BLOCK_E-wide slices of e: dy_f v_oᵀ or v_f dy_oᵀ
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start_e in range(0, E, BLOCK_E):
+            offs_e = start_e + tl.arange(0, BLOCK_E)
+            e_ok = offs_e < E
+            a = tl.load(a_base + offs_m[:, None] * stride_ar + offs_e[None, :] * stride_ae,
+                        mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+            bt = tl.load(b_base + offs_n[None, :] * stride_bc + offs_e[:, None] * stride_be,
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0)
+            dp += _dot(a, bt, DOT_PRECISION, DOT_FP32)
+        return dp
+
+    @triton.jit
     def _accumulate(acc_ptrs, out_ptrs, mask, contrib, first, last):
         # owned rows: total = (earlier tiles' sum) + contrib; fp32 scratch until the last tile
         prev = tl.load(acc_ptrs, mask=mask & (first == 0), other=0.0)
@@ -245,29 +261,24 @@ if triton is not None:
                              mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 s += _dot(q, kt, DOT_PRECISION, DOT_FP32)
             s = s * qk_scale
-            # ds = P_row ⊙ (dy_f v_oᵀ − Δ_row) + P_col ⊙ (v_f dy_oᵀ − Δ_col); keep the P the outputs need
-            p_row = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0)
-            p_col = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_e in range(0, E, BLOCK_E):
-                offs_e = start_e + tl.arange(0, BLOCK_E)
-                e_ok = offs_e < E
-                dyf = tl.load(dyf_base + offs_m[:, None] * stride_dyfm + offs_e[None, :] * stride_dyfe,
-                              mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                vo_t = tl.load(vo_base + offs_n[None, :] * stride_von + offs_e[:, None] * stride_voe,
-                               mask=e_ok[:, None] & col_ok[None, :], other=0.0)
-                dp += _dot(dyf, vo_t, DOT_PRECISION, DOT_FP32)
-            ds = p_row * (dp - delta_row[:, None])
-            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_e in range(0, E, BLOCK_E):
-                offs_e = start_e + tl.arange(0, BLOCK_E)
-                e_ok = offs_e < E
-                vf = tl.load(vf_base + offs_m[:, None] * stride_vfm + offs_e[None, :] * stride_vfe,
-                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                dyo_t = tl.load(dyo_base + offs_n[None, :] * stride_dyon + offs_e[:, None] * stride_dyoe,
-                                mask=e_ok[:, None] & col_ok[None, :], other=0.0)
-                dp += _dot(vf, dyo_t, DOT_PRECISION, DOT_FP32)
-            ds += p_col * (dp - delta_col[None, :])
+            # ds = P_row ⊙ (dy_f v_oᵀ − Δ_row) + P_col ⊙ (v_f dy_oᵀ − Δ_col). The term whose P the
+            # outputs don't need comes first, so at most three tiles (s, ds, dP or P) are live.
+            if OWN_ROWS:
+                dp = _dp_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
+                              offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
+                ds = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0) * (dp - delta_row[:, None])
+                dp = _dp_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
+                              offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
+                p = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0)  # P_col, for dv_f
+                ds += p * (dp - delta_col[None, :])
+            else:
+                dp = _dp_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
+                              offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
+                ds = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0) * (dp - delta_col[None, :])
+                dp = _dp_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
+                              offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
+                p = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0)  # P_row, for dv_o
+                ds += p * (dp - delta_row[:, None])
             first = step == 0
             last = step == steps - 1
             if OWN_ROWS:
@@ -287,7 +298,7 @@ if triton is not None:
                                   mask=col_ok[:, None] & e_ok[None, :], other=0.0)
                     idx = pid_b * owned * E + out_rows[:, None] * E + offs_e[None, :]
                     _accumulate(acc_e_ptr + idx, out_e_ptr + idx, out_ok[:, None] & e_ok[None, :],
-                                _dot(p_col.to(dyo.dtype), dyo, DOT_PRECISION, DOT_FP32), first, last)
+                                _dot(p.to(dyo.dtype), dyo, DOT_PRECISION, DOT_FP32), first, last)
             else:
                 # dk += scale · dSᵀ q;  dv_o += P_rowᵀ dy_f
                 for start_d in range(0, D, BLOCK_D):
@@ -305,7 +316,7 @@ if triton is not None:
                                   mask=row_ok[:, None] & e_ok[None, :], other=0.0)
                     idx = pid_b * owned * E + out_rows[:, None] * E + offs_e[None, :]
                     _accumulate(acc_e_ptr + idx, out_e_ptr + idx, out_ok[:, None] & e_ok[None, :],
-                                _dot(tl.trans(p_row).to(dyf.dtype), dyf, DOT_PRECISION, DOT_FP32), first, last)
+                                _dot(tl.trans(p).to(dyf.dtype), dyf, DOT_PRECISION, DOT_FP32), first, last)
             # the next tile reads what this one stored, possibly from other threads
             tl.debug_barrier()
 
@@ -332,24 +343,26 @@ def fwd_block_e(E: int) -> int:
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). BLOCK_M ≥ 64 everywhere: a
 # Hopper warpgroup MMA (wgmma, HGMMA in SASS) is 64 rows tall. Forward: BLOCK_E comes from
 # ``fwd_block_e``; its fp32 accumulator takes BLOCK_M·BLOCK_E / (32·num_warps) registers per
-# thread, kept ≤ 128 by ``_prune`` so the S tile, P and addresses fit beside it without spills.
+# thread, and ``prune_configs`` keeps the configs that fit beside it without spills (16 warps
+# would cap a thread at 128 registers: no room for a 512-wide accumulator).
 FWD_CONFIGS = (
     (64, 64, 64, 4, 2),
     (64, 64, 64, 8, 2),
+    (64, 64, 64, 8, 3),
+    (64, 64, 32, 8, 3),
     (64, 128, 64, 8, 2),
     (128, 64, 64, 8, 2),
     (128, 128, 64, 8, 2),
     (64, 64, 128, 8, 2),
 )
-# Backward (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, num_warps, num_stages): four BLOCK_M × BLOCK_N
-# fp32 tiles live at once (S, the kept P, dP, dS). The column pass's output dots are BLOCK_N
-# rows tall, so BLOCK_N ≥ 64 too.
+# Backward (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, num_warps, num_stages): three BLOCK_M × BLOCK_N
+# fp32 tiles live at once (S, dS and dP or P). The column pass's output dots are BLOCK_N rows
+# tall, so BLOCK_N ≥ 64 too. Larger tiles (128 × 64, 64 × 128) and 4 warps spill on sm_90a.
 BWD_CONFIGS = (
-    (64, 64, 64, 64, 4, 2),
     (64, 64, 64, 64, 8, 2),
-    (64, 128, 64, 64, 8, 2),
-    (128, 64, 64, 64, 8, 2),
-    (64, 64, 128, 128, 8, 2),
+    (64, 64, 64, 64, 8, 3),
+    (64, 64, 32, 64, 8, 2),
+    (64, 64, 32, 32, 8, 3),
 )
 
 
@@ -373,7 +386,11 @@ def _fits(config, D, E):
         return False
     if "BLOCK_E" in kw:  # backward: no value slice wider than e needs
         return kw["BLOCK_E"] <= max(64, 1 << max(E - 1, 0).bit_length())
-    return kw["BLOCK_M"] * fwd_block_e(E) <= 128 * 32 * config.num_warps
+    # forward, by the compile gate on sm_90a: the accumulator plus the S tile within 144 fp32
+    # registers per thread, and 128-wide feature slices only beside values up to 256 wide
+    block_e = fwd_block_e(E)
+    return (kw["BLOCK_M"] * (block_e + kw["BLOCK_N"]) <= 144 * 32 * config.num_warps
+            and (kw["BLOCK_D"] <= 64 or block_e <= 256))
 
 
 def prune_configs(configs, D, E):

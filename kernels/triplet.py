@@ -10,45 +10,49 @@ Definition (d(a, b) = ‖a − b‖², ẑ = z / max(‖z‖, 1e-12) when ``norm
                 positive or no negative are left out of the mean.
 Hardest positive / negative ties go to the lowest index (the gradient follows that pair).
 
-Triton algorithm (four launches, all O(B·D) memory, no B×B tensor, no host sync):
-  1. ``_row_norm_kernel``: r = 1/max(‖z‖, eps) and ‖ẑ‖² per row (once per input).
-  2. ``_triplet_mine_kernel``: one program per BLOCK_M anchor rows walks all column tiles;
-     S = z_f z_oᵀ by ``tl.dot`` over D chunks, d = ‖ẑ_f‖² + ‖ẑ_o‖² − 2 r_f r_o S.
-     Rows keep a running (max positive, min negative) with their indices in registers; a
-     later tile replaces them only on strict improvement, so ties keep the lowest index.
-     Columns (the flow-anchored direction) are reduced inside the tile and merged across
-     row programs with one 64-bit ``atomic_max``/``atomic_min`` per column and tile on a
-     key (order-preserving bits of d) · 2³¹ + (lowest-index tiebreak): the score matrix is
-     computed once, not twice as a second column grid would need, and the key makes the
-     merge deterministic. The number of valid anchors is counted here too.
-  3. ``_triplet_grad_kernel``: per anchor, recompute d(anchor, pos) and d(anchor, neg) exactly
-     as ‖a − b‖² from the rows, the hinge, the loss partial sums, and (when an input needs a
-     gradient) ∂L/∂ẑ only through the selected pairs: 2c(n − p) to the anchor, 2c(p − a) to
-     the positive, 2c(a − n) to the negative, c = 1/#valid anchors; targets are scattered
-     with fp32 ``atomic_add`` (last-bit nondeterminism in the gradient; the loss is a
-     deterministic sum of per-block partials).
-  4. ``_normalize_bwd_kernel``: ∂L/∂z = r (g − ẑ (ẑ·g)).
+Triton algorithm (O(B·D) memory, no B×B tensor, no host sync):
+  1. ``normalize.row_norms``: r = 1/max(‖z‖, eps) and ‖ẑ‖² per row (once per input).
+  2. ``_triplet_mine_kernel`` on a 2-D grid: BLOCK_M anchor rows × one of SPLITS column
+     ranges, SPLITS chosen so the grid holds at least two programs per SM of a 132-SM GPU
+     (B = 8192, BLOCK_M = 64: 128 row blocks × 3 ranges). Each S tile = z_a z_bᵀ is one
+     ``tl.dot`` over D chunks, d = ‖ẑ_a‖² + ‖ẑ_b‖² − 2 r_a r_b S, computed once for both
+     directions: rows and columns are reduced inside the tile to (hardest distance, lowest
+     index) and merged across programs with one relaxed 64-bit ``atomic_max`` per row or
+     column and tile on an order-preserving key (distance bits · 2³¹ + index tiebreak;
+     negatives stored inverted so that every key buffer merges by max from zero). Integer
+     max is exact and commutative: the selection is deterministic.
+  3. ``_triplet_count_kernel``: the number of valid anchors per direction.
+  4. ``_triplet_grad_kernel`` per direction: recompute d(anchor, pos) and d(anchor, neg)
+     exactly as ‖a − b‖² from the rows, the hinge, per-block loss partials (summed in a
+     fixed order) and, when a gradient is needed, ∂L/∂ẑ through the selected pairs only:
+     2c(n − p) to the anchor, 2c(p − a) to the positive, 2c(a − n) to the negative,
+     c = 1/#valid anchors. The anchor's rows are the program's own (plain stores); targets
+     are scattered with relaxed fp32 ``atomic_add`` (no fence), or, with ``deterministic``,
+     written per anchor and summed per target row in sorted anchor order by
+     ``_segment_sum_kernel`` (bit-identical run to run, one extra pass over 2·B·D floats).
+  5. ``normalize.normalize_backward_``: ∂L/∂z = r (g − ẑ (ẑ·g)).
 The gradient is computed in the forward; backward only scales it by grad_output.
 
 Limits: B < 2³¹; fp32 inputs use IEEE-precision dots (no TF32) so the selection matches the
-reference; fp16/bf16 use tensor cores with fp32 accumulation. GPU timings: not measured yet
-(no GPU in the session that wrote this); see bench/bench_losses.py.
+reference; fp16/bf16 use tensor cores with fp32 accumulation. GPU timings: not yet measured,
+see bench/results/README.md.
 """
 import torch
 import torch.nn.functional as F
 
-from ccs_fast.kernels._dispatch import interpreting, resolve_impl, triton_available
+from ccs_fast.kernels._common import (
+    GradInForward,
+    deterministic as _deterministic,
+    dot_fp32,
+    launch,
+    tl,
+    triton,
+    use_autotune,
+)
+from ccs_fast.kernels._dispatch import resolve_impl
+from ccs_fast.kernels.normalize import EPS as _EPS, normalize_backward_, row_blocks, row_norms
 
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # the package must import without Triton; the dispatcher then only offers "eager"
-    triton = None
-
-_EPS = 1e-12  # F.normalize's clamp of the norm
-_LOW31 = 2**31 - 1  # low 31 bits of a selection key hold the index tiebreak
-_NO_MAX = -1  # key sentinels: no positive / no negative found for this column
-_NO_MIN = 2**63 - 1
+_MIN_PROGRAMS = 264  # two programs per SM of a 132-SM H100/H200
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -57,59 +61,40 @@ _NO_MIN = 2**63 - 1
 if triton is not None:
 
     @triton.jit
-    def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
-                        mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(z * z, axis=1)
-        if NORMALIZE:
-            # r = 1 / max(‖z‖, eps), ‖ẑ‖² = ‖z‖² r²
-            r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
-        else:
-            r = tl.full([BLOCK_B], 1.0, tl.float32)
-        tl.store(r_ptr + rows, r, mask=row_ok)
-        tl.store(sq_ptr + rows, ss * r * r, mask=row_ok)
-
+    def _ordered(d):
+        # fp32 → int64 in [0, 2³²) with the same order (total order of the bit patterns)
+        bits = d.to(tl.int32, bitcast=True).to(tl.int64)
+        return tl.where(bits >= 0, bits + 2147483648, -bits - 1)
 
     @triton.jit
-    def _max_key(d, idx):
-        # order-preserving int of fp32 d, times 2³¹, plus a tiebreak that prefers the lower index
-        bits = d.to(tl.int32, bitcast=True).to(tl.int64)
-        ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
-        return ordered * 2147483648 + (2147483647 - idx.to(tl.int64))
-
+    def _pos_key(d, idx):
+        # max d, lowest index on ties; +1 so that 0 means "none"
+        return _ordered(d) * 2147483648 + (2147483647 - idx.to(tl.int64)) + 1
 
     @triton.jit
-    def _min_key(d, idx):
-        bits = d.to(tl.int32, bitcast=True).to(tl.int64)
-        ordered = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
-        return ordered * 2147483648 + idx.to(tl.int64)
-
+    def _neg_key(d, idx):
+        # min d, lowest index on ties, inverted so that max merges it; 0 means "none"
+        return 9223372036854775807 - (_ordered(d) * 2147483648 + idx.to(tl.int64))
 
     @triton.jit
     def _triplet_mine_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sqa_ptr, sqb_ptr, y_ptr,
-                             row_pos_ptr, row_neg_ptr, col_pos_key_ptr, col_neg_key_ptr, count_ptr,
+                             row_pos_ptr, row_neg_ptr, col_pos_ptr, col_neg_ptr,
                              B, D, stride_am, stride_bm, B_BUCKET, D_BUCKET,
                              SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        n_tiles = tl.cdiv(B, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, tl.num_programs(1))
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         y_r = tl.load(y_ptr + rows, mask=row_ok, other=0)
         r_r = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
         sq_r = tl.load(sqa_ptr + rows, mask=row_ok, other=0.0)
-        best_pos = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        best_neg = tl.full([BLOCK_M], float("inf"), tl.float32)
-        pos_idx = tl.full([BLOCK_M], -1, tl.int32)
-        neg_idx = tl.full([BLOCK_M], -1, tl.int32)
-        for n0 in range(0, B, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+        best_pos = tl.zeros([BLOCK_M], tl.int64)
+        best_neg = tl.zeros([BLOCK_M], tl.int64)
+        for t in range(split * per_split, tl.minimum((split + 1) * per_split, n_tiles)):
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < B
             # S = a_rows · b_colsᵀ over D chunks, fp32 accumulation
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -132,57 +117,48 @@ if triton is not None:
             if SINGLE:
                 pos = pos & (rows[:, None] != cols[None, :])
             neg = both & (y_r[:, None] != y_c[None, :])
-            d_pos = tl.where(pos, d, float("-inf"))
-            d_neg = tl.where(neg, d, float("inf"))
-            # rows: strict improvement only, so earlier (lower) indices win ties across tiles
-            tile_pos = tl.max(d_pos, axis=1)
-            tile_pos_idx = (n0 + tl.argmax(d_pos, axis=1, tie_break_left=True)).to(tl.int32)
-            take = tile_pos > best_pos
-            pos_idx = tl.where(take, tile_pos_idx, pos_idx)
-            best_pos = tl.where(take, tile_pos, best_pos)
-            tile_neg = tl.min(d_neg, axis=1)
-            tile_neg_idx = (n0 + tl.argmin(d_neg, axis=1, tie_break_left=True)).to(tl.int32)
-            take = tile_neg < best_neg
-            neg_idx = tl.where(take, tile_neg_idx, neg_idx)
-            best_neg = tl.where(take, tile_neg, best_neg)
+            # one key per (row, col): the tile's max over a row or column is its hardest pair
+            pk = tl.where(pos, _pos_key(d, cols[None, :]), 0)
+            nk = tl.where(neg, _neg_key(d, cols[None, :]), 0)
+            best_pos = tl.maximum(best_pos, tl.max(pk, axis=1))
+            best_neg = tl.maximum(best_neg, tl.max(nk, axis=1))
             if not SINGLE:
-                # columns: reduce over this tile's rows, merge across programs by packed keys
-                col_pos = tl.max(d_pos, axis=0)
-                col_pos_idx = pid * BLOCK_M + tl.argmax(d_pos, axis=0, tie_break_left=True)
-                tl.atomic_max(col_pos_key_ptr + cols, _max_key(col_pos, col_pos_idx),
-                              mask=col_ok & (col_pos > float("-inf")))
-                col_neg = tl.min(d_neg, axis=0)
-                col_neg_idx = pid * BLOCK_M + tl.argmin(d_neg, axis=0, tie_break_left=True)
-                tl.atomic_min(col_neg_key_ptr + cols, _min_key(col_neg, col_neg_idx),
-                              mask=col_ok & (col_neg < float("inf")))
-        tl.store(row_pos_ptr + rows, pos_idx, mask=row_ok)
-        tl.store(row_neg_ptr + rows, neg_idx, mask=row_ok)
-        valid = row_ok & (pos_idx >= 0) & (neg_idx >= 0)
-        tl.atomic_add(count_ptr, tl.sum(valid.to(tl.int32), axis=0))
+                pkc = tl.where(pos, _pos_key(d, rows[:, None]), 0)
+                nkc = tl.where(neg, _neg_key(d, rows[:, None]), 0)
+                tl.atomic_max(col_pos_ptr + cols, tl.max(pkc, axis=0), mask=col_ok, sem="relaxed")
+                tl.atomic_max(col_neg_ptr + cols, tl.max(nkc, axis=0), mask=col_ok, sem="relaxed")
+        tl.atomic_max(row_pos_ptr + rows, best_pos, mask=row_ok, sem="relaxed")
+        tl.atomic_max(row_neg_ptr + rows, best_neg, mask=row_ok, sem="relaxed")
 
+    @triton.jit
+    def _triplet_count_kernel(pos_ptr, neg_ptr, count_ptr, B, DIRECTIONS: tl.constexpr, BLOCK: tl.constexpr):
+        # count[k] = #anchors with a positive and a negative in direction k (keys non-zero)
+        for k in tl.static_range(DIRECTIONS):
+            total = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, B, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                ok = i < B
+                p = tl.load(pos_ptr + k * B + i, mask=ok, other=0)
+                n = tl.load(neg_ptr + k * B + i, mask=ok, other=0)
+                total += ((p != 0) & (n != 0)).to(tl.int32)
+            tl.store(count_ptr + k, tl.sum(total, axis=0))
 
     @triton.jit
     def _triplet_grad_kernel(anc_ptr, tgt_ptr, r_anc_ptr, r_tgt_ptr, pos_ptr, neg_ptr, count_ptr,
-                             g_anc_ptr, g_tgt_ptr, partial_ptr,
+                             g_anc_ptr, g_tgt_ptr, t_pos_ptr, t_neg_ptr, partial_ptr,
                              B, D, stride_am, stride_tm, margin,
-                             FROM_KEYS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                             COMPUTE_GRAD: tl.constexpr, ANCHOR: tl.constexpr, DETERMINISTIC: tl.constexpr,
                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        # ANCHOR: 0 = plain store of the anchor rows (first writer of g_anc),
+        #         1 = add to them (their earlier value is complete), 2 = atomic add (g_anc is g_tgt)
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        if FROM_KEYS:
-            pos_key = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-            neg_key = tl.load(neg_ptr + rows, mask=row_ok, other=9223372036854775807)
-            found = (pos_key >= 0) & (neg_key != 9223372036854775807)
-            p = 2147483647 - (pos_key & 2147483647)
-            n = neg_key & 2147483647
-        else:
-            p = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-            n = tl.load(neg_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-            found = (p >= 0) & (n >= 0)
-        valid = row_ok & found
-        p = tl.where(valid, p, 0)
-        n = tl.where(valid, n, 0)
+        pos_key = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+        neg_key = tl.load(neg_ptr + rows, mask=row_ok, other=0)
+        valid = row_ok & (pos_key != 0) & (neg_key != 0)
+        p = tl.where(valid, 2147483647 - ((pos_key - 1) & 2147483647), 0)
+        n = tl.where(valid, (9223372036854775807 - neg_key) & 2147483647, 0)
         r_a = tl.load(r_anc_ptr + rows, mask=valid, other=0.0)
         r_p = tl.load(r_tgt_ptr + p, mask=valid, other=0.0)
         r_n = tl.load(r_tgt_ptr + n, mask=valid, other=0.0)
@@ -202,99 +178,96 @@ if triton is not None:
         tl.store(partial_ptr + pid, tl.sum(hinge, axis=0) * inv_count)
         if COMPUTE_GRAD:
             active = valid & (dp - dn + margin > 0.0)
-            c = 2.0 * inv_count
+            c = tl.where(active, 2.0 * inv_count, 0.0)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
-                m = active[:, None] & (dd < D)[None, :]
+                d_ok = (dd < D)[None, :]
+                m = active[:, None] & d_ok
                 a = tl.load(anc_ptr + rows[:, None] * stride_am + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_a[:, None]
                 zp = tl.load(tgt_ptr + p[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_p[:, None]
                 zn = tl.load(tgt_ptr + n[:, None] * stride_tm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r_n[:, None]
                 # ∂/∂a = 2c(n − p), ∂/∂p = 2c(p − a), ∂/∂n = 2c(a − n)
-                tl.atomic_add(g_anc_ptr + rows[:, None] * D + dd[None, :], c * (zn - zp), mask=m)
-                tl.atomic_add(g_tgt_ptr + p[:, None] * D + dd[None, :], c * (zp - a), mask=m)
-                tl.atomic_add(g_tgt_ptr + n[:, None] * D + dd[None, :], c * (a - zn), mask=m)
-
+                g_a = c[:, None] * (zn - zp)
+                own = row_ok[:, None] & d_ok
+                anc = g_anc_ptr + rows[:, None] * D + dd[None, :]
+                if ANCHOR == 0:
+                    tl.store(anc, g_a, mask=own)
+                elif ANCHOR == 1:
+                    tl.store(anc, tl.load(anc, mask=own, other=0.0) + g_a, mask=own)
+                else:
+                    tl.atomic_add(anc, g_a, mask=m, sem="relaxed")
+                if DETERMINISTIC:
+                    # per anchor; summed per target row by _segment_sum_kernel
+                    tl.store(t_pos_ptr + rows[:, None] * D + dd[None, :], c[:, None] * (zp - a), mask=own)
+                    tl.store(t_neg_ptr + rows[:, None] * D + dd[None, :], c[:, None] * (a - zn), mask=own)
+                else:
+                    tl.atomic_add(g_tgt_ptr + p[:, None] * D + dd[None, :], c[:, None] * (zp - a), mask=m, sem="relaxed")
+                    tl.atomic_add(g_tgt_ptr + n[:, None] * D + dd[None, :], c[:, None] * (a - zn), mask=m, sem="relaxed")
 
     @triton.jit
-    def _normalize_bwd_kernel(z_ptr, r_ptr, g_ptr, B, D, stride_zm, EPS: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-        dot = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (dd < D)[None, :]
-            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            dot += tl.sum(zh * g, axis=1)
-        # ∂L/∂z = r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = r g
-        unclamped = r < 1.0 / EPS
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (dd < D)[None, :]
-            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            dz = tl.where(unclamped[:, None], r[:, None] * (g - zh * dot[:, None]), r[:, None] * g)
-            tl.store(g_ptr + rows[:, None] * D + dd[None, :], dz, mask=m)
+    def _segment_sum_kernel(src_ptr, order_ptr, starts_ptr, counts_ptr, out_ptr, D,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[t] += Σ_k src[order[starts[t] + k]], k < counts[t], in that fixed order
+        t = tl.program_id(0).to(tl.int64)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        start = tl.load(starts_ptr + t)
+        n = tl.load(counts_ptr + t)
+        if n > 0:
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for k0 in range(0, n, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < n
+                i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
+                acc += tl.sum(tl.load(src_ptr + i[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                                      other=0.0), axis=0)
+            tl.store(out_ptr + t * D + dd, tl.load(out_ptr + t * D + dd, mask=d_ok, other=0.0) + acc, mask=d_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _use_autotune(t: torch.Tensor) -> bool:
-    return t.is_cuda and not interpreting()
-
-
-def _mine_configs():
+def mine_configs():
+    """Autotune candidates of the mining kernel (spill-free on sm_90a by ``bench.aot``)."""
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s, pre_hook=_reset_mine)
-        for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128))
-        for bd in (32, 64)
-        for w, s in ((4, 3), (8, 3))
-        if not (bm * bn >= 128 * 128 and w == 4)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bm, bn, bd, w, s in (
+            (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+            (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
+        )
     ]
 
 
-def _reset_mine(nargs):
-    # the kernel accumulates into these with atomics: autotune's repeated runs must start clean
-    nargs["col_pos_key_ptr"].fill_(_NO_MAX)
-    nargs["col_neg_key_ptr"].fill_(_NO_MIN)
-    nargs["count_ptr"].zero_()
+def prune_configs(configs, B, D):
+    """No D chunk wider than D needs (rounded up to a power of two, ≥ 16)."""
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= max(32, triton.next_power_of_2(D))]
+    return kept or configs[:1]
+
+
+def _prune(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args["B"], named_args["D"])
 
 
 _mine_tuned = None
-if triton is not None and torch.cuda.is_available():
-    _mine_tuned = triton.autotune(configs=_mine_configs(), key=["B_BUCKET", "D_BUCKET", "SINGLE", "DOT_PRECISION"])(
-        _triplet_mine_kernel
-    )
 
 
-def _blocks_1d(t: torch.Tensor, D: int):
-    if _use_autotune(t):
-        return 16, min(triton.next_power_of_2(D), 256), 4
-    return 16, min(triton.next_power_of_2(D), 32), 1
+def _mine_kernel():
+    global _mine_tuned
+    if _mine_tuned is None:
+        _mine_tuned = triton.autotune(
+            configs=mine_configs(), key=["B_BUCKET", "D_BUCKET", "SINGLE", "DOT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune},
+            # the keys merge by atomic max: the tuner's repeated runs start from zero
+            reset_to_zero=["row_pos_ptr", "row_neg_ptr", "col_pos_ptr", "col_neg_ptr"],
+        )(_triplet_mine_kernel)
+    return _mine_tuned
 
 
-def row_norms(z: torch.Tensor, normalize: bool):
-    """(r, ‖ẑ‖²) per row, fp32: r = 1/max(‖z‖, eps), or 1 when not normalising."""
-    B, D = z.shape
-    r = torch.empty(B, dtype=torch.float32, device=z.device)
-    sq = torch.empty_like(r)
-    bb, bd, w = _blocks_1d(z, D)
-    _row_norm_kernel[(triton.cdiv(B, bb),)](z, r, sq, B, D, z.stride(0), NORMALIZE=normalize, EPS=_EPS,
-                                             BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
-    return r, sq
-
-
-def normalize_backward_(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """In place: g (∂L/∂ẑ, fp32 contiguous) becomes ∂L/∂z through ẑ = z / max(‖z‖, eps)."""
-    B, D = z.shape
-    bb, bd, w = _blocks_1d(z, D)
-    _normalize_bwd_kernel[(triton.cdiv(B, bb),)](z, r, g, B, D, z.stride(0), EPS=_EPS, BLOCK_B=bb, BLOCK_D=bd,
-                                                  num_warps=w)
-    return g
+def mine_grid(B, block_m, block_n):
+    """(row blocks, column ranges): at least ``_MIN_PROGRAMS`` programs where B allows."""
+    rows = triton.cdiv(B, block_m)
+    splits = max(1, min(triton.cdiv(_MIN_PROGRAMS, rows), triton.cdiv(B, block_n)))
+    return rows, splits
 
 
 def _prepare(z: torch.Tensor) -> torch.Tensor:
@@ -302,7 +275,27 @@ def _prepare(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(-1) == 1 else z.contiguous()
 
 
-def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad):
+def _segments(idx: torch.Tensor, B: int):
+    """Sorted order, start and count of each target row in ``idx`` (stable: anchor order)."""
+    order = torch.sort(idx, stable=True).indices
+    counts = torch.zeros(B, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    return order, torch.cumsum(counts, 0) - counts, counts
+
+
+def _scatter_deterministic(g_tgt, t_pos, t_neg, pos_key, neg_key, D):
+    """g_tgt[p_i] += t_pos[i] and g_tgt[n_i] += t_neg[i], summed in anchor order."""
+    B = pos_key.shape[0]
+    valid = (pos_key != 0) & (neg_key != 0)
+    p = torch.where(valid, 2147483647 - ((pos_key - 1) & 2147483647), 0)
+    n = torch.where(valid, (9223372036854775807 - neg_key) & 2147483647, 0)
+    src = torch.cat([t_pos, t_neg])  # rows of invalid or inactive anchors are zero
+    order, starts, counts = _segments(torch.cat([p, n]), B)
+    bd = min(triton.next_power_of_2(D), 128 if use_autotune(g_tgt) else 32)
+    launch(_segment_sum_kernel, (B, triton.cdiv(D, bd)), src, order, starts, counts, g_tgt, D,
+           BLOCK_K=16, BLOCK_D=bd)
+
+
+def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, deterministic=False):
     """Loss (fp32 0-dim) and, if ``compute_grad``, fp32 gradients w.r.t. z_a (and z_b when not ``single``)."""
     if z_a.dtype != z_b.dtype:
         z_a, z_b = z_a.float(), z_b.float()
@@ -314,37 +307,47 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad):
     dev = z_a.device
     r_a, sq_a = row_norms(z_a, normalize)
     r_b, sq_b = (r_a, sq_a) if single else row_norms(z_b, normalize)
-    row_pos = torch.empty(B, dtype=torch.int32, device=dev)
-    row_neg = torch.empty(B, dtype=torch.int32, device=dev)
-    col_pos_key = torch.full((B,), _NO_MAX, dtype=torch.int64, device=dev)
-    col_neg_key = torch.full((B,), _NO_MIN, dtype=torch.int64, device=dev)
-    count = torch.zeros(1, dtype=torch.int32, device=dev)
-    # The Triton 3.9 interpreter multiplies bf16 tiles wrongly in tl.dot (numpy has no bf16), so
-    # under TRITON_INTERPRET=1 bf16 tiles are upcast first; tests/test_triplet.py::test_half_inputs covers it.
-    dot_fp32 = interpreting() and z_a.dtype == torch.bfloat16
-    precision = "ieee" if z_a.dtype == torch.float32 or dot_fp32 else "tf32"
-    args = (z_a, z_b, r_a, r_b, sq_a, sq_b, labels, row_pos, row_neg, col_pos_key, col_neg_key, count,
+    dirs = 1 if single else 2
+    # keys[0] = positives, keys[1] = negatives; [:, 0] anchored on a's rows, [:, 1] on b's (columns)
+    keys = torch.zeros((2, dirs, B), dtype=torch.int64, device=dev)
+    col_pos, col_neg = (keys[0, 0], keys[1, 0]) if single else (keys[0, 1], keys[1, 1])
+    precision = "ieee" if z_a.dtype == torch.float32 or dot_fp32(z_a.dtype) else "tf32"
+    args = (z_a, z_b, r_a, r_b, sq_a, sq_b, labels, keys[0, 0], keys[1, 0], col_pos, col_neg,
             B, D, z_a.stride(0), z_b.stride(0), triton.next_power_of_2(B), triton.next_power_of_2(D))
-    if _use_autotune(z_a):
-        _mine_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](*args, SINGLE=single, DOT_PRECISION=precision,
-                                                                      DOT_FP32=False)
+    if use_autotune(z_a):
+        launch(_mine_kernel(), lambda meta: mine_grid(B, meta["BLOCK_M"], meta["BLOCK_N"]), *args,
+               SINGLE=single, DOT_PRECISION=precision, DOT_FP32=False)
     else:
-        _triplet_mine_kernel[(triton.cdiv(B, 16),)](*args, SINGLE=single, DOT_PRECISION=precision,
-                                                    DOT_FP32=dot_fp32, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+        launch(_triplet_mine_kernel, mine_grid(B, 16, 16), *args, SINGLE=single, DOT_PRECISION=precision,
+               DOT_FP32=dot_fp32(z_a.dtype), BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+    count = torch.empty(dirs, dtype=torch.int32, device=dev)
+    launch(_triplet_count_kernel, (1,), keys[0], keys[1], count, B, DIRECTIONS=dirs, BLOCK=1024)
 
-    bb, bd, w = _blocks_1d(z_a, D)
+    bb, bd, w = row_blocks(z_a, D)
     nblk = triton.cdiv(B, bb)
-    partial = torch.empty(nblk if single else 2 * nblk, dtype=torch.float32, device=dev)
-    g_a = torch.zeros(B, D, dtype=torch.float32, device=dev) if compute_grad else partial
-    g_b = g_a if single or not compute_grad else torch.zeros_like(g_a)
-    # anchored on a's rows (targets from b), then for the cross-modal form on b's rows (targets from a)
-    _triplet_grad_kernel[(nblk,)](z_a, z_b, r_a, r_b, row_pos, row_neg, count, g_a, g_b, partial,
-                                  B, D, z_a.stride(0), z_b.stride(0), margin, FROM_KEYS=False,
-                                  COMPUTE_GRAD=compute_grad, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+    partial = torch.empty(dirs * nblk, dtype=torch.float32, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    g_a = g_b = t_pos = t_neg = partial  # placeholders where nothing is written
+    if compute_grad:
+        # single: anchors and targets share g (zeroed, atomics); cross-modal: the first pass
+        # stores a's anchor rows and scatters into g_b (zeroed), the second adds b's anchor
+        # rows to g_b and scatters into g_a
+        g_a = torch.zeros((B, D), **f32) if single else torch.empty((B, D), **f32)
+        g_b = g_a if single else torch.zeros((B, D), **f32)
+        if deterministic:
+            t_pos, t_neg = torch.empty((B, D), **f32), torch.empty((B, D), **f32)
+    det = bool(compute_grad and deterministic)
+    passes = [(z_a, z_b, r_a, r_b, keys[0, 0], keys[1, 0], g_a, g_b, 0 if not single else 2)]
     if not single:
-        _triplet_grad_kernel[(nblk,)](z_b, z_a, r_b, r_a, col_pos_key, col_neg_key, count, g_b, g_a,
-                                      partial[nblk:], B, D, z_b.stride(0), z_a.stride(0), margin, FROM_KEYS=True,
-                                      COMPUTE_GRAD=compute_grad, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+        passes.append((z_b, z_a, r_b, r_a, keys[0, 1], keys[1, 1], g_b, g_a, 1))
+    for k, (anc, tgt, r_anc, r_tgt, pk, nk, g_anc, g_tgt, anchor) in enumerate(passes):
+        if det and single:
+            anchor = 1  # no atomics: anchors add to their own rows, targets come after
+        launch(_triplet_grad_kernel, (nblk,), anc, tgt, r_anc, r_tgt, pk, nk, count[k:], g_anc, g_tgt,
+               t_pos, t_neg, partial[k * nblk:], B, D, anc.stride(0), tgt.stride(0), margin,
+               COMPUTE_GRAD=compute_grad, ANCHOR=anchor, DETERMINISTIC=det, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+        if det:
+            _scatter_deterministic(g_tgt, t_pos, t_neg, pk, nk, D)
     loss = partial.sum()
     if not compute_grad:
         return loss, None, None
@@ -353,45 +356,6 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad):
         if not single:
             normalize_backward_(z_b, r_b, g_b)
     return loss, g_a, (None if single else g_b)
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class CrossModalTripletFunction(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, z_f, z_o, labels, margin, normalize):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, g_f, g_o = triplet_forward(z_f, z_o, labels, margin, normalize, single=False, compute_grad=need)
-        ctx.dtypes = (z_f.dtype, z_o.dtype)
-        if need:
-            ctx.save_for_backward(g_f, g_o)
-        return loss
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):
-        g_f, g_o = ctx.saved_tensors
-        return (g_f * grad_out).to(ctx.dtypes[0]), (g_o * grad_out).to(ctx.dtypes[1]), None, None, None
-
-
-class BatchHardTripletFunction(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, z, labels, margin, normalize):
-        need = ctx.needs_input_grad[0]
-        loss, g, _ = triplet_forward(z, z, labels, margin, normalize, single=True, compute_grad=need)
-        ctx.dtype = z.dtype
-        if need:
-            ctx.save_for_backward(g)
-        return loss
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return (g * grad_out).to(ctx.dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------- eager reference
@@ -454,17 +418,34 @@ def _check(name, labels, *zs):
         raise ValueError(f"{name}: labels must be ({zs[0].shape[0]},), got {tuple(labels.shape)}")
 
 
-def cross_modal_triplet_loss(z_f, z_o, labels, margin=0.3, normalize=True, impl="auto"):
-    """Cross-modal batch-hard triplet loss L1 (fp32 0-dim). ``impl``: "auto" | "triton" | "eager"."""
+def cross_modal_triplet_loss(z_f, z_o, labels, margin=0.3, normalize=True, impl="auto", deterministic=None):
+    """Cross-modal batch-hard triplet loss L1 (fp32 0-dim). ``impl``: "auto" | "triton" | "eager";
+    ``deterministic`` (None: ``torch.are_deterministic_algorithms_enabled()``) gives
+    bit-identical gradients run to run (no floating-point atomics)."""
     _check("cross_modal_triplet_loss", labels, z_f, z_o)
     if resolve_impl(impl, z_f, z_o, labels) == "eager":
         return cross_modal_triplet_loss_ref(z_f, z_o, labels, margin, normalize)
-    return CrossModalTripletFunction.apply(z_f, z_o, labels, float(margin), bool(normalize))
+    det = _deterministic(deterministic)
+
+    def run(needs):
+        loss, g_f, g_o = triplet_forward(z_f, z_o, labels, float(margin), bool(normalize), single=False,
+                                         compute_grad=needs[0] or needs[1], deterministic=det)
+        return loss, (g_f, g_o, None)
+
+    return GradInForward.apply(run, z_f, z_o, labels)
 
 
-def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto"):
-    """Single-modality batch-hard triplet loss (fp32 0-dim). ``impl``: "auto" | "triton" | "eager"."""
+def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", deterministic=None):
+    """Single-modality batch-hard triplet loss (fp32 0-dim). ``impl``: "auto" | "triton" | "eager";
+    ``deterministic`` as in ``cross_modal_triplet_loss``."""
     _check("batch_hard_triplet_loss", labels, z)
     if resolve_impl(impl, z, labels) == "eager":
         return batch_hard_triplet_loss_ref(z, labels, margin, normalize)
-    return BatchHardTripletFunction.apply(z, labels, float(margin), bool(normalize))
+    det = _deterministic(deterministic)
+
+    def run(needs):
+        loss, g, _ = triplet_forward(z, z, labels, float(margin), bool(normalize), single=True,
+                                     compute_grad=needs[0], deterministic=det)
+        return loss, (g, None)
+
+    return GradInForward.apply(run, z, labels)

@@ -1,0 +1,85 @@
+"""Row L2 normalisation shared by the losses: ẑ = z / max(‖z‖, eps) and its backward.
+
+``row_norms`` gives r = 1/max(‖z‖, eps) and ‖ẑ‖² per row (fp32, one pass over z); the losses
+scale rows by r on the fly instead of writing ẑ. ``normalize_backward_`` turns ∂L/∂ẑ into
+∂L/∂z = r (g − ẑ (ẑ·g)) in place (where the norm was clamped to eps, ∂L/∂z = r g). Both are
+memory-bound row kernels: two passes over z and g at most.
+"""
+import torch
+
+from ccs_fast.kernels._common import launch, tl, triton, use_autotune
+
+EPS = 1e-12  # F.normalize's clamp of the norm
+
+if triton is not None:
+
+    @triton.jit
+    def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
+                        mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(z * z, axis=1)
+        if NORMALIZE:
+            # r = 1 / max(‖z‖, eps), ‖ẑ‖² = ‖z‖² r²
+            r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
+        else:
+            r = tl.full([BLOCK_B], 1.0, tl.float32)
+        tl.store(r_ptr + rows, r, mask=row_ok)
+        tl.store(sq_ptr + rows, ss * r * r, mask=row_ok)
+
+    @triton.jit
+    def _normalize_bwd_kernel(z_ptr, r_ptr, g_ptr, B, D, stride_zm, EPS: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+        dot = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (dd < D)[None, :]
+            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+            dot += tl.sum(zh * g, axis=1)
+        # ∂L/∂z = r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = r g
+        unclamped = r < 1.0 / EPS
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (dd < D)[None, :]
+            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+            dz = tl.where(unclamped[:, None], r[:, None] * (g - zh * dot[:, None]), r[:, None] * g)
+            tl.store(g_ptr + rows[:, None] * D + dd[None, :], dz, mask=m)
+
+
+def row_blocks(z: torch.Tensor, D: int):
+    """(BLOCK_B, BLOCK_D, num_warps) of the row kernels: 16 rows, up to 256 features at a time."""
+    if use_autotune(z):
+        return 16, min(triton.next_power_of_2(D), 256), 4
+    return 16, min(triton.next_power_of_2(D), 32), 1
+
+
+def row_norms(z: torch.Tensor, normalize: bool):
+    """(r, ‖ẑ‖²) per row, fp32: r = 1/max(‖z‖, eps), or 1 when not normalising."""
+    B, D = z.shape
+    r = torch.empty(B, dtype=torch.float32, device=z.device)
+    sq = torch.empty_like(r)
+    bb, bd, w = row_blocks(z, D)
+    launch(_row_norm_kernel, (triton.cdiv(B, bb),), z, r, sq, B, D, z.stride(0),
+           NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+    return r, sq
+
+
+def normalize_backward_(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """In place: g (∂L/∂ẑ, fp32 contiguous) becomes ∂L/∂z through ẑ = z / max(‖z‖, eps)."""
+    B, D = z.shape
+    bb, bd, w = row_blocks(z, D)
+    launch(_normalize_bwd_kernel, (triton.cdiv(B, bb),), z, r, g, B, D, z.stride(0),
+           EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+    return g
