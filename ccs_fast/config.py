@@ -91,6 +91,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # bit-identical runs on a GPU too: deterministic torch ops, no fp atomics in the kernels
     device: str = "auto"  # auto: cuda when available, else cpu
     log_interval: int = 20  # steps between host syncs for logging
     eval_interval: int = 5  # epochs between evaluations (and at the end)

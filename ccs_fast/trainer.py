@@ -13,6 +13,7 @@ top-1 so far).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -205,10 +206,34 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, resume, env, device)
+        with deterministic_mode(cfg.train.deterministic):
+            return _train(cfg, resume, env, device)
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """``train.deterministic``: torch's deterministic algorithms (warning, not failing, on an op
+    that has none), cuDNN without autotuning, cuBLAS with a fixed workspace; the ccs_fast ops
+    then take their atomic-free paths (their ``deterministic=None`` follows torch's flag).
+    The previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.device) -> dict:
@@ -216,7 +241,7 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
     out_dir = Path(cfg.train.out_dir)
     last_path, best_path = out_dir / LAST, out_dir / BEST
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # Same seed everywhere for the initial weights (DDP would broadcast rank 0's anyway);

@@ -129,26 +129,40 @@ def kernel_configs(kernel) -> list:
 # ----------------------------------------------------------------------------- autograd
 
 
+class PendingGrad(NamedTuple):
+    """A loss input's gradient as the forward leaves it: ∂L/∂ẑ (fp32) and the row factors r."""
+    z: torch.Tensor
+    r: torch.Tensor
+    g: torch.Tensor
+    normalize: bool
+
+
 class GradInForward(torch.autograd.Function):
     """Autograd for the losses: ``forward(ctx, fn, *inputs)`` runs ``fn(needs_grad) -> (loss,
-    grads)`` (one fp32 gradient or None per input), saves the gradients, and ``backward`` only
-    scales them by grad_output and casts them to each input's dtype."""
+    pending)``, one ``PendingGrad`` or None per input, computed in the forward; ``backward``
+    finishes each with one kernel (normalisation backward, × grad_output, cast to the input's
+    dtype: ``normalize.finish_grad``)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, fn, *inputs):
-        needs = ctx.needs_input_grad[1:]
-        loss, grads = fn(needs)
+        loss, pending = fn(ctx.needs_input_grad[1:])
+        ctx.flags = [None if p is None else p.normalize for p in pending]
         ctx.dtypes = [getattr(t, "dtype", None) for t in inputs]
-        ctx.has = [g is not None for g in grads]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.save_for_backward(*[t for p in pending if p is not None for t in (p.z, p.r, p.g)])
         return loss
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
+        from ccs_fast.kernels.normalize import finish_grad
+
         saved = iter(ctx.saved_tensors)
         out = [None]
-        for has, dtype in zip(ctx.has, ctx.dtypes):
-            out.append((next(saved) * grad_out).to(dtype) if has else None)
+        for normalize, dtype in zip(ctx.flags, ctx.dtypes):
+            if normalize is None:
+                out.append(None)
+                continue
+            z, r, g = next(saved), next(saved), next(saved)
+            out.append(finish_grad(z, r, g, grad_out.float(), normalize).to(dtype))
         return tuple(out)

@@ -20,9 +20,9 @@ used, since |𝒞| is known only on the device; no B×B tensor, no host sync):
      atomics). Its grid covers B rows; programs past |𝒞| return at once (C²·D work).
   5. ``_center_grad_kernel``: per (class, D chunk) G_c = ∂L/∂μ_c − Σ_{i∈c} w_i (ẑ_i − μ_c),
      then each member gets G_c / n_c.
-  6. ``normalize.normalize_backward_``: ∂L/∂z = r (g − ẑ (ẑ·g)).
 Each step needs the previous one complete (means → hinges → ∂L/∂μ → per-sample gradient),
-hence the separate launches. The gradient is computed in the forward; backward only scales it.
+hence the separate launches. The gradient ∂L/∂ẑ is computed in the forward; the backward is
+one kernel, ``normalize.finish_grad``: ∂L/∂z = grad_output · r (g − ẑ (ẑ·g)) in z's dtype.
 No step uses floating-point atomics: the gradients are bit-identical run to run.
 
 Limits: fp32 μ with IEEE-precision dots; one program per class walks its members, so a batch
@@ -34,9 +34,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ccs_fast.kernels._common import GradInForward, launch, tl, triton, use_autotune
+from ccs_fast.kernels._common import GradInForward, PendingGrad, launch, tl, triton, use_autotune
 from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, normalize_backward_, row_norms
+from ccs_fast.kernels.normalize import EPS as _EPS, row_norms
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -202,7 +202,8 @@ def _blocks(z: torch.Tensor, D: int) -> _Blocks:
 
 
 def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad):
-    """Loss (fp32 0-dim) and, if ``compute_grad``, the fp32 gradient w.r.t. z."""
+    """Loss (fp32 0-dim) and, if ``compute_grad``, z's ``PendingGrad`` (∂L/∂ẑ, finished by
+    ``normalize.finish_grad``)."""
     assert z.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {z.dtype}"
     z = z if z.stride(-1) == 1 else z.contiguous()
     B, D = z.shape
@@ -229,9 +230,7 @@ def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad)
         return loss, None
     launch(_center_grad_kernel, (B, triton.cdiv(D, blk.width)), z, r, order, starts, counts, mu, dmu, weights, g,
            D, z.stride(0), BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
-    if normalize:
-        normalize_backward_(z, r, g)
-    return loss, g
+    return loss, PendingGrad(z, r, g, normalize)
 
 
 # ----------------------------------------------------------------------------- eager reference

@@ -1,9 +1,10 @@
 """Row L2 normalisation shared by the losses: ẑ = z / max(‖z‖, eps) and its backward.
 
-``row_norms`` gives r = 1/max(‖z‖, eps) and ‖ẑ‖² per row (fp32, one pass over z); the losses
-scale rows by r on the fly instead of writing ẑ. ``normalize_backward_`` turns ∂L/∂ẑ into
-∂L/∂z = r (g − ẑ (ẑ·g)) in place (where the norm was clamped to eps, ∂L/∂z = r g). Both are
-memory-bound row kernels: two passes over z and g at most.
+``row_norms`` gives r = 1/max(‖z‖, eps) and ‖ẑ‖² per row (fp32, one pass over z; it can zero
+a gradient buffer in the same pass); the losses scale rows by r on the fly instead of writing
+ẑ. ``finish_grad`` is a loss's whole backward: ∂L/∂ẑ (fp32, computed in the forward) becomes
+grad_output · r (g − ẑ (ẑ·g)) (where the norm was clamped to eps, grad_output · r g), written
+once in the input's dtype. Both are memory-bound row kernels.
 """
 import torch
 
@@ -14,17 +15,19 @@ EPS = 1e-12  # F.normalize's clamp of the norm
 if triton is not None:
 
     @triton.jit
-    def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_norm_kernel(z_ptr, r_ptr, sq_ptr, zero_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr,
+                         ZERO: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         ss = tl.zeros([BLOCK_B], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
-                        mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            m = row_ok[:, None] & (cols < D)[None, :]
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=m, other=0.0).to(tl.float32)
             ss += tl.sum(z * z, axis=1)
+            if ZERO:  # a contiguous fp32 (B, D) buffer that atomics will accumulate into
+                tl.store(zero_ptr + rows[:, None] * D + cols[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32), mask=m)
         if NORMALIZE:
             # r = 1 / max(‖z‖, eps), ‖ẑ‖² = ‖z‖² r²
             r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
@@ -34,28 +37,32 @@ if triton is not None:
         tl.store(sq_ptr + rows, ss * r * r, mask=row_ok)
 
     @triton.jit
-    def _normalize_bwd_kernel(z_ptr, r_ptr, g_ptr, B, D, stride_zm, EPS: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _finish_grad_kernel(z_ptr, r_ptr, g_ptr, go_ptr, dz_ptr, B, D, stride_zm, NORMALIZE: tl.constexpr,
+                            EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
+        go = tl.load(go_ptr).to(tl.float32)
         r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
         dot = tl.zeros([BLOCK_B], dtype=tl.float32)
+        if NORMALIZE:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = row_ok[:, None] & (dd < D)[None, :]
+                zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+                g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
+                dot += tl.sum(zh * g, axis=1)
+        # ∂L/∂z = go · r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = go · r g
+        keep = (r < 1.0 / EPS) & NORMALIZE
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             m = row_ok[:, None] & (dd < D)[None, :]
-            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
             g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            dot += tl.sum(zh * g, axis=1)
-        # ∂L/∂z = r (g − ẑ (ẑ·g)); where the norm was clamped to eps, ẑ = z/eps and ∂L/∂z = r g
-        unclamped = r < 1.0 / EPS
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (dd < D)[None, :]
-            zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
-            g = tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0)
-            dz = tl.where(unclamped[:, None], r[:, None] * (g - zh * dot[:, None]), r[:, None] * g)
-            tl.store(g_ptr + rows[:, None] * D + dd[None, :], dz, mask=m)
+            if NORMALIZE:
+                zh = tl.load(z_ptr + rows[:, None] * stride_zm + dd[None, :], mask=m, other=0.0).to(tl.float32) * r[:, None]
+                g = tl.where(keep[:, None], g - zh * dot[:, None], g)
+            dz = go * r[:, None] * g
+            tl.store(dz_ptr + rows[:, None] * D + dd[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 def row_blocks(z: torch.Tensor, D: int):
@@ -65,21 +72,23 @@ def row_blocks(z: torch.Tensor, D: int):
     return 16, min(triton.next_power_of_2(D), 32), 1
 
 
-def row_norms(z: torch.Tensor, normalize: bool):
-    """(r, ‖ẑ‖²) per row, fp32: r = 1/max(‖z‖, eps), or 1 when not normalising."""
+def row_norms(z: torch.Tensor, normalize: bool, zero: torch.Tensor | None = None):
+    """(r, ‖ẑ‖²) per row, fp32: r = 1/max(‖z‖, eps), or 1 when not normalising. ``zero``, a
+    contiguous fp32 tensor of z's shape, is zeroed in the same pass."""
     B, D = z.shape
     r = torch.empty(B, dtype=torch.float32, device=z.device)
     sq = torch.empty_like(r)
     bb, bd, w = row_blocks(z, D)
-    launch(_row_norm_kernel, (triton.cdiv(B, bb),), z, r, sq, B, D, z.stride(0),
-           NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+    launch(_row_norm_kernel, (triton.cdiv(B, bb),), z, r, sq, r if zero is None else zero, B, D, z.stride(0),
+           NORMALIZE=normalize, ZERO=zero is not None, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
     return r, sq
 
 
-def normalize_backward_(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """In place: g (∂L/∂ẑ, fp32 contiguous) becomes ∂L/∂z through ẑ = z / max(‖z‖, eps)."""
+def finish_grad(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, normalize: bool):
+    """∂L/∂z in z's dtype from g = ∂L/∂ẑ (fp32 contiguous), the row factors r and grad_output."""
     B, D = z.shape
+    dz = torch.empty((B, D), dtype=z.dtype, device=z.device)
     bb, bd, w = row_blocks(z, D)
-    launch(_normalize_bwd_kernel, (triton.cdiv(B, bb),), z, r, g, B, D, z.stride(0),
-           EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
-    return g
+    launch(_finish_grad_kernel, (triton.cdiv(B, bb),), z, r, g, grad_out.reshape(1), dz, B, D, z.stride(0),
+           NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+    return dz

@@ -30,8 +30,8 @@ Triton algorithm (O(B·D) memory, no B×B tensor, no host sync):
      are scattered with relaxed fp32 ``atomic_add`` (no fence), or, with ``deterministic``,
      written per anchor and summed per target row in sorted anchor order by
      ``_segment_sum_kernel`` (bit-identical run to run, one extra pass over 2·B·D floats).
-  5. ``normalize.normalize_backward_``: ∂L/∂z = r (g − ẑ (ẑ·g)).
-The gradient is computed in the forward; backward only scales it by grad_output.
+The gradient ∂L/∂ẑ is computed in the forward; the backward is one kernel per input,
+``normalize.finish_grad``: ∂L/∂z = grad_output · r (g − ẑ (ẑ·g)) in the input's dtype.
 
 Limits: B < 2³¹; fp32 inputs use IEEE-precision dots (no TF32) so the selection matches the
 reference; fp16/bf16 use tensor cores with fp32 accumulation. GPU timings: not yet measured,
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ccs_fast.kernels._common import (
     GradInForward,
+    PendingGrad,
     deterministic as _deterministic,
     dot_fp32,
     launch,
@@ -50,7 +51,7 @@ from ccs_fast.kernels._common import (
     use_autotune,
 )
 from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, normalize_backward_, row_blocks, row_norms
+from ccs_fast.kernels.normalize import EPS as _EPS, row_blocks, row_norms
 
 _MIN_PROGRAMS = 264  # two programs per SM of a 132-SM H100/H200
 
@@ -282,21 +283,21 @@ def _segments(idx: torch.Tensor, B: int):
     return order, torch.cumsum(counts, 0) - counts, counts
 
 
-def _scatter_deterministic(g_tgt, t_pos, t_neg, pos_key, neg_key, D):
-    """g_tgt[p_i] += t_pos[i] and g_tgt[n_i] += t_neg[i], summed in anchor order."""
+def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key, D):
+    """g_tgt[p_i] += t_both[i] and g_tgt[n_i] += t_both[B + i], summed in anchor order."""
     B = pos_key.shape[0]
     valid = (pos_key != 0) & (neg_key != 0)
     p = torch.where(valid, 2147483647 - ((pos_key - 1) & 2147483647), 0)
     n = torch.where(valid, (9223372036854775807 - neg_key) & 2147483647, 0)
-    src = torch.cat([t_pos, t_neg])  # rows of invalid or inactive anchors are zero
-    order, starts, counts = _segments(torch.cat([p, n]), B)
+    order, starts, counts = _segments(torch.cat([p, n]), B)  # rows of invalid or inactive anchors are zero
     bd = min(triton.next_power_of_2(D), 128 if use_autotune(g_tgt) else 32)
-    launch(_segment_sum_kernel, (B, triton.cdiv(D, bd)), src, order, starts, counts, g_tgt, D,
+    launch(_segment_sum_kernel, (B, triton.cdiv(D, bd)), t_both, order, starts, counts, g_tgt, D,
            BLOCK_K=16, BLOCK_D=bd)
 
 
 def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, deterministic=False):
-    """Loss (fp32 0-dim) and, if ``compute_grad``, fp32 gradients w.r.t. z_a (and z_b when not ``single``)."""
+    """Loss (fp32 0-dim) and, if ``compute_grad``, the ``PendingGrad`` of z_a (and of z_b when
+    not ``single``): ∂L/∂ẑ, finished by ``normalize.finish_grad``."""
     if z_a.dtype != z_b.dtype:
         z_a, z_b = z_a.float(), z_b.float()
     z_a, z_b = _prepare(z_a), _prepare(z_b)
@@ -305,8 +306,19 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
     assert z_b.shape == (B, D) and labels.shape == (B,), "z_a, z_b must be (B, D), labels (B,)"
     assert B < 2**31, "indices are packed in 31 bits"
     dev = z_a.device
-    r_a, sq_a = row_norms(z_a, normalize)
-    r_b, sq_b = (r_a, sq_a) if single else row_norms(z_b, normalize)
+    f32 = dict(dtype=torch.float32, device=dev)
+    g_a = g_b = t_pos = t_neg = None
+    if compute_grad:
+        # single: anchors and targets share g (zeroed); cross-modal: the first pass stores a's
+        # anchor rows and scatters into g_b (zeroed), the second adds b's anchor rows to g_b
+        # and scatters into g_a. The zeroing rides on the row-norm pass.
+        g_a = torch.empty((B, D), **f32)
+        g_b = g_a if single else torch.empty((B, D), **f32)
+        if deterministic:  # per-anchor contributions to the positive and negative targets
+            t_both = torch.empty((2 * B, D), **f32)
+            t_pos, t_neg = t_both[:B], t_both[B:]
+    r_a, sq_a = row_norms(z_a, normalize, zero=g_a if single else None)
+    r_b, sq_b = (r_a, sq_a) if single else row_norms(z_b, normalize, zero=g_b)
     dirs = 1 if single else 2
     # keys[0] = positives, keys[1] = negatives; [:, 0] anchored on a's rows, [:, 1] on b's (columns)
     keys = torch.zeros((2, dirs, B), dtype=torch.int64, device=dev)
@@ -325,17 +337,11 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
 
     bb, bd, w = row_blocks(z_a, D)
     nblk = triton.cdiv(B, bb)
-    partial = torch.empty(dirs * nblk, dtype=torch.float32, device=dev)
-    f32 = dict(dtype=torch.float32, device=dev)
-    g_a = g_b = t_pos = t_neg = partial  # placeholders where nothing is written
-    if compute_grad:
-        # single: anchors and targets share g (zeroed, atomics); cross-modal: the first pass
-        # stores a's anchor rows and scatters into g_b (zeroed), the second adds b's anchor
-        # rows to g_b and scatters into g_a
-        g_a = torch.zeros((B, D), **f32) if single else torch.empty((B, D), **f32)
-        g_b = g_a if single else torch.zeros((B, D), **f32)
-        if deterministic:
-            t_pos, t_neg = torch.empty((B, D), **f32), torch.empty((B, D), **f32)
+    partial = torch.empty(dirs * nblk, **f32)
+    if not compute_grad:
+        g_a = g_b = partial  # placeholders: nothing is written
+    if t_pos is None:
+        t_pos = t_neg = partial
     det = bool(compute_grad and deterministic)
     passes = [(z_a, z_b, r_a, r_b, keys[0, 0], keys[1, 0], g_a, g_b, 0 if not single else 2)]
     if not single:
@@ -347,15 +353,11 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
                t_pos, t_neg, partial[k * nblk:], B, D, anc.stride(0), tgt.stride(0), margin,
                COMPUTE_GRAD=compute_grad, ANCHOR=anchor, DETERMINISTIC=det, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
         if det:
-            _scatter_deterministic(g_tgt, t_pos, t_neg, pk, nk, D)
+            _scatter_deterministic(g_tgt, t_both, pk, nk, D)
     loss = partial.sum()
     if not compute_grad:
         return loss, None, None
-    if normalize:
-        normalize_backward_(z_a, r_a, g_a)
-        if not single:
-            normalize_backward_(z_b, r_b, g_b)
-    return loss, g_a, (None if single else g_b)
+    return loss, PendingGrad(z_a, r_a, g_a, normalize), (None if single else PendingGrad(z_b, r_b, g_b, normalize))
 
 
 # ----------------------------------------------------------------------------- eager reference
@@ -430,7 +432,7 @@ def cross_modal_triplet_loss(z_f, z_o, labels, margin=0.3, normalize=True, impl=
     def run(needs):
         loss, g_f, g_o = triplet_forward(z_f, z_o, labels, float(margin), bool(normalize), single=False,
                                          compute_grad=needs[0] or needs[1], deterministic=det)
-        return loss, (g_f, g_o, None)
+        return loss, (g_f if needs[0] else None, g_o if needs[1] else None, None)
 
     return GradInForward.apply(run, z_f, z_o, labels)
 
