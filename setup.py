@@ -18,10 +18,13 @@ setup(
     },
     package_data={"ccs_fast": ["configs/*.yaml"]},
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        # Triton ships with torch's Linux wheels; on CPU the kernels run under TRITON_INTERPRET=1.
-        "triton>=3.0; platform_system == 'Linux'",
+        # Tested pairs: torch 2.11 + triton 3.6 (the GPU machines'; `make compat`) and torch
+        # 2.14 + triton 3.8 (`make test`). Triton ships with torch's Linux wheels; on CPU the
+        # kernels run under TRITON_INTERPRET=1, where triton 3.6 needs numpy < 2.4 (its
+        # interpreter calls int() on one-element arrays; fixed in triton 3.7).
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "opencv-contrib-python-headless>=4.8",  # cv2.optflow.DualTVL1OpticalFlow_create
         "av>=12",  # PyAV: writes the embedded webm/VP9 videos, reads .avi in `prepare`

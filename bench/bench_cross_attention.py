@@ -12,16 +12,16 @@ FLOP count (useful work, the same for every provider; multiply-add = 2 FLOPs):
     fwd  = 2·B·N_f·N_o·(d + 2e)      S once, P_row·v_o and P_colᵀ·v_f
     bwd  = 2·B·N_f·N_o·(2d + 4e)     dP_row, dP_col, dq, dk, dv_o, dv_f
     full = 2·B·N_f·N_o·(3d + 6e)
-``tflops`` divides the useful count by the median time. The Triton kernels execute more:
-forward 2·B·N_f·N_o·(2d·⌈e/BLOCK_E⌉ + 2e) (S once per direction and per value slice) and
-backward 2·B·N_f·N_o·(3d + 4e) (S recomputed once); ``executed_flops`` records that count for the
-triton rows, with the BLOCK_E the forward autotuner picked.
+``tflops`` divides the useful count by the median time. The Triton kernels execute more
+(``cross_attention.executed_flops``): forward 2·B·N_f·N_o·(2d·⌈e/512⌉ + 2e) (S once per
+direction, and once more per extra 512-wide value slice), backward 2·B·N_f·N_o·(4d + 6e) (S,
+dP_row and dP_col rebuilt by the row and the column pass); ``executed_flops`` records that
+count for the triton rows.
 ``pct_peak`` compares ``tflops`` with a dense torch.matmul of the row's dtype measured on the
 same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak allocation during one
 call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph, excluded).
 """
 import argparse
-import math
 import sys
 
 import torch
@@ -32,26 +32,6 @@ OP = "cross_stream_attention"
 PROVIDERS = ("eager", "compile", "triton", "sdpa")
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def useful_flops(mode, B, N_f, N_o, d, e):
-    per_pair = {"fwd": d + 2 * e, "bwd": 2 * d + 4 * e, "full": 3 * d + 6 * e}[mode]
-    return 2 * B * N_f * N_o * per_pair
-
-
-def triton_executed_flops(mode, B, N_f, N_o, d, e, block_e=128):
-    fwd = 2 * B * N_f * N_o * (2 * d * math.ceil(e / block_e) + 2 * e)
-    bwd = 2 * B * N_f * N_o * (3 * d + 4 * e)
-    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
-
-
-def tuned_block_e(device, e):
-    """BLOCK_E of the last forward launch (autotuned on CUDA, fixed in the interpreter)."""
-    from ccs_fast.kernels import cross_attention as xa
-
-    tuner = xa._tuned.get("fwd") if device == "cuda" else None
-    config = getattr(tuner, "best_config", None)
-    return config.kwargs["BLOCK_E"] if config is not None else xa._cpu_blocks(e, e)["BLOCK_E"]
 
 
 def make_op(provider, scale):
@@ -102,10 +82,12 @@ def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, 
         p50, p20, p80 = common.timeit(fn, device)
     else:
         p50, p20, p80 = common.timeit(fn, device, warmup=3, rep=rep)
-    flops = useful_flops(mode, B, N_f, N_o, d, e)
+    from ccs_fast.kernels import cross_attention as xa
+
+    flops = xa.useful_flops(mode, B, N_f, N_o, d, e)
     executed = flops
-    if provider == "triton":
-        executed = triton_executed_flops(mode, B, N_f, N_o, d, e, tuned_block_e(device, e))
+    if provider == "triton":  # by the GPU tiling (the interpreter's smaller blocks do more)
+        executed = xa.executed_flops(mode, B, N_f, N_o, d, e)
     tflops = flops / (p50 * 1e-3) / 1e12
     row = dict(
         op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
@@ -146,6 +128,7 @@ def main(argv=None):
         dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
     peak = {} if cpu else {t: common.matmul_peak_tflops(device, DTYPES[t]) for t in dtypes}
     env = common.env_info(device)
+    path = common.result_path("cross_attention", device, args.out)
     rows = []
     for dtype_name in dtypes:
         for n in Ns:
@@ -153,12 +136,14 @@ def main(argv=None):
                 for mode in modes:
                     for provider in providers:
                         try:
-                            rows.append(bench_one(provider, mode, B, n, n, f, f, dtype_name, device,
-                                                  peak, env, args.rep))
+                            row = bench_one(provider, mode, B, n, n, f, f, dtype_name, device, peak, env, args.rep)
                         except torch.OutOfMemoryError:
                             print(f"skip {provider} {mode} {dtype_name} N={n} d=e={f}: out of memory", file=sys.stderr)
                             torch.cuda.empty_cache()
-    path = common.append_rows(common.result_path("cross_attention", device, args.out), rows)
+                            continue
+                        # one row at a time: a run stopped by a time limit keeps what it measured
+                        common.append_rows(path, [row])
+                        rows.append(row)
     common.print_table(rows, ["provider", "mode", "dtype", "B", "N_f", "d", "ms_p50", "ms_p20", "ms_p80",
                               "tflops", "pct_peak", "peak_mem_bytes"])
     print(f"\n{len(rows)} rows appended to {path}")

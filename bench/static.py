@@ -171,8 +171,8 @@ def loss_launch_cost(la):
             tiles += 2 * B * D * 4
         return 0, 0, tiles, atomics
     if name == "_segment_sum_kernel":
-        src = a[0]
-        return 0, 0, _size(src) + src.shape[0] // 2 * src.shape[1] * 4 * 2, atomics
+        src, out = a[0], a[5]
+        return 0, 0, _size(src) + _size(out) * (2 if m["ACCUMULATE"] else 1), atomics
     if name == "_center_inter_kernel":
         mu = a[0]
         B, D = mu.shape
@@ -181,7 +181,7 @@ def loss_launch_cost(la):
         dots = 2 if m["COMPUTE_GRAD"] else 1
         executed = dots * 2 * _pad(C, bm) * _pad(C, bn) * _pad(D, bd)
         return executed, dots * 2 * C * C * D, math.ceil(C / bm) * math.ceil(C / bn) * (bm + bn) * D * 4 * dots, atomics
-    if name in ("_row_norm_kernel", "_finish_grad_kernel", "_class_mean_kernel", "_center_intra_kernel",
+    if name in ("_row_norm_kernel", "_finish_grad_kernel", "_center_intra_kernel",
                 "_center_grad_kernel", "_triplet_count_kernel"):
         z = a[0]
         reads = _size(z)
@@ -191,8 +191,6 @@ def loss_launch_cost(la):
             reads += z.numel() * 4 + _size(z) * (2 if m["NORMALIZE"] else 0)
         if name in ("_center_intra_kernel", "_center_grad_kernel"):
             reads += z.numel() * 4 * 2
-        if name == "_class_mean_kernel":
-            reads += z.numel() * 4
         return 0, 0, reads, atomics
     raise KeyError(name)
 

@@ -10,8 +10,8 @@ used, since |𝒞| is known only on the device; no B×B tensor, no host sync):
   0. ``class_ids``: stable sort of the labels → dense class ids, class sizes, member order and
      segment starts (a handful of small torch ops).
   1. ``normalize.row_norms``: r = 1/max(‖z‖, eps) per row.
-  2. ``_class_mean_kernel``: one program per (class, D chunk) sums its members' ẑ from the
-     sorted order, so the segment sums are deterministic and need no atomics.
+  2. ``segments.segment_sum``: one program per (class, D chunk) sums its members' ẑ from the
+     sorted order, so the class means are deterministic and need no atomics.
   3. ``_center_intra_kernel``: per sample the intra hinge, its loss partial, the weight
      w_i = 2/B·[active] and the direct gradient w_i (ẑ_i − μ_{y_i}).
   4. ``_center_inter_kernel``: per tile of classes, ‖μ_c − μ_c'‖² tile by tile with ``tl.dot``,
@@ -34,34 +34,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ccs_fast.kernels._common import GradInForward, PendingGrad, launch, tl, triton, use_autotune
+from ccs_fast.kernels._common import GradInForward, PendingGrad, check_dtype, launch, tl, triton, use_autotune
 from ccs_fast.kernels._dispatch import resolve_impl
 from ccs_fast.kernels.normalize import EPS as _EPS, row_norms
+from ccs_fast.kernels.segments import segment_sum
 
 # ----------------------------------------------------------------------------- kernels
 
 
 if triton is not None:
-
-    @triton.jit
-    def _class_mean_kernel(z_ptr, r_ptr, order_ptr, starts_ptr, counts_ptr, mu_ptr, D, stride_zm,
-                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        c = tl.program_id(0).to(tl.int64)
-        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        start = tl.load(starts_ptr + c)
-        n = tl.load(counts_ptr + c)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # μ_c = Σ_{i∈c} z_i r_i / n_c over the class's slice of the sorted order
-        for k0 in range(0, n, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < n
-            i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
-            r = tl.load(r_ptr + i, mask=k_ok, other=0.0)
-            z = tl.load(z_ptr + i[:, None] * stride_zm + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.sum(z.to(tl.float32) * r[:, None], axis=0)
-        tl.store(mu_ptr + c * D + dd, acc / tl.maximum(n, 1).to(tl.float32), mask=d_ok)
-
 
     @triton.jit
     def _center_intra_kernel(z_ptr, r_ptr, cls_ptr, mu_ptr, w_ptr, g_ptr, partial_ptr, B, D, stride_zm, alpha_intra,
@@ -191,20 +172,21 @@ class _Blocks(NamedTuple):
     tile_m: int  # BLOCK_M × BLOCK_N class tiles of the inter-class kernel
     tile_n: int
     tile_d: int  # its BLOCK_D
-    warps: int
+    warps: int  # of the row kernels
+    tile_warps: int  # of the inter-class kernel (4 spill on sm_90a with the gradient)
 
 
 def _blocks(z: torch.Tensor, D: int) -> _Blocks:
     """Block sizes: the GPU's, or small ones under the interpreter."""
     if use_autotune(z):
-        return _Blocks(16, min(triton.next_power_of_2(D), 128), 64, 64, 32, 4)
-    return _Blocks(16, min(triton.next_power_of_2(D), 32), 16, 16, 16, 1)
+        return _Blocks(16, min(triton.next_power_of_2(D), 128), 64, 64, 32, 4, 8)
+    return _Blocks(16, min(triton.next_power_of_2(D), 32), 16, 16, 16, 1, 1)
 
 
 def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad):
     """Loss (fp32 0-dim) and, if ``compute_grad``, z's ``PendingGrad`` (∂L/∂ẑ, finished by
     ``normalize.finish_grad``)."""
-    assert z.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {z.dtype}"
+    check_dtype("discriminative_embedding_loss", z)
     z = z if z.stride(-1) == 1 else z.contiguous()
     B, D = z.shape
     assert labels.shape == (B,), "labels must be (B,)"
@@ -214,8 +196,7 @@ def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad)
     blk = _blocks(z, D)
     f32 = dict(dtype=torch.float32, device=dev)
     mu = torch.empty(B, D, **f32)
-    launch(_class_mean_kernel, (B, triton.cdiv(D, blk.width)), z, r, order, starts, counts, mu, D, z.stride(0),
-           BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
+    segment_sum(z, order, starts, counts, mu, scale=r, mean=True)  # μ_c = Σ_{i∈c} z_i r_i / n_c
     n_intra, n_inter = triton.cdiv(B, blk.rows), triton.cdiv(B, blk.tile_m)
     partial = torch.empty(n_intra + n_inter, **f32)
     weights = torch.empty(B, **f32) if compute_grad else partial
@@ -224,7 +205,8 @@ def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad)
     launch(_center_intra_kernel, (n_intra,), z, r, cls, mu, weights, g, partial, B, D, z.stride(0), alpha_intra,
            COMPUTE_GRAD=compute_grad, BLOCK_B=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
     launch(_center_inter_kernel, (n_inter,), mu, num_classes, dmu, partial[n_intra:], D, alpha_inter,
-           COMPUTE_GRAD=compute_grad, BLOCK_M=blk.tile_m, BLOCK_N=blk.tile_n, BLOCK_D=blk.tile_d, num_warps=blk.warps)
+           COMPUTE_GRAD=compute_grad, BLOCK_M=blk.tile_m, BLOCK_N=blk.tile_n, BLOCK_D=blk.tile_d,
+           num_warps=blk.tile_warps)
     loss = partial.sum()
     if not compute_grad:
         return loss, None

@@ -29,7 +29,7 @@ Triton algorithm (O(B·D) memory, no B×B tensor, no host sync):
      c = 1/#valid anchors. The anchor's rows are the program's own (plain stores); targets
      are scattered with relaxed fp32 ``atomic_add`` (no fence), or, with ``deterministic``,
      written per anchor and summed per target row in sorted anchor order by
-     ``_segment_sum_kernel`` (bit-identical run to run, one extra pass over 2·B·D floats).
+     ``segments.segment_sum`` (bit-identical run to run, one extra pass over 2·B·D floats).
 The gradient ∂L/∂ẑ is computed in the forward; the backward is one kernel per input,
 ``normalize.finish_grad``: ∂L/∂z = grad_output · r (g − ẑ (ẑ·g)) in the input's dtype.
 
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ccs_fast.kernels._common import (
     GradInForward,
     PendingGrad,
+    check_dtype,
     deterministic as _deterministic,
     dot_fp32,
     launch,
@@ -52,6 +53,7 @@ from ccs_fast.kernels._common import (
 )
 from ccs_fast.kernels._dispatch import resolve_impl
 from ccs_fast.kernels.normalize import EPS as _EPS, row_blocks, row_norms
+from ccs_fast.kernels.segments import segment_sum
 
 _MIN_PROGRAMS = 264  # two programs per SM of a 132-SM H100/H200
 
@@ -198,31 +200,12 @@ if triton is not None:
                 else:
                     tl.atomic_add(anc, g_a, mask=m, sem="relaxed")
                 if DETERMINISTIC:
-                    # per anchor; summed per target row by _segment_sum_kernel
+                    # per anchor; summed per target row by segments.segment_sum
                     tl.store(t_pos_ptr + rows[:, None] * D + dd[None, :], c[:, None] * (zp - a), mask=own)
                     tl.store(t_neg_ptr + rows[:, None] * D + dd[None, :], c[:, None] * (a - zn), mask=own)
                 else:
                     tl.atomic_add(g_tgt_ptr + p[:, None] * D + dd[None, :], c[:, None] * (zp - a), mask=m, sem="relaxed")
                     tl.atomic_add(g_tgt_ptr + n[:, None] * D + dd[None, :], c[:, None] * (a - zn), mask=m, sem="relaxed")
-
-    @triton.jit
-    def _segment_sum_kernel(src_ptr, order_ptr, starts_ptr, counts_ptr, out_ptr, D,
-                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        # out[t] += Σ_k src[order[starts[t] + k]], k < counts[t], in that fixed order
-        t = tl.program_id(0).to(tl.int64)
-        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        start = tl.load(starts_ptr + t)
-        n = tl.load(counts_ptr + t)
-        if n > 0:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for k0 in range(0, n, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = k < n
-                i = tl.load(order_ptr + start + k, mask=k_ok, other=0)
-                acc += tl.sum(tl.load(src_ptr + i[:, None] * D + dd[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                                      other=0.0), axis=0)
-            tl.store(out_ptr + t * D + dd, tl.load(out_ptr + t * D + dd, mask=d_ok, other=0.0) + acc, mask=d_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -234,7 +217,7 @@ def mine_configs():
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
         for bm, bn, bd, w, s in (
             (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
-            (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),  # 128 × 128 tiles spill on sm_90a (bench.aot)
         )
     ]
 
@@ -272,7 +255,7 @@ def mine_grid(B, block_m, block_n):
 
 
 def _prepare(z: torch.Tensor) -> torch.Tensor:
-    assert z.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {z.dtype}"
+    check_dtype("triplet loss", z)
     return z if z.stride(-1) == 1 else z.contiguous()
 
 
@@ -290,9 +273,7 @@ def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key, D):
     p = torch.where(valid, 2147483647 - ((pos_key - 1) & 2147483647), 0)
     n = torch.where(valid, (9223372036854775807 - neg_key) & 2147483647, 0)
     order, starts, counts = _segments(torch.cat([p, n]), B)  # rows of invalid or inactive anchors are zero
-    bd = min(triton.next_power_of_2(D), 128 if use_autotune(g_tgt) else 32)
-    launch(_segment_sum_kernel, (B, triton.cdiv(D, bd)), t_both, order, starts, counts, g_tgt, D,
-           BLOCK_K=16, BLOCK_D=bd)
+    segment_sum(t_both, order, starts, counts, g_tgt, accumulate=True)
 
 
 def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, deterministic=False):

@@ -174,3 +174,20 @@ def test_two_process_ddp_under_torchrun(tmp_path):
     assert (out / "last.pt").exists()
     starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2
+
+
+def test_deterministic_mode_reaches_the_ops_and_is_restored(tmp_path, monkeypatch):
+    from ccs_fast import losses
+
+    seen = []
+    original = losses.cross_modal_triplet_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "cross_modal_triplet_loss", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    trainer.train(tiny_config(tmp_path / "det", epochs=1, deterministic=True))
+    assert seen and all(seen)
+    assert torch.are_deterministic_algorithms_enabled() == before
