@@ -14,6 +14,7 @@ and reaped children, ``/proc`` for workers still alive), divided by the clips ti
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -31,23 +32,36 @@ BACKENDS = ("dali-gpu", "dali-cpu", "torch")
 COLUMNS = ("backend", "clips_per_s", "cpu_s_per_clip", "batch_size", "workers", "device")
 
 
-def make_rawframes(root: Path, videos: int, frames: int, width=340, height=256) -> Path:
-    """``videos`` rawframe folders of smooth moving textures (Farneback flow); the list file."""
+def make_rawframes(root: Path, videos: int, frames: int, width=340, height=256, workers: int | None = None) -> Path:
+    """``videos`` rawframe folders of smooth moving textures (Farneback flow); the list file.
+
+    Video folders already under ``root`` are kept. The videos are written by ``workers``
+    processes (default: one per core); the files do not depend on how many.
+    """
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    lines = []
-    for v in range(videos):
-        phase, period = rng.uniform(0, 2 * np.pi, 3), rng.uniform(8, 30, 3)
-        clip = [np.clip(np.stack([127 + 110 * np.sin((x + 3 * t) / period[c] + phase[c])
-                                  * np.cos((y - t) / (period[c] + 5)) for c in range(3)], -1),
-                        0, 255).astype(np.uint8) for t in range(frames)]
-        name = f"video{v:04d}"
-        if not (root / name).exists():
-            write_rawframes(clip, root / name, method="farneback")
-        lines.append(f"{name} {frames} {v % 4}\n")
+    params = [(rng.uniform(0, 2 * np.pi, 3), rng.uniform(8, 30, 3)) for _ in range(videos)]
+    jobs = [(root / f"video{v:04d}", frames, width, height, *params[v])
+            for v in range(videos) if not (root / f"video{v:04d}").exists()]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        # fork: the workers start without re-importing torch; they run numpy and OpenCV, never CUDA
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.starmap(_write_video, jobs)
+    else:
+        for job in jobs:
+            _write_video(*job)
     annotation = root / "train_list.txt"
-    annotation.write_text("".join(lines))
+    annotation.write_text("".join(f"video{v:04d} {frames} {v % 4}\n" for v in range(videos)))
     return annotation
+
+
+def _write_video(folder: Path, frames: int, width: int, height: int, phase, period) -> None:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    clip = [np.clip(np.stack([127 + 110 * np.sin((x + 3 * t) / period[c] + phase[c])
+                              * np.cos((y - t) / (period[c] + 5)) for c in range(3)], -1),
+                    0, 255).astype(np.uint8) for t in range(frames)]
+    write_rawframes(clip, folder, method="farneback")
 
 
 def cpu_seconds() -> float:
@@ -122,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, help="rawframes root (with --annotation)")
     parser.add_argument("--annotation", type=Path, help="rawframe list under --data")
     parser.add_argument("--make", type=int, default=16, help="videos to generate without --data")
+    parser.add_argument("--make-into", type=Path, default=None,
+                        help="write the generated videos to this folder and keep them (videos already there are reused)")
     parser.add_argument("--frames", type=int, default=24, help="frames per generated video")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--batch-size", type=int, default=8)
@@ -138,10 +154,11 @@ def main(argv=None):
         if args.data is not None:
             data_root, annotation = args.data, args.annotation or args.data / "train_list.txt"
         else:
-            data_root = Path(scratch) / "rawframes"
+            data_root = args.make_into or Path(scratch) / "rawframes"
             annotation = make_rawframes(data_root, args.make, args.frames)
-        rows, ran_on_cuda = [], False
-        for backend in args.backends.split(","):
+        path = result_path("loader", "cuda" if torch.cuda.is_available() else "cpu", args.out)
+        rows = []
+        for backend in filter(None, args.backends.split(",")):
             if backend.startswith("dali") and not dali_available():
                 print(f"skip {backend}: nvidia-dali is not installed")
                 continue
@@ -152,14 +169,13 @@ def main(argv=None):
                           batches=args.batches, warmup=args.warmup, workers=args.workers,
                           input_size=args.input_size, num_segments=args.segments,
                           flow_length=args.flow_length)
-            ran_on_cuda = ran_on_cuda or row["device"] == "cuda"
             row.update(env_info(row["device"]), dali=_dali_version(),
                        input_size=args.input_size, segments=args.segments,
                        flow_length=args.flow_length, batches=args.batches, warmup=args.warmup)
+            append_rows(path, [row])  # backend by backend: a run stopped by a time limit keeps what it measured
             rows.append(row)
     if not rows:
         return
-    path = append_rows(result_path("loader", "cuda" if ran_on_cuda else "cpu", args.out), rows)
     print_table(rows, COLUMNS)
     print(f"appended {len(rows)} rows to {path}")
 

@@ -134,6 +134,7 @@ def main(argv=None):
     if cpu:
         dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
     env = common.env_info(device)
+    path = common.result_path("losses", device, args.out)
     rows = []
     for op in args.ops.split(","):
         for dtype_name in dtypes:
@@ -149,8 +150,9 @@ def main(argv=None):
                                 torch.cuda.empty_cache()
                                 continue
                             if row is not None:
+                                # one row at a time: a run stopped by a time limit keeps what it measured
+                                common.append_rows(path, [row])
                                 rows.append(row)
-    path = common.append_rows(common.result_path("losses", device, args.out), rows)
     common.print_table(rows, ["op", "provider", "mode", "dtype", "B", "D", "ms_p50", "ms_p20", "ms_p80",
                               "tflops", "peak_mem_bytes"])
     print(f"\n{len(rows)} rows appended to {path}")
