@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev clean gpu wheelhouse compat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,49 @@ test: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache
+
+# --- GPU figures (README "Taking the GPU figures") -------------------------------------
+# `make gpu` runs on the GPU machine with that machine's own Python and torch: it never
+# creates a venv and never installs torch. `make wheelhouse` runs where a package registry
+# is reachable and fills wheelhouse/ with what the GPU machines lack.
+GPU_PYTHON ?= python3
+GPU_ARGS   ?=
+WHEELHOUSE ?= wheelhouse
+WHEEL_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu:
+	$(GPU_PYTHON) -m bench.gpu $(GPU_ARGS)
+
+# DALI with its nvidia-* libraries, PyAV, OpenCV with the contrib modules (TV-L1), and
+# setuptools for `pip install -e .` on a Python without it. Wheels of packages a machine
+# already has (numpy, packaging, ...) come along but `make gpu` does not install them.
+wheelhouse:
+	$(PYTHON) -m pip download --dest $(WHEELHOUSE) $(WHEEL_PLATFORM) \
+		nvidia-dali-cuda130 av opencv-contrib-python-headless setuptools
+	@$(PYTHON) -c "import pathlib; w = list(pathlib.Path('$(WHEELHOUSE)').glob('*.whl')); \
+		print(f'{len(w)} wheels, {sum(p.stat().st_size for p in w) / 2**20:.0f} MiB in $(WHEELHOUSE)/')"
+
+# --- The GPU machines' older pair on CPU: Python 3.12, torch 2.11, triton 3.6 -----------
+# Triton 3.6's interpreter calls int() on one-element arrays, an error from numpy 2.4 on.
+COMPAT_PYTHON ?= python3.12
+COMPAT_VENV   ?= .venv-compat
+COMPAT_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' 'numpy<2.4'
+
+$(COMPAT_VENV)/.installed: setup.py pyproject.toml
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	printf '%s\n' $(COMPAT_PINS) > $(COMPAT_VENV)/constraints.txt
+	$(COMPAT_VENV)/bin/pip install --quiet -c $(COMPAT_VENV)/constraints.txt $(COMPAT_PINS)
+	$(COMPAT_VENV)/bin/pip install --quiet -c $(COMPAT_VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+# Every check runs; the target fails at the end if any of them failed.
+compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c 'import sys, torch, triton, numpy; print("compat:", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)'
+	@failed=""; \
+	$(COMPAT_VENV)/bin/python -m pytest -q --benchmark-disable tests/test_cross_attention.py \
+		tests/test_triplet.py tests/test_center.py tests/test_losses.py || failed="$$failed kernel-tests"; \
+	if [ -f bench/aot.py ]; then $(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; fi; \
+	$(COMPAT_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
+	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"

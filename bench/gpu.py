@@ -1,0 +1,748 @@
+"""Every SPEC §8 figure on one GPU machine in one command, inside 8 minutes (`make gpu`).
+
+    python -m bench.gpu                  # on the GPU machine, from the repository root
+    python -m bench.gpu --dry-run        # the same plan on CPU at toy sizes (part of `make test`)
+    python -m bench.gpu --plan           # print the plan and its time budgets
+    python -m bench.gpu --stages e2e,grid   # rerun some stages
+
+The plan (``PLAN``) is data: a list of stages, each a few commands with the arguments they
+take on the GPU and in the dry run, a GPU time budget and a dry-run budget. Each command runs
+as a subprocess of the machine's own Python, its output appended to
+``<work>/<UTC time>/<stage>.log``;
+when a stage's budget runs out its process group is stopped, the stage is recorded as
+``timeout`` with the JSON rows it had appended so far (the benchmarks append row by row), and
+the next stage starts. The stages, in order:
+
+1. ``setup``: installs the wheels of ``wheelhouse/`` whose distributions are not installed yet
+   (``pip install --no-index --no-deps``: the machine's torch, numpy and OpenCV stay as they
+   are), then the checkout (``pip install --no-deps --no-build-isolation --no-index -e .``).
+2. ``cuda-tests`` (``pytest -m cuda``) and ``kernel-tests`` (the kernel test files, which run on
+   the CUDA device when there is one): Triton against the eager references, forward and
+   backward, fp32/fp16/bf16. A failure makes the command exit non-zero; the benchmarks still run.
+3. ``attention-targets``, ``loss-targets``: the kernel benchmarks at the §8 target points.
+4. ``loader`` (generates the 340×256 rawframes the next stages share, then the loader
+   benchmark: torch DataLoader, and DALI where it imports), ``e2e`` (b, c, d: ResNet-50 at
+   224 px), ``e2e-dali`` (a: only where DALI imports).
+5. ``grid``: the wider kernel and loss sweeps, for whatever time the earlier stages left.
+6. The summary, ``<out>/gpu-summary-<device>.md``: each §8 target with the measured value and
+   pass/fail, the tests, and every kernel row with its TFLOP/s or GB/s and the fraction of the
+   device's datasheet peak (``PEAKS``). One row per stage goes to ``<out>/gpu-<device>.json``.
+
+On the GPU, ``<out>`` is ``bench/results/`` and ``<work>`` is ``runs/gpu/`` (git-ignored:
+logs and the generated rawframes, reused by the next run). The budgets add up to at most
+``TOTAL_BUDGET_S`` with ``OVERHEAD_S`` kept for start-up, the summary and stopping timed-out
+stages; a run also stops every stage at that deadline. ``grid`` may use the time earlier
+stages left unused. The GPU budgets are estimates that no GPU run has checked yet; the
+``gpu-<device>.json`` rows of the first run give each stage's real time.
+
+``--dry-run`` runs the same stages on CPU: the kernels in the Triton interpreter at toy sizes,
+e2e with timm's ``test_resnet`` at 32 px, the kernel tests collected but not run (``make
+test`` runs them itself), no DALI stage, pip with ``--dry-run``. Its results go to a
+temporary folder (never ``bench/results/``), and it fails if any stage fails or overruns its
+dry budget, so that the command cannot rot between GPU visits. Measured on the 2-core CPU
+machine: 46 s with torch 2.14 / triton 3.8 (Python 3.11), 52 s with torch 2.11 / triton 3.6
+(Python 3.12, ``make compat``); every stage took at most half its dry budget.
+
+Exit status: 0; 1 when a test failed or a stage crashed (and, in the dry run, overran); 2 for
+bad arguments or a GPU run without a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+
+TOTAL_BUDGET_S = 480  # SPEC §5: every §8 figure in ≤ 8 minutes on one GPU machine, set-up included
+DRY_TOTAL_BUDGET_S = 120  # the dry run is part of `make test`
+OVERHEAD_S = 15  # Python start-up, the summary, and KILL_GRACE_S for each stage that overruns
+KILL_GRACE_S = 3  # between SIGTERM and SIGKILL of a stage that overran its budget
+
+KERNEL_TESTS = ("tests/test_cross_attention.py", "tests/test_triplet.py", "tests/test_center.py",
+                "tests/test_losses.py")
+
+# (fragment of torch.cuda.get_device_name, dense bf16 tensor-core TFLOP/s, HBM TB/s); first
+# match wins. NVIDIA datasheets; "dense" is half the figure quoted with 2:4 sparsity.
+PEAKS = (
+    ("H200 NVL", 835, 4.8),
+    ("H200", 989, 4.8),
+    ("H100 NVL", 835, 3.9),
+    ("H100 PCIe", 756, 2.0),
+    ("H100", 989, 3.35),  # SXM; torch names it "NVIDIA H100 80GB HBM3"
+)
+
+
+def device_peak(name: str) -> tuple[float, float] | None:
+    """(dense bf16 TFLOP/s, HBM GB/s) of a device by name, or None when it is not in PEAKS."""
+    for fragment, tflops, tbps in PEAKS:
+        if fragment.lower() in name.lower():
+            return float(tflops), tbps * 1e3
+    return None
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Points:
+    """The shapes the §8 targets are read at: the targets themselves on a GPU, toy shapes in
+    the dry run (with the kernels in the interpreter)."""
+
+    device: str
+    dtype: str
+    attention_B: int
+    attention_N: tuple[int, ...]  # N = N_f = N_o; the first is where ≥ 3× eager is checked, the last the % of peak
+    attention_features: int  # d = e
+    loss_B: int
+    loss_D: int
+
+
+GPU_POINTS = Points("cuda", "bfloat16", attention_B=32, attention_N=(588, 1225), attention_features=512,
+                    loss_B=8192, loss_D=512)
+DRY_POINTS = Points("cpu", "float32", attention_B=2, attention_N=(20, 33), attention_features=16,
+                    loss_B=24, loss_D=16)
+
+
+def _attention_args(p: Points) -> tuple[str, ...]:
+    return ("--device", p.device, "--dtype", p.dtype, "--B", str(p.attention_B),
+            "--N", ",".join(map(str, p.attention_N)), "--features", str(p.attention_features))
+
+
+def _loss_args(p: Points) -> tuple[str, ...]:
+    return ("--device", p.device, "--dtype", p.dtype, "--B", str(p.loss_B), "--D", str(p.loss_D))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command: ``argv`` with ``{python}``, ``{out}``, ``{work}`` filled in at run time (and
+    ``{wheels}`` by the wheels to install; the step is left out when there are none), followed
+    by ``gpu`` or ``dry`` arguments."""
+
+    argv: tuple[str, ...]
+    gpu: tuple[str, ...] = ()
+    dry: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    what: str
+    budget_s: int  # on the GPU machine
+    dry_budget_s: int  # in the dry run, on a 2-core CPU machine
+    steps: tuple[Step, ...]
+    kind: str = "bench"  # "setup" | "tests" | "bench"
+    fill: bool = False  # may run until the run's deadline, using time earlier stages left
+    skip: Callable[["Run"], str | None] = lambda run: None  # a reason to skip, asked when the stage starts
+
+
+def _needs_dali(run: "Run") -> str | None:
+    if run.dry_run:
+        return "dry run: no DALI stage"
+    probe = subprocess.run([run.python, "-c", "import nvidia.dali"], cwd=REPO, capture_output=True)
+    return None if probe.returncode == 0 else "nvidia-dali does not import (no wheel in wheelhouse/?)"
+
+
+PY = "{python}"
+RAWFRAMES = ("--data", "{work}/rawframes", "--annotation", "{work}/rawframes/train_list.txt")
+E2E_DRY = ("--device", "cpu", "--backbone", "timm:test_resnet", "--classes", "4", "--input-size", "32",
+           "--batch-size", "4", "--steps", "2", "--log-interval", "1", "--warmup-logs", "0", "--workers", "1",
+           "--test-segments", "1")
+PYTEST = (PY, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider")
+
+PLAN: tuple[Stage, ...] = (
+    Stage("setup", "the wheelhouse's missing wheels, then the checkout, into the machine's Python",
+          budget_s=30, dry_budget_s=6, kind="setup", steps=(
+              Step((PY, "-m", "pip", "install", "--no-index", "--no-deps", "{wheels}"), dry=("--dry-run",)),
+              Step((PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."),
+                   dry=("--dry-run",)),
+          )),
+    Stage("cuda-tests", "pytest -m cuda: the autotuned and autocast cases on the device",
+          budget_s=50, dry_budget_s=22, kind="tests", steps=(
+              Step((*PYTEST, "-m", "cuda", "tests", "bench")),
+          )),
+    Stage("kernel-tests", "the kernel test files on the device: Triton vs eager, fwd and bwd, fp32/fp16/bf16",
+          budget_s=50, dry_budget_s=10, kind="tests", steps=(
+              Step((*PYTEST, "-m", "not cuda", *KERNEL_TESTS), dry=("--collect-only", "-q")),
+          )),
+    Stage("attention-targets", "cross_stream_attention fwd+bwd at B=32, N ∈ {588, 1225}, d=e=512, bf16; "
+          "eager, compile, triton, sdpa", budget_s=80, dry_budget_s=15, steps=(
+              Step((PY, "-m", "bench.bench_cross_attention", "--out", "{out}", "--modes", "full"),
+                   gpu=_attention_args(GPU_POINTS),
+                   dry=(*_attention_args(DRY_POINTS), "--providers", "eager,triton,sdpa", "--rep", "1")),
+          )),
+    Stage("loss-targets", "cross-modal triplet and center loss fwd+bwd at B=8192, D=512, bf16; eager, compile, triton",
+          budget_s=40, dry_budget_s=10, steps=(
+              Step((PY, "-m", "bench.bench_losses", "--out", "{out}", "--modes", "full",
+                    "--ops", "cross_modal_triplet_loss,discriminative_embedding_loss"),
+                   gpu=(*_loss_args(GPU_POINTS), "--providers", "eager,compile,triton"),
+                   dry=(*_loss_args(DRY_POINTS), "--providers", "eager,triton", "--rep", "1")),
+          )),
+    Stage("loader", "256 rawframe videos at 340×256 (kept for e2e), then clips/s of the torch DataLoader "
+          "(every core) and of DALI where it imports", budget_s=40, dry_budget_s=10, steps=(
+              Step((PY, "-m", "bench.bench_loader", "--out", "{out}", "--make-into", "{work}/rawframes"),
+                   gpu=("--make", "256", "--batch-size", "32", "--batches", "20"),
+                   dry=("--make", "4", "--frames", "8", "--backends", "torch", "--batch-size", "2",
+                        "--batches", "2", "--warmup", "1", "--workers", "1")),
+          )),
+    Stage("e2e", "trainer clips/s, ResNet-50 at 224 px, batch 32: (b) CCS on synthetic tensors, "
+          "(c) the backbones alone, (d) eager fp32 with the torch DataLoader", budget_s=110, dry_budget_s=22, steps=(
+              Step((PY, "-m", "bench.bench_e2e", "--out", "{out}", *RAWFRAMES,
+                    "--cases", "ccs-synthetic,backbones-synthetic,eager-fp32-torch"),
+                   gpu=("--device", "cuda", "--test-segments", "1"), dry=E2E_DRY),
+          )),
+    Stage("e2e-dali", "(a) CCS with the DALI loader, ResNet-50 at 224 px", budget_s=35, dry_budget_s=0,
+          skip=_needs_dali, steps=(
+              Step((PY, "-m", "bench.bench_e2e", "--out", "{out}", *RAWFRAMES, "--cases", "ccs-dali"),
+                   gpu=("--device", "cuda")),
+          )),
+    Stage("grid", "the wider sweeps: losses at B ∈ {512, 2048, 8192} × D ∈ {256, 2048}; attention bf16 at "
+          "N ∈ {147, 588, 1225, 2352} × d=e ∈ {256, 1024}, fwd/bwd/full (no torch.compile: a compile per shape)",
+          budget_s=30, dry_budget_s=4, fill=True, steps=(
+              Step((PY, "-m", "bench.bench_losses", "--out", "{out}", "--modes", "full", "--providers", "eager,triton"),
+                   gpu=("--device", "cuda", "--dtype", "bfloat16", "--B", "512,2048,8192", "--D", "256,2048"),
+                   dry=("--device", "cpu", "--B", "24", "--D", "8", "--ops", "batch_hard_triplet_loss",
+                        "--rep", "1")),
+              Step((PY, "-m", "bench.bench_cross_attention", "--out", "{out}", "--providers", "triton,eager,sdpa"),
+                   gpu=("--device", "cuda", "--dtype", "bfloat16", "--B", "32", "--N", "147,588,1225,2352",
+                        "--features", "256,1024", "--modes", "full,fwd,bwd"),
+                   dry=("--device", "cpu", "--B", "1", "--N", "20", "--features", "8", "--modes", "fwd,bwd",
+                        "--providers", "eager,triton", "--rep", "1")),
+          )),
+)
+
+
+def check_budgets(plan=PLAN) -> None:
+    """The plan fits its deadlines: GPU budgets plus OVERHEAD_S within TOTAL_BUDGET_S, dry budgets
+    plus OVERHEAD_S within DRY_TOTAL_BUDGET_S. Raises ValueError otherwise."""
+    for label, total, budgets in (("GPU", TOTAL_BUDGET_S, [s.budget_s for s in plan]),
+                                  ("dry-run", DRY_TOTAL_BUDGET_S, [s.dry_budget_s for s in plan])):
+        if sum(budgets) + OVERHEAD_S > total:
+            raise ValueError(f"the {label} budgets add up to {sum(budgets)} s + {OVERHEAD_S} s overhead "
+                             f"> {total} s")
+    names = [s.name for s in plan]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names repeat: {names}")
+
+
+def plan_table(plan=PLAN) -> str:
+    lines = ["| stage | budget s (GPU) | budget s (dry run) | what |", "|---|---|---|---|"]
+    for s in plan:
+        budget = f"{s.budget_s} + time left" if s.fill else str(s.budget_s)
+        lines.append(f"| `{s.name}` | {budget} | {s.dry_budget_s or 'skipped'} | {s.what} |")
+    lines.append(f"| (start-up, summary, stopping overruns) | {OVERHEAD_S} | {OVERHEAD_S} | |")
+    lines.append(f"| **total** | **{sum(s.budget_s for s in plan) + OVERHEAD_S}** (≤ {TOTAL_BUDGET_S}) "
+                 f"| **{sum(s.dry_budget_s for s in plan) + OVERHEAD_S}** (≤ {DRY_TOTAL_BUDGET_S}) | |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running it
+
+@dataclass
+class Run:
+    dry_run: bool
+    python: str
+    out: Path  # JSON rows and the summary
+    work: Path  # logs and the generated rawframes
+    logs: Path
+    wheelhouse: Path
+    deadline: float  # time.monotonic() by which every stage has stopped
+
+    def wheels_to_install(self) -> list[str]:
+        """Wheels in the wheelhouse whose distribution is not installed in this Python (any
+        version): the machine's own packages are never replaced."""
+        from importlib import metadata
+
+        wanted = []
+        for wheel in sorted(self.wheelhouse.glob("*.whl")):
+            name = wheel.name.split("-")[0]
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                wanted.append(str(wheel))
+        return wanted
+
+    def resolve(self, step: Step) -> list[str] | None:
+        """The step's argv, or None when it has nothing to do (no wheels to install)."""
+        argv = []
+        for arg in (*step.argv, *(step.dry if self.dry_run else step.gpu)):
+            if arg == "{wheels}":
+                wheels = self.wheels_to_install()
+                if not wheels:
+                    return None
+                argv += wheels
+            else:
+                for key, value in (("{python}", self.python), ("{out}", self.out), ("{work}", self.work)):
+                    arg = arg.replace(key, str(value))
+                argv.append(arg)
+        return argv
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # ok | failed | timeout | skipped
+    wall_s: float = 0.0
+    budget_s: float = 0.0
+    rc: int | None = None
+    note: str = ""
+    rows: dict[str, int] = field(default_factory=dict)  # result file name -> rows appended
+    tests: dict | None = None
+    log: str | None = None
+
+
+def count_rows(out: Path) -> dict[str, int]:
+    counts = {}
+    for path in sorted(out.glob("*.json")):
+        try:
+            counts[path.name] = len(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return counts
+
+
+def run_logged(argv: list[str], log: Path, timeout: float) -> tuple[int | None, bool]:
+    """Run ``argv`` in its own process group, output appended to ``log``. (exit status, timed out)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=max(timeout, 0.1)), False
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            f.write(f"\n[bench.gpu] stopped: the stage's time budget ran out after {timeout:.0f} s\n")
+            return None, True
+        except BaseException:
+            _stop(proc)
+            raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the whole group (DataLoader workers included), SIGKILL after KILL_GRACE_S."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+TEST_LINE = re.compile(r"^(\S+::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+COLLECTED = re.compile(r"(\d+)(?:/\d+)? tests? collected")
+
+
+def parse_pytest_log(text: str) -> dict:
+    """Counts of a ``pytest -v`` log (complete or cut short) and the failing test ids."""
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "xfail": 0, "xpass": 0}
+    failing = []
+    for line in text.splitlines():
+        m = TEST_LINE.match(line)
+        if m:
+            counts[m.group(2).lower() if m.group(2) != "ERROR" else "error"] += 1
+            if m.group(2) in ("FAILED", "ERROR"):
+                failing.append(m.group(1))
+    collected = [int(n) for n in COLLECTED.findall(text)]
+    if collected:
+        counts["collected"] = collected[-1]
+    errors = re.findall(r"^ERROR (\S+)", text, re.M)  # collection errors: no per-test line
+    failing += [e for e in errors if e not in failing]
+    return {**counts, "failing": failing}
+
+
+def run_stage(stage: Stage, run: Run) -> StageResult:
+    budget = stage.dry_budget_s if run.dry_run else stage.budget_s
+    log = run.logs / f"{stage.name}.log"
+    result = StageResult(stage.name, "ok", budget_s=budget, log=_show(log))
+    reason = stage.skip(run)
+    if reason:
+        result.status, result.note = "skipped", reason
+        return result
+    start = time.monotonic()
+    end = run.deadline if stage.fill else min(start + budget, run.deadline)
+    result.budget_s = round(end - start, 1)
+    before = count_rows(run.out)
+    log.write_text("")
+    ran = 0
+    for step in stage.steps:
+        argv = run.resolve(step)
+        if argv is None:
+            continue
+        left = end - time.monotonic()
+        if left <= 1:
+            result.status, result.note = "timeout", "no time left for its remaining commands"
+            break
+        rc, timed_out = run_logged(argv, log, left)
+        ran += 1
+        if timed_out:
+            result.status = "timeout"
+            break
+        result.rc = rc if result.rc in (None, 0) else result.rc
+        if rc != 0 and not (stage.kind == "tests" and rc == 5):  # 5: pytest selected no test
+            result.status = "failed"
+    result.wall_s = round(time.monotonic() - start, 1)
+    after = count_rows(run.out)
+    result.rows = {name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
+    if stage.kind == "tests":
+        result.tests = parse_pytest_log(log.read_text(errors="replace"))
+        if result.tests["failed"] or result.tests["error"]:
+            result.status = "failed" if result.status != "timeout" else result.status
+    if not ran and result.status == "ok":
+        result.status, result.note = "skipped", "nothing to do"
+    return result
+
+
+# ----------------------------------------------------------------------------- the summary
+
+def new_rows(out: Path, start_counts: dict[str, int], prefix: str) -> list[dict]:
+    """Rows appended during this run to ``<out>/<prefix>-*.json``."""
+    rows = []
+    for path in sorted(out.glob(f"{prefix}-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows += data[start_counts.get(path.name, 0):]
+    return rows
+
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def loss_min_bytes(op: str, mode: str, B: int, D: int, dtype: str) -> int:
+    """HBM bytes a loss must move at least: embeddings and int64 labels read once, the fp32 loss
+    written once; with ``full`` also the scalar grad_output read and every embedding's gradient
+    written once."""
+    embeddings = (2 if op == "cross_modal_triplet_loss" else 1) * B * D * DTYPE_BYTES[dtype]
+    nbytes = embeddings + 8 * B + 4
+    if mode == "full":
+        nbytes += embeddings + 4
+    return nbytes
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def kernel_rows(rows_attention: list[dict], rows_losses: list[dict], peak) -> list[dict]:
+    """One line per kernel benchmark row: TFLOP/s (attention, useful FLOPs) or GB/s (losses,
+    minimal bytes), and the fraction of the datasheet peak (half-precision rows only for TFLOP/s)."""
+    lines = []
+    for r in rows_attention:
+        pct = None
+        if peak and r["dtype"] in ("bfloat16", "float16"):
+            pct = 100 * r["tflops"] / peak[0]
+        lines.append(dict(op=r["op"], provider=r["provider"], mode=r["mode"], dtype=r["dtype"],
+                          shape=f"B={r['B']} N_f={r['N_f']} N_o={r['N_o']} d={r['d']} e={r['e']}",
+                          ms=r["ms_p50"], tflops=r["tflops"], gbps=None, pct=pct,
+                          pct_matmul=r.get("pct_peak"), mem=r.get("peak_mem_bytes")))
+    for r in rows_losses:
+        gbps = loss_min_bytes(r["op"], r["mode"], r["B"], r["D"], r["dtype"]) / (r["ms_p50"] * 1e-3) / 1e9
+        lines.append(dict(op=r["op"], provider=r["provider"], mode=r["mode"], dtype=r["dtype"],
+                          shape=f"B={r['B']} D={r['D']}", ms=r["ms_p50"], tflops=None, gbps=gbps,
+                          pct=100 * gbps / peak[1] if peak else None, pct_matmul=None,
+                          mem=r.get("peak_mem_bytes")))
+    return lines
+
+
+def _pick(rows, **want):
+    """The last row matching every key of ``want`` (the latest measurement), or None."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in want.items())]
+    return found[-1] if found else None
+
+
+def evaluate_targets(points: Points, attention, losses, loader, e2e, peak) -> list[tuple[str, str, str]]:
+    """(target, measured, pass/fail/not measured) for each §8 target ``make gpu`` takes."""
+    out = []
+    F, B, dtype = points.attention_features, points.attention_B, points.dtype
+    shape = dict(mode="full", dtype=dtype, B=B, d=F, e=F)
+
+    def verdict(ok):
+        return "pass" if ok else "**fail**"
+
+    n_last = points.attention_N[-1]
+    row = _pick(attention, provider="triton", N_f=n_last, **shape)
+    name = f"cross_stream_attention fwd+bwd at N = {n_last}, d = e = {F}, {dtype}: ≥ 50 % of the dense bf16 peak"
+    if row is None:
+        out.append((name, "not measured", "—"))
+    elif peak:
+        pct = 100 * row["tflops"] / peak[0]
+        out.append((name, f"{row['tflops']:.1f} TFLOP/s = {pct:.1f} % of {peak[0]:.0f}", verdict(pct >= 50)))
+    else:
+        out.append((name, f"{row['tflops']:.3g} TFLOP/s (no datasheet peak for this device)", "—"))
+
+    for n in points.attention_N:
+        tri = _pick(attention, provider="triton", N_f=n, **shape)
+        for provider, factor in (("eager", 3.0), ("compile", 1.5), ("sdpa", 1.0)):
+            other = _pick(attention, provider=provider, N_f=n, **shape)
+            label = {"eager": "≥ 3× eager", "compile": "≥ 1.5× torch.compile", "sdpa": "faster than two SDPA calls"}
+            name = f"cross_stream_attention fwd+bwd at N = {n}, e = {F}: {label[provider]}"
+            if tri is None or other is None:
+                out.append((name, "not measured", "—"))
+                continue
+            speedup = other["ms_p50"] / tri["ms_p50"]
+            ok = speedup > factor if provider == "sdpa" else speedup >= factor
+            out.append((name, f"{speedup:.2f}× ({tri['ms_p50']:.3g} ms vs {other['ms_p50']:.3g} ms)", verdict(ok)))
+
+    name = f"cross_stream_attention peak extra memory O(B·N·e): bytes / (B·N·e·itemsize) constant over N ∈ {list(points.attention_N)}"
+    factors = []
+    for n in points.attention_N:
+        tri = _pick(attention, provider="triton", N_f=n, **shape)
+        if tri is not None and tri.get("peak_mem_bytes") is not None:
+            factors.append(tri["peak_mem_bytes"] / (B * n * F * DTYPE_BYTES[dtype]))
+    if len(factors) == len(points.attention_N) and len(factors) > 1:
+        out.append((name, " → ".join(f"{f:.2f}" for f in factors), verdict(factors[-1] <= 1.1 * factors[0])))
+    else:
+        out.append((name, "not measured (needs CUDA memory statistics)", "—"))
+
+    LB, LD = points.loss_B, points.loss_D
+    for op, factor in (("cross_modal_triplet_loss", 5.0), ("discriminative_embedding_loss", 3.0)):
+        tri = _pick(losses, op=op, provider="triton", mode="full", dtype=dtype, B=LB, D=LD)
+        eager = _pick(losses, op=op, provider="eager", mode="full", dtype=dtype, B=LB, D=LD)
+        name = f"{op} fwd+bwd at B = {LB}, D = {LD}: ≥ {factor:g}× eager"
+        if tri is None or eager is None:
+            out.append((name, "not measured", "—"))
+            continue
+        speedup = eager["ms_p50"] / tri["ms_p50"]
+        out.append((name, f"{speedup:.2f}× ({tri['ms_p50']:.3g} ms vs {eager['ms_p50']:.3g} ms)", verdict(speedup >= factor)))
+        if op == "cross_modal_triplet_loss":
+            name = f"{op} at B = {LB}, D = {LD}: peak memory ≤ 1/10 of eager"
+            if tri.get("peak_mem_bytes") and eager.get("peak_mem_bytes"):
+                ratio = tri["peak_mem_bytes"] / eager["peak_mem_bytes"]
+                out.append((name, f"{ratio:.3f} of eager", verdict(ratio <= 0.1)))
+            else:
+                out.append((name, "not measured (needs CUDA memory statistics)", "—"))
+
+    pairs = []
+    for tri in (r for r in losses if r["op"] == "cross_modal_triplet_loss" and r["provider"] == "triton"
+                and r["mode"] == "full" and r["dtype"] == dtype):
+        eager = _pick(losses, op=tri["op"], provider="eager", mode="full", dtype=dtype, B=tri["B"], D=tri["D"])
+        if eager is not None:
+            pairs.append((eager["ms_p50"] / tri["ms_p50"], tri["B"], tri["D"]))
+    name = "cross_modal_triplet_loss fwd+bwd ≥ 5× eager over every measured (B, D)"
+    if pairs:
+        worst = min(pairs)
+        out.append((name, f"min {worst[0]:.2f}× at B = {worst[1]}, D = {worst[2]} ({len(pairs)} points)",
+                    verdict(worst[0] >= 5)))
+    else:
+        out.append((name, "not measured", "—"))
+
+    dali = _pick(loader, backend="dali-gpu")
+    torch_loader = _pick(loader, backend="torch")
+    name = "DALI GPU loader ≥ 3× the torch DataLoader on every core"
+    if dali and torch_loader:
+        ratio = dali["clips_per_s"] / torch_loader["clips_per_s"]
+        out.append((name, f"{ratio:.2f}× ({dali['clips_per_s']:.0f} vs {torch_loader['clips_per_s']:.0f} clips/s)",
+                    verdict(ratio >= 3)))
+    else:
+        measured = f"torch DataLoader {torch_loader['clips_per_s']:.1f} clips/s; " if torch_loader else ""
+        out.append((name, measured + "dali-gpu not measured", "—"))
+
+    rates = {r["case"]: r["clips_per_s"] for r in e2e if "clips_per_s" in r}
+    for num, den, target, label in (("ccs-dali", "ccs-synthetic", 0.95, "(a)/(b) ≥ 0.95: the loader never the bottleneck"),
+                                    ("ccs-synthetic", "backbones-synthetic", 0.90, "(b)/(c) ≥ 0.90: CCS cost over the backbones"),
+                                    ("ccs-dali", "eager-fp32-torch", 3.0, "(a)/(d) ≥ 3: end to end vs the eager baseline")):
+        if num in rates and den in rates:
+            ratio = rates[num] / rates[den]
+            out.append((label, f"{ratio:.3f} ({rates[num]:.1f} / {rates[den]:.1f} clips/s)", verdict(ratio >= target)))
+        else:
+            out.append((label, "not measured", "—"))
+    return out
+
+
+NOT_TAKEN = (
+    ("tvl1-torch ≥ 300 pairs/s at 340×256", "no flow benchmark in bench/ yet"),
+    ("accuracy on the embedded data set (§6)", "`make demo`"),
+    ("static targets (executed/useful FLOPs, atomics, glue bytes, spills)", "CPU report, not a GPU figure"),
+)
+
+
+def _show(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (the summary is committed)."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def write_summary(run: Run, results: list[StageResult], points: Points, start_counts: dict[str, int],
+                  env: dict, wall_s: float, path: Path) -> str:
+    peak = device_peak(env["device"])
+    attention = new_rows(run.out, start_counts, "cross_attention")
+    losses = new_rows(run.out, start_counts, "losses")
+    loader = new_rows(run.out, start_counts, "loader")
+    e2e = new_rows(run.out, start_counts, "e2e")
+    lines = [f"# GPU figures: {env['device']}" + (" (dry run: toy sizes on CPU)" if run.dry_run else ""), ""]
+    lines.append(f"`{env['command']}` on {env['date']}: torch {env['torch']}, triton {env['triton']}, "
+                 f"Python {sys.version.split()[0]}; {wall_s:.0f} s of wall time (budget "
+                 f"{DRY_TOTAL_BUDGET_S if run.dry_run else TOTAL_BUDGET_S} s). Rows appended to `{_show(run.out)}`; "
+                 f"logs in `{_show(run.logs)}`.")
+    if run.dry_run:
+        lines += ["", "Dry run: the kernels ran in the Triton interpreter at toy sizes, so the figures and the "
+                  "pass/fail column below say nothing about speed; they show that every stage ran."]
+    if peak:
+        lines += ["", f"Datasheet peak used for the fractions: {peak[0]:.0f} TFLOP/s dense bf16, "
+                  f"{peak[1] / 1e3:.2f} TB/s HBM."]
+    lines += ["", "## Stages", "", "| stage | status | wall s | budget s | rows appended | notes |", "|---|---|---|---|---|---|"]
+    for r in results:
+        rows = ", ".join(f"{n} {name}" for name, n in r.rows.items()) or "—"
+        note = r.note
+        if r.tests:
+            t = r.tests
+            note = (f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped"
+                    + (f", {t['collected']} collected" if "collected" in t else "") + (f"; {note}" if note else ""))
+        if r.rc not in (None, 0):
+            note = f"exit status {r.rc}" + (f"; {note}" if note else "")
+        lines.append(f"| `{r.name}` | {r.status} | {r.wall_s:.0f} | {r.budget_s:.0f} | {rows} | {note} |")
+    failing = [f for r in results if r.tests for f in r.tests["failing"]]
+    if failing:
+        lines += ["", "Failing tests:", ""] + [f"- `{f}`" for f in failing]
+
+    lines += ["", "## SPEC §8 targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in evaluate_targets(points, attention, losses, loader, e2e, peak)]
+    lines += [f"| {t} | not taken by `make gpu`: {why} | — |" for t, why in NOT_TAKEN]
+
+    table = kernel_rows(attention, losses, peak)
+    if table:
+        lines += ["", "## Kernel rows", "",
+                  "TFLOP/s from the useful FLOPs (attention); GB/s from the minimal bytes, inputs read and outputs "
+                  "written once (losses); % of the datasheet peak (bf16/fp16 rows for TFLOP/s); % of a measured "
+                  "dense matmul where the benchmark took one.", "",
+                  "| op | provider | mode | dtype | shape | ms (p50) | TFLOP/s | GB/s | % of peak | % of matmul | peak extra MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for k in table:
+            mem = None if k["mem"] is None else k["mem"] / 2**20
+            lines.append(f"| {k['op']} | {k['provider']} | {k['mode']} | {k['dtype']} | {k['shape']} | {_fmt(k['ms'])} "
+                         f"| {_fmt(k['tflops'])} | {_fmt(k['gbps'])} | {_fmt(k['pct'])} | {_fmt(k['pct_matmul'])} "
+                         f"| {_fmt(mem)} |")
+    if loader or e2e:
+        lines += ["", "## Loader and end to end", "", "| benchmark | case | clips/s |", "|---|---|---|"]
+        lines += [f"| loader | {r['backend']} ({r['device']}) | {_fmt(r['clips_per_s'])} |" for r in loader]
+        lines += [f"| e2e | {r['case']} ({r['backbone']}, {r['input_size']} px, batch {r['batch_size']}) "
+                  f"| {_fmt(r['clips_per_s'])} |" for r in e2e if "clips_per_s" in r]
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="the same plan on CPU at toy sizes, into a temporary folder")
+    p.add_argument("--plan", action="store_true", help="print the plan and its budgets, run nothing")
+    p.add_argument("--stages", default=None,
+                   help="comma list of stages to run (default: all); e2e reads the rawframes the loader stage "
+                        "leaves in <work>/rawframes")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON rows and the summary (default bench/results/; a new temporary folder with --dry-run)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="logs and generated rawframes (default runs/gpu/; <out>/work with --dry-run)")
+    p.add_argument("--wheelhouse", type=Path, default=REPO / "wheelhouse")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_budgets()
+    except ValueError as e:
+        print(f"bench.gpu: {e}", file=sys.stderr)
+        return 2
+    if args.plan:
+        print(plan_table())
+        return 0
+    stages = list(PLAN)
+    if args.stages:
+        names = args.stages.split(",")
+        unknown = sorted(set(names) - {s.name for s in PLAN})
+        if unknown:
+            print(f"bench.gpu: unknown stages {unknown}; the plan has {[s.name for s in PLAN]}", file=sys.stderr)
+            return 2
+        stages = [s for s in PLAN if s.name in names]
+
+    started = time.monotonic()
+    import torch
+
+    from bench import common
+
+    if args.dry_run:
+        out = args.out or Path(tempfile.mkdtemp(prefix="ccs-gpu-dry-run-"))
+        if out.resolve() == RESULTS_DIR.resolve():
+            print("bench.gpu: --dry-run writes toy figures; give it an --out other than bench/results/", file=sys.stderr)
+            return 2
+        work = args.work or out / "work"
+        device, points, total = "cpu", DRY_POINTS, DRY_TOTAL_BUDGET_S
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        if not torch.cuda.is_available():
+            print("bench.gpu: no CUDA device here (python -m bench.gpu --dry-run runs the plan on CPU)", file=sys.stderr)
+            return 2
+        out, work = args.out or RESULTS_DIR, args.work or REPO / "runs" / "gpu"
+        device, points, total = "cuda", GPU_POINTS, TOTAL_BUDGET_S
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    logs = work / stamp
+    for folder in (out, logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    run = Run(dry_run=args.dry_run, python=sys.executable, out=out.resolve(), work=work.resolve(),
+              logs=logs.resolve(), wheelhouse=args.wheelhouse.resolve(),
+              deadline=started + total - OVERHEAD_S)
+    env = {**common.env_info(device), "command": shlex.join(["python", "-m", "bench.gpu", *(argv or sys.argv[1:])])}
+    start_counts = count_rows(run.out)
+    print(f"bench.gpu: {env['device']}{' (dry run)' if run.dry_run else ''}; results in {run.out}, logs in {run.logs}",
+          flush=True)
+
+    results = []
+    for i, stage in enumerate(stages, 1):
+        print(f"[{i}/{len(stages)}] {stage.name} (budget {stage.dry_budget_s if run.dry_run else stage.budget_s} s"
+              f"{' + time left' if stage.fill else ''}) ...", end=" ", flush=True)
+        result = run_stage(stage, run)
+        results.append(result)
+        detail = ", ".join(f"{n} rows to {name}" for name, n in result.rows.items())
+        if result.tests:
+            t = result.tests
+            detail = f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped" + (
+                f", {t['collected']} collected" if "collected" in t else "")
+        print(f"{result.status} in {result.wall_s:.0f} s" + (f": {detail}" if detail else "")
+              + (f" ({result.note})" if result.note else ""), flush=True)
+
+    wall = time.monotonic() - started
+    slug = common.slug(env["device"])
+    common.append_rows(run.out / f"gpu-{slug}.json", [
+        {**dataclasses.asdict(r), "dry_run": run.dry_run, "run_wall_s": round(wall, 1), **env} for r in results])
+    summary = run.out / f"gpu-summary-{slug}.md"
+    text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary)
+    print("\n" + text)
+    print(f"summary: {summary}")
+    failed = [r.name for r in results if r.status == "failed" or (run.dry_run and r.status == "timeout")]
+    if failed:
+        print(f"bench.gpu: {', '.join(failed)} " + ("failed" if len(failed) > 1 else "failed")
+              + " (see the logs above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

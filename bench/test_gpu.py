@@ -1,0 +1,152 @@
+"""bench.gpu: the plan fits 8 minutes, its dry run writes a summary and rows, a stage that
+overruns keeps what it measured, and the summary's arithmetic."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plan_budgets_fit_eight_minutes_with_setup():
+    gpu.check_budgets()
+    assert sum(s.budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 480
+    assert sum(s.dry_budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 120
+    assert gpu.PLAN[0].name == "setup" and gpu.PLAN[0].budget_s > 0
+    assert [s.name for s in gpu.PLAN if s.kind == "tests"] == ["cuda-tests", "kernel-tests"]
+    with pytest.raises(ValueError, match="GPU budgets"):
+        gpu.check_budgets(gpu.PLAN + (gpu.Stage("extra", "", 60, 0, ()),))
+
+
+def test_plan_reads_the_targets_where_its_benchmarks_measure_them():
+    stage = {s.name: s for s in gpu.PLAN}
+    attention = stage["attention-targets"].steps[0].gpu
+    assert attention[attention.index("--N") + 1] == "588,1225"
+    assert attention[attention.index("--features") + 1] == "512"
+    assert attention[attention.index("--dtype") + 1] == "bfloat16"
+    losses = stage["loss-targets"].steps[0].gpu
+    assert losses[losses.index("--B") + 1] == "8192" and losses[losses.index("--D") + 1] == "512"
+    assert gpu.GPU_POINTS.attention_N == (588, 1225) and gpu.GPU_POINTS.loss_B == 8192
+
+
+@pytest.mark.slow
+def test_dry_run_writes_summary_and_rows(tmp_path):
+    results = REPO / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert wall < 180, f"the dry run took {wall:.0f} s"
+    summaries = list(tmp_path.glob("gpu-summary-*.md"))
+    assert len(summaries) == 1
+    text = summaries[0].read_text()
+    assert "## SPEC §8 targets" in text and "## Kernel rows" in text
+    for name in ("cross_attention", "losses", "loader", "e2e", "gpu"):
+        files = list(tmp_path.glob(f"{name}-*.json"))
+        assert len(files) == 1 and json.loads(files[0].read_text()), name
+    stages = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    status = {r["name"]: r["status"] for r in stages}
+    assert status == {s.name: "skipped" if s.name == "e2e-dali" else "ok" for s in gpu.PLAN}, status
+    # nothing of the dry run's (files named after this CPU) went into bench/results/
+    slug = summaries[0].stem.removeprefix("gpu-summary-")
+    touched = [p.name for p in results.iterdir() if p.stem.endswith(slug) and before.get(p.name) != p.stat().st_mtime_ns]
+    assert not touched
+
+
+def test_overrun_stage_is_stopped_and_keeps_its_rows(tmp_path):
+    writer = ("import json, sys, time, pathlib; p = pathlib.Path(sys.argv[1]) / 'toy-cpu.json'; "
+              "p.write_text(json.dumps([{'x': 1}, {'x': 2}])); print('two rows', flush=True); time.sleep(60)")
+    stage = gpu.Stage("toy", "writes two rows, then hangs", budget_s=2, dry_budget_s=2,
+                      steps=(gpu.Step(("{python}", "-c", writer, "{out}")),))
+    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                  wheelhouse=tmp_path, deadline=time.monotonic() + 60)
+    start = time.monotonic()
+    result = gpu.run_stage(stage, run)
+    assert time.monotonic() - start < 2 + gpu.KILL_GRACE_S + 5
+    assert result.status == "timeout" and result.rows == {"toy-cpu.json": 2}
+    log = (tmp_path / "toy.log").read_text()
+    assert "two rows" in log and "time budget ran out" in log
+
+
+def test_failing_command_fails_the_stage_and_later_steps_still_run(tmp_path):
+    stage = gpu.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
+        gpu.Step(("{python}", "-c", "raise SystemExit(3)")),
+        gpu.Step(("{python}", "-c", "print('second step ran')")),
+    ))
+    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                  wheelhouse=tmp_path, deadline=time.monotonic() + 60)
+    result = gpu.run_stage(stage, run)
+    assert result.status == "failed" and result.rc == 3
+    assert "second step ran" in (tmp_path / "toy.log").read_text()
+
+
+def test_wheels_already_installed_are_left_alone(tmp_path):
+    for name in ("pytest-8.0.0-py3-none-any.whl", "not_a_real_distribution-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                  wheelhouse=tmp_path, deadline=0)
+    assert [Path(w).name for w in run.wheels_to_install()] == ["not_a_real_distribution-1.0-py3-none-any.whl"]
+    assert run.resolve(gpu.PLAN[0].steps[0])[-2:] == [str(tmp_path / "not_a_real_distribution-1.0-py3-none-any.whl"),
+                                                       "--dry-run"]
+    empty = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                    wheelhouse=tmp_path / "missing", deadline=0)
+    assert empty.resolve(gpu.PLAN[0].steps[0]) is None  # no wheelhouse: the step is left out
+
+
+def test_pytest_log_counts_a_run_cut_short():
+    log = "\n".join([
+        "tests/test_a.py::test_one[bf16-7] PASSED                       [ 10%]",
+        "tests/test_a.py::test_two FAILED                               [ 20%]",
+        "tests/test_a.py::test_three SKIPPED (needs CUDA)               [ 30%]",
+        "[bench.gpu] stopped: the stage's time budget ran out after 50 s",
+    ])
+    counts = gpu.parse_pytest_log(log)
+    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
+    assert counts["failing"] == ["tests/test_a.py::test_two"]
+    assert gpu.parse_pytest_log("=== 115/127 tests collected (12 deselected) in 1.2s ===")["collected"] == 115
+
+
+def test_device_peaks_by_name():
+    assert gpu.device_peak("NVIDIA H100 80GB HBM3") == (989.0, 3350.0)
+    assert gpu.device_peak("NVIDIA H200") == (989.0, 4800.0)
+    assert gpu.device_peak("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert gpu.device_peak("AMD EPYC (2 cores)") is None
+
+
+def test_loss_minimal_bytes():
+    # cross-modal, bf16, B=8192, D=512: two embeddings read, two gradients written, labels, loss, grad_output
+    embeddings = 2 * 8192 * 512 * 2
+    assert gpu.loss_min_bytes("cross_modal_triplet_loss", "full", 8192, 512, "bfloat16") == 2 * embeddings + 8 * 8192 + 8
+    assert gpu.loss_min_bytes("discriminative_embedding_loss", "fwd", 8, 4, "float32") == 8 * 4 * 4 + 64 + 4
+
+
+def test_targets_from_rows():
+    p = gpu.GPU_POINTS
+    base = dict(op="cross_stream_attention", mode="full", dtype="bfloat16", B=32, d=512, e=512)
+
+    def att(provider, n, ms, mem=None):
+        return dict(base, provider=provider, N_f=n, N_o=n, ms_p50=ms, peak_mem_bytes=mem,
+                    tflops=2 * 32 * n * n * 9 * 512 / (ms * 1e-3) / 1e12)
+
+    attention = [att("triton", 588, 1.0, 6 * 32 * 588 * 512 * 2), att("eager", 588, 4.0), att("compile", 588, 1.2),
+                 att("sdpa", 588, 1.1), att("triton", 1225, 4.0, 6 * 32 * 1225 * 512 * 2), att("eager", 1225, 20.0)]
+    losses = [dict(op="cross_modal_triplet_loss", provider=prov, mode="full", dtype="bfloat16", B=8192, D=512,
+                   ms_p50=ms, peak_mem_bytes=mem) for prov, ms, mem in (("triton", 1.0, 10), ("eager", 6.0, 1000))]
+    e2e = [dict(case="ccs-synthetic", clips_per_s=95.0), dict(case="backbones-synthetic", clips_per_s=100.0)]
+    verdicts = {t: v for t, _, v in gpu.evaluate_targets(p, attention, losses, [], e2e, (989.0, 4800.0))}
+    assert verdicts["cross_stream_attention fwd+bwd at N = 588, e = 512: ≥ 3× eager"] == "pass"
+    assert verdicts["cross_stream_attention fwd+bwd at N = 588, e = 512: ≥ 1.5× torch.compile"] == "**fail**"
+    assert verdicts["cross_stream_attention fwd+bwd at N = 1225, e = 512: ≥ 1.5× torch.compile"] == "—"
+    assert verdicts["cross_modal_triplet_loss fwd+bwd at B = 8192, D = 512: ≥ 5× eager"] == "pass"
+    assert verdicts["cross_modal_triplet_loss at B = 8192, D = 512: peak memory ≤ 1/10 of eager"] == "pass"
+    assert verdicts["(b)/(c) ≥ 0.90: CCS cost over the backbones"] == "pass"
+    assert verdicts["(a)/(b) ≥ 0.95: the loader never the bottleneck"] == "—"
+    memory = [v for t, _, v in gpu.evaluate_targets(p, attention, losses, [], e2e, None) if "O(B·N·e)" in t]
+    assert memory == ["pass"]
