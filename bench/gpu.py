@@ -151,7 +151,10 @@ class Stage:
 def _needs_dali(run: "Run") -> str | None:
     if run.dry_run:
         return "dry run: no DALI stage"
-    probe = subprocess.run([run.python, "-c", "import nvidia.dali"], cwd=REPO, capture_output=True)
+    try:
+        probe = subprocess.run([run.python, "-c", "import nvidia.dali"], cwd=REPO, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "import nvidia.dali took over 60 s"
     return None if probe.returncode == 0 else "nvidia-dali does not import (no wheel in wheelhouse/?)"
 
 
@@ -371,11 +374,12 @@ def run_stage(stage: Stage, run: Run) -> StageResult:
     budget = stage.dry_budget_s if run.dry_run else stage.budget_s
     log = run.logs / f"{stage.name}.log"
     result = StageResult(stage.name, "ok", budget_s=budget, log=_show(log))
+    start = time.monotonic()
     reason = stage.skip(run)
     if reason:
         result.status, result.note = "skipped", reason
+        result.wall_s = round(time.monotonic() - start, 1)
         return result
-    start = time.monotonic()
     end = run.deadline if stage.fill else min(start + budget, run.deadline)
     result.budget_s = round(end - start, 1)
     before = count_rows(run.out)
