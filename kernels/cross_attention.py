@@ -46,10 +46,24 @@ dP_col). At d = e = 512: forward 4/3 of the useful work, backward 5/3.
 The one-pass alternative (dq and dv_f merged by atomics across column programs) executes
 3d + 4e but issues BLOCK_M·(d + e) fp32 atomics per S tile; ``bench.static`` compares both.
 
+Static figures (``python -m bench.static`` and ``python -m bench.aot``, Triton 3.8), at the
+SPEC §8 shapes B = 32, N_f = N_o ∈ {588, 1225}, d = e = 512, bf16:
+- executed / useful tensor FLOPs over real rows and columns: forward 4/3, backward 5/3; with
+  the 64-row tiles' padding 1.58 / 1.46 forward and 1.97 / 1.82 backward (N = 588 / 1225);
+- atomics: none (the one-pass backward this replaced issued 4.2·10⁸ / 1.7·10⁹ fenced fp32
+  atomics per call); torch ops around the kernels move 0 bytes (allocations only);
+- floor at 989 TFLOP/s (tensor-bound on H100 and H200): forward 54 / 217 µs, backward
+  136 / 543 µs;
+- sm_90a: every half-precision config issues HGMMA, with at most 253 registers (forward) and
+  222 (backward) per thread and no spills; fp32 inputs do spill (reported, not gated).
+
 Known limits
 ------------
 - GPU timings: not yet measured, see bench/results/README.md; the autotune candidates are
   pruned by the compile gate (``bench.aot``: no spills, wgmma on sm_90a), not by timings.
+- The owned gradient rows of the backward are accumulated through memory (L2), one
+  BLOCK_D / BLOCK_E slice per S tile; d + e = 1024 fp32 accumulators per row do not fit in
+  registers beside the S, P and dS tiles. What that costs in time is to be measured.
 - fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 - Inputs must be fp32, fp16 or bf16 for the Triton path (fp64 runs on the eager reference).
 - Under TRITON_INTERPRET, bf16 dot operands are widened to fp32 (``_common.dot_fp32``).
@@ -190,12 +204,11 @@ if triton is not None:
     @triton.jit
     def _accumulate(acc_ptrs, out_ptrs, mask, contrib, first, last):
         # owned rows: total = (earlier tiles' sum) + contrib; fp32 scratch until the last tile
+        # (masked stores, not an if: Triton 3.6's software pipeliner rejects stores under scf.if)
         prev = tl.load(acc_ptrs, mask=mask & (first == 0), other=0.0)
         total = prev + contrib
-        if last:
-            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-        else:
-            tl.store(acc_ptrs, total, mask=mask)
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask & last)
+        tl.store(acc_ptrs, total, mask=mask & (last == 0))
 
     @triton.jit
     def _xattn_bwd_kernel(
