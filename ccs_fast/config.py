@@ -7,6 +7,7 @@ says which.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,25 +112,148 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, source: str = "config") -> "Config":
-        if self.model.variant not in VARIANTS:
-            raise CCSError(f"{source}: model.variant must be one of {', '.join(VARIANTS)}, got {self.model.variant!r}")
-        if self.model.consensus not in ("avg", "max", "mul", "concat"):
-            raise CCSError(f"{source}: model.consensus must be avg, max, mul or concat, got {self.model.consensus!r}")
-        if self.model.impl not in ("auto", "triton", "eager"):
-            raise CCSError(f"{source}: model.impl must be auto, triton or eager, got {self.model.impl!r}")
-        if self.train.precision not in ("bf16", "fp16", "fp32"):
-            raise CCSError(f"{source}: train.precision must be bf16, fp16 or fp32, got {self.train.precision!r}")
-        if self.data.backend not in ("torch", "dali", "synthetic"):
-            raise CCSError(f"{source}: data.backend must be torch, dali or synthetic, got {self.data.backend!r}")
-        if self.optim.name not in ("sgd", "adamw"):
-            raise CCSError(f"{source}: optim.name must be sgd or adamw, got {self.optim.name!r}")
-        if self.data.modality not in ("rawframes", "video"):
-            raise CCSError(f"{source}: data.modality must be rawframes or video, got {self.data.modality!r}")
+    def validate(self, source: str = "config", sources: Optional[dict[str, str]] = None) -> "Config":
+        """Check every choice and every numeric range; CCSError naming the field, its value and
+        the allowed values. ``sources`` maps ``section.key`` to where that value came from (a
+        YAML file or ``--set``); fields not in it are attributed to ``source``."""
+        sources = sources or {}
+
+        def fail(name: str, value, allowed: str):
+            raise CCSError(f"{sources.get(name, source)}: {name} = {value!r}: {allowed}")
+
+        choices = (
+            ("model.variant", VARIANTS), ("model.consensus", ("avg", "max", "mul", "concat")),
+            ("model.impl", ("auto", "triton", "eager")), ("train.precision", ("bf16", "fp16", "fp32")),
+            ("data.backend", ("torch", "dali", "synthetic")), ("optim.name", ("sgd", "adamw")),
+            ("data.modality", ("rawframes", "video")),
+        )
+        for name, allowed in choices:
+            value = self.get(name)
+            if value not in allowed:
+                fail(name, value, f"must be one of {', '.join(allowed)}")
+        for name, allowed in NUMERIC_RANGES.items():
+            value = self.get(name)
+            values = value if isinstance(value, list) else [value]
+            if value is None and allowed.optional:
+                continue
+            if not all(allowed.contains(v) for v in values):
+                each = "each value " if isinstance(value, list) else ""
+                fail(name, value, f"{each}must be {allowed}")
+        for name, length in (("optim.betas", 2), ("model.fusion_weights", 2)):
+            if len(self.get(name)) != length:
+                fail(name, self.get(name), f"must hold {length} values")
+        if not any(self.model.fusion_weights):
+            fail("model.fusion_weights", self.model.fusion_weights, "must not all be 0")
+        if not str(self.train.out_dir).strip():
+            fail("train.out_dir", self.train.out_dir, "must name a folder")
         n = self.data.classes_per_batch
-        if n is not None and (n < 1 or self.data.batch_size % n):
-            raise CCSError(f"{source}: data.batch_size ({self.data.batch_size}) must be a multiple of data.classes_per_batch ({n})")
+        if n is not None and self.data.batch_size % n:
+            where = "--set" if "--set" in (sources.get("data.batch_size"), sources.get("data.classes_per_batch")) else \
+                sources.get("data.classes_per_batch", source)
+            raise CCSError(f"{where}: data.batch_size ({self.data.batch_size}) must be a multiple of "
+                           f"data.classes_per_batch ({n})")
         return self
+
+    def get(self, dotted: str) -> Any:
+        """The value of ``section.key``."""
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: finite numbers between ``low`` and ``high``
+    (each bound included unless ``*_open``); ``optional``: None is allowed too."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def contains(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = "a finite number"
+        return text + (" (or none)" if self.optional else "")
+
+
+# Every numeric setting and its range; lists are checked value by value. Config.validate
+# applies them before anything is built or written.
+NUMERIC_RANGES: dict[str, Range] = {
+    "model.num_classes": Range(2),
+    "model.num_segments": Range(1),
+    "model.flow_length": Range(1),
+    "model.cb_reduction": Range(1),
+    "model.cb_heads": Range(1),
+    "model.cb_scale": Range(0, low_open=True, optional=True),
+    "model.cb_gamma_init": Range(),
+    "model.embed_dim": Range(1),
+    "model.dropout": Range(0, 1, high_open=True),
+    "model.fusion_weights": Range(0),
+    "loss.lambda1": Range(0),
+    "loss.lambda2": Range(0),
+    "loss.alpha1": Range(0),
+    "loss.alpha2": Range(0),
+    "loss.alpha3": Range(0),
+    "data.batch_size": Range(1),
+    "data.eval_batch_size": Range(1, optional=True),
+    "data.classes_per_batch": Range(1, optional=True),
+    "data.input_size": Range(1),
+    "data.test_segments": Range(1),
+    "data.num_workers": Range(0, optional=True),
+    "data.synthetic_batches": Range(1),
+    "optim.lr": Range(0, low_open=True),
+    "optim.momentum": Range(0, 1, high_open=True),
+    "optim.betas": Range(0, 1, high_open=True),
+    "optim.weight_decay": Range(0),
+    "optim.epochs": Range(1),
+    "optim.lr_steps": Range(0),
+    "optim.lr_gamma": Range(0, low_open=True),
+    "optim.warmup_epochs": Range(0),
+    "optim.clip_grad": Range(0, low_open=True, optional=True),
+    "train.seed": Range(0),
+    "train.log_interval": Range(1),
+    "train.eval_interval": Range(1),
+    "train.save_interval": Range(1),
+}
+
+# Settings a resumed run may change: the schedule's length and base learning rate, how
+# often to evaluate and save, loader workers, logging, and where the same data and outputs
+# live (model.pretrained is unused on resume: the weights come from the checkpoint).
+# Every other setting defines the run being continued and must equal the checkpoint's.
+RESUME_CHANGEABLE = (
+    "optim.lr", "optim.epochs", "train.eval_interval", "train.save_interval", "data.num_workers",
+    "train.log_interval", "train.progress", "train.tensorboard", "train.out_dir", "data.root",
+    "data.flow_root", "model.pretrained",
+)
+
+
+def resume_differences(saved: dict, cfg: "Config") -> tuple[dict, dict]:
+    """Settings where ``cfg`` differs from a checkpoint's ``Config.to_dict()``:
+    ``(changeable, refused)``, each ``{"section.key": (checkpoint value, cfg value)}``.
+    Keys the checkpoint lacks (an older format) are not compared."""
+    changeable, refused = {}, {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            old = (saved.get(section) or {}).get(key, value)
+            if old != value:
+                name = f"{section}.{key}"
+                (changeable if name in RESUME_CHANGEABLE else refused)[name] = (old, value)
+    return changeable, refused
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -180,7 +304,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
+           sources: Optional[dict[str, str]] = None) -> None:
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub):
         sections = ", ".join(f.name for f in dataclasses.fields(Config))
@@ -189,11 +314,20 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if key not in types_:
         raise CCSError(f"{source}: unknown config key {section}.{key} (keys of {section}: {', '.join(types_)})")
     setattr(sub, key, _coerce(value, types_[key], f"{source}: {section}.{key}"))
+    if sources is not None:
+        sources[f"{section}.{key}"] = source
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``section.key=value``)."""
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None, base_source: str = "checkpoint") -> Config:
+    """Defaults (or ``base``, a ``Config.to_dict()`` such as a checkpoint's), then the YAML
+    file at ``path``, then ``key=value`` overrides (``section.key=value``). Errors name the
+    source of the offending value: the YAML file, ``--set`` or ``base_source``."""
     cfg = Config()
+    sources: dict[str, str] = {}
+    for section, values in (base or {}).items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, base_source, sources)
     if path is not None:
         path = Path(path)
         try:
@@ -210,14 +344,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             if not isinstance(values, dict):
                 raise bad_file(path, f"section {section!r} must be a mapping")
             for key, value in values.items():
-                _apply(cfg, section, key, value, str(path))
+                _apply(cfg, section, key, value, str(path), sources)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise CCSError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.01")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section.strip(), key.strip(), yaml.safe_load(value) if value.strip() else None, "--set")
-    return cfg.validate(str(path) if path else "config")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise CCSError(f"--set {item!r}: the value is not valid YAML") from None
+        _apply(cfg, section.strip(), key.strip(), parsed, "--set", sources)
+    return cfg.validate(str(path) if path else "config", sources)
 
 
 def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
@@ -230,4 +368,8 @@ def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML; CCSError naming ``path`` when the write fails."""
+    try:
+        Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as exc:
+        raise bad_file(path, f"could not write the config ({exc.strerror or exc})") from None

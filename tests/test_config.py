@@ -39,7 +39,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     (["optim.lr=fast"], "optim.lr: expected float"),
     (["optim.epochs=2.5"], "optim.epochs: expected int"),
     (["train.compile=maybe"], "expected true or false"),
-    (["model.variant=huge"], "model.variant must be one of"),
+    (["model.variant=huge"], "model.variant = .huge.: must be one of"),
     (["data.batch_size=10", "data.classes_per_batch=4"], "multiple of data.classes_per_batch"),
     (["lr=1"], "expected section.key=value"),
 ])
@@ -70,3 +70,50 @@ def test_packaged_configs_load():
     assert {"demo", "ucf101", "hmdb51"} <= set(names)
     for name in names:
         assert isinstance(load_config(resolve_config_path(name)), Config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size = 0: must be >= 1"),
+    ("optim.lr=-0.01", "optim.lr = -0.01: must be > 0"),
+    ("optim.lr=.nan", "optim.lr = nan: must be > 0"),
+    ("data.num_workers=-2", "data.num_workers = -2: must be >= 0 (or none)"),
+    ("model.num_segments=0", "model.num_segments = 0: must be >= 1"),
+    ("optim.epochs=0", "optim.epochs = 0: must be >= 1"),
+    ("model.dropout=1.0", "model.dropout = 1.0: must be in [0, 1)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas = [0.9, 1.5]: each value must be in [0, 1)"),
+    ("optim.clip_grad=0", "optim.clip_grad = 0.0: must be > 0 (or none)"),
+    ("train.save_interval=0", "train.save_interval = 0: must be >= 1"),
+    ("model.fusion_weights=[1]", "model.fusion_weights = [1.0]: must hold 2 values"),
+])
+def test_numeric_settings_are_range_checked(override, message):
+    """Issue 11 #6: out-of-range settings crashed later with tracebacks, or trained nothing."""
+    with pytest.raises(CCSError) as info:
+        load_config(None, [override])
+    assert str(info.value) == f"--set: {message}"
+
+
+def test_errors_name_where_the_value_came_from(tmp_path):
+    """Issue 11 #6: a bad --set value was reported against the YAML file."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"batch_size": 8}, "optim": {"epochs": 0}}))
+    with pytest.raises(CCSError, match=r"^--set: data.batch_size = -1: must be >= 1$"):
+        load_config(path, ["data.batch_size=-1", "optim.epochs=3"])
+    with pytest.raises(CCSError, match=rf"^{path}: optim.epochs = 0: must be >= 1$"):
+        load_config(path, [])
+    assert load_config(path, ["optim.epochs=3"]).optim.epochs == 3  # --set may repair the file's value
+    base = Config().to_dict()
+    base["optim"]["lr"] = -1.0
+    with pytest.raises(CCSError, match=r"^runs/x/last.pt: optim.lr = -1.0: must be > 0$"):
+        load_config(None, [], base=base, base_source="runs/x/last.pt")
+
+
+def test_resume_differences():
+    from ccs_fast.config import resume_differences
+
+    saved = Config().to_dict()
+    del saved["model"]["cb_gamma_init"]  # a checkpoint from before a field existed
+    cfg = load_config(None, ["optim.lr=0.1", "optim.epochs=90", "data.num_workers=2", "optim.momentum=0.5",
+                             "model.cb_gamma_init=1.0"])
+    changeable, refused = resume_differences(saved, cfg)
+    assert changeable == {"optim.lr": (1e-3, 0.1), "optim.epochs": (80, 90), "data.num_workers": (None, 2)}
+    assert refused == {"optim.momentum": (0.9, 0.5)}
