@@ -6,18 +6,29 @@ A checkpoint holds the state dict of the unwrapped, uncompiled model (no ``modul
 rank, ``Config.to_dict()`` and the best metric so far. It loads with
 ``torch.load(weights_only=True)``: nothing but tensors and plain Python values inside.
 
-Saving writes a temporary file in the destination folder, fsyncs it and ``os.replace``s it
-over the destination, so a crash or a full disk never leaves a half-written ``last.pt``:
-the previous file stays as it was and the temporary file is removed.
+Saving writes a temporary file ``.<name>.<pid>.<random>.tmp`` in the destination folder
+(mode 0666 less the umask, like every other output), fsyncs it and ``os.replace``s it over
+the destination, so a crash or a full disk never leaves a half-written ``last.pt``: the
+previous file stays as it was and the temporary file is removed (a process killed during
+the write leaves it behind; the trainer removes such files when it next claims the folder).
+A failed write is one CCSError line whatever torch raised (an ``OSError``, or a
+``RuntimeError`` from its zip writer on a full disk or past ``ulimit -f``).
+
+A checkpoint is only written when every floating-point tensor in the model state and the
+optimizer state is finite (one fused max-|x| reduction, one host sync), and a model state
+holding NaN or inf is refused when loaded, so a diverged model is never kept or evaluated
+as good.
 """
 from __future__ import annotations
 
 import errno
 import os
 import random
-import tempfile
+import resource
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -72,20 +83,89 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+# ---------------------------------------------------------------------------- finiteness
+
+def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity.
+
+    One ``torch._foreach_norm(ord=inf)`` per dtype (max |x| of every tensor at once; NaN
+    propagates through the max) and one host sync; the per-tensor scan that finds the names
+    runs only when something is not finite."""
+    named = [(name, t.detach()) for name, t in named_tensors
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0]
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for _, t in named:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    flags = [torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all()
+             for group in by_dtype.values()]
+    if not flags or bool(torch.stack([f.cpu() for f in flags]).all()):  # host sync
+        return []
+    return [name for name, t in named if not bool(t.isfinite().all())]
+
+
+def checkpoint_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a checkpoint dict's model and optimizer state."""
+    named = list((state.get("model") or {}).items())
+    optimizer = state.get("optimizer") or {}
+    for index, slots in (optimizer.get("state") or {}).items():
+        named += [(f"optimizer.state.{index}.{slot}", value) for slot, value in slots.items()]
+    return named
+
+
+def describe_names(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) > 1 else ''} (e.g. {', '.join(names[:3])})"
+
+
 # ---------------------------------------------------------------------------- saving
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = None
+def temporary_name(path: Path) -> Path:
+    """The temporary file a save of ``path`` writes first (unique per process and call)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def temporary_glob(name: str) -> str:
+    """Glob matching every temporary file a save of ``name`` may leave behind."""
+    return f".{name}.*.tmp"
+
+
+def _write_failure(path: Path, exc: BaseException, size: int) -> str:
+    """What went wrong when writing ``size`` bytes to ``path`` failed with ``exc``."""
+    code = getattr(exc, "errno", None)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or code == errno.EDQUOT or (code is None and free is not None and free < size):
+        return f"disk full (no space left on device, {free / 2**20:.0f} MiB free) while saving the checkpoint"
+    if code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY and size >= limit):
+        return f"file size limit (ulimit -f, {limit} bytes) reached while saving the checkpoint"
+    if isinstance(exc, OSError):
+        return f"could not save the checkpoint ({exc.strerror or exc})"
+    return f"could not save the checkpoint (torch: {str(exc).splitlines()[0][:160]})"
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """torch's zip writer reports a failed write as a RuntimeError, not an OSError."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text
+                                              or "file write failed" in text)
+
+
+def _atomic_torch_save(obj: Any, path: Path, size_hint: int = 0) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
+        with open(tmp, "xb") as f:  # "x": a fresh file, mode 0666 & ~umask
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        os.replace(tmp, path)
+        tmp = None
         try:  # make the rename itself durable
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -94,18 +174,42 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
                 os.close(dir_fd)
         except OSError:
             pass  # some file systems cannot fsync a directory; the data is already safe
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            problem = "disk full (no space left on device) while saving the checkpoint"
-        else:
-            problem = f"could not save the checkpoint ({exc.strerror or exc})"
-        raise bad_file(path, f"{problem}; the previous checkpoint is unchanged") from None
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        written = tmp.stat().st_size if tmp is not None and tmp.exists() else 0
+        problem = _write_failure(path, exc, max(size_hint, written))
+        previous = "the previous checkpoint is intact" if path.exists() else "no previous checkpoint there"
+        raise bad_file(path, f"{problem}; {previous}") from None
     finally:
-        if tmp_name is not None:
+        if tmp is not None:
             try:
-                os.unlink(tmp_name)
+                os.unlink(tmp)
             except OSError:
                 pass
+
+
+def tensor_bytes(tensors: Iterable) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+# Optimizer state per parameter before the first step creates it: SGD's momentum buffer,
+# Adam's two moments (the default for anything else).
+_STATE_SLOTS = {"SGD": 1, "FusedSGD": 1}
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """Size of a checkpoint of ``model`` and ``optimizer`` on disk, from their tensors (the
+    optimizer's state is estimated from its kind until its first step creates it), plus
+    1 MiB for the zip structure, RNG states and config."""
+    total = tensor_bytes(unwrap_model(model).state_dict().values()) + 2**20
+    if optimizer is not None:
+        if optimizer.state:
+            total += tensor_bytes(v for slots in optimizer.state.values() for v in slots.values())
+        else:
+            params = tensor_bytes(p for group in optimizer.param_groups for p in group["params"])
+            total += params * _STATE_SLOTS.get(type(optimizer).__name__, 2)
+    return total
 
 
 def build_checkpoint(
@@ -119,8 +223,10 @@ def build_checkpoint(
     config: Optional[dict] = None,
     best_metric: Optional[float] = None,
     rng_states: Optional[list] = None,
+    run_id: Optional[str] = None,
 ) -> dict:
-    """The checkpoint dict (``rng_states``: one entry per rank; default: this process's)."""
+    """The checkpoint dict (``rng_states``: one entry per rank; default: this process's;
+    ``run_id``: the training run that wrote it)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": unwrap_model(model).state_dict(),
@@ -132,6 +238,7 @@ def build_checkpoint(
         "rng": rng_states if rng_states is not None else [rng_state()],
         "config": config,
         "best_metric": None if best_metric is None else float(best_metric),
+        "run_id": run_id,
         "torch_version": str(torch.__version__),
     }
 
@@ -139,23 +246,36 @@ def build_checkpoint(
 def save_checkpoint(path, model: torch.nn.Module, **fields) -> Path:
     """Build the checkpoint (see ``build_checkpoint`` for ``fields``) and save it atomically.
 
-    Raises CCSError naming ``path`` if writing fails (full disk or any OSError); the file
+    Raises CCSError naming ``path`` when a model or optimizer tensor is not finite (nothing
+    is written) or when writing fails (full disk, file size limit, any OSError); the file
     previously at ``path`` is then untouched and no temporary file is left behind.
     """
     path = Path(path)
-    _atomic_torch_save(build_checkpoint(model, **fields), path)
+    state = build_checkpoint(model, **fields)
+    bad = nonfinite_names(checkpoint_tensors(state))
+    if bad:
+        raise bad_file(path, f"not written: the model holds NaN or inf in {describe_names(bad)}; "
+                             "the previous checkpoint is intact")
+    _atomic_torch_save(state, path, size_hint=tensor_bytes(t for _, t in checkpoint_tensors(state)))
     return path
 
 
 # ---------------------------------------------------------------------------- loading
 
-def read_checkpoint(path) -> dict:
-    """The checkpoint dict at ``path``; CCSError naming the file if missing or corrupt."""
+def resolve_checkpoint_path(path) -> Path:
+    """``path`` itself, or ``path/last.pt`` when ``path`` is a run folder."""
+    path = Path(path)
+    return path / LAST if path.is_dir() else path
+
+
+def read_checkpoint(path, mmap: bool = False) -> dict:
+    """The checkpoint dict at ``path``; CCSError naming the file if missing or corrupt.
+    ``mmap``: map the file instead of reading it (cheap when only the config is needed)."""
     path = Path(path)
     if not path.is_file():
         raise bad_file(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch.load raises many types for a damaged file
         raise bad_file(path, f"not a readable checkpoint (corrupt or truncated: {type(exc).__name__})") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -182,7 +302,12 @@ def check_config_compatible(path, saved: Optional[dict], cfg) -> None:
 
 
 def load_model_state(path, model: torch.nn.Module, state_dict: dict) -> None:
-    """Strict load into the unwrapped model; a mismatch is one CCSError line naming ``path``."""
+    """Strict load into the unwrapped model; a mismatch, or a NaN or inf in the state, is one
+    CCSError line naming ``path``."""
+    bad = nonfinite_names(state_dict.items())
+    if bad:
+        raise bad_file(path, f"the checkpoint's model holds NaN or inf in {describe_names(bad)}; "
+                             "it was saved from a diverged model and cannot be used")
     target = unwrap_model(model)
     own = target.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -218,6 +343,13 @@ def load_checkpoint(
     path = Path(path)
     state = read_checkpoint(path)
     check_config_compatible(path, state.get("config"), cfg)
+    restore_checkpoint(path, state, model, optimizer, scheduler, scaler, restore_rng, rank)
+    return state
+
+
+def restore_checkpoint(path, state: Mapping, model=None, optimizer=None, scheduler=None, scaler=None,
+                       restore_rng: bool = False, rank: int = 0) -> None:
+    """Put a checkpoint dict read from ``path`` back into what is given (see load_checkpoint)."""
     if model is not None:
         load_model_state(path, model, state["model"])
     try:
@@ -232,4 +364,3 @@ def load_checkpoint(
     if restore_rng and state.get("rng"):
         rngs = state["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return state

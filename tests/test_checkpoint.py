@@ -150,3 +150,106 @@ def test_state_dict_mismatch_is_one_line(tmp_path):
     with pytest.raises(CCSError) as info:
         ckpt.load_checkpoint(path, other)
     assert "does not match the model" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_nonfinite_names_across_dtypes():
+    named = [("a", torch.ones(3)), ("b", torch.tensor([1.0, float("nan")])), ("c", torch.zeros(0)),
+             ("d", torch.tensor([float("inf")], dtype=torch.float16)), ("e", torch.tensor([3e38, -3e38])),
+             ("f", torch.tensor([5], dtype=torch.int64)), ("g", torch.tensor([-1e300], dtype=torch.float64))]
+    assert ckpt.nonfinite_names(named) == ["b", "d"]
+    assert ckpt.nonfinite_names(named[:1] + named[4:]) == []
+
+
+def test_nonfinite_model_is_never_saved_or_loaded(tmp_path):
+    """Issue 11 #1: BatchNorm running_var went inf while the loss stayed finite."""
+    model, opt, *_ = _setup()
+    path = ckpt.save_checkpoint(tmp_path / ckpt.LAST, model, optimizer=opt, epoch=1)
+    good = path.read_bytes()
+    model[1].running_var[2] = float("inf")
+    with pytest.raises(CCSError) as info:
+        ckpt.save_checkpoint(path, model, optimizer=opt, epoch=2)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "1.running_var" in message
+    assert "previous checkpoint is intact" in message
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST]
+    # a checkpoint written without this check (an older version) is refused when loaded
+    state = torch.load(path, weights_only=True)
+    state["model"]["1.running_var"][0] = float("nan")
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(CCSError, match=r"broken.pt: the checkpoint's model holds NaN or inf in 1 tensor \(e.g. 1.running_var\)"):
+        ckpt.load_checkpoint(tmp_path / "broken.pt", _setup()[0])
+
+
+def test_torch_zip_writer_failure_is_one_line(tmp_path, monkeypatch):
+    """Issue 11 #4: a disk that fills during torch.save raises RuntimeError, not OSError."""
+    import collections
+
+    model, opt, *_ = _setup()
+    path = ckpt.save_checkpoint(tmp_path / ckpt.LAST, model, optimizer=opt, epoch=1)
+    before = path.read_bytes()
+
+    def fills_the_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.torch, "save", fills_the_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(2**30, 2**30, 0))
+    with pytest.raises(CCSError) as info:
+        ckpt.save_checkpoint(path, model, optimizer=opt, epoch=2)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: disk full")
+    assert message.endswith("the previous checkpoint is intact")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST]
+
+    def programming_error(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(ckpt.torch, "save", programming_error)
+    with pytest.raises(RuntimeError, match="something else"):  # not disguised as a disk problem
+        ckpt.save_checkpoint(path, model, epoch=2)
+
+
+def test_file_size_limit_is_one_line(tmp_path):
+    """Issue 11 #4: ``ulimit -f`` (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 256)  # ~66 KB of weights
+    path = ckpt.save_checkpoint(tmp_path / ckpt.LAST, model, epoch=1)
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))
+    try:
+        with pytest.raises(CCSError) as info:
+            ckpt.save_checkpoint(path, model, epoch=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "file size limit (ulimit -f, 16384 bytes)" in message
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST]
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    """Issue 11 #8: checkpoints were 0600 while every other output followed the umask."""
+    model, *_ = _setup()
+    previous = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint(tmp_path / ckpt.LAST, model)
+        os.umask(0o027)
+        other = ckpt.save_checkpoint(tmp_path / ckpt.BEST, model)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert other.stat().st_mode & 0o777 == 0o640
+
+
+def test_size_estimate_covers_the_file(tmp_path):
+    model, opt, sched, _ = _setup()
+    estimate = ckpt.estimate_checkpoint_bytes(model, opt)  # before the first step: estimated state
+    _train_steps(model, opt, sched, 1)
+    path = ckpt.save_checkpoint(tmp_path / ckpt.LAST, model, optimizer=opt)
+    assert path.stat().st_size <= estimate == ckpt.estimate_checkpoint_bytes(model, opt)
+    adam = torch.optim.AdamW(model.parameters())
+    assert ckpt.estimate_checkpoint_bytes(model, adam) > estimate
