@@ -1,20 +1,32 @@
 """Training logs: JSON-lines metrics, TensorBoard scalars, a progress bar, top-k accuracy.
 
 Only rank 0 writes (the writers are no-ops elsewhere). Values reach these writers as Python
-numbers, read from the device at logging intervals by the trainer.
+numbers, read from the device at logging intervals by the trainer. Every JSON record carries
+the ``run_id`` of the process that wrote it. A resumed run first cuts ``metrics.jsonl`` back
+to the checkpoint's step (``truncate_metrics``): the interrupted attempt's later records move
+to ``metrics.dropped.jsonl`` and TensorBoard is told to purge its later events.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
+from ccs_fast.errors import CCSError
+
 METRICS_FILE = "metrics.jsonl"
+DROPPED_METRICS_FILE = "metrics.dropped.jsonl"
 TENSORBOARD_DIR = "tb"
+
+
+class MetricsWriteError(CCSError):
+    """metrics.jsonl could not be written (full disk, file size limit, I/O error)."""
 
 
 def _jsonable(value):
@@ -27,27 +39,51 @@ def _jsonable(value):
 
 class MetricsLogger:
     """Appends one JSON object per record to ``out_dir/metrics.jsonl`` and mirrors the
-    numeric values to TensorBoard under ``out_dir/tb`` as ``<split>/<name>``."""
+    numeric values to TensorBoard under ``out_dir/tb`` as ``<split>/<name>``.
 
-    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True):
+    ``run_id`` goes into every record. ``purge_step``: TensorBoard drops the events at and
+    after this step that earlier writers left (a resumed run passes the checkpoint's step
+    + 1). A failed write raises ``MetricsWriteError`` naming the file."""
+
+    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True, run_id: Optional[str] = None,
+                 purge_step: Optional[int] = None):
         self.enabled = enabled
+        self.run_id = run_id
         self.path = Path(out_dir) / METRICS_FILE
         self._file = None
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)
+        except OSError as exc:
+            raise self._error(exc) from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
-            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / TENSORBOARD_DIR))
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def _error(self, exc: OSError) -> MetricsWriteError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            problem = "disk full (no space left on device)"
+        elif exc.errno == errno.EFBIG:
+            problem = "file size limit (ulimit -f) reached"
+        else:
+            problem = exc.strerror or str(exc)
+        return MetricsWriteError(f"{self.path}: {problem} while writing metrics")
 
     def log(self, split: str, step: int, values: dict, **fields) -> None:
         if not self.enabled:
             return
-        record = {"split": split, "step": int(step), "time": round(time.time(), 3), **fields}
+        record = {"split": split, "step": int(step), "time": round(time.time(), 3)}
+        if self.run_id is not None:
+            record["run_id"] = self.run_id
+        record.update(fields)
         record.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise self._error(exc) from None
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -55,13 +91,21 @@ class MetricsLogger:
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as exc:
+                raise self._error(exc) from None
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close the writers. Never raises: it runs while another error may be on its way
+        out, and ``flush`` has already reported any write that failed."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None
         if self._tb is not None:
             self._tb.close()
@@ -72,6 +116,39 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def truncate_metrics(out_dir, step: int) -> int:
+    """Cut ``out_dir/metrics.jsonl`` back to the records of steps ``<= step`` (a resumed
+    run's checkpoint): later records, and lines a killed writer left unfinished, are
+    appended to ``metrics.dropped.jsonl`` and the file is replaced atomically. Returns the
+    number of records moved."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+        kept, dropped = [], []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, AttributeError):
+                keep = False
+            (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
+        if not dropped:
+            return 0
+        with open(path.parent / DROPPED_METRICS_FILE, "a") as f:
+            f.writelines(dropped)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise MetricsWriteError(f"{path}: could not cut the metrics back to step {step} for the resume "
+                                f"({exc.strerror or exc}); nothing was trained") from None
+    return len(dropped)
 
 
 def flatten_metrics(values: dict, prefix: str = "") -> dict:

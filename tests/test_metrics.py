@@ -1,11 +1,15 @@
-"""Metrics: JSON lines, TensorBoard events, rank-0-only writing, top-k counts."""
+"""Metrics: JSON lines, TensorBoard events, rank-0-only writing, top-k counts, run ids,
+truncation on resume, write errors."""
+import errno
 import json
+import os
 
 import pytest
 import torch
 
-from ccs_fast.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, Progress, Throughput,
-                              flatten_metrics, read_metrics, topk_accuracy, topk_correct)
+from ccs_fast.metrics import (DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
+                              MetricsWriteError, Progress, Throughput, flatten_metrics, read_metrics,
+                              topk_accuracy, topk_correct, truncate_metrics)
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -51,3 +55,43 @@ def test_progress_and_throughput():
     meter = Throughput()
     meter.add(64)
     assert meter.rate() > 0
+
+
+def test_every_record_carries_the_run_id(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False, run_id="run-a") as logger:
+        logger.log("train", 1, {"loss": 1.0})
+        logger.log("val", 1, {"fused_top1": 0.5})
+    assert [r["run_id"] for r in read_metrics(tmp_path / METRICS_FILE)] == ["run-a", "run-a"]
+
+
+def test_truncate_to_the_checkpoint_step(tmp_path):
+    """Issue 11 #3: a killed epoch's records must not stay beside the resumed ones."""
+    path = tmp_path / METRICS_FILE
+    rows = [("info", 0), ("train", 2), ("train_epoch", 2), ("val", 2), ("train", 4), ("val", 4)]
+    path.write_text("".join(json.dumps({"split": s, "step": n}) + "\n" for s, n in rows) + '{"split": "tr')
+    assert truncate_metrics(tmp_path, 2) == 3  # two later records and the unfinished line
+    assert [(r["split"], r["step"]) for r in read_metrics(path)] == rows[:4]
+    dropped = (tmp_path / DROPPED_METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in dropped[:2]] == [4, 4] and dropped[2] == '{"split": "tr'
+    assert truncate_metrics(tmp_path, 2) == 0 and truncate_metrics(tmp_path / "none", 2) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DROPPED_METRICS_FILE, METRICS_FILE]
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = close = lambda self: None
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """Issue 11 #4: a full disk on metrics.jsonl ended in a traceback."""
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger._file.close()
+    logger._file = _FullDisk()
+    with pytest.raises(MetricsWriteError) as info:
+        logger.log("train", 1, {"loss": 1.0})
+    assert str(info.value) == f"{tmp_path / METRICS_FILE}: disk full (no space left on device) while writing metrics"
+    logger.close()
