@@ -5,6 +5,11 @@ Prediction follows SPEC §2.2: per stream the softmax of its logits, fused score
 every video exactly once over all ranks with the TSN test protocol (25 evenly spaced
 segments, centre crop); counts are summed across ranks, so the accuracies cover the whole
 split whatever the world size.
+
+An evaluation is an error (one CCSError line) when no video was evaluated (e.g. every video
+skipped as bad with ``skip_bad``) or when the model's outputs are not finite, and a
+checkpoint whose weights or buffers hold NaN or inf is refused when loaded: a diverged model
+never gets accuracies printed as if it were a model.
 """
 from __future__ import annotations
 
@@ -56,12 +61,14 @@ def _forward_scores(model, batch, device, precision, fusion_weights) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
-             fusion_weights: Sequence[float] = (1.0, 1.0)) -> dict:
+             fusion_weights: Sequence[float] = (1.0, 1.0), source: Optional[str] = None) -> dict:
     """Top-1 and top-5 (top-min(5, C)) fractions for ``rgb``, ``flow`` and ``fused``.
 
     Returns ``{"rgb": {"top1", "top5"}, "flow": {...}, "fused": {...}, "num_videos"}``.
     Under torch.distributed the counts are summed over ranks (every rank must call this).
-    The model is put in eval mode and restored to its previous mode afterwards.
+    The model is put in eval mode and restored to its previous mode afterwards. CCSError
+    naming ``source`` (the split evaluated) when no video was evaluated or an output logit
+    is NaN or +inf.
     """
     device = torch.device(device)
     was_training = model.training
@@ -69,24 +76,38 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     # rows: streams; columns: top-1 hits, top-5 hits. Summed on the device, read once.
     counts = torch.zeros(len(STREAMS), 2, dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # videos whose scores are NaN
     try:
         for batch in loader:
             labels = batch["label"].to(device, non_blocking=True)
             scores = _forward_scores(model, batch, device, precision, fusion_weights)
+            # NaN or +inf logits make the softmax NaN (a -inf logit is a class with probability 0)
+            probabilities = torch.cat([scores["rgb"], scores["flow"]], dim=-1)
+            nonfinite += (~probabilities.isfinite()).any(dim=-1).sum()
             for row, stream in enumerate(STREAMS):
                 counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
             total += labels.numel()
     finally:
         model.train(was_training)
+    packed = torch.cat([counts.flatten(), total.view(1), nonfinite.view(1)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        packed = torch.cat([counts.flatten(), total.view(1)])
         dist.all_reduce(packed)
-        counts, total = packed[:-1].view(len(STREAMS), 2), packed[-1]
-    values = (counts / total.clamp_min(1)).tolist()  # host sync: once per evaluation
+    host = packed.tolist()  # host sync: once per evaluation
+    num_videos, num_nonfinite = int(host[-2]), int(host[-1])
+    source = source or "evaluation"
+    if num_videos == 0:
+        skipped = getattr(loader, "num_skipped", 0)
+        why = f" ({skipped} skipped as bad)" if skipped else ""
+        errors = getattr(loader, "skipped_errors", None)
+        example = f"; e.g. {next(iter(errors.values()))}" if errors else ""
+        raise CCSError(f"{source}: no video left to evaluate{why}{example}")
+    if num_nonfinite:
+        raise CCSError(f"{source}: the model's outputs are NaN or inf for {num_nonfinite} of {num_videos} videos; "
+                       "the model has diverged and its accuracy would be meaningless")
     result = {}
     for row, stream in enumerate(STREAMS):
-        result[stream] = {"top1": values[row][0], "top5": values[row][1]}
-    result["num_videos"] = int(total.item())
+        result[stream] = {"top1": host[2 * row] / num_videos, "top5": host[2 * row + 1] / num_videos}
+    result["num_videos"] = num_videos
     return result
 
 
@@ -141,7 +162,8 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     device = select_device(cfg.train.device)
     model = _load_model(cfg, checkpoint, device)
     loader = _eval_loader(cfg, annotation, device, segments)
-    result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights)
+    result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
+                      source=f"{checkpoint} on {annotation or cfg.data.val_list or 'the eval split'}")
     result.update(
         checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
         segments=segments or cfg.data.test_segments, variant=cfg.model.variant,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ccs_fast.checkpoint import save_checkpoint
+from ccs_fast.errors import CCSError
 from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores, predict
 from tiny import tiny_config
 
@@ -119,3 +120,43 @@ def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
     assert set(rows[0]) == {"index", "label", "rgb", "flow", "fused", "score"}
     assert all(0 <= r["fused"] < 5 and 0.0 < r["score"] <= 2.0 for r in rows)
     assert summary["fused_top1"] == pytest.approx(sum(r["fused"] == r["label"] for r in rows) / 6)
+
+
+class _NothingLeft(list):
+    """An eval loader whose every video was skipped as bad (skip_bad)."""
+    num_skipped = 4
+    skipped_errors = {0: "v0/img_00001.jpg: cannot decode (corrupt or not an image)"}
+
+
+def test_empty_evaluation_is_an_error():
+    """Issue 11 #8: with every video skipped, evaluation printed 0.0000 (0 videos)."""
+    model = FixedLogits(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(CCSError) as info:
+        evaluate(model, _NothingLeft(), "cpu", "fp32", source="val.txt")
+    assert str(info.value) == ("val.txt: no video left to evaluate (4 skipped as bad); "
+                               "e.g. v0/img_00001.jpg: cannot decode (corrupt or not an image)")
+
+
+def test_nonfinite_outputs_are_an_error():
+    logits = torch.randn(4, 3)
+    logits[2, 1] = float("nan")
+    with pytest.raises(CCSError, match="val.txt: the model's outputs are NaN or inf for 1 of 4 videos"):
+        evaluate(FixedLogits(logits, torch.randn(4, 3)), _loader(torch.tensor([0, 1, 2, 0]), 3), "cpu", "fp32",
+                 source="val.txt")
+
+
+def test_checkpoint_of_a_diverged_model_is_refused(tiny_checkpoint, capsys):
+    """Issue 11 #1: ``ccs-fast eval`` printed accuracies for a model with inf BN statistics."""
+    from ccs_fast.cli import main
+
+    cfg, path = tiny_checkpoint
+    state = torch.load(path, weights_only=True)
+    name = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][name].fill_(float("inf"))
+    torch.save(state, path)
+    with pytest.raises(CCSError, match=f"{path}: the checkpoint's model holds NaN or inf in 1 tensor"):
+        evaluate_checkpoint(None, path)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert name in captured.err and "RGB+Flow" not in captured.out
