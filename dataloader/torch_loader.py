@@ -8,6 +8,11 @@ of float32 through worker shared memory and PCIe.
 The epoch travels with every sampled row as an ``(epoch, row)`` pair, so persistent workers
 never need a mutated attribute to draw the right clip.
 
+RNG. Clips are seeded by (seed, epoch, row) alone, and the DataLoader has its own generator
+(seeded from the loader's seed, rank and split) for the base seed it draws when it starts
+workers: without one it draws from the global torch RNG, once per fresh iterator, so the
+model's dropout stream would depend on when workers were (re)started, e.g. on a resume.
+
 Bad input. A worker never raises a ``CCSError``: it returns the one-line message with the
 sample, because DataLoader re-wraps worker exceptions in a multi-line traceback. The main
 process raises it unchanged (after stopping the workers), or, with ``skip_bad``, drops the
@@ -44,16 +49,30 @@ def flow_frame_paths(frame_dir, i):
             Path(frame_dir) / f"flow_y_{i + 1:05d}.jpg")
 
 
+def unreadable_reason(path) -> str:
+    """Why a frame that failed to decode failed: opening it again tells a missing or
+    unreadable file (permission, I/O error) from one that is there but not an image."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return "missing frame"
+    except PermissionError:
+        return "cannot read (permission denied)"
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    return "cannot decode (corrupt or not an image)"
+
+
 def read_jpeg(path, grey: bool) -> np.ndarray:
-    """uint8 HWC RGB (or HW grey) of a JPEG; CCSError naming a missing or corrupt file."""
+    """uint8 HWC RGB (or HW grey) of a JPEG; CCSError naming a missing, unreadable or
+    corrupt file."""
     path = str(path)
     # EXIF orientation ignored: the crop is planned on the header's width and height.
     flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imread(path, flags)
     if img is None:
-        if not os.path.exists(path):
-            raise bad_file(path, "missing frame")
-        raise bad_file(path, "cannot decode (corrupt or not an image)")
+        raise bad_file(path, unreadable_reason(path))
     return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -64,10 +83,8 @@ def jpeg_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except FileNotFoundError:
-        raise bad_file(path, "missing frame") from None
     except (UnidentifiedImageError, OSError):
-        raise bad_file(path, "cannot decode (corrupt or not an image)") from None
+        raise bad_file(path, unreadable_reason(path)) from None
 
 
 def count_flow_frames(frame_dir) -> int:
@@ -242,7 +259,7 @@ class TorchClipLoader:
     """One epoch of batch dicts per ``iter``; see the loader contract in docs/loader.md."""
 
     def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
-                 num_classes, skipped=0):
+                 num_classes, skipped=0, generator=None):
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
@@ -262,6 +279,7 @@ class TorchClipLoader:
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             worker_init_fn=_worker_init if num_workers > 0 else None,
+            generator=generator,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -298,6 +316,12 @@ class TorchClipLoader:
                 "label": batch["label"].to(self.device, non_blocking=True),
                 "index": batch["index"].to(self.device, non_blocking=True),
             }
+
+
+def loader_generator(seed: int, rank: int, train: bool) -> torch.Generator:
+    """The DataLoader's own generator (see the module docstring), one per (seed, rank, split)."""
+    state = np.random.SeedSequence([seed, rank, int(train)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def default_num_workers() -> int:
@@ -391,4 +415,5 @@ def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments
         skip_bad=skip_bad,
         num_classes=num_classes if num_classes is not None else max(labels) + 1,
         skipped=skipped,
+        generator=loader_generator(seed, rank, train),
     )

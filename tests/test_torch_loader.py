@@ -1,5 +1,6 @@
 """The torch and synthetic backends on tiny rawframe trees (12 frames of 40×32)."""
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -324,3 +325,39 @@ def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
     assert default_num_workers() == 16
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_num_workers() == 2
+
+
+def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
+    """Issue 11 #8: a frame without read permission was reported as "cannot decode"."""
+    import errno
+    import os
+    import re
+
+    from ccs_fast.dataloader import torch_loader
+
+    annotation, root = tree
+    video = root / "v2"
+    frames = sorted(video.iterdir())
+    for frame in frames:
+        frame.chmod(0)
+    if os.geteuid() == 0:  # permission bits do not bind root: answer as the OS does for a user
+        real_imread, real_open = cv2.imread, open
+
+        def imread(path, *args):
+            return None if Path(path).parent == video else real_imread(path, *args)
+
+        def denied(path, *args, **kwargs):
+            if Path(path).parent == video:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(torch_loader.cv2, "imread", imread)
+        monkeypatch.setattr(torch_loader, "open", denied, raising=False)
+    try:
+        with pytest.raises(CCSError) as excinfo:
+            list(loader(annotation, root, train=False))
+        assert re.fullmatch(rf"{re.escape(str(video))}/\w+_\d+\.jpg: cannot read \(permission denied\)",
+                            str(excinfo.value)), str(excinfo.value)
+    finally:
+        for frame in frames:
+            frame.chmod(0o644)
