@@ -58,12 +58,29 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """``--resume`` without ``--config``: the checkpoint's own config is the base, and
+    ``--set`` changes only what a resumed run may change (the trainer refuses the rest).
+    Without ``--out`` a resumed run writes where the checkpoint's run wrote."""
+    from ccs_fast.checkpoint import read_checkpoint, resolve_checkpoint_path
+    from ccs_fast.config import load_config
     from ccs_fast.trainer import train
 
-    cfg = _load(args)
+    if args.resume and args.overwrite:
+        raise CCSError("--resume continues a run and --overwrite replaces it; pass one of them")
+    saved = None
+    if args.resume:
+        checkpoint = resolve_checkpoint_path(args.resume)
+        saved = read_checkpoint(checkpoint, mmap=True).get("config")
+        if not saved and not args.config:
+            raise CCSError(f"{checkpoint}: checkpoint holds no config; pass the run's --config")
+    config_path = resolve_config_path(args.config)
+    cfg = load_config(config_path, args.overrides, base=None if args.config else saved,
+                      base_source=str(args.resume))
     if args.out:
         cfg.train.out_dir = args.out
-    train(cfg, resume=args.resume)
+    elif saved and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
+        cfg.train.out_dir = saved["train"]["out_dir"]
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -143,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _config_arguments(p)
     p.add_argument("--out", help="output folder (train.out_dir)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint (e.g. OUT/last.pt)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint or run folder (OUT/last.pt or OUT); "
+                   "its config is used, and --set may change only optim.lr, optim.epochs, the eval/save/log intervals, "
+                   "data.num_workers and paths (config.RESUME_CHANGEABLE)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it or --resume a non-empty folder is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="RGB, Flow and RGB+Flow top-1/top-5 of a checkpoint on a split")

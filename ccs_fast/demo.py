@@ -70,7 +70,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None) -> dict
         t0 = time.perf_counter()
         cfg = demo_config(data_dir, out, variant, seed, workers)
         print(f"[demo] training {variant} -> {cfg.train.out_dir}", flush=True)
-        train(cfg)
+        train(cfg, overwrite=True)  # a demo rerun retrains its variants from scratch
         result = evaluate_checkpoint(cfg, Path(cfg.train.out_dir) / "last.pt",
                                      out_json=Path(cfg.train.out_dir) / "eval.json",
                                      out_md=Path(cfg.train.out_dir) / "eval.md")

@@ -1,15 +1,28 @@
-"""The training loop: ``train(cfg, resume=None) -> summary``.
+"""The training loop: ``train(cfg, resume=None, overwrite=False) -> summary``.
 
 One process per GPU under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK; DDP when
 WORLD_SIZE > 1, NCCL on CUDA, gloo on CPU); rank 0 writes every file. The hot loop never
 waits for the device: losses accumulate in a device tensor and are read (``.tolist()``,
 a host sync) only every ``train.log_interval`` steps and at the end of an epoch, which is
-also where a NaN/inf loss is caught. A NaN stops training with a one-line CCSError and the
-last good checkpoint untouched (checkpoints are only written after a finite epoch).
+also where a NaN/inf loss is caught. At the end of an epoch that evaluates or saves, every
+parameter, buffer and optimizer state tensor is checked once (one fused reduction): a
+non-finite model stops training before it is evaluated or saved. Either stop is a one-line
+CCSError with the last good checkpoint untouched.
 
-Files in ``train.out_dir``: ``config.yaml``, ``metrics.jsonl``, ``tb/`` (TensorBoard),
-``last.pt`` (every ``save_interval`` epochs and at the end) and ``best.pt`` (best RGB+Flow
-top-1 so far).
+Before the first step: the config is validated, a resumed checkpoint is read and compared
+with the config (only ``config.RESUME_CHANGEABLE`` settings may differ; a new learning rate
+is applied to the restored schedule), the run folder is claimed (``run_folder``: a lock, no
+silent overwrite, stale temporaries removed) and checked for room for one checkpoint.
+
+Exact resume: the checkpoint holds every RNG state, the loaders draw nothing from the
+global RNGs (the torch loader's DataLoader has its own generator), so a run killed at any
+point and resumed from ``last.pt`` ends with the same weights, bit for bit on CPU, as one
+that never stopped. A resume first cuts ``metrics.jsonl`` back to the checkpoint's step.
+
+Files in ``train.out_dir``: ``config.yaml``, ``metrics.jsonl`` (each record with the run
+id), ``tb/`` (TensorBoard), ``last.pt`` (every ``save_interval`` epochs and at the end),
+``best.pt`` (best RGB+Flow top-1 so far; model only, no optimizer state) and, while
+training, ``train.lock``.
 """
 from __future__ import annotations
 
@@ -17,6 +30,8 @@ import contextlib
 import math
 import os
 import random
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,12 +41,15 @@ import torch
 import torch.distributed as dist
 
 from ccs_fast.amp import amp_step, autocast_context, check_precision, make_scaler
-from ccs_fast.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint
-from ccs_fast.config import Config, save_config
-from ccs_fast.errors import CCSError
+from ccs_fast.checkpoint import (BEST, LAST, checkpoint_tensors, describe_names, estimate_checkpoint_bytes,
+                                 nonfinite_names, read_checkpoint, resolve_checkpoint_path,
+                                 restore_checkpoint, rng_state, save_checkpoint)
+from ccs_fast.config import RESUME_CHANGEABLE, Config, resume_differences, save_config
+from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import evaluate, select_device
 from ccs_fast.loaders import loader_from_config
-from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics
+from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, truncate_metrics
+from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
 
 LOSS_NAMES = ("loss", "ce", "triplet", "center")
 
@@ -175,10 +193,85 @@ def _gather_rng_states(env: DistEnv) -> list:
     return states
 
 
+class TrainingStopped(CCSError):
+    """A stop whose message already says what was kept."""
+
+
+def _kept(last_path: Path) -> str:
+    return f"last good checkpoint kept at {last_path}" if last_path.exists() else "no checkpoint written yet"
+
+
 def _nan_error(where: str, values: dict, epoch: int, step: int, last_path: Path) -> CCSError:
     bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
-    kept = f"last good checkpoint kept at {last_path}" if last_path.exists() else "no checkpoint written yet"
-    return CCSError(f"{last_path.parent}: non-finite loss ({bad}) at epoch {epoch + 1} step {step} ({where}); training stopped, {kept}")
+    return TrainingStopped(f"{last_path.parent}: non-finite loss ({bad}) at epoch {epoch + 1} step {step} ({where}); "
+                           f"training stopped, {_kept(last_path)}")
+
+
+def _check_model_finite(model, optimizer, env: DistEnv, device, epoch: int, step: int, last_path: Path) -> None:
+    """TrainingStopped when a parameter, buffer or optimizer state tensor holds NaN or inf
+    on any rank (one fused reduction and one host sync per rank; the verdict is shared)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    bad = nonfinite_names(checkpoint_tensors(state))
+    if env.distributed:
+        flag = torch.tensor([len(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bad and flag.item():
+            bad = ["(on another rank)"]
+    if bad:
+        raise TrainingStopped(f"{last_path.parent}: the model holds NaN or inf in {describe_names(bad)} at the end of "
+                              f"epoch {epoch + 1} (step {step}); nothing evaluated or saved from it, training stopped, "
+                              f"{_kept(last_path)}")
+
+
+def _on_main_rank(env: DistEnv, action):
+    """``action()`` on rank 0 only; a CCSError there is raised on every rank (the others
+    would otherwise wait for rank 0 in the next collective for ever)."""
+    result, message = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except CCSError as exc:
+            message = str(exc)
+    if env.distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise CCSError(message)
+    return result
+
+
+def new_run_id() -> str:
+    """Start time and random hex (from os.urandom: no draw from the seeded RNGs)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def _read_resume(resume, cfg: Config) -> tuple[Path, dict, dict]:
+    """(checkpoint path, checkpoint dict, {setting: (old, new)} changed on resume); CCSError
+    for a checkpoint that cannot continue this config."""
+    path = resolve_checkpoint_path(resume)
+    state = read_checkpoint(path)
+    if state.get("optimizer") is None:
+        raise bad_file(path, f"holds no optimizer state ({BEST} keeps the model only); resume from {LAST}")
+    changed, refused = resume_differences(state.get("config") or {}, cfg)
+    if refused:
+        shown = "; ".join(f"{name} {old!r} in the checkpoint, {new!r} now" for name, (old, new) in refused.items())
+        raise bad_file(path, f"cannot resume with different settings ({shown}); a resumed run may only change "
+                             f"{', '.join(RESUME_CHANGEABLE)}; start a new run in another folder instead")
+    if state["epoch"] >= cfg.optim.epochs:
+        raise bad_file(path, f"nothing to train: the checkpoint has finished epoch {state['epoch']} and "
+                             f"optim.epochs is {cfg.optim.epochs}; raise optim.epochs to train on")
+    return path, state, changed
+
+
+def _apply_resume_changes(cfg: Config, changed: dict, optimizer, scheduler) -> None:
+    """A new optim.lr replaces the base rate of the restored schedule (its position and
+    decays stay); the other changeable settings take effect through ``cfg``."""
+    if "optim.lr" in changed:
+        scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.optim.lr
+            group["lr"] = cfg.optim.lr * factor(scheduler.last_epoch)
 
 
 def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
@@ -193,13 +286,19 @@ def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
 
 # ---------------------------------------------------------------------------- train
 
-def train(cfg: Config, resume: Optional[str] = None) -> dict:
-    """Train per ``cfg``; ``resume``: a checkpoint (or an out_dir holding last.pt) to go on from.
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Train per ``cfg``; ``resume``: a checkpoint (or an out_dir holding last.pt) to go on
+    from; ``overwrite``: replace the previous run in ``train.out_dir`` (without it or
+    ``resume`` a folder that holds anything is refused).
 
-    Returns a summary: ``epochs``, ``steps``, ``out_dir``, ``last_checkpoint``,
+    Returns a summary: ``epochs``, ``steps``, ``out_dir``, ``run_id``, ``last_checkpoint``,
     ``best_checkpoint``, ``best_metric`` (RGB+Flow top-1), ``train`` (last logged losses)
     and ``eval`` (the final evaluation, empty without an eval split).
     """
+    cfg.validate()
+    if resume and overwrite:
+        raise CCSError(f"{cfg.train.out_dir}: --resume continues the run in the folder and --overwrite replaces it; "
+                       "pass one of them")
     env = dist_env_from_environ()
     device = select_device(cfg.train.device, env.local_rank)
     own_group = env.distributed and not dist.is_initialized()
@@ -207,7 +306,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         with deterministic_mode(cfg.train.deterministic):
-            return _train(cfg, resume, env, device)
+            return _train(cfg, resume, overwrite, env, device)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -236,8 +335,24 @@ def deterministic_mode(enabled: bool):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.device) -> dict:
+def _train(cfg: Config, resume: Optional[str], overwrite: bool, env: DistEnv, device: torch.device) -> dict:
     check_precision(cfg.train.precision, device)
+    out_dir = Path(cfg.train.out_dir)
+    run_id = new_run_id()
+    resume_path, resume_state, changed = None, None, {}
+    if resume:
+        resume_path, resume_state, changed = _read_resume(resume, cfg)
+    folder = _on_main_rank(env, lambda: claim_run_folder(out_dir, resume=bool(resume), overwrite=overwrite,
+                                                         run_id=run_id))
+    try:
+        return _train_in_folder(cfg, env, device, folder, run_id, resume_path, resume_state, changed)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, run_id: str,
+                     resume_path: Optional[Path], resume_state: Optional[dict], changed: dict) -> dict:
     out_dir = Path(cfg.train.out_dir)
     last_path, best_path = out_dir / LAST, out_dir / BEST
     if device.type == "cuda":
@@ -258,45 +373,67 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
     optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
     scaler = make_scaler(cfg.train.precision, device)
+    checkpoint_bytes = estimate_checkpoint_bytes(model, optimizer)
+    _on_main_rank(env, lambda: folder.check_room(checkpoint_bytes))
 
-    start_epoch, step, best_metric = 0, 0, None
-    if resume:
-        resume_path = Path(resume)
-        if resume_path.is_dir():
-            resume_path = resume_path / LAST
-        state = load_checkpoint(resume_path, model, optimizer, scheduler, scaler, cfg=cfg,
-                                restore_rng=True, rank=env.rank)
-        start_epoch, step, best_metric = state["epoch"], state["step"], state.get("best_metric")
+    start_epoch, step, best_metric, resumed_run = 0, 0, None, None
+    if resume_state is not None:
+        restore_checkpoint(resume_path, resume_state, model, optimizer, scheduler, scaler,
+                           restore_rng=True, rank=env.rank)
+        start_epoch, step, best_metric = resume_state["epoch"], resume_state["step"], resume_state.get("best_metric")
+        resumed_run = resume_state.get("run_id")
+        _apply_resume_changes(cfg, changed, optimizer, scheduler)
+        resume_state = None  # the tensors now live in the model and optimizer
 
     forward_model = wrap_model(model, cfg, env, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    logger = MetricsLogger(out_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+
+    def open_outputs():
+        save_config(cfg, out_dir / CONFIG_FILE)
+        moved = truncate_metrics(out_dir, step) if resume_path is not None else 0
+        logger = MetricsLogger(out_dir, tensorboard=cfg.train.tensorboard, run_id=run_id,
+                               purge_step=step + 1 if resume_path is not None else None)
+        return logger, moved
+
+    opened = _on_main_rank(env, open_outputs)
+    logger, moved = opened if env.is_main else (MetricsLogger(out_dir, enabled=False), 0)
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
+        changes = {name: [old, new] for name, (old, new) in changed.items()}
         logger.log("info", step, {}, event="start", world_size=env.world_size, device=str(device),
                    iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
-                   weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain)
-        print(f"[train] {cfg.model.variant} on {device} x{env.world_size}, {cfg.train.precision}, "
+                   weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
+                   resumed_from=str(resume_path) if resume_path else None,
+                   resumed_run_id=resumed_run, changed_on_resume=changes)
+        resumed = ""
+        if resume_path is not None:
+            resumed = f"; resumed from {resume_path} (epoch {start_epoch}, step {step})"
+            if changed:
+                resumed += ", changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                               for name, (old, new) in changed.items())
+            if moved:
+                resumed += f"; {moved} metrics record(s) after step {step} moved to metrics.dropped.jsonl"
+        print(f"[train] run {run_id}: {cfg.model.variant} on {device} x{env.world_size}, {cfg.train.precision}, "
               f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
               f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
-              f"-> {out_dir}", flush=True)
+              f"-> {out_dir}{resumed}", flush=True)
 
-    def save(path: Path, epoch_done: int) -> None:
+    def save(path: Path, epoch_done: int, with_optimizer: bool) -> None:
         rngs = _gather_rng_states(env)  # collective: every rank calls save()
         if env.is_main:
-            save_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch_done, step=step, config=cfg.to_dict(),
-                            best_metric=best_metric, rng_states=rngs)
+            state = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler) if with_optimizer else {}
+            save_checkpoint(path, model, epoch=epoch_done, step=step, config=cfg.to_dict(), best_metric=best_metric,
+                            rng_states=rngs, run_id=run_id, **state)
 
     clips_per_step = cfg.data.batch_size * env.world_size
     # Never evaluate through DDP: ranks may get different numbers of eval batches, and DDP's
     # per-forward buffer broadcast would then wait forever.
     eval_model = forward_model if (cfg.train.compile and not env.distributed) else model
+    eval_source = cfg.data.val_list or f"the {cfg.data.backend} eval split"
     last_train: dict = {}
     last_eval: dict = {}
     epochs = cfg.optim.epochs
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
             train_loader.set_epoch(epoch)
@@ -341,8 +478,13 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
 
             epoch_done = epoch + 1
             final = epoch_done == epochs
-            if eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0):
-                last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights)
+            evaluate_now = eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0)
+            save_now = final or epoch_done % cfg.train.save_interval == 0
+            if evaluate_now or save_now:
+                _check_model_finite(model, optimizer, env, device, epoch, step, last_path)
+            if evaluate_now:
+                last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights,
+                                     source=eval_source)
                 logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done)
                 if env.is_main:
                     print(f"[eval] epoch {epoch_done}: top-1 RGB {last_eval['rgb']['top1']:.4f} "
@@ -350,10 +492,14 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
                           f"({last_eval['num_videos']} videos)", flush=True)
                 if best_metric is None or last_eval["fused"]["top1"] > best_metric:
                     best_metric = last_eval["fused"]["top1"]
-                    save(best_path, epoch_done)
-            if final or epoch_done % cfg.train.save_interval == 0:
-                save(last_path, epoch_done)
+                    save(best_path, epoch_done, with_optimizer=False)
+            if save_now:
+                save(last_path, epoch_done, with_optimizer=True)
             logger.flush()
+    except TrainingStopped:
+        raise
+    except CCSError as exc:
+        raise TrainingStopped(f"{exc}; training stopped in epoch {epoch + 1} (step {step}), {_kept(last_path)}") from None
     finally:
         logger.close()
 
@@ -361,6 +507,7 @@ def _train(cfg: Config, resume: Optional[str], env: DistEnv, device: torch.devic
         "epochs": epochs,
         "steps": step,
         "out_dir": str(out_dir),
+        "run_id": run_id,
         "last_checkpoint": str(last_path),
         "best_checkpoint": str(best_path) if best_path.exists() else None,
         "best_metric": best_metric,

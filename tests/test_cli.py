@@ -39,6 +39,18 @@ def test_synth_train_eval_predict(tmp_path, capsys):
     assert main(args) == 0
     assert (run / "last.pt").exists() and (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
 
+    # the same command again would replace the run: refused, one line (issue 11 #5)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "output folder is not empty" in capsys.readouterr().err
+    # --resume takes the checkpoint's config; --set may change what a resume may change (#7)
+    assert main(["train", "--resume", str(run), "--set", "model.dropout=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "model.dropout 0.2 in the checkpoint, 0.1 now" in err and err.count("\n") == 1
+    assert main(["train", "--resume", str(run / "last.pt"), "--set", "optim.epochs=2", "--set", "optim.lr=0.0005"]) == 0
+    assert "changed on resume: optim.lr 0.001 -> 0.0005, optim.epochs 1 -> 2" in capsys.readouterr().out
+    assert 'lr: 0.0005' in (run / "config.yaml").read_text()
+
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for stream in ("rgb", "flow", "fused"):
@@ -55,6 +67,12 @@ def test_synth_train_eval_predict(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["train", "--set", "model.nope=1"], "unknown config key model.nope"),
+    (["train", "--config", "demo", "--set", "data.batch_size=0"], "--set: data.batch_size = 0: must be >= 1"),
+    (["train", "--set", "optim.lr=-0.1"], "--set: optim.lr = -0.1: must be > 0"),
+    (["train", "--set", "data.num_workers=-2"], "--set: data.num_workers = -2: must be >= 0"),
+    (["train", "--set", "optim.epochs=0"], "--set: optim.epochs = 0: must be >= 1"),
+    (["train", "--set", "model.cb_stages=[1,"], "--set 'model.cb_stages=[1,': the value is not valid YAML"),
+    (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: checkpoint not found"),
     (["train", "--config", "/nonexistent/cfg.yaml"], "cfg.yaml: config file not found"),
     (["eval", "--checkpoint", "/nonexistent/last.pt"], "last.pt: checkpoint not found"),
 ])
@@ -62,6 +80,14 @@ def test_bad_input_is_one_line_and_status_2(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ccs-fast: error: ") and match in err and "\n" not in err
+
+
+def test_bad_setting_writes_nothing(tmp_path, capsys):
+    """Issue 11 #6: model.num_segments=0 crashed with a traceback after creating --out."""
+    out = tmp_path / "run"
+    assert main(["train", "--config", "demo", "--set", "model.num_segments=0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ccs-fast: error: --set: model.num_segments = 0: must be >= 1" and not out.exists()
 
 
 def test_parser_lists_packaged_configs():

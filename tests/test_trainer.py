@@ -1,6 +1,11 @@
 """The training loop on CPU with a tiny model and synthetic clips: outputs, exact resume,
-NaN stop, optimizer and LR schedule."""
+NaN stop, optimizer and LR schedule; and what issue 11 found: a non-finite model, kill -9 and
+resume with loader workers and dropout, resume traces, disk errors, run folder protection,
+changes on resume, an empty evaluation."""
+import collections
+import errno
 import functools
+import os
 import shutil
 
 import pytest
@@ -191,3 +196,329 @@ def test_deterministic_mode_reaches_the_ops_and_is_restored(tmp_path, monkeypatc
     trainer.train(tiny_config(tmp_path / "det", epochs=1, deterministic=True))
     assert seen and all(seen)
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+# ---------------------------------------------------------------------------- issue 11
+
+def test_every_metrics_record_carries_the_run_id(runs):
+    records = read_metrics(runs["root"] / "straight" / "metrics.jsonl")
+    assert {r["run_id"] for r in records} == {runs["straight"]["run_id"]}
+
+
+def _diverge_after_step(monkeypatch, at_step):
+    """The first tracked BatchNorm of the model gets an infinite running_var right after the
+    optimizer step number ``at_step`` (the loss of that step stays finite)."""
+    models, steps = [], []
+    real_build, real_step = trainer.build_model, trainer.amp_step
+
+    def build(cfg, device):
+        models.append(real_build(cfg, device))
+        return models[-1]
+
+    def step(*args, **kwargs):
+        grad_norm = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == at_step:
+            bn = next(m for m in models[-1].modules() if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats)
+            bn.running_var.fill_(float("inf"))
+        return grad_norm
+
+    monkeypatch.setattr(trainer, "build_model", build)
+    monkeypatch.setattr(trainer, "amp_step", step)
+
+
+def test_nonfinite_model_is_neither_evaluated_nor_saved(runs, tmp_path, monkeypatch, capsys):
+    """#1: BN running_var went inf on the last step of an epoch with a finite loss; that model
+    was evaluated, saved as last.pt and best.pt, and called the last good checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    good = (out / "last.pt").read_bytes()
+    _diverge_after_step(monkeypatch, BATCHES)  # the last step of epoch 2
+    with pytest.raises(CCSError) as info:
+        trainer.train(tiny_config(out, epochs=2), resume=str(out))
+    message = str(info.value)
+    assert "\n" not in message and "running_var" in message and "nothing evaluated or saved" in message
+    assert f"last good checkpoint kept at {out / 'last.pt'}" in message
+    assert (out / "last.pt").read_bytes() == good and not (out / "best.pt").exists()
+    assert "[eval]" not in capsys.readouterr().out
+
+
+def test_fresh_run_never_overwrites_a_run_folder(runs, tmp_path):
+    """#5: a fresh train into a finished run's folder silently replaced last.pt and best.pt."""
+    finished = runs["root"] / "straight"
+    before = {name: (finished / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(CCSError) as info:
+        trainer.train(tiny_config(finished, epochs=1))
+    assert "not empty" in str(info.value) and "--overwrite" in str(info.value)
+    assert {name: (finished / name).read_bytes() for name in before} == before
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    summary = trainer.train(tiny_config(copy, epochs=1, tensorboard=False), overwrite=True)
+    assert read_checkpoint(copy / "last.pt")["epoch"] == 1 and not (copy / "tb").exists()
+    assert {r["run_id"] for r in read_metrics(copy / "metrics.jsonl")} == {summary["run_id"]}
+    assert read_checkpoint(copy / "best.pt")["optimizer"] is None  # SPEC §5: best.pt holds the model only
+    with pytest.raises(CCSError, match="holds no optimizer state"):
+        trainer.train(tiny_config(copy, epochs=2), resume=str(copy / "best.pt"))
+
+
+def test_two_runs_into_one_folder(tmp_path):
+    """#5: two runs into one --out both exited 0 with last.pt from one and best.pt from the other."""
+    from ccs_fast.run_folder import claim_run_folder
+
+    out = tmp_path / "run"
+    first = claim_run_folder(out, resume=False, overwrite=False, run_id="first", log=lambda line: None)
+    try:
+        with pytest.raises(CCSError) as info:
+            trainer.train(tiny_config(out, epochs=1))
+        message = str(info.value)
+        assert "in use by another training run" in message and f"PID {os.getpid()}" in message
+        assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+    finally:
+        first.release()
+
+
+def test_resume_applies_allowed_changes_and_refuses_others(runs, tmp_path, capsys):
+    """#7: --set optim.lr on resume was dropped while config.yaml recorded it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    refused = tiny_config(out, epochs=2)
+    refused.optim.momentum = 0.5
+    with pytest.raises(CCSError) as info:
+        trainer.train(refused, resume=str(out))
+    assert "optim.momentum 0.9 in the checkpoint, 0.5 now" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+
+    cfg = tiny_config(out, epochs=2)
+    cfg.optim.lr = 0.002
+    trainer.train(cfg, resume=str(out))
+    assert "changed on resume: optim.lr 0.01 -> 0.002, optim.epochs 1 -> 2" in capsys.readouterr().out
+    state = read_checkpoint(out / "last.pt")
+    assert state["scheduler"]["base_lrs"] == [0.002, 0.002]
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.002 * 0.1)] * 2  # decayed at epoch 1
+    assert state["config"]["optim"]["lr"] == 0.002
+    assert "lr: 0.002" in (out / "config.yaml").read_text()
+
+
+class _FillsUp:
+    """metrics.jsonl on a disk that fills once the resumed run logs its first training row."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, text):
+        if '"split": "train"' in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_full_disk_and_unwritable_out_are_one_line(runs, tmp_path, monkeypatch):
+    """#4: a full disk on metrics.jsonl, no room for a checkpoint and an unwritable --out."""
+    from ccs_fast import metrics, run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    good = (out / "last.pt").read_bytes()
+    monkeypatch.setattr(metrics, "open", lambda *a, **k: _FillsUp(open(*a, **k)), raising=False)
+    with pytest.raises(CCSError) as info:
+        trainer.train(tiny_config(out, epochs=2), resume=str(out))
+    assert str(info.value) == (f"{out / 'metrics.jsonl'}: disk full (no space left on device) while writing metrics; "
+                               f"training stopped in epoch 2 (step {BATCHES + 2}), last good checkpoint kept at "
+                               f"{out / 'last.pt'}")
+    assert (out / "last.pt").read_bytes() == good
+    monkeypatch.undo()
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**16, 2**16))
+    with pytest.raises(CCSError, match="not enough free space for a checkpoint: one needs about"):
+        trainer.train(tiny_config(tmp_path / "full", epochs=1))
+    assert not (tmp_path / "full").exists()  # nothing trained, nothing left behind
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CCSError, match="cannot create the output folder"):
+        trainer.train(tiny_config(tmp_path / "file" / "run", epochs=1))
+
+
+# ------------------------------------------------------ the torch loader with workers
+
+def write_rawframes(root, videos, frames=6, size=32, classes=4):
+    """``videos`` rawframe folders of noise JPEGs and their annotation list."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for v in range(videos):
+        folder = root / "rawframes" / f"v{v}"
+        folder.mkdir(parents=True)
+        for i in range(1, frames + 1):
+            cv2.imwrite(str(folder / f"img_{i:05d}.jpg"), rng.integers(0, 256, (size, size, 3), np.uint8))
+            if i < frames:
+                for axis in "xy":
+                    cv2.imwrite(str(folder / f"flow_{axis}_{i:05d}.jpg"), rng.integers(0, 256, (size, size), np.uint8))
+        lines.append(f"v{v} {frames} {v % classes}\n")
+    (root / "list.txt").write_text("".join(lines))
+    return root / "rawframes", root / "list.txt"
+
+
+@pytest.fixture(scope="module")
+def rawframes(tmp_path_factory):
+    return write_rawframes(tmp_path_factory.mktemp("data"), videos=2 * 4)
+
+
+def torch_loader_settings(root, annotation, workers):
+    """--set values of the tiny config on the torch backend (dropout stays at its 0.5)."""
+    cfg = tiny_config("unused")
+    values = {
+        "model.backbone": cfg.model.backbone, "model.num_classes": 4, "model.num_segments": 2,
+        "model.flow_length": 1, "model.embed_dim": 16, "model.impl": "eager",
+        "data.backend": "torch", "data.root": root, "data.train_list": annotation, "data.val_list": annotation,
+        "data.batch_size": 4, "data.input_size": 32, "data.test_segments": 2, "data.num_workers": workers,
+        "optim.lr": 0.01, "optim.epochs": 2, "optim.lr_steps": "[1]", "optim.warmup_epochs": 0.5,
+        "train.precision": "fp32", "train.device": "cpu", "train.log_interval": 1, "train.eval_interval": 1,
+        "train.progress": "false", "train.tensorboard": "false",
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_all_eval_videos_bad_with_skip_bad_is_an_error(rawframes, tmp_path, capsys):
+    """#8: skip_bad with every validation video bad printed 0.0000 (0 videos) and saved best.pt."""
+    from ccs_fast.cli import main
+
+    root, annotation = rawframes
+    bad_root = tmp_path / "bad"
+    shutil.copytree(root, bad_root)
+    for frame in bad_root.glob("v*/img_*.jpg"):
+        frame.write_bytes(b"not a jpeg")
+    val = tmp_path / "val.txt"
+    val.write_text("".join(f"{bad_root / line}" for line in annotation.read_text().splitlines(True)[:4]))
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *torch_loader_settings(root, annotation, 0),
+            "--set", f"data.val_list={val}", "--set", "data.skip_bad=true", "--set", "optim.epochs=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"ccs-fast: error: {val}: no video left to evaluate (4 skipped as bad)")
+    assert "cannot decode (corrupt or not an image)" in err and "training stopped in epoch 1" in err
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+KILL_DRIVER = """
+import io, os, sys, time
+import torch
+from ccs_fast.cli import main
+
+kill_at = int(sys.argv[1])
+real_save = torch.save
+saves = []
+
+
+def save_then_hang(obj, f, *args, **kwargs):
+    # the kill_at-th save of last.pt writes half its bytes, says KILL, and waits to be killed
+    if os.path.basename(str(getattr(f, "name", ""))).startswith(".last.pt."):
+        saves.append(1)
+        if len(saves) == kill_at:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            print("KILL", flush=True)
+            time.sleep(300)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save_then_hang
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_driver(tmp_path, name, kill_at, args, timeout=150):
+    """Run the training CLI in a new process group; with ``kill_at``, SIGKILL the whole group
+    (the trainer and its loader workers) once the driver says KILL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    log = tmp_path / f"{name}.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(driver), str(kill_at), *args], stdout=sink,
+                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kill_at and "KILL" in log.read_text():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return -signal.SIGKILL, log.read_text()
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(rawframes, tmp_path_factory):
+    """A straight 2-epoch run, and one killed with -9 while saving last.pt after epoch 2 and
+    resumed from last.pt of epoch 1; the torch loader with a worker, dropout 0.5."""
+    tmp = tmp_path_factory.mktemp("kill")
+    settings = torch_loader_settings(*rawframes, workers=1)
+    code, log = _run_driver(tmp, "straight", 0, ["train", "--out", str(tmp / "straight"), *settings])
+    assert code == 0, log
+    out = tmp / "killed"
+    code, log = _run_driver(tmp, "killed", 2, ["train", "--out", str(out), *settings])
+    assert code == -9, log
+    before = {
+        "files": sorted(p.name for p in out.iterdir()),
+        "epoch": read_checkpoint(out / "last.pt")["epoch"],
+        "metrics": read_metrics(out / "metrics.jsonl"),
+    }
+    code, log = _run_driver(tmp, "resumed", 0, ["train", "--resume", str(out)])
+    assert code == 0, log
+    return {"straight": tmp / "straight", "out": out, "before": before, "log": log}
+
+
+def test_kill_9_and_resume_with_workers_and_dropout_is_bit_exact(killed_and_resumed):
+    """#2: the DataLoader drew worker seeds from the global RNG once per fresh iterator, so
+    dropout after a resume differed from a straight run."""
+    straight = read_checkpoint(killed_and_resumed["straight"] / "last.pt")
+    resumed = read_checkpoint(killed_and_resumed["out"] / "last.pt")
+    assert killed_and_resumed["before"]["epoch"] == 1 and "resumed from" in killed_and_resumed["log"]
+    assert straight["config"]["data"]["num_workers"] == 1 and straight["config"]["model"]["dropout"] == 0.5
+    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"]) == (2, 4)
+    differing = [k for k, v in straight["model"].items() if not torch.equal(v, resumed["model"][k])]
+    assert not differing, f"{len(differing)} of {len(straight['model'])} tensors differ, e.g. {differing[:3]}"
+    for key, slots in straight["optimizer"]["state"].items():
+        assert torch.equal(slots["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
+    assert resumed["best_metric"] == straight["best_metric"]
+
+
+def test_resume_after_kill_leaves_no_traces(killed_and_resumed):
+    """#3: the killed epoch's metrics rows stayed and were appended again, and the killed save
+    left an orphan temporary file."""
+    out, before = killed_and_resumed["out"], killed_and_resumed["before"]
+    assert any(name.startswith(".last.pt.") and name.endswith(".tmp") for name in before["files"])
+    assert "train.lock" in before["files"]
+    assert max(r["step"] for r in before["metrics"]) == 4  # epoch 2 was logged before the kill
+    assert "removed 1 unfinished temporary file(s)" in killed_and_resumed["log"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.dropped.jsonl",
+                                                     "metrics.jsonl"]
+    records = read_metrics(out / "metrics.jsonl")
+    keys = [(r["split"], r["step"]) for r in records if r["split"] != "info"]
+    assert len(keys) == len(set(keys)) and ("val", 4) in keys
+    killed_run, resumed_run = records[0]["run_id"], records[-1]["run_id"]
+    assert killed_run != resumed_run
+    assert all(r["run_id"] == (killed_run if r["step"] <= 2 and r.get("resumed_from") is None else resumed_run)
+               for r in records)
+    dropped = read_metrics(out / "metrics.dropped.jsonl")
+    assert {(r["split"], r["step"]) for r in dropped} >= {("train", 3), ("train", 4), ("val", 4)}
