@@ -1,6 +1,6 @@
 """Pieces every kernel module shares: the Triton import, dtype checks, the interpreter's
 bf16 workaround, dot precision, launching (with a hook for the static cost report) and the
-autograd Function of the losses, whose gradient is computed in the forward.
+helpers of the registered ops (``ccs_fast::*``, see each op's module).
 
 ``triton`` and ``tl`` are None when Triton is not installed; the kernel modules then define
 no kernels and their dispatchers offer only the eager references.
@@ -126,7 +126,7 @@ def kernel_configs(kernel) -> list:
     return list(getattr(kernel, "configs", []))
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- registered ops
 
 
 class PendingGrad(NamedTuple):
@@ -137,32 +137,28 @@ class PendingGrad(NamedTuple):
     normalize: bool
 
 
-class GradInForward(torch.autograd.Function):
-    """Autograd for the losses: ``forward(ctx, fn, *inputs)`` runs ``fn(needs_grad) -> (loss,
-    pending)``, one ``PendingGrad`` or None per input, computed in the forward; ``backward``
-    finishes each with one kernel (normalisation backward, × grad_output, cast to the input's
-    dtype: ``normalize.finish_grad``)."""
+def runs_kernels(t: torch.Tensor) -> bool:
+    """Whether a registered op's implementation launches the Triton kernels for ``t``: on CUDA,
+    and on CPU under ``TRITON_INTERPRET=1``. Elsewhere (a CPU without the interpreter, no
+    Triton) it computes the same outputs with plain torch ops."""
+    return triton is not None and (t.is_cuda or interpreting())
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, fn, *inputs):
-        loss, pending = fn(ctx.needs_input_grad[1:])
-        ctx.flags = [None if p is None else p.normalize for p in pending]
-        ctx.dtypes = [getattr(t, "dtype", None) for t in inputs]
-        ctx.save_for_backward(*[t for p in pending if p is not None for t in (p.z, p.r, p.g)])
-        return loss
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):
-        from ccs_fast.kernels.normalize import finish_grad
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (the losses then compute
+    it in their forward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
-        saved = iter(ctx.saved_tensors)
-        out = [None]
-        for normalize, dtype in zip(ctx.flags, ctx.dtypes):
-            if normalize is None:
-                out.append(None)
-                continue
-            z, r, g = next(saved), next(saved), next(saved)
-            out.append(finish_grad(z, r, g, grad_out.float(), normalize).to(dtype))
-        return tuple(out)
+
+def grad_outputs(z: torch.Tensor, pending: PendingGrad | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss op's (r, g) outputs for input ``z``: the pending gradient's row factors (B,) and
+    ∂L/∂ẑ (B, D), both fp32, or empty (0,) and (0, D) tensors when none was computed."""
+    if pending is None:
+        return z.new_empty((0,), dtype=torch.float32), z.new_empty((0, z.shape[1]), dtype=torch.float32)
+    return pending.r, pending.g
+
+
+def grad_outputs_fake(z: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes ``grad_outputs`` gives, for a loss op's fake implementation."""
+    rows = z.shape[0] if compute_grad else 0
+    return z.new_empty((rows,), dtype=torch.float32), z.new_empty((rows, z.shape[1]), dtype=torch.float32)

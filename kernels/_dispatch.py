@@ -14,8 +14,13 @@ import torch
 IMPLS = ("auto", "triton", "eager")
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is importable (looked up once, at import: ``torch.compile`` traces the
+    dispatchers, and a module search inside a traced function would break the graph)."""
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:

@@ -38,10 +38,22 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ccs_fast.kernels._common import GradInForward, PendingGrad, check_dtype, launch, tl, triton, use_autotune
+from ccs_fast.kernels._common import (
+    PendingGrad,
+    check_dtype,
+    grad_outputs,
+    grad_outputs_fake,
+    launch,
+    needs_grad,
+    runs_kernels,
+    tl,
+    triton,
+    use_autotune,
+)
 from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, row_norms
+from ccs_fast.kernels.normalize import EPS as _EPS, register_loss_autograd, row_factors_ref, row_norms
 from ccs_fast.kernels.segments import segment_sum
 
 # ----------------------------------------------------------------------------- kernels
@@ -270,10 +282,40 @@ def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, n
         raise ValueError(f"discriminative_embedding_loss: need z (B, D) and labels (B,), got {tuple(z.shape)}, {tuple(labels.shape)}")
     if resolve_impl(impl, z, labels) == "eager":
         return discriminative_embedding_loss_ref(z, labels, alpha_intra, alpha_inter, normalize)
+    return discriminative_embedding_loss_op(z, labels, float(alpha_intra), float(alpha_inter), bool(normalize),
+                                            needs_grad(z))[0]
 
-    def run(needs):
-        loss, g = center_forward(z, labels, float(alpha_intra), float(alpha_inter), bool(normalize),
-                                 compute_grad=needs[0])
-        return loss, (g, None)
 
-    return GradInForward.apply(run, z, labels)
+# ----------------------------------------------------------------------------- registered op
+#
+# ccs_fast::discriminative_embedding_loss (z, labels, alpha_intra, alpha_inter, normalize,
+#                                          compute_grad) -> (loss, r, g)
+# r (B,) and g = ∂L/∂ẑ (B, D) are fp32 outputs, not differentiable, that the registered
+# autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
+
+
+@torch.library.custom_op("ccs_fast::discriminative_embedding_loss", mutates_args=())
+def discriminative_embedding_loss_op(z: Tensor, labels: Tensor, alpha_intra: float, alpha_inter: float,
+                                     normalize: bool, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """L2_m (fp32 0-dim) and, when ``compute_grad``, the row factors r and ∂L/∂ẑ."""
+    if not runs_kernels(z):
+        r = row_factors_ref(z, normalize)
+        z_hat = z.float() * r[:, None]
+
+        def loss_fn(e):
+            return discriminative_embedding_loss_ref(e, labels, alpha_intra, alpha_inter, normalize=False)
+
+        if not compute_grad:
+            return (loss_fn(z_hat), *grad_outputs(z, None))
+        g, loss = torch.func.grad_and_value(loss_fn)(z_hat)
+        return loss, r, g
+    loss, pending = center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad=compute_grad)
+    return (loss, *grad_outputs(z, pending))
+
+
+@discriminative_embedding_loss_op.register_fake
+def _center_fake(z, labels, alpha_intra, alpha_inter, normalize, compute_grad):
+    return (z.new_empty((), dtype=torch.float32), *grad_outputs_fake(z, compute_grad))
+
+
+register_loss_autograd(discriminative_embedding_loss_op, embeddings=(0,), normalize_arg=4)

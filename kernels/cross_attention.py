@@ -71,12 +71,14 @@ Known limits
 import math
 
 import torch
+from torch import Tensor
 
 from ccs_fast.kernels._common import (
     check_dtype,
     dot_fp32,
     dot_precision,
     launch,
+    runs_kernels,
     tl,
     triton,
     use_autotune,
@@ -540,25 +542,6 @@ def useful_flops(mode, B, N_f, N_o, d, e):
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-class CrossStreamAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; saves inputs, outputs and the two LSE vectors."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, q, k, v_f, v_o, scale):
-        y_f, y_o, lse_row, lse_col = xattn_forward(q, k, v_f, v_o, scale)
-        ctx.save_for_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col)
-        ctx.scale = scale
-        return y_f, y_o
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy_f, dy_o):
-        q, k, v_f, v_o, y_f, y_o, lse_row, lse_col = ctx.saved_tensors
-        dq, dk, dv_f, dv_o = xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, ctx.scale)
-        return dq, dk, dv_f, dv_o, None
-
-
 def cross_stream_attention_ref(q, k, v_f, v_o, scale=None):
     """Eager definition: returns ``(y_f, y_o)`` in the input dtype, computed in fp32 (fp64 stays fp64)."""
     _check_inputs(q, k, v_f, v_o)
@@ -594,4 +577,76 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
     for t in (k, v_f, v_o):
         dtype = torch.promote_types(dtype, t.dtype)
     q, k, v_f, v_o = (t.to(dtype) for t in (q, k, v_f, v_o))
-    return CrossStreamAttentionFunction.apply(q, k, v_f, v_o, scale)
+    y_f, y_o, _, _ = cross_stream_attention_op(q, k, v_f, v_o, scale)
+    return y_f, y_o
+
+
+# ----------------------------------------------------------------------------- registered ops
+#
+# ccs_fast::cross_stream_attention (q, k, v_f, v_o, scale) -> (y_f, y_o, lse_row, lse_col)
+# ccs_fast::cross_stream_attention_backward (..., dy_f, dy_o, scale) -> (dq, dk, dv_f, dv_o)
+# The LSE vectors (fp32, base 2) are outputs so that autograd can save them: plain tensors are
+# all a registered op may keep for its backward. They are not differentiable.
+
+
+def _forward_ref(q, k, v_f, v_o, scale):
+    """The forward op's four outputs with torch ops (where the kernels do not run)."""
+    y_f, y_o = cross_stream_attention_ref(q, k, v_f, v_o, scale)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        s = torch.matmul(q.float(), k.float().transpose(1, 2)) * scale
+        return y_f, y_o, torch.logsumexp(s, 2) * LOG2E, torch.logsumexp(s, 1) * LOG2E
+
+
+@torch.library.custom_op("ccs_fast::cross_stream_attention", mutates_args=())
+def cross_stream_attention_op(q: Tensor, k: Tensor, v_f: Tensor, v_o: Tensor,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of the attention: y_f (B, N_f, e), y_o (B, N_o, e) in the inputs' dtype
+    (which the four must share: fp32, fp16 or bf16) and the base-2 LSE vectors (B, N_f),
+    (B, N_o) in fp32. Differentiable in y_f and y_o (``ccs_fast::cross_stream_attention_backward``)."""
+    if not runs_kernels(q):
+        return _forward_ref(q, k, v_f, v_o, scale)
+    return xattn_forward(q, k, v_f, v_o, scale)
+
+
+@cross_stream_attention_op.register_fake
+def _forward_fake(q, k, v_f, v_o, scale):
+    B, N_f, N_o, e = q.shape[0], q.shape[1], k.shape[1], v_f.shape[2]
+    return (q.new_empty((B, N_f, e)), q.new_empty((B, N_o, e)),
+            q.new_empty((B, N_f), dtype=torch.float32), q.new_empty((B, N_o), dtype=torch.float32))
+
+
+@torch.library.custom_op("ccs_fast::cross_stream_attention_backward", mutates_args=())
+def cross_stream_attention_backward_op(q: Tensor, k: Tensor, v_f: Tensor, v_o: Tensor, y_f: Tensor, y_o: Tensor,
+                                       lse_row: Tensor, lse_col: Tensor, dy_f: Tensor, dy_o: Tensor,
+                                       scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv_f, dv_o) in the inputs' dtype, from the forward op's inputs and outputs and
+    the gradients of y_f and y_o. Not differentiable itself (no double backward)."""
+    if not runs_kernels(q):
+        _, vjp = torch.func.vjp(lambda *ins: cross_stream_attention_ref(*ins, scale), q, k, v_f, v_o)
+        return tuple(g.clone() for g in vjp((dy_f.to(q.dtype), dy_o.to(q.dtype))))
+    return xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale)
+
+
+@cross_stream_attention_backward_op.register_fake
+def _backward_fake(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v_f.new_empty(v_f.shape), v_o.new_empty(v_o.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v_f, v_o, scale = inputs
+    y_f, y_o, lse_row, lse_col = output
+    ctx.mark_non_differentiable(lse_row, lse_col)
+    ctx.save_for_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col)
+    ctx.scale = scale
+
+
+def _backward(ctx, dy_f, dy_o, _dlse_row, _dlse_col):
+    saved = ctx.saved_tensors
+    y_f, y_o = saved[4], saved[5]
+    dy_f = torch.zeros_like(y_f) if dy_f is None else dy_f
+    dy_o = torch.zeros_like(y_o) if dy_o is None else dy_o
+    dq, dk, dv_f, dv_o = cross_stream_attention_backward_op(*saved, dy_f, dy_o, ctx.scale)
+    return dq, dk, dv_f, dv_o, None
+
+
+cross_stream_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -5,10 +5,16 @@ a gradient buffer in the same pass); the losses scale rows by r on the fly inste
 ẑ. ``finish_grad`` is a loss's whole backward: ∂L/∂ẑ (fp32, computed in the forward) becomes
 grad_output · r (g − ẑ (ẑ·g)) (where the norm was clamped to eps, grad_output · r g), written
 once in the input's dtype. Both are memory-bound row kernels.
+
+``finish_grad_op`` registers that backward as the operator ``ccs_fast::finish_grad``: the
+losses' registered autograd calls it, so a compiled or exported graph holds one opaque node
+for it. Where the kernels do not run (CPU without ``TRITON_INTERPRET=1``) it computes the
+same formula with torch ops (``finish_grad_ref``).
 """
 import torch
+from torch import Tensor
 
-from ccs_fast.kernels._common import launch, tl, triton, use_autotune
+from ccs_fast.kernels._common import launch, runs_kernels, tl, triton, use_autotune
 
 EPS = 1e-12  # F.normalize's clamp of the norm
 
@@ -93,3 +99,62 @@ def finish_grad(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: tor
     launch(_finish_grad_kernel, (triton.cdiv(B, bb),), z, r, g, grad_out.reshape(1), dz, B, D, z.stride(0),
            NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
     return dz
+
+
+def row_factors_ref(z: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """r = 1/max(‖z‖, eps) per row in fp32 (ones when not normalising), with torch ops."""
+    if not normalize:
+        return torch.ones(z.shape[0], dtype=torch.float32, device=z.device)
+    return 1.0 / torch.linalg.vector_norm(z.float(), dim=1).clamp_min(EPS)
+
+
+def finish_grad_ref(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor,
+                    normalize: bool) -> torch.Tensor:
+    """``finish_grad`` with torch ops: grad_output · r (g − ẑ (ẑ·g)), in z's dtype."""
+    r = r[:, None]
+    if normalize:
+        z_hat = z.float() * r
+        g = torch.where(r < 1.0 / EPS, g - z_hat * (z_hat * g).sum(1, keepdim=True), g)
+    return (grad_out.float().reshape(()) * r * g).to(z.dtype)
+
+
+@torch.library.custom_op("ccs_fast::finish_grad", mutates_args=())
+def finish_grad_op(z: Tensor, r: Tensor, g: Tensor, grad_out: Tensor, normalize: bool) -> Tensor:
+    """∂L/∂z (B, D) in z's dtype from ∂L/∂ẑ ``g`` (B, D) fp32, the row factors ``r`` (B,) fp32
+    and the loss's 0-dim ``grad_out``. Not differentiable itself."""
+    if not runs_kernels(z):
+        return finish_grad_ref(z, r, g, grad_out, normalize)
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    return finish_grad(z, r.contiguous(), g.contiguous(), grad_out.float(), normalize)
+
+
+@finish_grad_op.register_fake
+def _finish_grad_fake(z, r, g, grad_out, normalize):
+    return z.new_empty(z.shape)
+
+
+def register_loss_autograd(op, embeddings: tuple[int, ...], normalize_arg: int) -> None:
+    """Autograd of a loss op whose outputs are ``(loss, r, g, r, g, ...)``, one (r, g) pair per
+    input position in ``embeddings`` and whose last input is ``compute_grad``. The forward
+    computed ∂L/∂ẑ; the backward finishes each needed input's gradient with
+    ``ccs_fast::finish_grad``. The (r, g) outputs are not differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        pending = output[1:]
+        ctx.mark_non_differentiable(*pending)
+        ctx.save_for_backward(*(inputs[i] for i in embeddings), *pending)
+        ctx.normalize, ctx.computed, ctx.num_inputs = inputs[normalize_arg], inputs[-1], len(inputs)
+
+    def backward(ctx, grad_loss, *_):
+        if not ctx.computed:
+            raise RuntimeError("the loss op ran with compute_grad=False: it kept no gradient to give")
+        saved = ctx.saved_tensors
+        n = len(embeddings)
+        grads = [None] * ctx.num_inputs
+        for k, i in enumerate(embeddings):
+            if ctx.needs_input_grad[i]:
+                z, r, g = saved[k], saved[n + 2 * k], saved[n + 2 * k + 1]
+                grads[i] = finish_grad_op(z, r, g, grad_loss, ctx.normalize)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -47,20 +47,24 @@ see bench/results/README.md.
 """
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ccs_fast.kernels._common import (
-    GradInForward,
     PendingGrad,
     check_dtype,
     deterministic as _deterministic,
     dot_fp32,
+    grad_outputs,
+    grad_outputs_fake,
     launch,
+    needs_grad,
+    runs_kernels,
     tl,
     triton,
     use_autotune,
 )
 from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, row_blocks, row_norms
+from ccs_fast.kernels.normalize import EPS as _EPS, register_loss_autograd, row_blocks, row_factors_ref, row_norms
 from ccs_fast.kernels.segments import segment_sum
 
 _MIN_PROGRAMS = 264  # two programs per SM of a 132-SM H100/H200
@@ -416,14 +420,8 @@ def cross_modal_triplet_loss(z_f, z_o, labels, margin=0.3, normalize=True, impl=
     _check("cross_modal_triplet_loss", labels, z_f, z_o)
     if resolve_impl(impl, z_f, z_o, labels) == "eager":
         return cross_modal_triplet_loss_ref(z_f, z_o, labels, margin, normalize)
-    det = _deterministic(deterministic)
-
-    def run(needs):
-        loss, g_f, g_o = triplet_forward(z_f, z_o, labels, float(margin), bool(normalize), single=False,
-                                         compute_grad=needs[0] or needs[1], deterministic=det)
-        return loss, (g_f if needs[0] else None, g_o if needs[1] else None, None)
-
-    return GradInForward.apply(run, z_f, z_o, labels)
+    return cross_modal_triplet_loss_op(z_f, z_o, labels, float(margin), bool(normalize), _deterministic(deterministic),
+                                       needs_grad(z_f, z_o))[0]
 
 
 def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", deterministic=None):
@@ -432,11 +430,70 @@ def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", 
     _check("batch_hard_triplet_loss", labels, z)
     if resolve_impl(impl, z, labels) == "eager":
         return batch_hard_triplet_loss_ref(z, labels, margin, normalize)
-    det = _deterministic(deterministic)
+    return batch_hard_triplet_loss_op(z, labels, float(margin), bool(normalize), _deterministic(deterministic),
+                                      needs_grad(z))[0]
 
-    def run(needs):
-        loss, g, _ = triplet_forward(z, z, labels, float(margin), bool(normalize), single=True,
-                                     compute_grad=needs[0], deterministic=det)
-        return loss, (g, None)
 
-    return GradInForward.apply(run, z, labels)
+# ----------------------------------------------------------------------------- registered ops
+#
+# ccs_fast::cross_modal_triplet_loss (z_f, z_o, labels, margin, normalize, deterministic,
+#                                     compute_grad) -> (loss, r_f, g_f, r_o, g_o)
+# ccs_fast::batch_hard_triplet_loss (z, labels, margin, normalize, deterministic, compute_grad)
+#                                     -> (loss, r, g)
+# r (B,) and g = ∂L/∂ẑ (B, D) are fp32 outputs, not differentiable, that the registered
+# autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
+
+
+def _triplet_outputs_ref(z_a, z_b, labels, margin, normalize, single, compute_grad):
+    """The op's outputs with torch ops: the reference on ẑ, and ∂L/∂ẑ by ``torch.func``."""
+    zs = (z_a,) if single else (z_a, z_b)
+    rs = [row_factors_ref(z, normalize) for z in zs]
+    z_hats = [z.float() * r[:, None] for z, r in zip(zs, rs)]
+    if single:
+        def loss_fn(a):
+            return batch_hard_triplet_loss_ref(a, labels, margin, normalize=False)
+    else:
+        def loss_fn(a, b):
+            return cross_modal_triplet_loss_ref(a, b, labels, margin, normalize=False)
+    if not compute_grad:
+        return (loss_fn(*z_hats), *[t for z in zs for t in grad_outputs(z, None)])
+    gs, loss = torch.func.grad_and_value(loss_fn, argnums=tuple(range(len(zs))))(*z_hats)
+    return (loss, *[t for r, g in zip(rs, gs) for t in (r, g)])
+
+
+@torch.library.custom_op("ccs_fast::cross_modal_triplet_loss", mutates_args=())
+def cross_modal_triplet_loss_op(z_f: Tensor, z_o: Tensor, labels: Tensor, margin: float, normalize: bool,
+                                deterministic: bool, compute_grad: bool
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """L1 (fp32 0-dim) and, when ``compute_grad``, each input's row factors and ∂L/∂ẑ."""
+    if not runs_kernels(z_f):
+        return _triplet_outputs_ref(z_f, z_o, labels, margin, normalize, False, compute_grad)
+    loss, p_f, p_o = triplet_forward(z_f, z_o, labels, margin, normalize, single=False, compute_grad=compute_grad,
+                                     deterministic=deterministic)
+    return (loss, *grad_outputs(z_f, p_f), *grad_outputs(z_o, p_o))
+
+
+@cross_modal_triplet_loss_op.register_fake
+def _cross_modal_fake(z_f, z_o, labels, margin, normalize, deterministic, compute_grad):
+    return (z_f.new_empty((), dtype=torch.float32), *grad_outputs_fake(z_f, compute_grad),
+            *grad_outputs_fake(z_o, compute_grad))
+
+
+@torch.library.custom_op("ccs_fast::batch_hard_triplet_loss", mutates_args=())
+def batch_hard_triplet_loss_op(z: Tensor, labels: Tensor, margin: float, normalize: bool, deterministic: bool,
+                               compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The single-modality loss (fp32 0-dim) and, when ``compute_grad``, r and ∂L/∂ẑ."""
+    if not runs_kernels(z):
+        return _triplet_outputs_ref(z, z, labels, margin, normalize, True, compute_grad)
+    loss, p, _ = triplet_forward(z, z, labels, margin, normalize, single=True, compute_grad=compute_grad,
+                                 deterministic=deterministic)
+    return (loss, *grad_outputs(z, p))
+
+
+@batch_hard_triplet_loss_op.register_fake
+def _batch_hard_fake(z, labels, margin, normalize, deterministic, compute_grad):
+    return (z.new_empty((), dtype=torch.float32), *grad_outputs_fake(z, compute_grad))
+
+
+register_loss_autograd(cross_modal_triplet_loss_op, embeddings=(0, 1), normalize_arg=4)
+register_loss_autograd(batch_hard_triplet_loss_op, embeddings=(0,), normalize_arg=3)
