@@ -17,11 +17,13 @@ from ccs_fast.kernels import cross_stream_attention, cross_modal_triplet_loss, d
 from ccs_fast.kernels import batch_hard_triplet_loss
 from ccs_fast.kernels.triplet import cross_modal_triplet_loss_ref
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="shuffles the interpreter's program order")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture
 def shuffled_programs(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("shuffles the interpreter's program order")
     """Run each launch's programs in a random order (per-axis permutations)."""
     builder = interpreter.interpreter_builder
     set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
@@ -44,11 +46,11 @@ def shuffled_programs(monkeypatch):
 def grads(fn, inputs):
     out = fn(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
-    weights = [torch.linspace(-1, 2, o.numel()).reshape(o.shape).to(o.dtype) for o in outs]
+    weights = [torch.linspace(-1, 2, o.numel(), device=o.device).reshape(o.shape).to(o.dtype) for o in outs]
     return torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], weights)
 
 
-def assert_bit_identical(fn, inputs, runs=3):
+def assert_bit_identical(fn, inputs, runs=2):
     first = grads(fn, inputs)
     for _ in range(runs - 1):
         for a, b in zip(first, grads(fn, inputs)):
@@ -126,3 +128,15 @@ def test_center_gradients_bit_identical(shuffled_programs):
     z = torch.randn(90, 24, generator=g).requires_grad_()
     labels = labels_with_ties(90, 7, 5)
     assert_bit_identical(lambda z: discriminative_embedding_loss(z, labels, impl="triton"), [z])
+
+
+@requires_cuda
+def test_cuda_gradients_bit_identical():
+    """On the GPU the scheduler, not a fixture, varies the program order."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    attn = [torch.randn(4, n, 256, device="cuda", generator=g).bfloat16().requires_grad_() for n in (588, 300, 588, 300)]
+    assert_bit_identical(lambda *t: cross_stream_attention(*t, impl="triton"), attn, runs=5)
+    z = [torch.randn(4096, 512, device="cuda", generator=g).requires_grad_() for _ in range(2)]
+    labels = torch.randint(0, 64, (4096,), device="cuda", generator=g)
+    assert_bit_identical(lambda a, b: cross_modal_triplet_loss(a, b, labels, impl="triton", deterministic=True), z, runs=5)
+    assert_bit_identical(lambda a: discriminative_embedding_loss(a, labels, impl="triton"), z[:1], runs=5)
