@@ -12,6 +12,9 @@ nothing else). Temporary files that saves interrupted by a kill left behind are 
 An output folder that cannot be created or written to is one error line before anything
 is written.
 
+Without ``flock`` support on the file system, a lock file whose PID is alive (or on another
+host) counts as held.
+
 ``RunFolder.check_room`` compares the free space and the file size limit (``ulimit -f``)
 with the size of one checkpoint: a save writes the new file beside the previous one
 before replacing it. Limits: ``flock`` is advisory and, on NFS, only as good as the
@@ -120,20 +123,25 @@ def _take_lock(path: Path, run_id: str) -> int:
             raise _not_writable(path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
         except BlockingIOError:
+            held = True
+        except OSError:  # a file system without flock: judge by the PID in the file alone
+            held = bool(_read_holder(fd))
+        if held:
             holder = _read_holder(fd)
             os.close(fd)
             pid = holder.get("pid")
             if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
-                # The holder is gone; children it forked still hold the lock for a moment.
-                # A fresh lock file (a new inode) leaves them theirs.
+                # The holder is gone; children it forked may still hold the lock for a
+                # moment. A fresh lock file (a new inode) leaves them theirs.
                 try:
                     os.unlink(lock_path)
                 except FileNotFoundError:
                     pass
                 continue
             raise bad_file(path, f"in use by another training run: {_describe_holder(holder)} holds {lock_path}; "
-                                 "wait for it to finish, or use another --out") from None
+                                 "wait for it to finish, or use another --out")
         try:  # the previous holder may have unlinked the file between our open and flock
             current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
         except FileNotFoundError:

@@ -140,3 +140,20 @@ def test_room_for_one_checkpoint(tmp_path, monkeypatch):
             folder.check_room(10 * 2**20)
     finally:
         folder.release()
+
+
+def test_file_system_without_flock_judges_by_pid(tmp_path, monkeypatch):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    folder = claim(out)  # a dead holder
+    with pytest.raises(CCSError, match="in use by another training run"):
+        claim(out)  # the live holder is this process, through another claim
+    folder.release()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(CCSError, match="PID 1 on elsewhere"):
+        claim(out)
