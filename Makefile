@@ -56,14 +56,15 @@ wheelhouse:
 		print(f'{len(w)} wheels, {sum(p.stat().st_size for p in w) / 2**20:.0f} MiB in $(WHEELHOUSE)/')"
 
 # --- The GPU machines' older pair on CPU: Python 3.12, torch 2.11, triton 3.6 -----------
-# Triton 3.6's interpreter calls int() on one-element arrays, an error from numpy 2.4 on.
+# Triton 3.6's interpreter calls int() on one-element arrays, an error from numpy 2.4 on;
+# torch 2.11 requires setuptools < 82 (so the GPU machines build the editable install with it).
 COMPAT_PYTHON ?= python3.12
 COMPAT_VENV   ?= .venv-compat
-COMPAT_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' 'numpy<2.4'
+COMPAT_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' 'numpy<2.4' 'setuptools<82'
 
 $(COMPAT_VENV)/.installed: setup.py pyproject.toml
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip wheel
 	printf '%s\n' $(COMPAT_PINS) > $(COMPAT_VENV)/constraints.txt
 	$(COMPAT_VENV)/bin/pip install --quiet -c $(COMPAT_VENV)/constraints.txt $(COMPAT_PINS)
 	$(COMPAT_VENV)/bin/pip install --quiet -c $(COMPAT_VENV)/constraints.txt -e '.[dev]'
