@@ -228,8 +228,9 @@ def mine_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
         for bm, bn, bd, w, s in (
-            (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
-            (64, 64, 64, 4, 4),  # 128 × 128 tiles spill on sm_90a (bench.aot)
+            # spill-free on sm_90a under Triton 3.6 and 3.8 (bench.aot); 128 × 128 tiles, and
+            # 4 warps with 3 stages, spill
+            (64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 2), (128, 64, 32, 8, 2),
         )
     ]
 
@@ -326,7 +327,7 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
         launch(_triplet_mine_kernel, mine_grid(B, 16, 16), *args, SINGLE=single, DOT_PRECISION=precision,
                DOT_FP32=dot_fp32(z_a.dtype), BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
     count = torch.empty(dirs, dtype=torch.int32, device=dev)
-    launch(_triplet_count_kernel, (1,), keys[0], keys[1], count, B, DIRECTIONS=dirs, BLOCK=1024)
+    launch(_triplet_count_kernel, (1,), keys[0], keys[1], count, B, DIRECTIONS=dirs, BLOCK=512, num_warps=4)
 
     bb, bd, w = row_blocks(z_a, D)
     nblk = triton.cdiv(B, bb)
