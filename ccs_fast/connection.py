@@ -57,8 +57,12 @@ class CrossStreamAttention(nn.Module):
 
     @staticmethod
     def _residual(x, y, proj, bn):
-        # x + BN(W y), BatchNorm over the channel dimension of (B, N, C).
-        return x + bn(proj(y).transpose(1, 2)).transpose(1, 2)
+        # x + BN(W y), BatchNorm per channel over all B·N positions: the same statistics as
+        # BatchNorm1d on (B, C, N), taken on the contiguous (B·N, C) rows. (The transposed
+        # form also made aot_autograd's traced backward view a gradient whose strides differ
+        # from what it traced.)
+        out = proj(y)
+        return x + bn(out.reshape(-1, out.shape[-1])).view_as(out)
 
     def forward(self, x_f: torch.Tensor, x_o: torch.Tensor):
         if x_f.dim() != 3 or x_o.dim() != 3:

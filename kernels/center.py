@@ -294,21 +294,39 @@ def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, n
 # autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
 
 
+def _center_loss_and_grad(e, labels, alpha_intra, alpha_inter):
+    """L2_m on fp32 embeddings ``e`` (already normalised or not) and ∂L/∂e, with torch ops:
+    the steps of the module docstring with a B × B class-pair matrix in memory."""
+    with torch.autocast(e.device.type, enabled=False):
+        B = e.shape[0]
+        cls, num_classes, counts, _, _ = class_ids(labels)
+        n = counts.clamp_min(1)[:, None].to(e.dtype)
+        mu = torch.zeros_like(e).index_add_(0, cls, e) / n
+        diff = e - mu[cls]
+        dist = diff.pow(2).sum(1)
+        intra = (dist - alpha_intra).clamp_min(0).mean()
+        present = torch.arange(B, device=e.device) < num_classes
+        pairs = present[:, None] & present[None, :] & ~torch.eye(B, dtype=torch.bool, device=e.device)
+        sq = mu.pow(2).sum(1)
+        gap = alpha_inter - (sq[:, None] + sq[None, :] - 2.0 * (mu @ mu.T))
+        active = pairs & (gap > 0)
+        num_pairs = (num_classes * (num_classes - 1)).clamp_min(1)
+        inter = torch.where(active, gap, 0.0).sum() / num_pairs
+        # direct w_i (ẑ_i − μ), w_i = 2/B [active]; ∂L/∂μ_c = (4/P)(Σ_c' a_cc' μ_c' − deg_c μ_c) − Σ_{i∈c} w_i (ẑ_i − μ_c)
+        g = torch.where(dist - alpha_intra > 0, 2.0 / B, 0.0)[:, None] * diff
+        a_w = active.to(e.dtype) * (4.0 / num_pairs)
+        g_mu = a_w @ mu - a_w.sum(1, keepdim=True) * mu - torch.zeros_like(e).index_add_(0, cls, g)
+        return intra + inter, g + (g_mu / n)[cls]
+
+
 @torch.library.custom_op("ccs_fast::discriminative_embedding_loss", mutates_args=())
 def discriminative_embedding_loss_op(z: Tensor, labels: Tensor, alpha_intra: float, alpha_inter: float,
                                      normalize: bool, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """L2_m (fp32 0-dim) and, when ``compute_grad``, the row factors r and ∂L/∂ẑ."""
     if not runs_kernels(z):
         r = row_factors_ref(z, normalize)
-        z_hat = z.float() * r[:, None]
-
-        def loss_fn(e):
-            return discriminative_embedding_loss_ref(e, labels, alpha_intra, alpha_inter, normalize=False)
-
-        if not compute_grad:
-            return (loss_fn(z_hat), *grad_outputs(z, None))
-        g, loss = torch.func.grad_and_value(loss_fn)(z_hat)
-        return loss, r, g
+        loss, g = _center_loss_and_grad(z.float() * r[:, None], labels, alpha_intra, alpha_inter)
+        return (loss, *grad_outputs(z, PendingGrad(z, r, g, normalize) if compute_grad else None))
     loss, pending = center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad=compute_grad)
     return (loss, *grad_outputs(z, pending))
 

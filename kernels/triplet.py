@@ -445,21 +445,42 @@ def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", 
 # autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
 
 
+def _batch_hard_with_grads(a, b, pos, neg, margin):
+    """One anchor direction of the batch-hard loss on fp32 embeddings ``a`` (anchors) and ``b``
+    (targets), and its gradients ∂/∂a, ∂/∂b through the selected pairs, with torch ops."""
+    d = _sq_dist(a, b)
+    p = d.masked_fill(~pos, float("-inf")).max(1).indices  # first index of a tie, as the kernel
+    n = d.masked_fill(~neg, float("inf")).min(1).indices
+    valid = pos.any(1) & neg.any(1)
+    count = valid.sum().clamp_min(1)
+    gap = d.gather(1, p[:, None]).squeeze(1) - d.gather(1, n[:, None]).squeeze(1) + margin
+    loss = torch.where(valid, gap.clamp_min(0), 0.0).sum() / count
+    # ∂/∂a = 2c(b_n − b_p), ∂/∂b_p = 2c(b_p − a), ∂/∂b_n = 2c(a − b_n), c = 1/#valid
+    c = torch.where(valid & (gap > 0), 2.0 / count, 0.0)[:, None]
+    b_p, b_n = b[p], b[n]
+    g_b = torch.zeros_like(b).index_add_(0, p, c * (b_p - a)).index_add_(0, n, c * (a - b_n))
+    return loss, c * (b_n - b_p), g_b
+
+
 def _triplet_outputs_ref(z_a, z_b, labels, margin, normalize, single, compute_grad):
-    """The op's outputs with torch ops: the reference on ẑ, and ∂L/∂ẑ by ``torch.func``."""
-    zs = (z_a,) if single else (z_a, z_b)
-    rs = [row_factors_ref(z, normalize) for z in zs]
-    z_hats = [z.float() * r[:, None] for z, r in zip(zs, rs)]
-    if single:
-        def loss_fn(a):
-            return batch_hard_triplet_loss_ref(a, labels, margin, normalize=False)
-    else:
-        def loss_fn(a, b):
-            return cross_modal_triplet_loss_ref(a, b, labels, margin, normalize=False)
-    if not compute_grad:
-        return (loss_fn(*z_hats), *[t for z in zs for t in grad_outputs(z, None)])
-    gs, loss = torch.func.grad_and_value(loss_fn, argnums=tuple(range(len(zs))))(*z_hats)
-    return (loss, *[t for r, g in zip(rs, gs) for t in (r, g)])
+    """The op's outputs with torch ops (where the kernels do not run)."""
+    with torch.autocast(z_a.device.type, enabled=False):
+        same = labels[:, None] == labels[None, :]
+        r_a = row_factors_ref(z_a, normalize)
+        a = z_a.float() * r_a[:, None]
+        if single:
+            eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+            loss, g_anchor, g_target = _batch_hard_with_grads(a, a, same & ~eye, ~same, margin)
+            pending = [(z_a, PendingGrad(z_a, r_a, g_anchor + g_target, normalize))]
+        else:
+            r_b = row_factors_ref(z_b, normalize)
+            b = z_b.float() * r_b[:, None]
+            loss_ab, g_a, g_b = _batch_hard_with_grads(a, b, same, ~same, margin)
+            loss_ba, h_b, h_a = _batch_hard_with_grads(b, a, same, ~same, margin)
+            loss = loss_ab + loss_ba
+            pending = [(z_a, PendingGrad(z_a, r_a, g_a + h_a, normalize)),
+                       (z_b, PendingGrad(z_b, r_b, g_b + h_b, normalize))]
+    return (loss, *[t for z, p in pending for t in grad_outputs(z, p if compute_grad else None)])
 
 
 @torch.library.custom_op("ccs_fast::cross_modal_triplet_loss", mutates_args=())
