@@ -2,13 +2,37 @@
 
 ``kernels/`` and ``dataloader/`` live at the top of the repository (SPEC §1) but install as
 ``ccs_fast.kernels`` and ``ccs_fast.dataloader`` so nothing generic lands in site-packages.
+``pip wheel --no-deps .`` (or ``python -m build``) makes the wheel; ``tests/test_wheel.py``
+builds it, installs it apart from the source tree and runs the README's drop-in example.
+
+Extras: ``dev`` (the test suite's tools), ``dali`` (the GPU loader, CUDA 13 wheels),
+``timm`` (timm backbones).
 """
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="ccs_fast",
     version="0.1.0",
     description="Cooperative Cross-Stream (CCS) two-stream action recognition trainer with fused Triton kernels and a DALI loader",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    keywords=["action recognition", "two-stream", "triton", "pytorch", "metric learning", "dali"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Multimedia :: Video",
+    ],
     python_requires=">=3.10",
     packages=["ccs_fast", "ccs_fast.kernels", "ccs_fast.dataloader"],
     package_dir={

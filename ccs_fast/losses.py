@@ -21,28 +21,32 @@ from ccs_fast.kernels.triplet import batch_hard_triplet_loss, cross_modal_triple
 
 
 class CrossModalTripletLoss(nn.Module):
-    """L1: batch-hard triplet between RGB and flow embeddings, both anchor directions."""
+    """L1: batch-hard triplet between RGB and flow embeddings, both anchor directions.
 
-    def __init__(self, margin: float = 0.3, normalize: bool = True, impl: str = "auto"):
+    ``deterministic`` (None: follow ``torch.use_deterministic_algorithms``) makes the Triton
+    path's gradients bit-identical run to run."""
+
+    def __init__(self, margin: float = 0.3, normalize: bool = True, impl: str = "auto", deterministic=None):
         super().__init__()
-        self.margin, self.normalize, self.impl = margin, normalize, impl
+        self.margin, self.normalize, self.impl, self.deterministic = margin, normalize, impl, deterministic
 
     def forward(self, z_f: torch.Tensor, z_o: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_modal_triplet_loss(z_f, z_o, labels, self.margin, self.normalize, self.impl)
+        return cross_modal_triplet_loss(z_f, z_o, labels, self.margin, self.normalize, self.impl, self.deterministic)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, normalize={self.normalize}, impl={self.impl!r}"
 
 
 class BatchHardTripletLoss(nn.Module):
-    """Single-modality batch-hard triplet loss (the diagonal is not a positive)."""
+    """Single-modality batch-hard triplet loss (the diagonal is not a positive);
+    ``deterministic`` as in ``CrossModalTripletLoss``."""
 
-    def __init__(self, margin: float = 0.3, normalize: bool = True, impl: str = "auto"):
+    def __init__(self, margin: float = 0.3, normalize: bool = True, impl: str = "auto", deterministic=None):
         super().__init__()
-        self.margin, self.normalize, self.impl = margin, normalize, impl
+        self.margin, self.normalize, self.impl, self.deterministic = margin, normalize, impl, deterministic
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_triplet_loss(z, labels, self.margin, self.normalize, self.impl)
+        return batch_hard_triplet_loss(z, labels, self.margin, self.normalize, self.impl, self.deterministic)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, normalize={self.normalize}, impl={self.impl!r}"
