@@ -8,9 +8,9 @@ need 25 + 250 decoder instances, each with its own nvJPEG padding buffers).
 A parallel batch-mode ``fn.external_source`` (``ClipSource``, run in DALI's Python worker
 processes) does everything that is not pixels: it takes the rank's batches of the epoch
 from the same samplers as the torch backend, plans every clip with ``plan_clip(seed, epoch,
-index)``, reads the encoded bytes of the chosen files, checks them (missing file, JPEG
-without SOI/SOF/EOI, frame size that differs within a video, video shorter than the flow
-stack) and passes the crop box, flip and flow normalisation as per-sample arguments. The
+index)``, reads the encoded bytes of the chosen files, checks them with the torch
+backend's checks and messages (``frames.py``: missing frame, JPEG without SOI/SOF/EOI; then
+a frame size that differs within a video, a video shorter than the flow stack) and passes the crop box, flip and flow normalisation as per-sample arguments. The
 graph then decodes (``device="mixed"`` on a GPU, CPU otherwise), cuts the crop with
 ``fn.slice`` (so the resize clamps at the crop's edges as cv2 does on the cropped patch),
 resizes and flips in one ``fn.resize`` whose region of interest runs from x = w to 0 when
@@ -43,51 +43,14 @@ import torch
 
 from ccs_fast.errors import CCSError, bad_file
 
+from .frames import FrameNaming, checked_jpeg, frame_size, jpeg_size  # noqa: F401 (re-exported)
 from .sampling import plan_clip
 from .torch_loader import build_batch_sampler, load_records
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
-_SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
-                          0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF])
 # DALI reports a worker's exception with its traceback; this pulls our one line back out.
 _CCS_ERROR_IN_TRACEBACK = re.compile(r"CCSError: (.+)")
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
-
-
-def jpeg_size(data) -> tuple[int, int]:
-    """(width, height) from a JPEG's SOF header; ValueError if it is not a whole JPEG.
-
-    Cheap pre-check before DALI sees the bytes: a truncated file lacks the EOI marker,
-    garbage lacks SOI/SOF. Corruption inside the entropy-coded data is left to the decoder.
-    """
-    view = memoryview(data)
-    n = len(view)
-    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
-        raise ValueError("not a JPEG (no SOI marker)")
-    if bytes(view[max(0, n - 32):]).rfind(b"\xff\xd9") < 0:
-        raise ValueError("truncated JPEG (no EOI marker)")
-    pos = 2
-    while pos + 4 <= n:
-        if view[pos] != 0xFF:
-            raise ValueError(f"corrupt JPEG header at byte {pos}")
-        marker = view[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = (view[pos + 2] << 8) | view[pos + 3]
-        if marker in _SOF_MARKERS and pos + 9 <= n:
-            height = (view[pos + 5] << 8) | view[pos + 6]
-            width = (view[pos + 7] << 8) | view[pos + 8]
-            if width == 0 or height == 0:
-                raise ValueError("JPEG with an empty frame")
-            return width, height
-        if marker in (0xD9, 0xDA):
-            break
-        pos += 2 + length
-    raise ValueError("corrupt JPEG header (no SOF marker)")
 
 
 @dataclass(frozen=True)
@@ -99,6 +62,7 @@ class _Options:
     seed: int
     modality: str
     skip_bad: bool
+    naming: FrameNaming = FrameNaming()
 
 
 class ClipSource:
@@ -167,7 +131,7 @@ class ClipSource:
             width, height, video_frames = _video_geometry(video)
             info = dict(name=video, video=video, video_frames=video_frames)
         else:
-            width, height = _file_jpeg_size(folder / "img_00001.jpg")
+            width, height = frame_size(self.options.naming.rgb(folder, 0))
             info = dict(name=folder)
         info.update(num_frames=record.num_frames, width=width, height=height)
         self._video_info[index] = info
@@ -228,17 +192,18 @@ class ClipSource:
         label = np.array(self.records[index].label, dtype=np.int64)
         row = np.array(self.rows[index], dtype=np.int64)
         if opts.modality == "video":
-            video_bytes = _read_bytes(info["video"])
+            video_bytes = _read_video_bytes(info["video"])
         segments = []
         for k in range(opts.num_segments):
             if opts.modality == "video":
                 rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32))
             else:
-                rgb = (_read_jpeg(folder / f"img_{plan.frame_indices[k] + 1:05d}.jpg", size),)
+                rgb = (_read_jpeg(opts.naming.rgb(folder, plan.frame_indices[k]), size),)
             flows = []
             for t in plan.flow_indices[k]:
-                flows.append(_read_jpeg(folder / f"flow_x_{t + 1:05d}.jpg", size))
-                flows.append(_read_jpeg(folder / f"flow_y_{t + 1:05d}.jpg", size))
+                path_x, path_y = opts.naming.flow(folder, t)
+                flows.append(_read_jpeg(path_x, size))
+                flows.append(_read_jpeg(path_y, size))
             segments.append((*rgb, *flows, *crop_args, flow_mean, flow_std, label, row))
         return segments
 
@@ -256,12 +221,12 @@ def _crop_arguments(crop, flip):
             np.array([0, xs], dtype=np.float32), np.array([h, xe], dtype=np.float32))
 
 
-def _read_bytes(path: Path) -> np.ndarray:
+def _read_video_bytes(path: Path) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise bad_file(path, "missing file") from None
+        raise bad_file(path, "video not found") from None
     except OSError as exc:
         raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
     if not data:
@@ -270,22 +235,11 @@ def _read_bytes(path: Path) -> np.ndarray:
 
 
 def _read_jpeg(path: Path, size) -> np.ndarray:
-    data = _read_bytes(path)
-    try:
-        found = jpeg_size(data)
-    except ValueError as exc:
-        raise bad_file(path, str(exc)) from None
+    data, found = checked_jpeg(path)
     if found != tuple(size):
         raise bad_file(path, f"frame is {found[0]}x{found[1]}, "
                              f"the video's frames are {size[0]}x{size[1]}")
     return data
-
-
-def _file_jpeg_size(path: Path):
-    try:
-        return jpeg_size(_read_bytes(path))
-    except ValueError as exc:
-        raise bad_file(path, str(exc)) from None
 
 
 def _video_geometry(path: Path):
@@ -520,13 +474,12 @@ class DALILoader:
             return bad_file(info["video"], f"DALI cannot decode frame {plan.frame_indices[k]} "
                                            "(its CPU decoder reads VP8, VP9 and MJPEG only)"), index
         folder = source.frames_dir(index)
-        names = [f"img_{plan.frame_indices[k] + 1:05d}.jpg"]
+        paths = [opts.naming.rgb(folder, plan.frame_indices[k])]
         for t in plan.flow_indices[k]:
-            names += [f"flow_x_{t + 1:05d}.jpg", f"flow_y_{t + 1:05d}.jpg"]
-        for name in names:
-            data = np.fromfile(folder / name, dtype=np.uint8)
-            if cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None:
-                return bad_file(folder / name, "corrupt JPEG (cannot be decoded)"), index
+            paths += list(opts.naming.flow(folder, t))
+        for path in paths:
+            if cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                return bad_file(path, "cannot decode (corrupt JPEG data)"), index
         return bad_file(folder, f"DALI could not decode segment {k}"), index
 
 

@@ -1,6 +1,7 @@
 """The pure-PyTorch backend: cv2/PyAV decoding in DataLoader workers.
 
-Workers decode JPEG rawframes with cv2 (or RGB from the video with PyAV), crop, resize and
+Workers check (``frames.py``: the same checks and messages as the DALI backend, so a
+truncated JPEG is an error, not a part-grey image) and decode JPEG rawframes with cv2 (or RGB from the video with PyAV), crop, resize and
 flip per ``plan_clip`` and return uint8 HWC arrays; the main process moves the uint8 batch to
 the device (pinned, non_blocking) and normalises there, which moves a quarter of the bytes
 of float32 through worker shared memory and PCIe.
@@ -34,62 +35,18 @@ from torch.utils.data import DataLoader, Dataset
 from ccs_fast.errors import CCSError, bad_file
 
 from .formats import VideoRecord, read_annotation
+from .frames import FrameNaming, decode_jpeg, frame_size
 from .sampling import num_flow_frames, plan_clip
 from .samplers import BalancedBatchSampler, ShardedSampler
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                          invert_flow_x, stack_flow)
 
 
-def rgb_frame_path(frame_dir, i):
-    return Path(frame_dir) / f"img_{i + 1:05d}.jpg"
-
-
-def flow_frame_paths(frame_dir, i):
-    return (Path(frame_dir) / f"flow_x_{i + 1:05d}.jpg",
-            Path(frame_dir) / f"flow_y_{i + 1:05d}.jpg")
-
-
-def unreadable_reason(path) -> str:
-    """Why a frame that failed to decode failed: opening it again tells a missing or
-    unreadable file (permission, I/O error) from one that is there but not an image."""
+def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
+    """Number of flow_x files in ``frame_dir`` (named by ``naming.flow_tmpl``)."""
+    pattern = naming.flow_x_pattern()
     try:
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        return "missing frame"
-    except PermissionError:
-        return "cannot read (permission denied)"
-    except OSError as exc:
-        return f"cannot read ({exc.strerror or exc})"
-    return "cannot decode (corrupt or not an image)"
-
-
-def read_jpeg(path, grey: bool) -> np.ndarray:
-    """uint8 HWC RGB (or HW grey) of a JPEG; CCSError naming a missing, unreadable or
-    corrupt file."""
-    path = str(path)
-    # EXIF orientation ignored: the crop is planned on the header's width and height.
-    flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imread(path, flags)
-    if img is None:
-        raise bad_file(path, unreadable_reason(path))
-    return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def jpeg_size(path) -> tuple[int, int]:
-    """(width, height) from the JPEG header, without decoding the pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError):
-        raise bad_file(path, unreadable_reason(path)) from None
-
-
-def count_flow_frames(frame_dir) -> int:
-    try:
-        return sum(1 for name in os.listdir(frame_dir) if name.startswith("flow_x_"))
+        return sum(1 for name in os.listdir(frame_dir) if pattern.match(name))
     except FileNotFoundError:
         raise bad_file(frame_dir, "flow frame folder not found") from None
 
@@ -128,6 +85,7 @@ class ClipOptions:
     flow_length: int
     input_size: int
     seed: int
+    naming: FrameNaming = FrameNaming()
 
 
 class ClipDataset(Dataset):
@@ -185,10 +143,11 @@ class ClipDataset(Dataset):
                                       f"({record.num_frames - 1} flow frames)")
             frames = [(video, decoded[int(i)]) for i in plan.frame_indices]
         else:
-            width, height = jpeg_size(rgb_frame_path(frame_dir, 0))
+            naming = self.options.naming
+            width, height = frame_size(naming.rgb(frame_dir, 0))
             plan = self.plan(record, width, height, epoch, row, frame_dir)
-            paths = [rgb_frame_path(frame_dir, int(i)) for i in plan.frame_indices]
-            frames = [(path, read_jpeg(path, grey=False)) for path in paths]
+            paths = [naming.rgb(frame_dir, int(i)) for i in plan.frame_indices]
+            frames = [(path, decode_jpeg(path, grey=False)) for path in paths]
 
         def crop(path, img):
             if img.shape[1] != width or img.shape[0] != height:
@@ -201,10 +160,10 @@ class ClipDataset(Dataset):
         for segment in plan.flow_indices:
             fx, fy = [], []
             for i in segment:
-                path_x, path_y = flow_frame_paths(frame_dir, int(i))
-                x = crop(path_x, read_jpeg(path_x, grey=True))
+                path_x, path_y = self.options.naming.flow(frame_dir, int(i))
+                x = crop(path_x, decode_jpeg(path_x, grey=True))
                 fx.append(invert_flow_x(x) if plan.flip else x)
-                fy.append(crop(path_y, read_jpeg(path_y, grey=True)))
+                fy.append(crop(path_y, decode_jpeg(path_y, grey=True)))
             stacks.append(stack_flow(fx, fy))
         return rgb, np.stack(stacks)
 

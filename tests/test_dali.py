@@ -165,13 +165,16 @@ def _break_huffman_tables(data: bytes) -> bytes:
     return data[:at] + b"\xff" * 16 + data[at + 16:]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "missing", "huffman"])
+@pytest.mark.parametrize("damage", ["truncate", "missing", "huffman", "half"])
 def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
     root = tmp_path / "rawframes"
     shutil.copytree(tree / "rawframes", root)
     victim = root / "c0" / "v2" / "flow_y_00003.jpg"  # every clip of v2 reads it at eval
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:300])
+    elif damage == "half":  # cut inside the scan data: OpenCV alone decodes it part grey
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
     elif damage == "huffman":  # passes the source's header check; DALI's decoder fails and
         # skip_bad restarts the pipeline at that batch without the video
         victim.write_bytes(_break_huffman_tables(victim.read_bytes()))
@@ -194,6 +197,10 @@ def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
     errors = [line for line in child.stdout.splitlines() if line.startswith("CCSError|")]
     assert child.returncode == 0 and len(errors) == 1, child.stdout + child.stderr
     assert str(victim) in errors[0]
+    # issue 12 #1: the torch backend rejects the same file with the same line
+    with pytest.raises(CCSError) as torch_error:
+        _load("torch", annotation, root, train=False, num_segments=25)
+    assert errors[0] == f"CCSError|{torch_error.value}"
     with deadline(60):
         # batches of one: v2's batch is all bad (DALI refuses empty batches; a placeholder
         # clip goes through the pipeline and is dropped)

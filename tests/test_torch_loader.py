@@ -213,9 +213,28 @@ def test_worker_error_surfaces_as_its_one_line_message(tree):
     data = loader(annotation, root, num_workers=1)
     with pytest.raises(CCSError) as excinfo:
         list(data)
-    assert str(excinfo.value) == f"{frame}: cannot decode (corrupt or not an image)"
+    assert str(excinfo.value) == f"{frame}: cannot decode (truncated JPEG: no end-of-image marker)"
     frame.write_bytes(good)
     assert len(list(data)) == len(data)  # the error stopped the workers; new ones start
+
+
+def test_truncated_jpeg_is_rejected_without_opencv_warnings(tree, capfd):
+    """Issue 12 #1: OpenCV decoded half of a truncated JPEG (grey below) and only printed
+    libjpeg's "Premature end of JPEG file", naming no file; skip_bad never triggered."""
+    annotation, root = tree
+    frame = root / "v1" / "img_00001.jpg"  # every clip of v1 reads it (the frame size)
+    data = frame.read_bytes()
+    frame.write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(CCSError) as excinfo:
+        list(loader(annotation, root, train=False))
+    assert str(excinfo.value) == f"{frame}: cannot decode (truncated JPEG: no end-of-image marker)"
+    skipping = loader(annotation, root, train=False, skip_bad=True)
+    rows = [int(i) for b in skipping for i in b["index"]]
+    assert sorted(rows) == [0, 2, 3, 4, 5] and skipping.num_skipped == 1
+    assert "truncated JPEG" in skipping.skipped_errors[1]
+    captured = capfd.readouterr()
+    assert "JPEG" not in captured.err + captured.out, captured.err
 
 
 def test_skip_bad_drops_and_counts_the_bad_video(tree):
@@ -333,7 +352,7 @@ def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
     import os
     import re
 
-    from ccs_fast.dataloader import torch_loader
+    from ccs_fast.dataloader import frames as frame_files
 
     annotation, root = tree
     video = root / "v2"
@@ -341,18 +360,14 @@ def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
     for frame in frames:
         frame.chmod(0)
     if os.geteuid() == 0:  # permission bits do not bind root: answer as the OS does for a user
-        real_imread, real_open = cv2.imread, open
-
-        def imread(path, *args):
-            return None if Path(path).parent == video else real_imread(path, *args)
+        real_open = open
 
         def denied(path, *args, **kwargs):
             if Path(path).parent == video:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(torch_loader.cv2, "imread", imread)
-        monkeypatch.setattr(torch_loader, "open", denied, raising=False)
+        monkeypatch.setattr(frame_files, "open", denied, raising=False)
     try:
         with pytest.raises(CCSError) as excinfo:
             list(loader(annotation, root, train=False))

@@ -1,0 +1,165 @@
+"""Rawframe files as both backends read them: names, bytes and JPEG checks.
+
+Names follow MMAction2's settings: ``filename_tmpl`` (RGB, ``img_{:05d}.jpg``), ``flow_tmpl``
+(``flow_{}_{:05d}.jpg``, the ``{}`` taking ``x`` / ``y``) and ``start_index`` (the number of
+the first file, 1 by default). Frame indices inside the loader are 0-based; file ``i`` is
+``tmpl.format(i + start_index)``.
+
+Every frame is read as bytes and checked before it is decoded: SOI at the start, an EOI
+marker in its last 32 bytes, a SOF header with a non-empty size. A truncated JPEG (the
+common damage of an interrupted copy or extraction) fails the EOI check, so neither backend
+hands it to a decoder that would return a partly grey image with only a libjpeg warning on
+stderr. Both backends raise the same one-line messages, ``<file>: missing frame``,
+``<file>: cannot decode (truncated JPEG: no end-of-image marker)``, etc. Corruption inside
+the entropy-coded data with intact markers is left to the decoder, which fails on it.
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ccs_fast.errors import bad_file
+
+_SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
+                          0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF])
+
+
+@dataclass(frozen=True)
+class FrameNaming:
+    """File names of the frames of one video folder (MMAction2's settings)."""
+    filename_tmpl: str = "img_{:05d}.jpg"
+    flow_tmpl: str = "flow_{}_{:05d}.jpg"
+    start_index: int = 1
+
+    def rgb(self, frame_dir, i: int) -> Path:
+        """RGB frame of 0-based index ``i``."""
+        return Path(frame_dir) / self.filename_tmpl.format(int(i) + self.start_index)
+
+    def flow(self, frame_dir, i: int) -> tuple[Path, Path]:
+        """(flow_x, flow_y) of 0-based flow index ``i``."""
+        number = int(i) + self.start_index
+        return (Path(frame_dir) / self.flow_tmpl.format("x", number),
+                Path(frame_dir) / self.flow_tmpl.format("y", number))
+
+    def flow_x_pattern(self) -> re.Pattern:
+        return template_pattern(self.flow_tmpl, "x")
+
+    def rgb_pattern(self) -> re.Pattern:
+        return template_pattern(self.filename_tmpl)
+
+
+def template_pattern(tmpl: str, axis: str | None = None) -> re.Pattern:
+    """A regex matching the names ``tmpl`` produces (``axis`` fills an empty ``{}`` that
+    comes before the number field)."""
+    parts = []
+    fields = 0
+    for literal, name, spec, _ in string.Formatter().parse(tmpl):
+        parts.append(re.escape(literal))
+        if name is None:
+            continue
+        fields += 1
+        if axis is not None and fields == 1 and tmpl.count("{") == 2:
+            parts.append(re.escape(axis))
+        else:
+            parts.append(r"\d+")
+    return re.compile("".join(parts) + r"\Z")
+
+
+def check_templates(filename_tmpl: str, flow_tmpl: str, start_index: int, where="config"):
+    """ValueError with the reason when a template does not format as MMAction2's do."""
+    try:
+        filename_tmpl.format(start_index)
+    except (IndexError, KeyError, ValueError):
+        raise ValueError(f"data.filename_tmpl = {filename_tmpl!r}: must take one frame number, "
+                         "e.g. img_{:05d}.jpg") from None
+    try:
+        if flow_tmpl.format("x", start_index) == flow_tmpl.format("y", start_index):
+            raise ValueError
+    except (IndexError, KeyError, ValueError):
+        raise ValueError(f"data.flow_tmpl = {flow_tmpl!r}: must take the direction (x or y) "
+                         "and a frame number, e.g. flow_{}_{:05d}.jpg") from None
+
+
+def read_frame_bytes(path) -> np.ndarray:
+    """The bytes of a frame file; CCSError ``missing frame``, ``cannot read (...)`` or
+    ``empty file``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise bad_file(path, "missing frame") from None
+    except PermissionError:
+        raise bad_file(path, "cannot read (permission denied)") from None
+    except IsADirectoryError:
+        raise bad_file(path, "cannot read (a folder, not a file)") from None
+    except OSError as exc:
+        raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise bad_file(path, "cannot decode (empty file)")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def jpeg_size(data) -> tuple[int, int]:
+    """(width, height) from a JPEG's SOF header; ValueError with the reason if the bytes are
+    not a whole JPEG (no SOI, no EOI in the last 32 bytes, no SOF, empty frame)."""
+    view = memoryview(data)
+    n = len(view)
+    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        raise ValueError("not a JPEG: no start-of-image marker")
+    if bytes(view[max(0, n - 32):]).rfind(b"\xff\xd9") < 0:
+        raise ValueError("truncated JPEG: no end-of-image marker")
+    pos = 2
+    while pos + 4 <= n:
+        if view[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG header at byte {pos}")
+        marker = view[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = (view[pos + 2] << 8) | view[pos + 3]
+        if marker in _SOF_MARKERS and pos + 9 <= n:
+            height = (view[pos + 5] << 8) | view[pos + 6]
+            width = (view[pos + 7] << 8) | view[pos + 8]
+            if width == 0 or height == 0:
+                raise ValueError("JPEG with an empty frame")
+            return width, height
+        if marker in (0xD9, 0xDA):
+            break
+        pos += 2 + length
+    raise ValueError("corrupt JPEG header: no frame header")
+
+
+def checked_jpeg(path) -> tuple[np.ndarray, tuple[int, int]]:
+    """(bytes, (width, height)) of a frame that passed the checks; CCSError otherwise."""
+    data = read_frame_bytes(path)
+    try:
+        return data, jpeg_size(data)
+    except ValueError as exc:
+        raise bad_file(path, f"cannot decode ({exc})") from None
+
+
+def frame_size(path) -> tuple[int, int]:
+    """(width, height) of a frame file from its header, without decoding the pixels."""
+    return checked_jpeg(path)[1]
+
+
+def decode_jpeg(path, grey: bool) -> np.ndarray:
+    """uint8 HWC RGB (or HW grey) of a checked JPEG; CCSError naming the file otherwise.
+
+    EXIF orientation is ignored: crops are planned on the header's width and height.
+    """
+    import cv2
+
+    data, _ = checked_jpeg(path)
+    flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(data, flags)
+    if img is None:
+        raise bad_file(path, "cannot decode (corrupt JPEG data)")
+    return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
