@@ -22,7 +22,6 @@ same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak alloca
 call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph, excluded).
 """
 import argparse
-import sys
 
 import torch
 
@@ -74,30 +73,16 @@ def make_case(provider, mode, B, N_f, N_o, d, e, dtype, device):
     return run
 
 
-def bench_one(provider, mode, B, N_f, N_o, d, e, dtype_name, device, peak, env, rep):
-    dtype = DTYPES[dtype_name]
-    fn = make_case(provider, mode, B, N_f, N_o, d, e, dtype, device)
-    fn()  # compile / autotune outside the timing
-    if device == "cuda":
-        p50, p20, p80 = common.timeit(fn, device)
-    else:
-        p50, p20, p80 = common.timeit(fn, device, warmup=3, rep=rep)
+def case(provider, mode, B, n, f, dtype_name, device):
+    """One row: ``provider`` × ``mode`` at N_f = N_o = n, d = e = f. TFLOP/s count the useful
+    work; triton rows also record what the kernels execute (by the GPU tiling)."""
     from ccs_fast.kernels import cross_attention as xa
 
-    flops = xa.useful_flops(mode, B, N_f, N_o, d, e)
-    executed = flops
-    if provider == "triton":  # by the GPU tiling (the interpreter's smaller blocks do more)
-        executed = xa.executed_flops(mode, B, N_f, N_o, d, e)
-    tflops = flops / (p50 * 1e-3) / 1e12
-    row = dict(
-        op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=N_f, N_o=N_o, d=d, e=e,
-        ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mem_bytes=common.peak_memory(fn, device),
-        tflops=tflops, flops=flops,
-        executed_flops=executed,
-        peak_tflops=peak.get(dtype_name), pct_peak=100 * tflops / peak[dtype_name] if peak.get(dtype_name) else None,
-    )
-    row.update(env)
-    return row
+    params = dict(op=OP, provider=provider, mode=mode, dtype=dtype_name, B=B, N_f=n, N_o=n, d=f, e=f)
+    useful = xa.useful_flops(mode, B, n, n, f, f)
+    executed = xa.executed_flops(mode, B, n, n, f, f) if provider == "triton" else useful
+    return common.Case(params, lambda: make_case(provider, mode, B, n, n, f, f, DTYPES[dtype_name], device),
+                       flops=useful, extra=dict(executed_flops=executed))
 
 
 def parse_args(argv=None):
@@ -127,27 +112,11 @@ def main(argv=None):
     if cpu:
         dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
     peak = {} if cpu else {t: common.matmul_peak_tflops(device, DTYPES[t]) for t in dtypes}
-    env = common.env_info(device)
-    path = common.result_path("cross_attention", device, args.out)
-    rows = []
-    for dtype_name in dtypes:
-        for n in Ns:
-            for f in feats:
-                for mode in modes:
-                    for provider in providers:
-                        try:
-                            row = bench_one(provider, mode, B, n, n, f, f, dtype_name, device, peak, env, args.rep)
-                        except torch.OutOfMemoryError:
-                            print(f"skip {provider} {mode} {dtype_name} N={n} d=e={f}: out of memory", file=sys.stderr)
-                            torch.cuda.empty_cache()
-                            continue
-                        # one row at a time: a run stopped by a time limit keeps what it measured
-                        common.append_rows(path, [row])
-                        rows.append(row)
-    common.print_table(rows, ["provider", "mode", "dtype", "B", "N_f", "d", "ms_p50", "ms_p20", "ms_p80",
-                              "tflops", "pct_peak", "peak_mem_bytes"])
-    print(f"\n{len(rows)} rows appended to {path}")
-    return rows
+    cases = [case(provider, mode, B, n, f, dtype_name, device)
+             for dtype_name in dtypes for n in Ns for f in feats for mode in modes for provider in providers]
+    return common.run_sweep("cross_attention", cases, device, args.out, rep=args.rep, peak_tflops=peak,
+                            columns=["provider", "mode", "dtype", "B", "N_f", "d", "ms_p50", "ms_p20", "ms_p80",
+                                     "tflops", "pct_peak", "peak_mem_bytes"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ serves both directions); center loss 2·C²·D for the class-mean distances plus
 Rows are appended to bench/results/losses-<gpu-slug>.json.
 """
 import argparse
-import sys
 
 import torch
 
@@ -93,20 +92,11 @@ def make_case(op, provider, mode, B, D, dtype, device):
     return run
 
 
-def bench_one(op, provider, mode, B, D, dtype_name, device, env, rep):
-    fn = make_case(op, provider, mode, B, D, DTYPES[dtype_name], device)
-    if fn is None:
-        return None
-    fn()  # compile / autotune outside the timing
-    if device == "cuda":
-        p50, p20, p80 = common.timeit(fn, device)
-    else:
-        p50, p20, p80 = common.timeit(fn, device, warmup=1, rep=rep)
-    flops = useful_flops(op, B, D)
-    row = dict(op=op, provider=provider, mode=mode, dtype=dtype_name, B=B, D=D, ms_p50=p50, ms_p20=p20, ms_p80=p80,
-               peak_mem_bytes=common.peak_memory(fn, device), flops=flops, tflops=flops / (p50 * 1e-3) / 1e12)
-    row.update(env)
-    return row
+def case(op, provider, mode, B, D, dtype_name, device):
+    """One row: ``op`` × ``provider`` × ``mode`` at (B, D); no row where the provider lacks the op."""
+    params = dict(op=op, provider=provider, mode=mode, dtype=dtype_name, B=B, D=D)
+    return common.Case(params, lambda: make_case(op, provider, mode, B, D, DTYPES[dtype_name], device),
+                       flops=useful_flops(op, B, D))
 
 
 def parse_args(argv=None):
@@ -133,30 +123,12 @@ def main(argv=None):
     dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
     if cpu:
         dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
-    env = common.env_info(device)
-    path = common.result_path("losses", device, args.out)
-    rows = []
-    for op in args.ops.split(","):
-        for dtype_name in dtypes:
-            for B in Bs:
-                for D in Ds:
-                    for mode in args.modes.split(","):
-                        for provider in providers:
-                            try:
-                                row = bench_one(op, provider, mode, B, D, dtype_name, device, env, args.rep)
-                            except torch.OutOfMemoryError:
-                                print(f"skip {op} {provider} {mode} {dtype_name} B={B} D={D}: out of memory",
-                                      file=sys.stderr)
-                                torch.cuda.empty_cache()
-                                continue
-                            if row is not None:
-                                # one row at a time: a run stopped by a time limit keeps what it measured
-                                common.append_rows(path, [row])
-                                rows.append(row)
-    common.print_table(rows, ["op", "provider", "mode", "dtype", "B", "D", "ms_p50", "ms_p20", "ms_p80",
-                              "tflops", "peak_mem_bytes"])
-    print(f"\n{len(rows)} rows appended to {path}")
-    return rows
+    cases = [case(op, provider, mode, B, D, dtype_name, device)
+             for op in args.ops.split(",") for dtype_name in dtypes for B in Bs for D in Ds
+             for mode in args.modes.split(",") for provider in providers]
+    return common.run_sweep("losses", cases, device, args.out, rep=args.rep, warmup=1,
+                            columns=["op", "provider", "mode", "dtype", "B", "D", "ms_p50", "ms_p20", "ms_p80",
+                                     "tflops", "peak_mem_bytes"])
 
 
 if __name__ == "__main__":

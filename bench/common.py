@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: device naming, versions, timing, JSON rows, tables.
+"""Shared pieces of the benchmarks: device naming, versions, timing, JSON rows, tables, and
+``run_sweep``, which times a list of ``Case``s (the benchmarks only declare their cases).
 
 Every result row carries the device, the library versions, the date and the command that
 produced it (SPEC §7); rows are appended to ``bench/results/<name>-<device-slug>.json``.
@@ -14,8 +15,9 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -167,3 +169,52 @@ def prepare_kernel_device(device: str, prog: str) -> bool:
 def int_list(text: str | None, default: Sequence[int]) -> list[int]:
     """``"1,2,3"`` → ``[1, 2, 3]``; ``default`` when the option was not given."""
     return [int(v) for v in text.split(",")] if text else list(default)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row to take: ``params`` name it (op, provider, mode, dtype, shape),
+    ``make()`` builds the zero-argument callable to time (None: the provider lacks the op),
+    ``flops`` is the useful work that TFLOP/s refer to and ``extra`` goes into the row as is."""
+
+    params: dict
+    make: Callable[[], Optional[Callable[[], object]]]
+    flops: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_sweep(name: str, cases: Iterable[Case], device: str, out_dir=None, rep: int = 5,
+              warmup: int = 3, peak_tflops: Optional[dict] = None, columns: Sequence[str] = ()) -> list[dict]:
+    """Time every case and append one row per case to ``<out_dir>/<name>-<device>.json`` as it is
+    measured (a run stopped by a time limit keeps what it took); a case that runs out of device
+    memory is skipped with a line on stderr. ``peak_tflops`` maps a case's ``dtype`` to the
+    measured matmul peak for ``pct_peak``. Prints ``columns`` as a table; returns the rows."""
+    env = env_info(device)
+    path = result_path(name, device, out_dir)
+    rows = []
+    for case in cases:
+        label = " ".join(f"{k}={v}" for k, v in case.params.items())
+        try:
+            fn = case.make()
+            if fn is None:
+                continue
+            fn()  # compilation and autotuning stay out of the timing
+            p50, p20, p80 = timeit(fn, device, warmup=warmup, rep=rep)
+            mem = peak_memory(fn, device)
+        except torch.OutOfMemoryError:
+            print(f"skip {label}: out of memory", file=sys.stderr)
+            torch.cuda.empty_cache()
+            continue
+        row = dict(case.params, ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mem_bytes=mem)
+        if case.flops is not None:
+            row.update(flops=case.flops, tflops=case.flops / (p50 * 1e-3) / 1e12)
+            peak = (peak_tflops or {}).get(case.params.get("dtype"))
+            row.update(peak_tflops=peak, pct_peak=100 * row["tflops"] / peak if peak else None)
+        row.update(case.extra)
+        row.update(env)
+        append_rows(path, [row])
+        rows.append(row)
+    if columns:
+        print_table(rows, columns)
+    print(f"\n{len(rows)} rows appended to {path}")
+    return rows
