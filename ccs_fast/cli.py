@@ -33,12 +33,6 @@ def resolve_config_path(name: str | None) -> str | None:
     return str(packaged) if packaged.exists() else name
 
 
-def _load(args):
-    from ccs_fast.config import load_config
-
-    return load_config(resolve_config_path(args.config), args.overrides)
-
-
 def cmd_synth(args) -> int:
     from ccs_fast.dataloader.synth import make_synthetic_dataset
 
@@ -84,10 +78,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _config_of_checkpoint(args):
+    """The config of ``eval`` / ``predict``: None (the checkpoint's own, unchanged) without
+    ``--config`` and ``--set``; with ``--set`` alone, the checkpoint's config with the
+    overrides applied on top; with ``--config``, that file and the overrides."""
+    from ccs_fast.checkpoint import read_checkpoint, resolve_checkpoint_path
+    from ccs_fast.config import load_config
+
+    if not (args.config or args.overrides):
+        return None
+    saved = None
+    if not args.config:
+        checkpoint = resolve_checkpoint_path(args.checkpoint)
+        saved = read_checkpoint(checkpoint, mmap=True).get("config")
+        if not saved:
+            raise CCSError(f"{checkpoint}: checkpoint holds no config; pass one with --config")
+    return load_config(resolve_config_path(args.config), args.overrides, base=saved,
+                       base_source=str(args.checkpoint))
+
+
 def cmd_eval(args) -> int:
     from ccs_fast.evaluate import evaluate_checkpoint
 
-    cfg = _load(args) if (args.config or args.overrides) else None
+    cfg = _config_of_checkpoint(args)
     out = Path(args.out) if args.out else None
     result = evaluate_checkpoint(
         cfg, args.checkpoint, annotation=args.list,
@@ -100,7 +113,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from ccs_fast.evaluate import predict
 
-    cfg = _load(args) if (args.config or args.overrides) else None
+    cfg = _config_of_checkpoint(args)
     predict(cfg, args.checkpoint, args.list, args.out)
     return 0
 

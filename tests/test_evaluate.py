@@ -160,3 +160,21 @@ def test_checkpoint_of_a_diverged_model_is_refused(tiny_checkpoint, capsys):
     assert main(["eval", "--checkpoint", str(path)]) == 2
     captured = capsys.readouterr()
     assert name in captured.err and "RGB+Flow" not in captured.out
+
+
+def test_set_applies_on_top_of_the_checkpoints_config(tiny_checkpoint, tmp_path, capsys):
+    """Issue 12 #3: ``eval --set`` rebuilt the config from the defaults (resnet50, 101
+    classes), so the checkpoint was refused as "from another config"."""
+    from ccs_fast.cli import main
+
+    cfg, path = tiny_checkpoint
+    assert main(["eval", "--checkpoint", str(path), "--set", "data.test_segments=3",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["segments"] == 3
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", "--checkpoint", str(path), "--set", "data.eval_batch_size=2",
+                 "--list", "", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2 * 2  # synthetic: 2 batches of eval_batch_size
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(path), "--set", "model.num_classes=7"]) == 2
+    assert "checkpoint from another config" in capsys.readouterr().err
