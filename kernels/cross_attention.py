@@ -67,6 +67,8 @@ Known limits
 - fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 - Inputs must be fp32, fp16 or bf16 for the Triton path (fp64 runs on the eager reference).
 - Under TRITON_INTERPRET, bf16 dot operands are widened to fp32 (``_common.dot_fp32``).
+- The registered backward (``ccs_fast::cross_stream_attention_backward``) is not itself
+  differentiable: no double backward.
 """
 import math
 
