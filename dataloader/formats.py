@@ -18,8 +18,12 @@ from ccs_fast.errors import CCSError, bad_file
 class VideoRecord:
     path: str  # frame directory (rawframes) or video file, relative to the data root
     num_frames: int | None  # RGB frames; None where the list does not say (video lists)
-    label: int  # 0-based class index
+    label: int | None  # 0-based class index; None in a label-less list
     line: int  # 1-based line of the annotation file it came from
+    offset: int = 0  # frames before the video's first one in its folder (MMAction2 with_offset)
+
+
+NO_LABEL_HINT = "label-less lists are read by predict and eval --no-labels"
 
 
 def _lines(path):
@@ -47,12 +51,24 @@ def _int_field(path, number, value, what, minimum):
     return parsed
 
 
+def _label_field(path, number, value, labels):
+    """The 0-based label of a field, or None for -1 where labels are optional."""
+    if value == "-1" and not labels:
+        return None
+    try:
+        return _int_field(path, number, value, "label", 0)
+    except CCSError as exc:
+        if value.lstrip("-").isdigit():  # a negative label
+            raise CCSError(f"{exc} ({NO_LABEL_HINT}, with -1 or no label)") from None
+        raise
+
+
 def _check_records(path, records, num_classes):
     if not records:
         raise bad_file(path, "no videos")
     if num_classes is not None:
         for record in records:
-            if not 0 <= record.label < num_classes:
+            if record.label is not None and not 0 <= record.label < num_classes:
                 raise bad_file(
                     f"{path}:{record.line}",
                     f"label {record.label} outside the {num_classes} classes [0, {num_classes})",
@@ -60,28 +76,44 @@ def _check_records(path, records, num_classes):
     return records
 
 
-def read_rawframe_list(path, num_classes=None) -> list[VideoRecord]:
-    """MMAction2 rawframe list: ``frame_dir total_frames label`` per line."""
+def read_rawframe_list(path, num_classes=None, labels=True) -> list[VideoRecord]:
+    """MMAction2 rawframe list, one video per line: ``frame_dir total_frames label`` or, with
+    offsets, ``frame_dir offset total_frames label``. ``labels=False`` also reads label-less
+    lines (``frame_dir total_frames``, or label -1: label None). A line with more fields (a
+    multi-label line) is refused: the model is a single-label classifier."""
     records = []
     for number, line in _lines(path):
         fields = line.split()
-        if len(fields) != 3:
-            raise bad_file(f"{path}:{number}",
-                           f"expected 'frame_dir total_frames label', got {line!r}")
-        frames = _int_field(path, number, fields[1], "total_frames", 1)
-        label = _int_field(path, number, fields[2], "label", 0)
-        records.append(VideoRecord(fields[0], frames, label, number))
+        where = f"{path}:{number}"
+        if len(fields) > 4:
+            raise bad_file(where, f"{len(fields) - 2} labels on one line: multi-label lists are not "
+                                  f"supported (one class per video); got {line!r}")
+        if len(fields) < 3 and not (len(fields) == 2 and not labels):
+            expected = "'frame_dir total_frames label'"
+            hint = f" ({NO_LABEL_HINT})" if len(fields) == 2 else ""
+            raise bad_file(where, f"expected {expected}, got {line!r}{hint}")
+        offset = _int_field(path, number, fields[1], "offset", 0) if len(fields) == 4 else 0
+        count = fields[2] if len(fields) == 4 else fields[1]
+        frames = _int_field(path, number, count, "total_frames", 1)
+        label = _label_field(path, number, fields[-1], labels) if len(fields) >= 3 else None
+        records.append(VideoRecord(fields[0], frames, label, number, offset))
     return _check_records(path, records, num_classes)
 
 
-def read_video_list(path, num_classes=None) -> list[VideoRecord]:
-    """MMAction2 video list: ``path label`` per line."""
+def read_video_list(path, num_classes=None, labels=True) -> list[VideoRecord]:
+    """MMAction2 video list: ``path label`` per line (``path`` alone, or label -1, where
+    ``labels=False``: label None)."""
     records = []
     for number, line in _lines(path):
         fields = line.split()
-        if len(fields) != 2:
-            raise bad_file(f"{path}:{number}", f"expected 'path label', got {line!r}")
-        label = _int_field(path, number, fields[1], "label", 0)
+        if len(fields) > 2:
+            raise bad_file(f"{path}:{number}", f"expected 'path label', got {line!r} (multi-label "
+                                               "lists are not supported; a path with a space "
+                                               "cannot be listed)")
+        if len(fields) == 1 and labels:
+            raise bad_file(f"{path}:{number}", f"expected 'path label', got {line!r} "
+                                               f"({NO_LABEL_HINT})")
+        label = _label_field(path, number, fields[1], labels) if len(fields) == 2 else None
         records.append(VideoRecord(fields[0], None, label, number))
     return _check_records(path, records, num_classes)
 
@@ -155,23 +187,29 @@ def read_hmdb51_split(split_dir, split=1, train=True) -> list[VideoRecord]:
     return records
 
 
-def read_annotation(path, modality="rawframes", num_classes=None) -> list[VideoRecord]:
-    """The list build_loader reads: rawframe list, or video list for modality="video"."""
+def read_annotation(path, modality="rawframes", num_classes=None,
+                    labels=True) -> list[VideoRecord]:
+    """The list build_loader reads: rawframe list, or video list for modality="video";
+    ``labels=False`` accepts label-less lines."""
     if modality == "rawframes":
-        return read_rawframe_list(path, num_classes)
+        return read_rawframe_list(path, num_classes, labels)
     if modality == "video":
-        return read_video_list(path, num_classes)
+        return read_video_list(path, num_classes, labels)
     raise ValueError(f"unknown modality {modality!r}; available: rawframes, video")
 
 
 def write_rawframe_list(records, path) -> None:
-    """Write ``frame_dir total_frames label`` lines atomically (temporary file, rename)."""
+    """Write ``frame_dir [offset] total_frames [label]`` lines atomically (temporary file,
+    rename): the offset where it is not 0, the label where there is one."""
     path = Path(path)
     lines = []
     for record in records:
         if record.num_frames is None:
             raise ValueError(f"{record.path}: a rawframe list needs num_frames")
-        lines.append(f"{record.path} {record.num_frames} {record.label}\n")
+        offset = f" {record.offset}" if record.offset else ""
+        # without a label an offset line would read as 'frame_dir total_frames label': -1
+        label = f" {record.label}" if record.label is not None else " -1" if offset else ""
+        lines.append(f"{record.path}{offset} {record.num_frames}{label}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -119,3 +119,29 @@ def test_write_rawframe_list_round_trip(tmp_path):
     write_rawframe_list(records, out)
     assert read_rawframe_list(out) == records
     assert [p.name for p in out.parent.iterdir()] == ["train.txt"]
+
+
+def test_offsets_label_less_and_multi_label_lines(tmp_path):
+    """Issue 12: MMAction2's with_offset lists, label-less lists, multi-label lines."""
+    f = write(tmp_path / "offset.txt", "imgs 2 5 127\nimgs 0 3 1\n")
+    assert read_rawframe_list(f) == [VideoRecord("imgs", 5, 127, 1, 2), VideoRecord("imgs", 3, 1, 2)]
+    f = write(tmp_path / "nolabel.txt", "a 12\nb 2 10 -1\nc 12 1\n")
+    with pytest.raises(CCSError) as excinfo:
+        read_rawframe_list(f)
+    one_line_error(excinfo, f"{f}:1", "expected 'frame_dir total_frames label'", "predict")
+    records = read_rawframe_list(f, labels=False)
+    assert records == [VideoRecord("a", 12, None, 1), VideoRecord("b", 10, None, 2, 2),
+                       VideoRecord("c", 12, 1, 3)]
+    out = tmp_path / "round.txt"
+    write_rawframe_list(records, out)
+    assert out.read_text() == "a 12\nb 2 10 -1\nc 12 1\n"
+    assert read_rawframe_list(out, labels=False) == records
+    v = write(tmp_path / "videos.txt", "x.mp4\ny.mp4 -1\n")
+    assert [r.label for r in read_video_list(v, labels=False)] == [None, None]
+    with pytest.raises(CCSError) as excinfo:
+        read_video_list(v)
+    one_line_error(excinfo, f"{v}:1", "predict")
+    m = write(tmp_path / "multi.txt", "imgs 5 1 2 3\n")
+    with pytest.raises(CCSError) as excinfo:
+        read_rawframe_list(m)
+    one_line_error(excinfo, f"{m}:1", "multi-label lists are not supported")
