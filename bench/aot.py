@@ -81,7 +81,7 @@ def attention_calls(dtype):
 
 def loss_calls(dtype):
     """(label, function, configs) per autotune candidate of the triplet and center kernels."""
-    from ccs_fast.kernels import center, triplet
+    from ccs_fast.kernels import center, normalize, triplet
 
     for B, D in ((8192, 512), (512, 2048), (1024, 256)):
         z_a, z_b = _meta(B, D, dtype=dtype), _meta(B, D, dtype=dtype)
@@ -98,6 +98,9 @@ def loss_calls(dtype):
                {"_triplet_mine_kernel": triplet.mine_configs()[0]})
         yield f"B={B} D={D}", lambda z=z_a, y=labels: center.center_forward(z, y, 0.3, 0.8, True, compute_grad=True), {}
         yield f"B={B} D={D}", lambda z=z_a, y=labels: center.center_forward(z, y, 0.3, 0.8, True, compute_grad=False), {}
+        r, g, go = _meta(B), _meta(B, D), _meta(())
+        for norm in (True, False):  # the losses' backward
+            yield (f"B={B} D={D} backward", lambda z=z_a, r=r, g=g, go=go, n=norm: normalize.finish_grad(z, r, g, go, n), {})
 
 
 def _ignore_line_numbers():
