@@ -75,7 +75,8 @@ compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c 'import sys, torch, triton, numpy; print("compat:", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)'
 	@failed=""; \
 	$(COMPAT_VENV)/bin/python -m pytest -q --benchmark-disable tests/test_cross_attention.py \
-		tests/test_triplet.py tests/test_center.py tests/test_losses.py || failed="$$failed kernel-tests"; \
-	if [ -f bench/aot.py ]; then $(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; fi; \
+		tests/test_triplet.py tests/test_center.py tests/test_losses.py tests/test_determinism.py \
+		tests/test_ops.py tests/test_connection.py || failed="$$failed kernel-tests"; \
+	$(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; \
 	$(COMPAT_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
 	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"
