@@ -166,6 +166,14 @@ def prepare_kernel_device(device: str, prog: str) -> bool:
     return device == "cpu"
 
 
+def compile_for_the_gpu(prog: str) -> None:
+    """For the CPU reports that compile or record kernels for a GPU (``bench.aot``,
+    ``bench.static``): the kernels must be real ``triton.jit`` functions, not the
+    interpreter's, so TRITON_INTERPRET is cleared before ``ccs_fast.kernels`` is first imported."""
+    if os.environ.pop("TRITON_INTERPRET", None) == "1" and "ccs_fast.kernels" in sys.modules:
+        sys.exit(f"{prog}: ccs_fast.kernels was imported under TRITON_INTERPRET=1; run it as its own process")
+
+
 def int_list(text: str | None, default: Sequence[int]) -> list[int]:
     """``"1,2,3"`` → ``[1, 2, 3]``; ``default`` when the option was not given."""
     return [int(v) for v in text.split(",")] if text else list(default)

@@ -28,10 +28,8 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_FLOPS = 989e12  # dense bf16, H100 SXM and H200 (datasheets)
@@ -343,6 +341,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/static-triton<version>.json)")
     args = p.parse_args(argv)
+    from bench.common import compile_for_the_gpu
+
+    compile_for_the_gpu("bench.static")
     import triton
 
     from bench.common import env_info
