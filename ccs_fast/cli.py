@@ -102,6 +102,13 @@ def cmd_eval(args) -> int:
 
     cfg = _config_of_checkpoint(args)
     out = Path(args.out) if args.out else None
+    if args.no_labels:
+        from ccs_fast.evaluate import predict
+
+        where = out / "predictions.jsonl" if out else Path("predictions.jsonl")
+        summary = predict(cfg, args.checkpoint, args.list, where)
+        print(f"predicted {summary['num_videos']} videos (no labels, no accuracy) -> {where}")
+        return 0
     result = evaluate_checkpoint(
         cfg, args.checkpoint, annotation=args.list,
         out_json=out / "eval.json" if out else None, out_md=out / "eval.md" if out else None,
@@ -185,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--list", help="annotation list to evaluate (default: the config's data.val_list)")
     p.add_argument("--out", help="folder for eval.json and eval.md")
+    p.add_argument("--no-labels", action="store_true",
+                   help="the list has no labels (none, or -1): write OUT/predictions.jsonl "
+                        "(as predict does) instead of accuracies")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="per-video predictions of a checkpoint as JSON lines")

@@ -58,6 +58,10 @@ class DataConfig:
     val_list: str = ""  # MMAction2 annotation list for evaluation
     modality: str = "rawframes"  # rawframes | video (RGB decoded from the videos)
     flow_root: Optional[str] = None  # rawframes folder holding the flow when modality=video
+    filename_tmpl: str = "img_{:05d}.jpg"  # RGB frame names (MMAction2's RawFrameDecode default)
+    flow_tmpl: str = "flow_{}_{:05d}.jpg"  # flow names, {} = x | y (denseflow; "{}_{:05d}.jpg" for x_00001.jpg)
+    start_index: int = 1  # number of the first frame file (MMAction2: 1; 0 allowed)
+    flow_count: Optional[bool] = None  # total_frames of the lists counts flow frames; None: detect from the files
     backend: str = "torch"  # torch | dali | synthetic
     batch_size: int = 32  # clips per batch and GPU
     eval_batch_size: Optional[int] = None  # clips per evaluation batch (25 segments each); None: batch_size
@@ -144,6 +148,12 @@ class Config:
                 fail(name, self.get(name), f"must hold {length} values")
         if not any(self.model.fusion_weights):
             fail("model.fusion_weights", self.model.fusion_weights, "must not all be 0")
+        from ccs_fast.dataloader.frames import check_templates
+        try:
+            check_templates(self.data.filename_tmpl, self.data.flow_tmpl, self.data.start_index)
+        except ValueError as exc:
+            name = "data.filename_tmpl" if "filename_tmpl" in str(exc) else "data.flow_tmpl"
+            raise CCSError(f"{sources.get(name, source)}: {exc}") from None
         if not str(self.train.out_dir).strip():
             fail("train.out_dir", self.train.out_dir, "must name a folder")
         n = self.data.classes_per_batch
@@ -216,6 +226,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "data.test_segments": Range(1),
     "data.num_workers": Range(0, optional=True),
     "data.synthetic_batches": Range(1),
+    "data.start_index": Range(0),
     "optim.lr": Range(0, low_open=True),
     "optim.momentum": Range(0, 1, high_open=True),
     "optim.betas": Range(0, 1, high_open=True),
@@ -304,6 +315,14 @@ def _coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
+def _is_text_field(section: str, key: str) -> bool:
+    """Whether ``section.key`` is a plain (non-optional) str field."""
+    for f in dataclasses.fields(Config):
+        if f.name == section:
+            return _field_types(f.default_factory).get(key) is str
+    return False
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
            sources: Optional[dict[str, str]] = None) -> None:
     sub = getattr(cfg, section, None)
@@ -350,10 +369,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise CCSError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.01")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise CCSError(f"--set {item!r}: the value is not valid YAML") from None
+        if _is_text_field(section.strip(), key.strip()):
+            # a file name template such as {}_{:05d}.jpg is not valid YAML: taken as written
+            parsed = value
+        else:
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                raise CCSError(f"--set {item!r}: the value is not valid YAML") from None
         _apply(cfg, section.strip(), key.strip(), parsed, "--set", sources)
     return cfg.validate(str(path) if path else "config", sources)
 

@@ -144,9 +144,9 @@ def _load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
 
 
 def _eval_loader(cfg: Config, annotation, device, segments: Optional[int] = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, labels: bool = True):
     return loader_from_config(cfg, train=False, device=device, rank=rank, world_size=world_size,
-                              annotation=annotation, segments=segments)
+                              annotation=annotation, segments=segments, labels=labels)
 
 
 def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,
@@ -186,12 +186,13 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
 @torch.no_grad()
 def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: Optional[int] = None) -> dict:
     """Write one JSON line per video of ``annotation`` to ``out_path``, in annotation order:
-    ``index``, ``label``, ``rgb``, ``flow``, ``fused`` (predicted classes) and ``score``
-    (the fused score of the fused prediction). Single process. Returns a small summary."""
+    ``index``, ``label`` (null in a label-less list), ``rgb``, ``flow``, ``fused`` (predicted
+    classes) and ``score`` (the fused score of the fused prediction). Single process.
+    Returns a small summary; ``fused_top1`` covers the labelled videos (None if none is)."""
     cfg = _config_for(cfg, checkpoint)
     device = select_device(cfg.train.device)
     model = _load_model(cfg, checkpoint, device)
-    loader = _eval_loader(cfg, annotation, device, segments)
+    loader = _eval_loader(cfg, annotation, device, segments, labels=False)
     rows = []
     for batch in loader:
         scores = _forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
@@ -203,10 +204,13 @@ def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: O
         host = {k: v.cpu().tolist() for k, v in columns.items()}  # one copy per batch
         rows.extend(dict(zip(host, values)) for values in zip(*host.values()))
     rows.sort(key=lambda r: r["index"])
+    for row in rows:
+        row["label"] = None if row["label"] < 0 else row["label"]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    correct = sum(r["fused"] == r["label"] for r in rows)
-    return {"num_videos": len(rows), "fused_top1": correct / max(len(rows), 1), "out_path": str(out_path)}
+    labelled = [r for r in rows if r["label"] is not None]
+    top1 = sum(r["fused"] == r["label"] for r in labelled) / len(labelled) if labelled else None
+    return {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path)}

@@ -11,10 +11,12 @@ from ccs_fast.errors import CCSError
 
 def loader_from_config(cfg: Config, *, train: bool, device: torch.device | str, rank: int = 0,
                        world_size: int = 1, annotation: Optional[str] = None,
-                       segments: Optional[int] = None):
+                       segments: Optional[int] = None, labels: bool = True):
     """Loader for the training split (K = model.num_segments, random crops) or for
-    evaluation (K = ``segments`` or data.test_segments, centre crops, every video once)."""
+    evaluation (K = ``segments`` or data.test_segments, centre crops, every video once).
+    ``labels=False`` (prediction): label-less list lines are read, with label −1."""
     from ccs_fast.dataloader import build_loader
+    from ccs_fast.dataloader.frames import FrameNaming
 
     data = cfg.data
     which = "train_list" if train else "val_list"
@@ -33,4 +35,6 @@ def loader_from_config(cfg: Config, *, train: bool, device: torch.device | str, 
         classes_per_batch=data.classes_per_batch if train else None,
         num_classes=cfg.model.num_classes, skip_bad=data.skip_bad, flow_root=data.flow_root,
         synthetic_batches=data.synthetic_batches,
+        naming=FrameNaming(data.filename_tmpl, data.flow_tmpl, data.start_index),
+        flow_count=data.flow_count, labels=labels or train,
     )

@@ -404,7 +404,8 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
                    iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
                    weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
                    resumed_from=str(resume_path) if resume_path else None,
-                   resumed_run_id=resumed_run, changed_on_resume=changes)
+                   resumed_run_id=resumed_run, changed_on_resume=changes,
+                   total_frames=str(getattr(train_loader, "frame_count", "")) or None)
         resumed = ""
         if resume_path is not None:
             resumed = f"; resumed from {resume_path} (epoch {start_epoch}, step {step})"
@@ -413,10 +414,12 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
                                                                for name, (old, new) in changed.items())
             if moved:
                 resumed += f"; {moved} metrics record(s) after step {step} moved to metrics.dropped.jsonl"
+        frame_count = getattr(train_loader, "frame_count", None)
+        data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
         print(f"[train] run {run_id}: {cfg.model.variant} on {device} x{env.world_size}, {cfg.train.precision}, "
               f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
               f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
-              f"-> {out_dir}{resumed}", flush=True)
+              f"-> {out_dir}{data_note}{resumed}", flush=True)
 
     def save(path: Path, epoch_done: int, with_optimizer: bool) -> None:
         rngs = _gather_rng_states(env)  # collective: every rank calls save()

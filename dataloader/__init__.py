@@ -30,15 +30,22 @@ def build_loader(annotation, data_root, *, backend, train, batch_size, num_segme
                  flow_length=5, input_size=224, device="cuda", seed=0, rank=0, world_size=1,
                  modality="rawframes", num_workers=None, classes_per_batch=None,
                  num_classes=None, skip_bad=False, flow_root=None, dtype=torch.float32,
-                 synthetic_batches=50):
+                 synthetic_batches=50, naming=None, flow_count=None, labels=True):
     """A loader of clip batches: ``__iter__`` (one epoch), ``__len__``, ``set_epoch``,
-    ``num_videos``, ``num_classes``. See docs/loader.md."""
+    ``num_videos``, ``num_classes``. See docs/loader.md.
+
+    ``naming``: a ``frames.FrameNaming`` (MMAction2's filename_tmpl, flow_tmpl, start_index;
+    default img_{:05d}.jpg, flow_{}_{:05d}.jpg, 1). ``flow_count``: whether total_frames
+    of a rawframe list counts flow frames (None: detected from the files; the loader's
+    ``frame_count`` says which). ``labels=False``: label-less lines are read (label −1).
+    """
     options = dict(
         train=train, batch_size=batch_size, num_segments=num_segments,
         flow_length=flow_length, input_size=input_size, device=device, seed=seed, rank=rank,
         world_size=world_size, modality=modality, num_workers=num_workers,
         classes_per_batch=classes_per_batch, num_classes=num_classes, skip_bad=skip_bad,
         flow_root=flow_root, dtype=dtype, synthetic_batches=synthetic_batches,
+        naming=naming, flow_count=flow_count, labels=labels,
     )
     if backend == "torch":
         from .torch_loader import build_torch_loader

@@ -45,7 +45,7 @@ from ccs_fast.errors import CCSError, bad_file
 
 from .frames import FrameNaming, checked_jpeg, frame_size, jpeg_size  # noqa: F401 (re-exported)
 from .sampling import plan_clip
-from .torch_loader import build_batch_sampler, load_records
+from .torch_loader import build_batch_sampler, default_num_classes, load_records
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # DALI reports a worker's exception with its traceback; this pulls our one line back out.
@@ -131,7 +131,7 @@ class ClipSource:
             width, height, video_frames = _video_geometry(video)
             info = dict(name=video, video=video, video_frames=video_frames)
         else:
-            width, height = frame_size(self.options.naming.rgb(folder, 0))
+            width, height = frame_size(self.options.naming.rgb(folder, record.offset))
             info = dict(name=folder)
         info.update(num_frames=record.num_frames, width=width, height=height)
         self._video_info[index] = info
@@ -189,7 +189,8 @@ class ClipSource:
         x_mean, x_std = (FLOW_MEAN - 1.0, -FLOW_STD) if plan.flip else (FLOW_MEAN, FLOW_STD)
         flow_mean = np.array([x_mean, FLOW_MEAN] * opts.flow_length, dtype=np.float32)
         flow_std = np.array([x_std, FLOW_STD] * opts.flow_length, dtype=np.float32)
-        label = np.array(self.records[index].label, dtype=np.int64)
+        record = self.records[index]
+        label = np.array(-1 if record.label is None else record.label, dtype=np.int64)
         row = np.array(self.rows[index], dtype=np.int64)
         if opts.modality == "video":
             video_bytes = _read_video_bytes(info["video"])
@@ -198,10 +199,11 @@ class ClipSource:
             if opts.modality == "video":
                 rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32))
             else:
-                rgb = (_read_jpeg(opts.naming.rgb(folder, plan.frame_indices[k]), size),)
+                rgb = (_read_jpeg(opts.naming.rgb(folder, record.offset + plan.frame_indices[k]),
+                                  size),)
             flows = []
             for t in plan.flow_indices[k]:
-                path_x, path_y = opts.naming.flow(folder, t)
+                path_x, path_y = opts.naming.flow(folder, record.offset + t)
                 flows.append(_read_jpeg(path_x, size))
                 flows.append(_read_jpeg(path_y, size))
             segments.append((*rgb, *flows, *crop_args, flow_mean, flow_std, label, row))
@@ -474,9 +476,10 @@ class DALILoader:
             return bad_file(info["video"], f"DALI cannot decode frame {plan.frame_indices[k]} "
                                            "(its CPU decoder reads VP8, VP9 and MJPEG only)"), index
         folder = source.frames_dir(index)
-        paths = [opts.naming.rgb(folder, plan.frame_indices[k])]
+        offset = source.records[index].offset
+        paths = [opts.naming.rgb(folder, offset + plan.frame_indices[k])]
         for t in plan.flow_indices[k]:
-            paths += list(opts.naming.flow(folder, t))
+            paths += list(opts.naming.flow(folder, offset + t))
         for path in paths:
             if cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED) is None:
                 return bad_file(path, "cannot decode (corrupt JPEG data)"), index
@@ -494,19 +497,22 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
                       flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
                       world_size=1, modality="rawframes", num_workers=None,
                       classes_per_batch=None, num_classes=None, skip_bad=False,
-                      flow_root=None, dtype=torch.float32, **_) -> DALILoader:
+                      flow_root=None, dtype=torch.float32, naming=None, flow_count=None,
+                      labels=True, **_) -> DALILoader:
     """The DALI loader of the loader contract (docs/loader.md); ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
-    records, rows, skipped, flow_root = load_records(
+    naming = naming or FrameNaming()
+    records, rows, skipped, flow_root, count = load_records(
         annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
-        num_classes=num_classes, skip_bad=skip_bad)
+        num_classes=num_classes, skip_bad=skip_bad, naming=naming, flow_count=flow_count,
+        labels=labels)
     labels = [record.label for record in records]
     sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
                                   classes_per_batch=classes_per_batch, seed=seed, rank=rank,
                                   world_size=world_size, annotation=annotation)
     options = _Options(num_segments=num_segments, flow_length=flow_length,
                        input_size=input_size, train=train, seed=seed, modality=modality,
-                       skip_bad=skip_bad)
+                       skip_bad=skip_bad, naming=naming)
     source = ClipSource(records, rows, data_root, flow_root or data_root, sampler, options)
     # the cores of this machine shared by the ranks on it
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -514,6 +520,8 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
     loader = DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
                         dtype=dtype, num_threads=num_threads,
                         py_num_workers=max(1, min(4, num_threads)),
-                        num_classes=num_classes if num_classes is not None else max(labels) + 1)
+                        num_classes=num_classes if num_classes is not None
+                        else default_num_classes(labels))
     loader.num_skipped = skipped
+    loader.frame_count = count
     return loader

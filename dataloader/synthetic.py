@@ -58,16 +58,18 @@ def build_synthetic_loader(annotation, data_root, *, train, batch_size, num_segm
                            flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
                            world_size=1, modality="rawframes", num_workers=None,
                            classes_per_batch=None, num_classes=None, skip_bad=False,
-                           flow_root=None, dtype=torch.float32, synthetic_batches=50):
+                           flow_root=None, dtype=torch.float32, synthetic_batches=50,
+                           naming=None, flow_count=None, labels=True):
     """``build_loader(..., backend="synthetic")``: the annotation, when given, only supplies
     num_classes and num_videos; nothing is read from data_root."""
     del train, data_root, world_size, num_workers, classes_per_batch, skip_bad, flow_root
+    del naming, flow_count
     num_videos = synthetic_batches * batch_size
     if annotation is not None:
-        labels = [r.label for r in read_annotation(annotation, modality, num_classes)]
-        num_videos = len(labels)
+        records = read_annotation(annotation, modality, num_classes, labels=labels)
+        num_videos = len(records)
         if num_classes is None:
-            num_classes = max(labels) + 1
+            num_classes = max((r.label for r in records if r.label is not None), default=0) + 1
     if num_classes is None:
         raise ValueError("the synthetic backend needs num_classes or an annotation file")
     return SyntheticLoader(batch_size=batch_size, num_segments=num_segments,

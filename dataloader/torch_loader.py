@@ -113,7 +113,8 @@ class ClipDataset(Dataset):
             rgb, flow = self.load_clip(record, epoch, row)
         except CCSError as exc:
             return {"error": str(exc), "index": row}
-        return {"rgb": rgb, "flow": flow, "label": record.label, "index": row, "error": None}
+        label = -1 if record.label is None else record.label
+        return {"rgb": rgb, "flow": flow, "label": label, "index": row, "error": None}
 
     def flow_dir(self, record: VideoRecord) -> Path:
         if self.modality == "video":
@@ -143,10 +144,10 @@ class ClipDataset(Dataset):
                                       f"({record.num_frames - 1} flow frames)")
             frames = [(video, decoded[int(i)]) for i in plan.frame_indices]
         else:
-            naming = self.options.naming
-            width, height = frame_size(naming.rgb(frame_dir, 0))
+            naming, first = self.options.naming, record.offset
+            width, height = frame_size(naming.rgb(frame_dir, first))
             plan = self.plan(record, width, height, epoch, row, frame_dir)
-            paths = [naming.rgb(frame_dir, int(i)) for i in plan.frame_indices]
+            paths = [naming.rgb(frame_dir, first + int(i)) for i in plan.frame_indices]
             frames = [(path, decode_jpeg(path, grey=False)) for path in paths]
 
         def crop(path, img):
@@ -160,7 +161,7 @@ class ClipDataset(Dataset):
         for segment in plan.flow_indices:
             fx, fy = [], []
             for i in segment:
-                path_x, path_y = self.options.naming.flow(frame_dir, int(i))
+                path_x, path_y = self.options.naming.flow(frame_dir, record.offset + int(i))
                 x = crop(path_x, decode_jpeg(path_x, grey=True))
                 fx.append(invert_flow_x(x) if plan.flip else x)
                 fy.append(crop(path_y, decode_jpeg(path_y, grey=True)))
@@ -292,16 +293,53 @@ def default_flow_root(data_root) -> Path:
     return Path(data_root).resolve().parent / "rawframes"
 
 
+def lists_count_flow_frames(records, data_root, naming: FrameNaming) -> bool | None:
+    """Whether a rawframe list's total_frames counts flow frames rather than RGB frames,
+    from the files of its first folder that exists: with n RGB frames there are n − 1 flow
+    frames (denseflow), so a flow file numbered like the last RGB frame exists only when
+    the list counts flow frames. Where lines with offsets share a folder, the line that
+    reaches furthest into it decides. None when no listed folder exists."""
+    for record in records:
+        folder = Path(data_root) / record.path
+        if folder.is_dir():
+            last = max(r.offset + r.num_frames for r in records if r.path == record.path)
+            return naming.flow(folder, last - 1)[0].is_file()
+    return None
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """What the total_frames of a list counts, and how that was decided (the start line)."""
+    flow: bool
+    how: str  # "detected from the files" | "data.flow_count" | "video: flow frames + 1"
+
+    def __str__(self):
+        return f"total_frames counts {'flow' if self.flow else 'RGB'} frames ({self.how})"
+
+
 def resolve_records(records, annotation, data_root, *, modality, flow_root, flow_length,
-                    skip_bad):
-    """Fill in num_frames of video lists from the flow folders and check every video is long
-    enough for the flow stack; returns (good records, their annotation rows, number skipped)."""
+                    skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None):
+    """Fill in num_frames (RGB frames) of video lists from the flow folders, and of rawframe
+    lists whose total_frames counts flow frames (``flow_count``; None: detected from the
+    files); check every video is long enough for the flow stack. Returns (good records,
+    their annotation rows, number skipped, FrameCount)."""
+    if modality == "video":
+        count = FrameCount(True, "video: flow frames + 1")
+    elif flow_count is None:
+        count = FrameCount(bool(lists_count_flow_frames(records, data_root, naming)),
+                           "detected from the files")
+    else:
+        count = FrameCount(bool(flow_count), "data.flow_count")
     good, rows, skipped = [], [], 0
     for row, record in enumerate(records):
         try:
             if modality == "video":
-                frames = count_flow_frames(Path(flow_root) / Path(record.path).with_suffix("")) + 1
+                folder = Path(flow_root) / Path(record.path).with_suffix("")
+                frames = count_flow_frames(folder, naming) + 1
                 record = VideoRecord(record.path, frames, record.label, record.line)
+            elif count.flow:
+                record = VideoRecord(record.path, record.num_frames + 1, record.label,
+                                     record.line, record.offset)
             if num_flow_frames(record.num_frames) < flow_length:
                 raise bad_file(
                     f"{annotation}:{record.line}",
@@ -318,21 +356,26 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
         rows.append(row)
     if not good:
         raise bad_file(annotation, "no usable videos (all skipped as bad)")
-    return good, rows, skipped
+    return good, rows, skipped, count
 
 
 def load_records(annotation, data_root, *, modality, flow_root, flow_length, num_classes,
-                 skip_bad):
+                 skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None, labels=True):
     """Read and check an annotation list for either backend: (records, their annotation rows,
-    number skipped, flow root). Video lists take their flow from ``flow_root`` (default: the
-    ``rawframes`` folder beside ``data_root``)."""
-    records = read_annotation(annotation, modality, num_classes)
+    number skipped, flow root, FrameCount). Video lists take their flow from ``flow_root``
+    (default: the ``rawframes`` folder beside ``data_root``). ``labels=False`` accepts
+    label-less lines (label None)."""
+    records = read_annotation(annotation, modality, num_classes, labels=labels)
     if modality == "video" and flow_root is None:
         flow_root = default_flow_root(data_root)
-    records, rows, skipped = resolve_records(records, annotation, data_root, modality=modality,
-                                             flow_root=flow_root, flow_length=flow_length,
-                                             skip_bad=skip_bad)
-    return records, rows, skipped, flow_root
+    records, rows, skipped, count = resolve_records(
+        records, annotation, data_root, modality=modality, flow_root=flow_root,
+        flow_length=flow_length, skip_bad=skip_bad, naming=naming, flow_count=flow_count)
+    return records, rows, skipped, flow_root, count
+
+
+def default_num_classes(labels) -> int:
+    return max((label for label in labels if label is not None), default=0) + 1
 
 
 def build_batch_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank,
@@ -354,25 +397,30 @@ def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments
                        flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
                        world_size=1, modality="rawframes", num_workers=None,
                        classes_per_batch=None, num_classes=None, skip_bad=False,
-                       flow_root=None, dtype=torch.float32, synthetic_batches=50):
+                       flow_root=None, dtype=torch.float32, synthetic_batches=50,
+                       naming=None, flow_count=None, labels=True):
     """``build_loader(..., backend="torch")``."""
     del synthetic_batches  # synthetic backend only
-    records, rows, skipped, flow_root = load_records(
+    naming = naming or FrameNaming()
+    records, rows, skipped, flow_root, count = load_records(
         annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
-        num_classes=num_classes, skip_bad=skip_bad)
+        num_classes=num_classes, skip_bad=skip_bad, naming=naming, flow_count=flow_count,
+        labels=labels)
     options = ClipOptions(train=train, num_segments=num_segments, flow_length=flow_length,
-                          input_size=input_size, seed=seed)
+                          input_size=input_size, seed=seed, naming=naming)
     dataset = ClipDataset(records, data_root, options, modality=modality, flow_root=flow_root,
                           rows=rows)
     labels = [r.label for r in records]
     sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
                                   classes_per_batch=classes_per_batch, seed=seed, rank=rank,
                                   world_size=world_size, annotation=annotation)
-    return TorchClipLoader(
+    loader = TorchClipLoader(
         dataset, sampler, device=device, dtype=dtype,
         num_workers=default_num_workers() if num_workers is None else num_workers,
         skip_bad=skip_bad,
-        num_classes=num_classes if num_classes is not None else max(labels) + 1,
+        num_classes=num_classes if num_classes is not None else default_num_classes(labels),
         skipped=skipped,
         generator=loader_generator(seed, rank, train),
     )
+    loader.frame_count = count
+    return loader

@@ -404,7 +404,7 @@ def test_all_eval_videos_bad_with_skip_bad_is_an_error(rawframes, tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"ccs-fast: error: {val}: no video left to evaluate (4 skipped as bad)")
-    assert "cannot decode (corrupt or not an image)" in err and "training stopped in epoch 1" in err
+    assert "cannot decode (not a JPEG: no start-of-image marker)" in err and "training stopped in epoch 1" in err
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
 
 
