@@ -34,12 +34,14 @@ def resolve_config_path(name: str | None) -> str | None:
 
 
 def cmd_synth(args) -> int:
+    from ccs_fast.dataloader.frames import naming_from_arguments
     from ccs_fast.dataloader.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(
         args.out, seed=args.seed, classes=args.classes, videos_per_cell=args.videos_per_cell,
         val_videos_per_cell=args.val_videos_per_cell, frames=args.frames, size=args.size,
         flow=args.flow, workers=args.workers, progress=True,
+        naming=naming_from_arguments(args),
     )
     print(f"wrote {args.out}: {summary}")
     return 0
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=synth_defaults["size"], help="frame width and height in pixels, even (default %(default)s)")
     p.add_argument("--flow", choices=("tvl1", "farneback"), default="tvl1", help="optical flow (default TV-L1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    from ccs_fast.dataloader.frames import add_naming_arguments
+    add_naming_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="videos + split files -> rawframes, TV-L1 flow and annotation lists")

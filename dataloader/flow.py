@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from .frames import FrameNaming
+
 FLOW_BOUND = 20.0  # denseflow's default bound, in pixels per frame
 
 FLOW_METHODS = ("tvl1", "farneback")
@@ -162,20 +164,22 @@ def atomic_dir(out_dir: str | os.PathLike, write: Callable[[Path], object], *,
 
 
 def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
-                       estimator: FlowEstimator, jpeg_quality: int, bound: float) -> int:
+                       estimator: FlowEstimator, jpeg_quality: int, bound: float,
+                       naming: FrameNaming) -> int:
     previous_gray = None
     for index, rgb in enumerate(frames_rgb, start=1):
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
             raise ValueError(f"frame {index}: expected HxWx3 uint8 RGB, got "
                              f"{rgb.shape} {rgb.dtype}")
-        _imwrite(folder / frame_name("img", index), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+        _imwrite(naming.rgb(folder, index - 1), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                  jpeg_quality)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         if previous_gray is not None:
             fx, fy = flow_to_uint8(estimator(previous_gray, gray), bound)
-            _imwrite(folder / frame_name("flow_x", index - 1), fx, jpeg_quality)
-            _imwrite(folder / frame_name("flow_y", index - 1), fy, jpeg_quality)
+            path_x, path_y = naming.flow(folder, index - 2)
+            _imwrite(path_x, fx, jpeg_quality)
+            _imwrite(path_y, fy, jpeg_quality)
         previous_gray = gray
     if previous_gray is None:
         raise ValueError("no frames to write")
@@ -184,17 +188,21 @@ def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
 
 def write_rawframes(frames_rgb: Sequence[np.ndarray], out_dir: str | os.PathLike,
                     method: str | FlowEstimator = "tvl1", jpeg_quality: int = 95, *,
-                    bound: float = FLOW_BOUND, overwrite: bool = False) -> int:
+                    bound: float = FLOW_BOUND, overwrite: bool = False,
+                    naming: FrameNaming | None = None) -> int:
     """Write one video's MMAction2 rawframes atomically and return its frame count ``n``.
 
     ``out_dir`` receives ``img_00001.jpg`` … ``img_{n}.jpg`` (RGB JPEG) and ``flow_x_``/
     ``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from frame i to i+1 on the grey frames,
-    mapped by ``flow_to_uint8``). ``method`` is a method name for ``make_flow_estimator`` or
-    an estimator callable. The folder appears only when complete (see ``atomic_dir``).
+    mapped by ``flow_to_uint8``), or the names ``naming`` (a ``frames.FrameNaming``: templates
+    and first number) gives. ``method`` is a method name for ``make_flow_estimator`` or an
+    estimator callable. The folder appears only when complete (see ``atomic_dir``).
     """
     estimator = make_flow_estimator(method) if isinstance(method, str) else method
+    naming = naming or FrameNaming()
     return atomic_dir(
         out_dir,
-        lambda folder: _write_frames_into(folder, frames_rgb, estimator, jpeg_quality, bound),
+        lambda folder: _write_frames_into(folder, frames_rgb, estimator, jpeg_quality, bound,
+                                          naming),
         overwrite=overwrite,
     )

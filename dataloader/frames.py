@@ -84,6 +84,34 @@ def check_templates(filename_tmpl: str, flow_tmpl: str, start_index: int, where=
                          "and a frame number, e.g. flow_{}_{:05d}.jpg") from None
 
 
+def add_naming_arguments(parser) -> None:
+    """``--filename-tmpl``, ``--flow-tmpl``, ``--start-index`` (prepare, synth)."""
+    default = FrameNaming()
+    parser.add_argument("--filename-tmpl", default=default.filename_tmpl,
+                        help="RGB frame names, as data.filename_tmpl (default %(default)s)")
+    parser.add_argument("--flow-tmpl", default=default.flow_tmpl,
+                        help="flow frame names, {} = x | y, as data.flow_tmpl (default "
+                             "%(default)s; {}_{:05d}.jpg gives x_00001.jpg)")
+    parser.add_argument("--start-index", type=int, default=default.start_index,
+                        help="number of the first frame file, as data.start_index "
+                             "(default %(default)s)")
+
+
+def naming_from_arguments(args) -> FrameNaming:
+    """The FrameNaming of ``add_naming_arguments``' options; CCSError when a template or the
+    start index is unusable."""
+    from ccs_fast.errors import CCSError
+
+    if args.start_index < 0:
+        raise CCSError(f"--start-index {args.start_index}: must be >= 0")
+    try:
+        check_templates(args.filename_tmpl, args.flow_tmpl, args.start_index)
+    except ValueError as exc:
+        raise CCSError(str(exc).replace("data.filename_tmpl", "--filename-tmpl")
+                       .replace("data.flow_tmpl", "--flow-tmpl")) from None
+    return FrameNaming(args.filename_tmpl, args.flow_tmpl, args.start_index)
+
+
 def read_frame_bytes(path) -> np.ndarray:
     """The bytes of a frame file; CCSError ``missing frame``, ``cannot read (...)`` or
     ``empty file``."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from ccs_fast.errors import CCSError, bad_file
 
 from .flow import FLOW_METHODS, write_rawframes
+from .frames import FrameNaming, add_naming_arguments, naming_from_arguments
 from .formats import VideoRecord, read_hmdb51_split, read_ucf101_split, write_rawframe_list
 
 _UCF_TRAIN = re.compile(r"^trainlist(\d+)\.txt$")
@@ -87,18 +88,19 @@ def decode_resized(path, short_side: int):
             yield rgb
 
 
-def count_frames(frames_dir: Path) -> int:
-    return sum(1 for name in os.listdir(frames_dir) if name.startswith("img_"))
+def count_frames(frames_dir: Path, naming: FrameNaming = FrameNaming()) -> int:
+    pattern = naming.rgb_pattern()
+    return sum(1 for name in os.listdir(frames_dir) if pattern.match(name))
 
 
 def _prepare_one(task):
     """Worker: (video path, frames, None) when done, (video path, None, message) on failure."""
-    video_path, source, target, flow, short_side, overwrite = task
+    video_path, source, target, flow, short_side, overwrite, naming = task
     try:
         if not source.is_file():
             raise FileNotFoundError("video not found")
         n = write_rawframes(decode_resized(source, short_side), target, method=flow,
-                            overwrite=overwrite)
+                            overwrite=overwrite, naming=naming)
         return video_path, n, None
     except Exception as exc:  # one bad video must not stop the run; it is reported and counted
         problem = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
@@ -112,8 +114,11 @@ def _worker_init():
 
 
 def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow="tvl1",
-                    short_side=256, skip_existing=True, progress=True) -> dict:
+                    short_side=256, skip_existing=True, progress=True,
+                    naming: FrameNaming | None = None) -> dict:
     """Decode every video of the splits, write rawframes + flow and the split lists.
+    ``naming``: the frames' file names (MMAction2's filename_tmpl, flow_tmpl, start_index;
+    default img_00001.jpg, flow_x_00001.jpg).
 
     Returns a summary: ``videos`` (in the splits), ``done`` (written now), ``existing``
     (skipped, already complete), ``failed`` and ``failures`` (one line each), ``lists``
@@ -130,14 +135,16 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow="tvl1
     splits = read_splits(splits_dir)
     frames_root = out_dir / "rawframes"
     videos = sorted({r.path for train, val in splits.values() for r in train + val})
+    naming = naming or FrameNaming()
 
     num_frames, tasks = {}, []
     for video in videos:
         target = frames_root / frames_dir_name(video)
         if skip_existing and target.is_dir():
-            num_frames[video] = count_frames(target)
+            num_frames[video] = count_frames(target, naming)
         else:
-            tasks.append((video, videos_dir / video, target, flow, short_side, not skip_existing))
+            tasks.append((video, videos_dir / video, target, flow, short_side, not skip_existing,
+                          naming))
     existing = len(num_frames)
 
     failures = []
@@ -191,13 +198,15 @@ def add_prepare_arguments(parser) -> None:
                         help="resize frames so the short side is this (default 256: 340x256)")
     parser.add_argument("--redo", action="store_true",
                         help="rewrite videos whose frames exist (default: skip them)")
+    add_naming_arguments(parser)
 
 
 def run_prepare(args) -> int:
     """CLI body: 0 when every video is prepared, 1 when some failed (listed above)."""
     summary = prepare_dataset(args.videos, args.splits, args.out, workers=args.workers,
                               flow=args.flow, short_side=args.short_side,
-                              skip_existing=not args.redo)
+                              skip_existing=not args.redo,
+                              naming=naming_from_arguments(args))
     print(f"prepared {summary['done']} videos, {summary['existing']} already done, "
           f"{summary['failed']} failed of {summary['videos']} in {summary['seconds']} s")
     for path in summary["lists"]:

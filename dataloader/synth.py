@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from ccs_fast.dataloader.flow import FLOW_BOUND, write_rawframes
+from ccs_fast.dataloader.frames import FrameNaming
 
 MOTIONS = ("up", "down", "sideways", "spin")  # motion m -> name; all invariant to h-flip
 MAX_CLASSES = len(MOTIONS)
@@ -267,7 +268,7 @@ def write_webm(frames_rgb: Sequence[np.ndarray], path: str | os.PathLike, *,
 
 
 def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec: str,
-                fps: int) -> bool:
+                fps: int, naming: FrameNaming = FrameNaming()) -> bool:
     """Worker: render one video and write its webm and rawframes, skipping finished parts.
 
     Returns whether anything was written (False: both already existed from an earlier run).
@@ -284,7 +285,8 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
     if not video_path.is_file():
         write_webm(frames, video_path, codec=codec, fps=fps)
     if not frame_dir.is_dir():
-        write_rawframes(frames, frame_dir, make_flow_estimator(flow, **flow_params))
+        write_rawframes(frames, frame_dir, make_flow_estimator(flow, **flow_params),
+                        naming=naming)
     return True
 
 
@@ -345,6 +347,7 @@ def make_synthetic_dataset(
     workers: int | None = None,
     fps: int = DEFAULT_FPS,
     progress: bool = False,
+    naming: FrameNaming | None = None,
 ) -> dict:
     """Write the Latin-square data set (module docstring) under ``out_dir``; return a summary.
 
@@ -352,7 +355,9 @@ def make_synthetic_dataset(
     ``size`` the square frame side (even, ≥ 16); ``flow`` ``"tvl1"`` (SPEC) or ``"farneback"``
     (fast, for tests); ``workers`` processes (default: every CPU core). Re-running with the
     same options resumes: finished videos are kept. Different options on an existing folder
-    raise ``CCSError``.
+    raise ``CCSError``. ``naming``: the rawframes' file names (``frames.FrameNaming``,
+    MMAction2's filename_tmpl, flow_tmpl and start_index; default img_00001.jpg,
+    flow_x_00001.jpg), recorded in the options when not the default.
     """
     from ccs_fast.errors import CCSError, bad_file
 
@@ -377,6 +382,10 @@ def make_synthetic_dataset(
                    videos_per_cell=videos_per_cell, val_videos_per_cell=val_videos_per_cell,
                    frames=frames, size=size, flow=flow, flow_params=flow_params,
                    flow_bound=FLOW_BOUND, codec=codec, fps=fps)
+    naming = naming or FrameNaming()
+    if naming != FrameNaming():
+        options.update(filename_tmpl=naming.filename_tmpl, flow_tmpl=naming.flow_tmpl,
+                       start_index=naming.start_index)
     options_path = root / _OPTIONS_FILE
     if options_path.is_file():
         try:
@@ -397,7 +406,7 @@ def make_synthetic_dataset(
     specs = video_specs(seed=seed, classes=classes, videos_per_cell=videos_per_cell,
                         val_videos_per_cell=val_videos_per_cell, frames=frames, size=size)
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
-    jobs = [(spec, str(root), flow, flow_params, codec, fps) for spec in specs]
+    jobs = [(spec, str(root), flow, flow_params, codec, fps, naming) for spec in specs]
     bar = None
     if progress:
         from tqdm import tqdm

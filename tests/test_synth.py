@@ -197,3 +197,19 @@ def test_video_specs_balance():
     assert all(s.label == (s.appearance + s.motion) % 4 for s in specs)
     assert video_specs(seed=0, classes=4, videos_per_cell=2, val_videos_per_cell=1, frames=8,
                        size=32) == specs
+
+
+def test_synth_with_mmaction_names(tmp_path):
+    """Issue 12: synth --flow-tmpl / --start-index write the names MMAction2's settings give."""
+    from ccs_fast.cli import main
+
+    out = tmp_path / "named"
+    assert main(["synth", "--out", str(out), "--classes", "2", "--videos-per-cell", "1",
+                 "--val-videos-per-cell", "1", "--frames", "3", "--size", "16",
+                 "--flow", "farneback", "--workers", "1", "--flow-tmpl", "{}_{:05d}.jpg",
+                 "--start-index", "0"]) == 0
+    folder = next((out / "rawframes").glob("*/*"))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "img_00000.jpg", "img_00001.jpg", "img_00002.jpg",
+        "x_00000.jpg", "x_00001.jpg", "y_00000.jpg", "y_00001.jpg"]
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--flow-tmpl", "flow_{:05d}.jpg"]) == 2
