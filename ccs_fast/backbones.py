@@ -7,12 +7,14 @@
   the stem (conv1, bn1, relu, maxpool) followed by layer1; stages 2–4 are layer2–layer4.
 - torchvision VGGs (``vgg16_bn``, ``vgg16``, …): ``features`` split after each max-pool, five
   stages. The fully connected fc6/fc7 belong to the classifier and are not part of the backbone.
-- ``timm:<name>`` when timm is installed: the model's own stages — ``layer1..layer4``,
-  ``stages[i]`` or ``s1..s4`` — with everything before the first stage folded into stage 1 and
-  the non-head modules after the last (e.g. a final 1×1 conv) folded into the last stage. The
-  split is checked against the model's ``forward_features`` on a probe input; a model without
-  such structure (or whose check fails) becomes a single stage running ``forward_features``,
-  so a connection block can only follow its last stage.
+- ``timm:<name>`` when timm is installed: the stages that the model's own ``feature_info``
+  names (the modules whose features have stride ≥ 4: ``layer1..layer4``, ``stages.i``,
+  ``s1..s4``, or the ``blocks.i`` that end a stride), with everything before the first folded
+  into stage 1 and the non-head modules after the last (e.g. a final 1×1 conv) folded into the
+  last stage. The split is checked against the model's ``forward_features`` on a probe input;
+  a model whose features are not laid out along its children (or whose check fails) becomes a
+  single stage running ``forward_features``, so a connection block can only follow its last
+  stage.
 
 No classifier and no pooling: ``forward(x)`` returns the last stage's (N, C, h, w) map.
 
@@ -228,42 +230,39 @@ def _split_stages(name: str, model: nn.Module) -> tuple[list[nn.Module], bool]:
     return _split_timm(name, model)
 
 
-def _timm_stage_names(model: nn.Module) -> list[str]:
-    children = dict(model.named_children())
-    for names in (["layer1", "layer2", "layer3", "layer4"], ["s1", "s2", "s3", "s4"]):
-        if all(n in children for n in names):
-            return names
-    if isinstance(children.get("stages"), nn.Sequential) and len(children["stages"]) > 1:
-        return [f"stages.{i}" for i in range(len(children["stages"]))]
-    return []
-
-
 def _split_timm(name: str, model: nn.Module) -> tuple[list[nn.Module], bool]:
     model.reset_classifier(0)
-    stage_names = _timm_stage_names(model)
-    if stage_names:
-        stages = _timm_sequential_stages(model, stage_names)
-        if stages is not None and _matches_forward_features(model, stages):
-            return stages, True
+    stages = _timm_feature_stages(model)
+    if stages is not None and _matches_forward_features(model, stages):
+        return stages, True
     # No usable stage structure: the whole feature extractor is one stage.
     return [_ForwardFeatures(model)], False
 
 
-def _timm_sequential_stages(model: nn.Module, stage_names: list[str]) -> Optional[list[nn.Module]]:
-    children = list(model.named_children())
-    order = [n for n, _ in children]
-    if stage_names[0].startswith("stages."):
-        first = last = order.index("stages")
-        modules = list(model.stages)
-    else:
-        positions = [order.index(n) for n in stage_names]
-        if positions != list(range(positions[0], positions[0] + len(positions))):
-            return None  # other modules sit between the stages: where they run is unknown
-        first, last = positions[0], positions[-1]
-        modules = [getattr(model, n) for n in stage_names]
-    stem = [m for _, m in children[:first]]
-    tail = [m for n, m in children[last + 1:] if n not in _TIMM_HEAD_MODULES]
-    return [nn.Sequential(*stem, modules[0]), *modules[1:-1], nn.Sequential(modules[-1], *tail)]
+def _timm_feature_stages(model: nn.Module) -> Optional[list[nn.Module]]:
+    """Stages ending at the modules that timm's ``feature_info`` names (stride ≥ 4; features of
+    the stem fold into stage 1), built from the model's children in order, one container level
+    deep (``blocks.4``, ``stages.2``); the non-head modules after the last feature fold into the
+    last stage. None when the features are not laid out that way."""
+    info = [f["module"] for f in getattr(model, "feature_info", []) if f.get("reduction", 0) >= 4]
+    containers = {m.split(".")[0] for m in info if "." in m}
+    if len(info) < 2 or len(containers) > 1 or any(m.count(".") > 1 for m in info):
+        return None
+    flat = []
+    for child_name, child in model.named_children():
+        if child_name in containers:
+            flat += [(f"{child_name}.{n}", m) for n, m in child.named_children()]
+        elif child_name not in _TIMM_HEAD_MODULES:
+            flat.append((child_name, child))
+    names = [n for n, _ in flat]
+    if any(m not in names for m in info):
+        return None
+    cuts = [names.index(m) + 1 for m in info]
+    if cuts != sorted(set(cuts)):
+        return None
+    cuts[-1] = len(flat)
+    starts = [0] + cuts[:-1]
+    return [nn.Sequential(*[m for _, m in flat[a:b]]) for a, b in zip(starts, cuts)]
 
 
 @torch.no_grad()

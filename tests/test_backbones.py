@@ -143,6 +143,20 @@ def test_timm_resnet18_uses_its_own_stages():
 
 
 @pytest.mark.skipif(not has_timm, reason="timm not installed")
-def test_timm_without_stage_structure_is_one_stage():
+def test_timm_stages_follow_feature_info():
+    # efficientnet_b0's features end at blocks.1, .2, .4 and .6 (stride 4 to 32); its 1×1
+    # conv_head and bn2 fold into the last stage
+    # (build_backbone keeps a split only if the stages reproduce forward_features)
+    backbone = build_backbone("timm:efficientnet_b0", in_chans=4).eval()
+    assert backbone.splittable and backbone.num_stages == 4 and backbone.channels == (24, 40, 112, 1280)
+    with torch.no_grad():
+        assert backbone(torch.randn(1, 4, 64, 64)).shape == (1, 1280, 2, 2)
+
+
+@pytest.mark.skipif(not has_timm, reason="timm not installed")
+def test_timm_without_stage_structure_is_one_stage(monkeypatch):
+    from ccs_fast import backbones
+
+    monkeypatch.setattr(backbones, "_timm_feature_stages", lambda model: None)
     backbone = build_backbone("timm:efficientnet_b0")
     assert not backbone.splittable and backbone.num_stages == 1 and backbone.channels == (1280,)
