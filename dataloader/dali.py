@@ -128,7 +128,9 @@ class ClipSource:
         folder = self.frames_dir(index)
         if self.options.modality == "video":
             video = self.data_root / record.path
-            width, height, video_frames = _video_geometry(video)
+            _, _, video_frames = _video_geometry(video)
+            # decoded frames are resized to the flow's size (prepare's 340x256 for 320x240)
+            width, height = frame_size(self.options.naming.flow(folder, 0)[0])
             info = dict(name=video, video=video, video_frames=video_frames)
         else:
             width, height = frame_size(self.options.naming.rgb(folder, record.offset))
@@ -197,7 +199,8 @@ class ClipSource:
         segments = []
         for k in range(opts.num_segments):
             if opts.modality == "video":
-                rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32))
+                rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32),
+                       np.array([info["height"], info["width"]], dtype=np.float32))
             else:
                 rgb = (_read_jpeg(opts.naming.rgb(folder, record.offset + plan.frame_indices[k]),
                                   size),)
@@ -278,7 +281,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     size = [opts.input_size, opts.input_size]
     video = opts.modality == "video"
-    num_rgb_outputs = 2 if video else 1
+    num_rgb_outputs = 3 if video else 1  # video: bytes, frame index, the flow's (h, w)
     num_flow = 2 * opts.flow_length
     # fork is only safe before the process holds a CUDA context (DALI's or torch's)
     start_method = "spawn" if on_gpu else "fork"
@@ -300,8 +303,11 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
                              interp_type=types.INTERP_LINEAR, antialias=False)
 
         if video:
-            encoded, frame = rgb_inputs
-            rgb = crop_resize(fn.decoders.video(encoded, frames=frame, device=decoder))
+            encoded, frame, flow_size = rgb_inputs
+            decoded = fn.decoders.video(encoded, frames=frame, device=decoder)
+            decoded = fn.resize(decoded, size=flow_size, interp_type=types.INTERP_LINEAR,
+                                antialias=False)
+            rgb = crop_resize(decoded)
             rgb_layout = "FHWC"
         else:
             rgb = crop_resize(fn.decoders.image(rgb_inputs[0], device=decoder,

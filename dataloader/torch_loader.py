@@ -78,6 +78,14 @@ def read_video_clip(path, make_plan):
     return plan, frames, count, size
 
 
+def resize_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A decoded frame at the flow's size (bilinear, as ``prepare`` resized the frames it
+    computed the flow on); unchanged when the sizes agree."""
+    if rgb.shape[1] == width and rgb.shape[0] == height:
+        return rgb
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 @dataclass(frozen=True)
 class ClipOptions:
     train: bool
@@ -135,14 +143,17 @@ class ClipDataset(Dataset):
         frame_dir = self.flow_dir(record)
         if self.modality == "video":
             video = self.data_root / record.path
-            plan, decoded, count, (width, height) = read_video_clip(
-                video, lambda w, h: self.plan(record, w, h, epoch, row, video))
+            # the flow's size: prepare resizes frames before computing flow (320x240 -> 340x256)
+            width, height = frame_size(self.options.naming.flow(frame_dir, 0)[0])
+            plan, decoded, count, _ = read_video_clip(
+                video, lambda w, h: self.plan(record, width, height, epoch, row, video))
             missing = [int(i) for i in plan.frame_indices if int(i) not in decoded]
             if missing:
                 raise bad_file(video, f"video too short: {count} frames decoded, the clip needs "
                                       f"frame {missing[0] + 1} "
                                       f"({record.num_frames - 1} flow frames)")
-            frames = [(video, decoded[int(i)]) for i in plan.frame_indices]
+            frames = [(video, resize_to(decoded[int(i)], width, height))
+                      for i in plan.frame_indices]
         else:
             naming, first = self.options.naming, record.offset
             width, height = frame_size(naming.rgb(frame_dir, first))

@@ -139,7 +139,12 @@ def test_eval_covers_every_video_once_with_partial_batch(tree):
     assert sorted(seen) == list(range(len(FRAME_COUNTS)))
 
 
-def test_video_modality_agrees_with_torch_backend(tmp_path):
+@pytest.mark.parametrize("flow_size", [None, (120, 96)])
+def test_video_modality_agrees_with_torch_backend(tmp_path, flow_size):
+    """flow_size: flow computed on resized frames, as prepare does (320x240 -> 340x256);
+    both backends resize the decoded frames to it (issue 12 #2)."""
+    import cv2
+
     from ccs_fast.dataloader.synth import pick_video_codec, write_webm
 
     rng = np.random.default_rng(1)
@@ -148,6 +153,8 @@ def test_video_modality_agrees_with_torch_backend(tmp_path):
     for v, n in enumerate([8, 9, 10]):
         frames = _frames(rng, n)
         write_webm(frames, tmp_path / "videos" / f"v{v}.webm", codec=codec)
+        if flow_size:
+            frames = [cv2.resize(f, flow_size, interpolation=cv2.INTER_LINEAR) for f in frames]
         write_rawframes(frames, tmp_path / "rawframes" / f"v{v}", method="farneback")
         lines.append(f"v{v}.webm {v % 2}\n")
     (tmp_path / "videos.txt").write_text("".join(lines))

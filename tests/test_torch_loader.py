@@ -376,3 +376,34 @@ def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
     finally:
         for frame in frames:
             frame.chmod(0o644)
+
+
+def test_video_frames_are_resized_to_the_flows_size(tmp_path):
+    """Issue 12 #2: prepare writes flow at 340x256 for a 320x240 UCF-101 clip; the video
+    modality refused every clip ("frame is 340x256, the video's frames are 320x240")."""
+    import av
+
+    video = tmp_path / "videos" / "cls" / "v0.avi"
+    video.parent.mkdir(parents=True)
+    grad = np.tile(np.linspace(0, 255, 320).astype(np.uint8), (240, 1))
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(6):
+            rgb = np.dstack([grad, np.full_like(grad, 128), np.full_like(grad, 40 * i)])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    flow_dir = tmp_path / "rawframes" / "cls" / "v0"
+    flow_dir.mkdir(parents=True)
+    for i in range(5):  # what prepare's default short side 256 writes
+        for axis in "xy":
+            cv2.imwrite(str(flow_dir / f"flow_{axis}_{i + 1:05d}.jpg"), np.full((256, 340), 128, np.uint8))
+    annotation = tmp_path / "videos.txt"
+    annotation.write_text("cls/v0.avi 0\n")
+    data = loader(annotation, tmp_path / "videos", modality="video", train=False, batch_size=1,
+                  num_segments=2, flow_length=2, num_classes=2)
+    (batch,) = list(data)
+    plan = plan_clip(6, 340, 256, num_segments=2, flow_length=2, input_size=S, train=False,
+                     seed=0, epoch=0, index=0)
+    marks = [denormalize_rgb(rgb)[..., 2].mean() for rgb in batch["rgb"][0]]
+    np.testing.assert_allclose(marks, 40 * plan.frame_indices, atol=6)
