@@ -24,7 +24,7 @@ from ccs_fast.amp import autocast_context
 from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_model
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
-from ccs_fast.loaders import loader_from_config
+from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
 from ccs_fast.metrics import topk_correct
 
 STREAMS = ("rgb", "flow", "fused")
@@ -168,7 +168,10 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
         checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
         segments=segments or cfg.data.test_segments, variant=cfg.model.variant,
     )
+    result.update({"skipped_videos": 0, **skipped_report(loader)})
     table = format_table(result)
+    if result["skipped_videos"]:
+        print(skipped_line(result, f"[eval] {result['annotation']}"), flush=True)
     print(table, end="", flush=True)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -213,4 +216,8 @@ def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: O
             f.write(json.dumps(row) + "\n")
     labelled = [r for r in rows if r["label"] is not None]
     top1 = sum(r["fused"] == r["label"] for r in labelled) / len(labelled) if labelled else None
-    return {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path)}
+    summary = {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path),
+               "skipped_videos": 0, **skipped_report(loader)}
+    if summary["skipped_videos"]:
+        print(skipped_line(summary, f"[predict] {annotation or cfg.data.val_list}"), flush=True)
+    return summary

@@ -38,3 +38,20 @@ def loader_from_config(cfg: Config, *, train: bool, device: torch.device | str, 
         naming=FrameNaming(data.filename_tmpl, data.flow_tmpl, data.start_index),
         flow_count=data.flow_count, labels=labels or train,
     )
+
+
+def skipped_report(loader, examples: int = 3) -> dict:
+    """``{"skipped_videos": n, "skipped_reasons": [first messages]}`` of the videos a loader
+    dropped as bad input (skip_bad); n counts distinct videos. Empty when none was."""
+    errors = getattr(loader, "skipped_errors", None) or {}
+    if not errors:
+        return {}
+    return {"skipped_videos": len(errors),
+            "skipped_reasons": [errors[row] for row in sorted(errors)[:examples]]}
+
+
+def skipped_line(report: dict, what: str) -> str:
+    """One line for the log: ``<what>: skipped 2 videos as bad input (data.skip_bad): ...``."""
+    n = report["skipped_videos"]
+    return (f"{what}: skipped {n} video{'s' if n != 1 else ''} as bad input (data.skip_bad): "
+            + "; ".join(report["skipped_reasons"]) + ("; ..." if n > len(report["skipped_reasons"]) else ""))

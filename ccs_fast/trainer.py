@@ -47,7 +47,7 @@ from ccs_fast.checkpoint import (BEST, LAST, checkpoint_tensors, describe_names,
 from ccs_fast.config import RESUME_CHANGEABLE, Config, resume_differences, save_config
 from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import evaluate, select_device
-from ccs_fast.loaders import loader_from_config
+from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, truncate_metrics
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
 
@@ -475,7 +475,10 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
             epoch_values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
             if not math.isfinite(epoch_values["loss"]):
                 raise _nan_error("epoch end", epoch_values, epoch, step, last_path)
-            logger.log("train_epoch", step, epoch_values, epoch=epoch + 1)
+            skipped = skipped_report(train_loader)
+            logger.log("train_epoch", step, epoch_values, epoch=epoch + 1, **skipped)
+            if skipped and env.is_main:
+                print(skipped_line(skipped, f"[train] epoch {epoch + 1}"), flush=True)
             if not last_train:
                 last_train = epoch_values
 
@@ -488,7 +491,10 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
             if evaluate_now:
                 last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights,
                                      source=eval_source)
-                logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done)
+                skipped = skipped_report(eval_loader)
+                logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done, **skipped)
+                if skipped and env.is_main:
+                    print(skipped_line(skipped, f"[eval] epoch {epoch_done}"), flush=True)
                 if env.is_main:
                     print(f"[eval] epoch {epoch_done}: top-1 RGB {last_eval['rgb']['top1']:.4f} "
                           f"Flow {last_eval['flow']['top1']:.4f} RGB+Flow {last_eval['fused']['top1']:.4f} "

@@ -336,7 +336,8 @@ class DALILoader:
     ``set_epoch(e)`` picks the clips of epoch ``e``; the pipeline is built on the first
     ``__iter__`` and rebuilt only when the epochs are not consecutive (its worker processes
     hold a copy of the source, which counts DALI's epochs from the epoch it was built for).
-    ``num_skipped`` counts the clips dropped as bad input with skip_bad.
+    ``num_skipped`` counts the clips dropped as bad input with skip_bad (a bad video each
+    time it is drawn); ``skipped_errors`` holds {annotation row: message} of those videos.
     """
 
     def __init__(self, source: ClipSource, *, batch_size, device, dtype, num_threads,
@@ -350,6 +351,7 @@ class DALILoader:
         self.num_videos = len(source.records)  # usable videos (bad ones dropped with skip_bad)
         self.num_classes = num_classes
         self.num_skipped = 0
+        self.skipped_errors: dict[int, str] = {}
         self.epoch = 0
         self._pipe = None
         self._pipe_epoch = None  # the epoch the pipeline's next DALI epoch will produce
@@ -383,10 +385,13 @@ class DALILoader:
                     # the decoder rejected a file the source's checks let through: drop the
                     # video for good and restart the pipeline at this batch
                     self.source.excluded.add(bad_video)
+                    self.skipped_errors[self.source.rows[bad_video]] = str(error)
                     self._ensure_pipeline(epoch, first_batch=iteration)
                     continue
                 batch = self._to_torch(*outputs)
                 self.num_skipped += len(batches[iteration]) - len(batch["index"])
+                if len(batches[iteration]) > len(batch["index"]):
+                    self._note_skipped(batches[iteration], batch["index"], epoch)
                 iteration += 1
                 if len(batch["index"]):
                     yield batch
@@ -403,6 +408,19 @@ class DALILoader:
         finally:
             if not finished:
                 self.close()
+
+    def _note_skipped(self, positions, rows_in_batch, epoch: int) -> None:
+        """Record why the clips missing from a batch were dropped: the source's checks ran
+        in DALI's worker processes, so they are run again here for those clips only."""
+        present = set(int(r) for r in rows_in_batch.tolist())
+        for index in positions:
+            row = self.source.rows[index]
+            if row in present or row in self.skipped_errors:
+                continue
+            try:
+                self.source.read_clip(index, epoch)
+            except CCSError as exc:
+                self.skipped_errors[row] = str(exc)
 
     def close(self) -> None:
         """Shut the pipeline and its worker processes down (rebuilt on the next epoch)."""
@@ -528,6 +546,7 @@ def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=
                         py_num_workers=max(1, min(4, num_threads)),
                         num_classes=num_classes if num_classes is not None
                         else default_num_classes(labels))
-    loader.num_skipped = skipped
+    loader.skipped_errors = dict(skipped)
+    loader.num_skipped = len(skipped)
     loader.frame_count = count
     return loader

@@ -230,7 +230,7 @@ class TorchClipLoader:
     """One epoch of batch dicts per ``iter``; see the loader contract in docs/loader.md."""
 
     def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
-                 num_classes, skipped=0, generator=None):
+                 num_classes, skipped=None, generator=None):
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
@@ -240,8 +240,8 @@ class TorchClipLoader:
         self.num_classes = num_classes
         # skip_bad: videos dropped when the list was read, plus bad samples dropped from
         # batches (a bad video counts each time it is drawn); the last message per row.
-        self.num_skipped = skipped
-        self.skipped_errors: dict[int, str] = {}
+        self.skipped_errors: dict[int, str] = dict(skipped or {})
+        self.num_skipped = len(self.skipped_errors)
         self.loader = DataLoader(
             dataset,
             batch_sampler=_EpochTaggedBatches(batch_sampler),
@@ -333,7 +333,7 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
     """Fill in num_frames (RGB frames) of video lists from the flow folders, and of rawframe
     lists whose total_frames counts flow frames (``flow_count``; None: detected from the
     files); check every video is long enough for the flow stack. Returns (good records,
-    their annotation rows, number skipped, FrameCount)."""
+    their annotation rows, {row: message} of the videos skipped as bad, FrameCount)."""
     if modality == "video":
         count = FrameCount(True, "video: flow frames + 1")
     elif flow_count is None:
@@ -341,7 +341,7 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
                            "detected from the files")
     else:
         count = FrameCount(bool(flow_count), "data.flow_count")
-    good, rows, skipped = [], [], 0
+    good, rows, skipped = [], [], {}
     for row, record in enumerate(records):
         try:
             if modality == "video":
@@ -358,10 +358,10 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
                     f"{max(num_flow_frames(record.num_frames), 0)} flow frames, "
                     f"fewer than the flow stack of {flow_length}",
                 )
-        except CCSError:
+        except CCSError as exc:
             if not skip_bad:
                 raise
-            skipped += 1
+            skipped[row] = str(exc)
             continue
         good.append(record)
         rows.append(row)
@@ -373,7 +373,7 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
 def load_records(annotation, data_root, *, modality, flow_root, flow_length, num_classes,
                  skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None, labels=True):
     """Read and check an annotation list for either backend: (records, their annotation rows,
-    number skipped, flow root, FrameCount). Video lists take their flow from ``flow_root``
+    {row: message} of the videos skipped as bad, flow root, FrameCount). Video lists take their flow from ``flow_root``
     (default: the ``rawframes`` folder beside ``data_root``). ``labels=False`` accepts
     label-less lines (label None)."""
     records = read_annotation(annotation, modality, num_classes, labels=labels)

@@ -221,6 +221,8 @@ def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
                                    skip_bad=True, batch_size=1)
     assert loader.num_skipped == 1
     assert sorted(int(i) for b in batches for i in b["index"]) == [0, 1, 3, 4]
+    # issue 12 #5: why, as the torch backend says it
+    assert list(loader.skipped_errors) == [2] and str(victim) in loader.skipped_errors[2]
 
 
 def test_jpeg_size_reads_the_header(tree):

@@ -408,6 +408,43 @@ def test_all_eval_videos_bad_with_skip_bad_is_an_error(rawframes, tmp_path, caps
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
 
 
+def test_skipped_videos_are_counted_and_reported(rawframes, tmp_path, capsys):
+    """Issue 12 #5: with skip_bad, the skipped videos were invisible in train and eval."""
+    import json
+
+    from ccs_fast.cli import main
+
+    root, annotation = rawframes
+    bad_root = tmp_path / "bad"
+    shutil.copytree(root, bad_root)
+    (bad_root / "v1" / "img_00001.jpg").write_bytes(b"not a jpeg")
+    lines = annotation.read_text().splitlines(True)
+    train = tmp_path / "train.txt"
+    train.write_text("".join(lines) + "v0 1 1\n")  # and a line too short for the flow stack
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *torch_loader_settings(bad_root, train, 0),
+            "--set", "data.skip_bad=true", "--set", "optim.epochs=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # v1 is drawn in training or not (8 of 9 rows fill 2 batches of 4): the short one is
+    # dropped when the list is read
+    assert "[train] epoch 1: skipped " in printed and "too short" in printed
+    assert "[eval] epoch 1: skipped 2 videos as bad input" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in records if r["split"] == "train_epoch"]
+    (val,) = [r for r in records if r["split"] == "val"]
+    assert epoch["skipped_videos"] in (1, 2) and val["skipped_videos"] == 2
+    assert any("too short" in reason for reason in epoch["skipped_reasons"])
+    assert val["skipped_reasons"][0] == (f"{bad_root / 'v1' / 'img_00001.jpg'}: cannot decode "
+                                         "(not a JPEG: no start-of-image marker)")
+    assert "too short" in val["skipped_reasons"][1]
+
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
+    assert "[eval] " in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["skipped_videos"] == 2 and result["num_videos"] == 7
+
+
 KILL_DRIVER = """
 import io, os, sys, time
 import torch
