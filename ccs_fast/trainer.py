@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -274,6 +275,23 @@ def _apply_resume_changes(cfg: Config, changed: dict, optimizer, scheduler) -> N
             group["lr"] = cfg.optim.lr * factor(scheduler.last_epoch)
 
 
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m12s``, ``45s``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int,
+                  values: dict, eta_s: float) -> str:
+    """The log line of one interval, printed where there is no progress bar (stderr not a
+    terminal: a batch job, nohup, CI)."""
+    losses = " ".join(f"{name} {values[name]:.4f}" for name in LOSS_NAMES)
+    return (f"[train] epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch}: {losses} "
+            f"lr {values['lr']:.3g} {values['clips_per_s']:.1f} clips/s ETA {format_duration(eta_s)}")
+
+
 def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
     """Mean of the accumulated losses over ``count`` steps (and every rank)."""
     if env.distributed:
@@ -437,6 +455,9 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     last_eval: dict = {}
     epochs = cfg.optim.epochs
     epoch = start_epoch
+    # one line per log interval where no bar is drawn (a log file); the bar on a terminal
+    log_lines = env.is_main and not (cfg.train.progress and sys.stderr.isatty())
+    run_start, run_start_step = time.perf_counter(), step
     try:
         for epoch in range(start_epoch, epochs):
             train_loader.set_epoch(epoch)
@@ -470,6 +491,11 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
                     values.update(lr=scheduler.get_last_lr()[0], clips_per_s=throughput.rate())
                     logger.log("train", step, values, epoch=epoch + 1)
                     bar.show(loss=values["loss"], clips_s=values["clips_per_s"])
+                    if log_lines:
+                        per_step = (time.perf_counter() - run_start) / max(step - run_start_step, 1)
+                        eta = per_step * ((epochs - epoch) * iters_per_epoch - epoch_steps)
+                        print(interval_line(epoch + 1, epochs, epoch_steps, iters_per_epoch, values, eta),
+                              flush=True)
                     last_train = values
             bar.close()
             epoch_values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end

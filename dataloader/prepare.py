@@ -26,6 +26,7 @@ from ccs_fast.errors import CCSError, bad_file
 
 from .flow import FLOW_METHODS, write_rawframes
 from .frames import FrameNaming, add_naming_arguments, naming_from_arguments
+from .progress import VideoProgress
 from .formats import VideoRecord, read_hmdb51_split, read_ucf101_split, write_rawframe_list
 
 _UCF_TRAIN = re.compile(r"^trainlist(\d+)\.txt$")
@@ -124,8 +125,6 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow="tvl1
     (skipped, already complete), ``failed`` and ``failures`` (one line each), ``lists``
     (paths written) and ``seconds``.
     """
-    from tqdm import tqdm
-
     if flow not in FLOW_METHODS:
         raise CCSError(f"unknown flow method {flow!r}; expected one of {', '.join(FLOW_METHODS)}")
     start = time.perf_counter()
@@ -149,13 +148,16 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow="tvl1
 
     failures = []
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
-    with tqdm(total=len(tasks), desc="prepare", unit="video", disable=not progress) as bar:
+    bar = VideoProgress(len(tasks), "prepare", enabled=progress)
+    try:
         if workers == 1:
             results = map(_prepare_one, tasks)
             _consume(results, num_frames, failures, bar)
         else:
             with get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
                 _consume(pool.imap_unordered(_prepare_one, tasks), num_frames, failures, bar)
+    finally:
+        bar.close()
 
     lists = []
     for n, (train, val) in sorted(splits.items()):

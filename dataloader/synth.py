@@ -407,11 +407,9 @@ def make_synthetic_dataset(
                         val_videos_per_cell=val_videos_per_cell, frames=frames, size=size)
     workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
     jobs = [(spec, str(root), flow, flow_params, codec, fps, naming) for spec in specs]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from ccs_fast.dataloader.progress import VideoProgress
 
-        bar = tqdm(total=len(specs), unit="video", desc="synth")
+    bar = VideoProgress(len(specs), "synth") if progress else None
     if workers == 1:
         results = (_make_video(*job) for job in jobs)
         made = _count_written(results, bar)

@@ -101,7 +101,7 @@ def test_hmdb_split_files_give_train_and_val(tmp_path):
     assert [r.path for r in val] == ["jump/jump_b.avi", "run/run_b.avi"]
 
 
-def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree):
+def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
     """Issue 12: prepare writes the names data.filename_tmpl / flow_tmpl / start_index give,
     and the loader reads them back with the same settings."""
     from ccs_fast.dataloader import build_loader
@@ -110,8 +110,10 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree):
     videos, splits, out = ucf_tree
     naming = FrameNaming("img_{:05d}.jpg", "{}_{:05d}.jpg", start_index=0)
     summary = prepare_dataset(videos, splits, out, workers=1, flow="farneback", short_side=32,
-                              progress=False, naming=naming)
+                              progress=True, naming=naming)
     assert summary["failed"] == 0
+    err = capsys.readouterr().err  # not a terminal: lines, no carriage-return bar (#7)
+    assert "\r" not in err and "prepare: 4/4 videos (" in err
     folder = out / "rawframes" / "Jump" / "v_Jump_g01_c01"
     names = sorted(p.name for p in folder.iterdir())
     assert names[0] == "img_00000.jpg" and "x_00000.jpg" in names and "y_00003.jpg" in names

@@ -199,8 +199,9 @@ def test_video_specs_balance():
                        size=32) == specs
 
 
-def test_synth_with_mmaction_names(tmp_path):
-    """Issue 12: synth --flow-tmpl / --start-index write the names MMAction2's settings give."""
+def test_synth_with_mmaction_names(tmp_path, capsys):
+    """Issue 12: synth --flow-tmpl / --start-index write the names MMAction2's settings give;
+    off a terminal its progress is plain lines, no carriage-return bar (#7)."""
     from ccs_fast.cli import main
 
     out = tmp_path / "named"
@@ -208,6 +209,8 @@ def test_synth_with_mmaction_names(tmp_path):
                  "--val-videos-per-cell", "1", "--frames", "3", "--size", "16",
                  "--flow", "farneback", "--workers", "1", "--flow-tmpl", "{}_{:05d}.jpg",
                  "--start-index", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "synth: 8/8 videos (" in err
     folder = next((out / "rawframes").glob("*/*"))
     assert sorted(p.name for p in folder.iterdir()) == [
         "img_00000.jpg", "img_00001.jpg", "img_00002.jpg",

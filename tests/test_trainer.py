@@ -559,3 +559,16 @@ def test_resume_after_kill_leaves_no_traces(killed_and_resumed):
                for r in records)
     dropped = read_metrics(out / "metrics.dropped.jsonl")
     assert {(r["split"], r["step"]) for r in dropped} >= {("train", 3), ("train", 4), ("val", 4)}
+
+
+def test_one_line_per_log_interval_off_a_terminal(tmp_path, capsys):
+    """Issue 12 #7: in a log file nothing was printed between the start line and the end."""
+    pytest.importorskip("timm")
+    cfg = tiny_config(tmp_path / "run", epochs=2, progress=True, tensorboard=False)
+    trainer.train(cfg)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if " step " in line]
+    assert [line.split(":")[0] for line in lines] == ["[train] epoch 1/2 step 2/2", "[train] epoch 2/2 step 2/2"]
+    assert all("loss " in line and "lr " in line and "clips/s ETA " in line for line in lines)
+    assert "\r" not in captured.out + captured.err
+    assert trainer.format_duration(3725) == "1h02m" and trainer.format_duration(192) == "3m12s"
