@@ -143,6 +143,10 @@ def read_ucf101_split(split_file, class_ind, num_classes=None) -> list[VideoReco
     for number, line in _lines(split_file):
         fields = line.split()
         where = f"{split_file}:{number}"
+        if len(fields) > 1 and "/" in "".join(fields[1:]).replace("\\", "/"):
+            raise bad_file(where, f"the path {line!r} holds a space: class folders and video "
+                                  "names with spaces cannot be listed (annotation fields are "
+                                  "split on spaces); rename them without spaces")
         if len(fields) == 2:
             label = _int_field(split_file, number, fields[1], "label", 1) - 1
         elif len(fields) == 1:

@@ -104,7 +104,10 @@ def _prepare_one(task):
                             overwrite=overwrite, naming=naming)
         return video_path, n, None
     except Exception as exc:  # one bad video must not stop the run; it is reported and counted
-        problem = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        # an OSError's (or PyAV error's) text repeats the path after "[Errno N]": the reason
+        # alone, the path once
+        reason = getattr(exc, "strerror", None) or str(exc)
+        problem = reason.splitlines()[0] if reason else exc.__class__.__name__
         return video_path, None, f"{source}: {problem}"
 
 

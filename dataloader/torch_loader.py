@@ -344,8 +344,12 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
     good, rows, skipped = [], [], {}
     for row, record in enumerate(records):
         try:
+            folder = (Path(flow_root) / Path(record.path).with_suffix("") if modality == "video"
+                      else Path(data_root) / record.path)
+            if not folder.is_dir():
+                what = "flow frame folder" if modality == "video" else "frame folder"
+                raise bad_file(f"{annotation}:{record.line}", f"{what} {folder} not found")
             if modality == "video":
-                folder = Path(flow_root) / Path(record.path).with_suffix("")
                 frames = count_flow_frames(folder, naming) + 1
                 record = VideoRecord(record.path, frames, record.label, record.line)
             elif count.flow:

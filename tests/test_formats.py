@@ -145,3 +145,15 @@ def test_offsets_label_less_and_multi_label_lines(tmp_path):
     with pytest.raises(CCSError) as excinfo:
         read_rawframe_list(m)
     one_line_error(excinfo, f"{m}:1", "multi-label lists are not supported")
+
+
+def test_class_folder_with_a_space_says_so(ucf):
+    """Issue 12 #8: 'Jump Rope/v.avi' gave "label 'Rope/v.avi' is not an integer"."""
+    write(ucf / "testlist03.txt", "Jump Rope/v_JumpRope_g01_c01.avi\n")
+    with pytest.raises(CCSError) as excinfo:
+        read_ucf101_split(ucf / "testlist03.txt", ucf / "classInd.txt")
+    one_line_error(excinfo, "testlist03.txt:1", "holds a space", "rename")
+    write(ucf / "trainlist03.txt", "Jump Rope/v_JumpRope_g01_c01.avi 2\n")
+    with pytest.raises(CCSError) as excinfo:
+        read_ucf101_split(ucf / "trainlist03.txt", ucf / "classInd.txt")
+    one_line_error(excinfo, "trainlist03.txt:1", "holds a space")

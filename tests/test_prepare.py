@@ -76,6 +76,8 @@ def test_corrupt_video_is_counted_and_the_rest_done(ucf_tree, capsys):
     assert (summary["done"], summary["failed"]) == (3, 1)
     assert len(summary["failures"]) == 1 and str(bad) in summary["failures"][0]
     assert "\n" not in summary["failures"][0]
+    # issue 12 #8: the path once, no "[Errno N]"
+    assert summary["failures"][0].count(str(bad)) == 1 and "Errno" not in summary["failures"][0]
     assert [r.path for r in read_rawframe_list(out / "val_rawframes_split1.txt")] == [
         "Jump/v_Jump_g02_c01"]
     assert not any(p.name.startswith(".") for p in (out / "rawframes" / "Run").iterdir())
@@ -109,7 +111,9 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
 
     videos, splits, out = ucf_tree
     naming = FrameNaming("img_{:05d}.jpg", "{}_{:05d}.jpg", start_index=0)
-    summary = prepare_dataset(videos, splits, out, workers=1, flow="farneback", short_side=32,
+    # workers=2: a spawned pool, so no FFmpeg thread runs in this process (a later fork of
+    # a loader worker in the same pytest process can otherwise hang)
+    summary = prepare_dataset(videos, splits, out, workers=2, flow="farneback", short_side=32,
                               progress=True, naming=naming)
     assert summary["failed"] == 0
     err = capsys.readouterr().err  # not a terminal: lines, no carriage-return bar (#7)

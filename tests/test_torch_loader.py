@@ -243,7 +243,17 @@ def test_skip_bad_drops_and_counts_the_bad_video(tree):
     data = loader(annotation, root, train=False, skip_bad=True)
     rows = [int(i) for b in data for i in b["index"]]
     assert sorted(rows) == [0, 1, 2, 4, 5] and data.num_skipped == 1
-    assert list(data.skipped_errors) == [3] and "missing frame" in data.skipped_errors[3]
+    assert list(data.skipped_errors) == [3]
+    assert data.skipped_errors[3] == f"{annotation}:4: frame folder {root / 'v3'} not found"
+
+
+def test_missing_frame_folder_names_the_list_line(tree):
+    """Issue 12 #8: a missing folder was reported as its img_00001.jpg."""
+    annotation, root = tree
+    shutil.rmtree(root / "v3")
+    with pytest.raises(CCSError) as excinfo:
+        loader(annotation, root, train=False)
+    assert str(excinfo.value) == f"{annotation}:4: frame folder {root / 'v3'} not found"
 
 
 def test_too_short_video_in_the_list(tree):
