@@ -268,8 +268,22 @@ class TorchClipLoader:
             iterator._shutdown_workers()
             self.loader._iterator = None
 
+    def _batches(self):
+        """The DataLoader's iterator. Starting it forks the workers from this process, and
+        OpenCV's thread pool must not be running here then: a forked worker that reconfigures
+        it (``_worker_init``) waits forever on threads it did not inherit. So the pool is
+        brought down to one thread for the fork and restored afterwards."""
+        if self.loader.num_workers == 0 or getattr(self.loader, "_iterator", None) is not None:
+            return iter(self.loader)  # no workers, or persistent ones already running
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return iter(self.loader)
+        finally:
+            cv2.setNumThreads(threads)
+
     def __iter__(self):
-        for batch in self.loader:
+        for batch in self._batches():
             if batch["errors"]:
                 if not self.skip_bad:
                     self.close()

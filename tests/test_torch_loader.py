@@ -417,3 +417,16 @@ def test_video_frames_are_resized_to_the_flows_size(tmp_path):
                      seed=0, epoch=0, index=0)
     marks = [denormalize_rgb(rgb)[..., 2].mean() for rgb in batch["rgb"][0]]
     np.testing.assert_allclose(marks, 40 * plan.frame_indices, atol=6)
+
+
+@pytest.mark.timeout(120)
+def test_workers_start_after_opencv_ran_its_thread_pool_here(tree):
+    """A worker forked while OpenCV's thread pool runs in this process (after `prepare`'s
+    flow, or any parallel cv2 call) hung in its set-up; the loader brings the pool down for
+    the fork."""
+    cv2.setNumThreads(2)
+    cv2.GaussianBlur(np.random.rand(2048, 2048).astype(np.float32), (31, 31), 5)  # runs the pool
+    workers = loader(*tree, num_workers=1)
+    assert epoch_tensors(workers, 0)
+    workers.close()
+    assert cv2.getNumThreads() == 2  # restored
