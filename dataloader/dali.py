@@ -43,7 +43,7 @@ import torch
 
 from ccs_fast.errors import CCSError, bad_file
 
-from .frames import FrameNaming, checked_jpeg, frame_size, jpeg_size  # noqa: F401 (re-exported)
+from .frames import FrameNaming, checked_jpeg, frame_size, jpeg_size, read_file_bytes  # noqa: F401 (re-exported)
 from .sampling import plan_clip
 from .torch_loader import build_batch_sampler, default_num_classes, load_records
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -227,16 +227,7 @@ def _crop_arguments(crop, flip):
 
 
 def _read_video_bytes(path: Path) -> np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise bad_file(path, "video not found") from None
-    except OSError as exc:
-        raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
-    if not data:
-        raise bad_file(path, "empty file")
-    return np.frombuffer(data, dtype=np.uint8)
+    return read_file_bytes(path, missing="video not found", empty="empty file")
 
 
 def _read_jpeg(path: Path, size) -> np.ndarray:

@@ -114,12 +114,18 @@ def naming_from_arguments(args) -> FrameNaming:
 
 def read_frame_bytes(path) -> np.ndarray:
     """The bytes of a frame file; CCSError ``missing frame``, ``cannot read (...)`` or
-    ``empty file``."""
+    ``cannot decode (empty file)``."""
+    return read_file_bytes(path, missing="missing frame", empty="cannot decode (empty file)")
+
+
+def read_file_bytes(path, missing: str, empty: str) -> np.ndarray:
+    """The bytes of a frame or video file; one CCSError line naming it when it is missing
+    (``missing``), unreadable (``cannot read (...)``) or empty (``empty``)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise bad_file(path, "missing frame") from None
+        raise bad_file(path, missing) from None
     except PermissionError:
         raise bad_file(path, "cannot read (permission denied)") from None
     except IsADirectoryError:
@@ -127,7 +133,7 @@ def read_frame_bytes(path) -> np.ndarray:
     except OSError as exc:
         raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
     if not data:
-        raise bad_file(path, "cannot decode (empty file)")
+        raise bad_file(path, empty)
     return np.frombuffer(data, dtype=np.uint8)
 
 
