@@ -121,11 +121,6 @@ def launch(kernel, grid, *args, **meta):
     return None
 
 
-def kernel_configs(kernel) -> list:
-    """The configs an autotuned kernel may choose from (before pruning); [] for a plain kernel."""
-    return list(getattr(kernel, "configs", []))
-
-
 # ----------------------------------------------------------------------------- registered ops
 
 

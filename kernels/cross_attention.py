@@ -347,14 +347,19 @@ def _cpu_blocks(D, E):
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32 if D <= 256 else 128, BLOCK_E=32 if E <= 256 else 128)
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two ≥ n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _bucket(n: int) -> int:
     # autotune key: powers of two up to 4096, so nearby sizes share a tuned config
-    return min(1 << max(n - 1, 0).bit_length(), 4096)
+    return min(_pow2(n), 4096)
 
 
 def fwd_block_e(E: int) -> int:
     """Value slice of a forward program: all of e (rounded up to a power of two, ≥ 16) up to 512."""
-    return min(max(16, 1 << max(E - 1, 0).bit_length()), MAX_BLOCK_E)
+    return min(max(16, _pow2(E)), MAX_BLOCK_E)
 
 
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). BLOCK_M ≥ 64 everywhere: a
@@ -398,11 +403,10 @@ def bwd_configs():
 
 def _fits(config, D, E):
     kw = config.kwargs
-    width = max(16, 1 << max(D - 1, 0).bit_length())
-    if kw["BLOCK_D"] > max(64, width):
+    if kw["BLOCK_D"] > max(64, _pow2(D)):  # no feature slice wider than d needs
         return False
     if "BLOCK_E" in kw:  # backward: no value slice wider than e needs
-        return kw["BLOCK_E"] <= max(64, 1 << max(E - 1, 0).bit_length())
+        return kw["BLOCK_E"] <= max(64, _pow2(E))
     # forward, by the compile gate on sm_90a: the accumulator plus the S tile within 144 fp32
     # registers per thread, and 128-wide feature slices only beside values up to 256 wide
     block_e = fwd_block_e(E)
@@ -431,11 +435,6 @@ def _kernel(name, D, E):
         configs = fwd_configs() if name == "fwd" else bwd_configs()
         _tuned[name] = triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _prune})(raw)
     return _tuned[name]
-
-
-def tuned_config(name):
-    """The config the autotuner chose at its last launch of ``name`` ("fwd" | "bwd"), or None."""
-    return getattr(_tuned.get(name), "best_config", None)
 
 
 def _empty_output(shape, device, dtype):

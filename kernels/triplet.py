@@ -279,7 +279,7 @@ def _segments(idx: torch.Tensor, B: int):
     return order, torch.cumsum(counts, 0) - counts, counts
 
 
-def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key, D):
+def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key):
     """g_tgt[p_i] += t_both[i] and g_tgt[n_i] += t_both[B + i], summed in anchor order."""
     B = pos_key.shape[0]
     valid = (pos_key != 0) & (neg_key != 0)
@@ -347,7 +347,7 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
                t_pos, t_neg, partial[k * nblk:], B, D, anc.stride(0), tgt.stride(0), margin,
                COMPUTE_GRAD=compute_grad, ANCHOR=anchor, DETERMINISTIC=det, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
         if det:
-            _scatter_deterministic(g_tgt, t_both, pk, nk, D)
+            _scatter_deterministic(g_tgt, t_both, pk, nk)
     loss = partial.sum()
     if not compute_grad:
         return loss, None, None
