@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench.common import append_rows, env_info, print_table, result_path
-from ccs_fast.dataloader import build_loader, dali_available
+from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
 from ccs_fast.dataloader.flow import write_rawframes
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch")
@@ -103,10 +103,10 @@ def measure(backend: str, annotation: Path, data_root: Path, *, batch_size: int,
             warmup: int, workers: int, input_size: int, num_segments: int, flow_length: int):
     device = "cuda" if backend == "dali-gpu" or (backend == "torch" and torch.cuda.is_available()) \
         else "cpu"
-    loader = build_loader(annotation, data_root, backend=backend.split("-")[0], train=True,
-                          batch_size=batch_size, num_segments=num_segments,
-                          flow_length=flow_length, input_size=input_size, device=device,
-                          num_workers=workers)
+    loader = build_loader(LoaderSpec(
+        annotation, data_root, backend=backend.split("-")[0], train=True,
+        batch_size=batch_size, num_segments=num_segments, flow_length=flow_length,
+        input_size=input_size, device=device, num_workers=workers))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     clips, seen, epoch = 0, 0, 0
     start_wall = start_cpu = None

@@ -6,38 +6,18 @@ from typing import Optional
 import torch
 
 from ccs_fast.config import Config
-from ccs_fast.errors import CCSError
 
 
 def loader_from_config(cfg: Config, *, train: bool, device: torch.device | str, rank: int = 0,
                        world_size: int = 1, annotation: Optional[str] = None,
                        segments: Optional[int] = None, labels: bool = True):
-    """Loader for the training split (K = model.num_segments, random crops) or for
-    evaluation (K = ``segments`` or data.test_segments, centre crops, every video once).
-    ``labels=False`` (prediction): label-less list lines are read, with label −1."""
-    from ccs_fast.dataloader import build_loader
-    from ccs_fast.dataloader.frames import FrameNaming
+    """``build_loader(LoaderSpec.from_config(...))``: the training split or the evaluation
+    split of a config (see ``LoaderSpec.from_config``)."""
+    from ccs_fast.dataloader import LoaderSpec, build_loader
 
-    data = cfg.data
-    which = "train_list" if train else "val_list"
-    annotation = annotation or getattr(data, which)
-    if not annotation and data.backend != "synthetic":
-        raise CCSError(f"config: data.{which} is empty; set it to an annotation list (or use data.backend=synthetic)")
-    if train:
-        batch_size, num_segments = data.batch_size, cfg.model.num_segments
-    else:
-        batch_size, num_segments = data.eval_batch_size or data.batch_size, segments or data.test_segments
-    return build_loader(
-        annotation or None, data.root, backend=data.backend, train=train, batch_size=batch_size,
-        num_segments=num_segments, flow_length=cfg.model.flow_length, input_size=data.input_size,
-        device=str(device), seed=cfg.train.seed, rank=rank, world_size=world_size,
-        modality=data.modality, num_workers=data.num_workers,
-        classes_per_batch=data.classes_per_batch if train else None,
-        num_classes=cfg.model.num_classes, skip_bad=data.skip_bad, flow_root=data.flow_root,
-        synthetic_batches=data.synthetic_batches,
-        naming=FrameNaming(data.filename_tmpl, data.flow_tmpl, data.start_index),
-        flow_count=data.flow_count, labels=labels or train,
-    )
+    return build_loader(LoaderSpec.from_config(
+        cfg, train=train, device=device, rank=rank, world_size=world_size,
+        annotation=annotation, segments=segments, labels=labels))
 
 
 def skipped_report(loader, examples: int = 3) -> dict:

@@ -46,6 +46,7 @@ from ccs_fast.checkpoint import (BEST, LAST, checkpoint_tensors, describe_names,
                                  nonfinite_names, read_checkpoint, resolve_checkpoint_path,
                                  restore_checkpoint, rng_state, save_checkpoint)
 from ccs_fast.config import RESUME_CHANGEABLE, Config, resume_differences, save_config
+from ccs_fast.distributed import DistEnv, dist_env
 from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import evaluate, select_device
 from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
@@ -56,30 +57,6 @@ LOSS_NAMES = ("loss", "ce", "triplet", "center")
 
 
 # ---------------------------------------------------------------------------- processes
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_env_from_environ() -> DistEnv:
-    """The torchrun environment; a single process when the variables are absent."""
-    return DistEnv(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -317,7 +294,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     if resume and overwrite:
         raise CCSError(f"{cfg.train.out_dir}: --resume continues the run in the folder and --overwrite replaces it; "
                        "pass one of them")
-    env = dist_env_from_environ()
+    env = dist_env()
     device = select_device(cfg.train.device, env.local_rank)
     own_group = env.distributed and not dist.is_initialized()
     if own_group:

@@ -33,9 +33,7 @@ normalisation; tests/test_dali.py).
 """
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +41,17 @@ import torch
 
 from ccs_fast.errors import CCSError, bad_file
 
-from .frames import FrameNaming, checked_jpeg, frame_size, jpeg_size, read_file_bytes  # noqa: F401 (re-exported)
+from ccs_fast.distributed import cores_per_process, dist_env
+
+from .formats import default_num_classes
+from .frames import checked_jpeg, frame_size, load_records, read_file_bytes
 from .sampling import plan_clip
-from .torch_loader import build_batch_sampler, default_num_classes, load_records
+from .samplers import batch_sampler_for
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # DALI reports a worker's exception with its traceback; this pulls our one line back out.
 _CCS_ERROR_IN_TRACEBACK = re.compile(r"CCSError: (.+)")
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
-
-
-@dataclass(frozen=True)
-class _Options:
-    num_segments: int
-    flow_length: int
-    input_size: int
-    train: bool
-    seed: int
-    modality: str
-    skip_bad: bool
-    naming: FrameNaming = FrameNaming()
 
 
 class ClipSource:
@@ -74,13 +63,13 @@ class ClipSource:
     under fork or spawn; the per-video caches (frame size, video length) fill per worker.
     """
 
-    def __init__(self, records, rows, data_root, flow_root, sampler, options: _Options):
+    def __init__(self, records, rows, spec, flow_root, sampler):
         self.records = records
         self.rows = rows
-        self.data_root = Path(data_root)
+        self.data_root = Path(spec.data_root)
         self.flow_root = Path(flow_root)
         self.sampler = sampler
-        self.options = options
+        self.spec = spec
         # A pipeline built for epoch e (restarted at batch i after a decoder failure) sees
         # DALI's epoch_idx 0 and iteration 0 there.
         self.epoch_base = 0
@@ -98,14 +87,14 @@ class ClipSource:
 
     def frames_dir(self, index: int) -> Path:
         record = self.records[index]
-        if self.options.modality == "video":
+        if self.spec.modality == "video":
             return self.flow_root / Path(record.path).with_suffix("")
         return self.data_root / record.path
 
     def plan(self, index: int, epoch: int):
         """(ClipPlan, video info) of one clip; CCSError naming the video if it cannot be
         planned (too short, unreadable first frame or video, frames past the video's end)."""
-        opts = self.options
+        opts = self.spec
         info = self._describe(index)
         try:
             plan = plan_clip(info["num_frames"], info["width"], info["height"],
@@ -126,14 +115,14 @@ class ClipSource:
             return self._video_info[index]
         record = self.records[index]
         folder = self.frames_dir(index)
-        if self.options.modality == "video":
+        if self.spec.modality == "video":
             video = self.data_root / record.path
             _, _, video_frames = _video_geometry(video)
             # decoded frames are resized to the flow's size (prepare's 340x256 for 320x240)
-            width, height = frame_size(self.options.naming.flow(folder, 0)[0])
+            width, height = frame_size(self.spec.naming.flow(folder, 0)[0])
             info = dict(name=video, video=video, video_frames=video_frames)
         else:
-            width, height = frame_size(self.options.naming.rgb(folder, record.offset))
+            width, height = frame_size(self.spec.naming.rgb(folder, record.offset))
             info = dict(name=folder)
         info.update(num_frames=record.num_frames, width=width, height=height)
         self._video_info[index] = info
@@ -151,7 +140,7 @@ class ClipSource:
         for index in batches[iteration]:
             segments.extend(self.try_read_clip(index, epoch) or [])
         if not segments:  # DALI refuses empty batches: send one clip the loader drops
-            if self.options.modality == "video":
+            if self.spec.modality == "video":
                 raise CCSError(f"{self.data_root}: every video of batch {iteration} "
                                f"of epoch {epoch} is bad input")
             segments = self.placeholder_clip()
@@ -164,7 +153,7 @@ class ClipSource:
         try:
             return self.read_clip(index, epoch)
         except CCSError:
-            if not self.options.skip_bad:
+            if not self.spec.skip_bad:
                 raise
             return None
 
@@ -172,7 +161,7 @@ class ClipSource:
         """K samples of a black 16×16 JPEG with index −1 (dropped by the loader)."""
         import cv2
 
-        opts = self.options
+        opts = self.spec
         jpeg = np.ascontiguousarray(cv2.imencode(".jpg", np.zeros((16, 16), np.uint8))[1].ravel())
         mean = np.full(2 * opts.flow_length, FLOW_MEAN, dtype=np.float32)
         std = np.full(2 * opts.flow_length, FLOW_STD, dtype=np.float32)
@@ -182,7 +171,7 @@ class ClipSource:
 
     def read_clip(self, index: int, epoch: int) -> list[tuple]:
         """The K DALI samples of one clip (one tuple of outputs per segment)."""
-        opts = self.options
+        opts = self.spec
         plan, info = self.plan(index, epoch)
         folder = self.frames_dir(index)
         size = (info["width"], info["height"])
@@ -266,7 +255,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    opts = source.options
+    opts = source.spec
     on_gpu = device_id is not None
     decoder = "mixed" if on_gpu else "cpu"
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
@@ -371,7 +360,7 @@ class DALILoader:
                 except Exception as exc:  # DALI reports worker and decoder errors this way
                     self.close()
                     error, bad_video = self._explain(exc, epoch, iteration)
-                    if not (self.source.options.skip_bad and bad_video is not None):
+                    if not (self.source.spec.skip_bad and bad_video is not None):
                         raise error from None
                     # the decoder rejected a file the source's checks let through: drop the
                     # video for good and restart the pipeline at this batch
@@ -436,10 +425,10 @@ class DALILoader:
         self._pipe, self._pipe_epoch = pipe, epoch
 
     def _to_torch(self, rgb, flow, label, index) -> dict:
-        k = self.source.options.num_segments
+        k = self.source.spec.num_segments
         rows = np.asarray(index.as_tensor())[::k]
         n = len(rows)
-        size = self.source.options.input_size
+        size = self.source.spec.input_size
         rgb = self._copy(rgb).view(n, k, size, size, 3).permute(0, 1, 4, 2, 3)
         flow = self._copy(flow)
         flow = flow.view(n, k, size, size, flow.shape[-1]).permute(0, 1, 4, 2, 3)
@@ -477,7 +466,7 @@ class DALILoader:
         """(CCSError naming the file, video position) of DALI's "Failed to decode sample #i"."""
         import cv2
 
-        source, opts = self.source, self.source.options
+        source, opts = self.source, self.source.spec
         segments = []  # (video position, segment) of every DALI sample of the batch
         for index in source.epoch_batches(epoch)[iteration]:
             if source.try_read_clip(index, epoch) is not None:
@@ -504,38 +493,21 @@ class DALILoader:
 def _resolve_device(device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", dist_env().local_rank)
     return device
 
 
-def build_dali_loader(annotation, data_root, *, train, batch_size, num_segments=3,
-                      flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
-                      world_size=1, modality="rawframes", num_workers=None,
-                      classes_per_batch=None, num_classes=None, skip_bad=False,
-                      flow_root=None, dtype=torch.float32, naming=None, flow_count=None,
-                      labels=True, **_) -> DALILoader:
-    """The DALI loader of the loader contract (docs/loader.md); ``device="cpu"`` runs a
+def build_dali_loader(spec) -> DALILoader:
+    """``build_loader(spec)`` for ``spec.backend == "dali"``: ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
-    naming = naming or FrameNaming()
-    records, rows, skipped, flow_root, count = load_records(
-        annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
-        num_classes=num_classes, skip_bad=skip_bad, naming=naming, flow_count=flow_count,
-        labels=labels)
+    records, rows, skipped, flow_root, count = load_records(spec)
     labels = [record.label for record in records]
-    sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
-                                  classes_per_batch=classes_per_batch, seed=seed, rank=rank,
-                                  world_size=world_size, annotation=annotation)
-    options = _Options(num_segments=num_segments, flow_length=flow_length,
-                       input_size=input_size, train=train, seed=seed, modality=modality,
-                       skip_bad=skip_bad, naming=naming)
-    source = ClipSource(records, rows, data_root, flow_root or data_root, sampler, options)
-    # the cores of this machine shared by the ranks on it
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    num_threads = num_workers or max(1, (os.cpu_count() or 1) // local_ranks)
-    loader = DALILoader(source, batch_size=batch_size, device=_resolve_device(device),
-                        dtype=dtype, num_threads=num_threads,
+    source = ClipSource(records, rows, spec, flow_root, batch_sampler_for(spec, labels))
+    num_threads = spec.num_workers or cores_per_process()
+    loader = DALILoader(source, batch_size=spec.batch_size, device=_resolve_device(spec.device),
+                        dtype=spec.dtype, num_threads=num_threads,
                         py_num_workers=max(1, min(4, num_threads)),
-                        num_classes=num_classes if num_classes is not None
+                        num_classes=spec.num_classes if spec.num_classes is not None
                         else default_num_classes(labels))
     loader.skipped_errors = dict(skipped)
     loader.num_skipped = len(skipped)

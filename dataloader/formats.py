@@ -191,6 +191,11 @@ def read_hmdb51_split(split_dir, split=1, train=True) -> list[VideoRecord]:
     return records
 
 
+def default_num_classes(labels) -> int:
+    """1 + the largest label (None, a label-less line, counts for nothing)."""
+    return max((label for label in labels if label is not None), default=0) + 1
+
+
 def read_annotation(path, modality="rawframes", num_classes=None,
                     labels=True) -> list[VideoRecord]:
     """The list build_loader reads: rawframe list, or video list for modality="video";

@@ -15,6 +15,7 @@ the entropy-coded data with intact markers is left to the decoder, which fails o
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ccs_fast.errors import bad_file
+from ccs_fast.errors import CCSError, bad_file
+
+from .formats import VideoRecord, read_annotation
+from .sampling import num_flow_frames
 
 _SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
                           0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF])
@@ -197,3 +201,106 @@ def decode_jpeg(path, grey: bool) -> np.ndarray:
     if img is None:
         raise bad_file(path, "cannot decode (corrupt JPEG data)")
     return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# -- frame counts and annotation records -----------------------------------------------
+def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
+    """Number of flow_x files in ``frame_dir`` (named by ``naming.flow_tmpl``)."""
+    pattern = naming.flow_x_pattern()
+    try:
+        return sum(1 for name in os.listdir(frame_dir) if pattern.match(name))
+    except FileNotFoundError:
+        raise bad_file(frame_dir, "flow frame folder not found") from None
+
+
+def default_flow_root(data_root) -> Path:
+    return Path(data_root).resolve().parent / "rawframes"
+
+
+def lists_count_flow_frames(records, data_root, naming: FrameNaming) -> bool | None:
+    """Whether a rawframe list's total_frames counts flow frames rather than RGB frames,
+    from the files of its first folder that exists: with n RGB frames there are n − 1 flow
+    frames (denseflow), so a flow file numbered like the last RGB frame exists only when
+    the list counts flow frames. Where lines with offsets share a folder, the line that
+    reaches furthest into it decides. None when no listed folder exists."""
+    for record in records:
+        folder = Path(data_root) / record.path
+        if folder.is_dir():
+            last = max(r.offset + r.num_frames for r in records if r.path == record.path)
+            return naming.flow(folder, last - 1)[0].is_file()
+    return None
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """What the total_frames of a list counts, and how that was decided (the start line)."""
+    flow: bool
+    how: str  # "detected from the files" | "data.flow_count" | "video: flow frames + 1"
+
+    def __str__(self):
+        return f"total_frames counts {'flow' if self.flow else 'RGB'} frames ({self.how})"
+
+
+def resolve_records(records, annotation, data_root, *, modality, flow_root, flow_length,
+                    skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None):
+    """Fill in num_frames (RGB frames) of video lists from the flow folders, and of rawframe
+    lists whose total_frames counts flow frames (``flow_count``; None: detected from the
+    files); check every video is long enough for the flow stack. Returns (good records,
+    their annotation rows, {row: message} of the videos skipped as bad, FrameCount)."""
+    if modality == "video":
+        count = FrameCount(True, "video: flow frames + 1")
+    elif flow_count is None:
+        count = FrameCount(bool(lists_count_flow_frames(records, data_root, naming)),
+                           "detected from the files")
+    else:
+        count = FrameCount(bool(flow_count), "data.flow_count")
+    good, rows, skipped = [], [], {}
+    for row, record in enumerate(records):
+        try:
+            folder = (Path(flow_root) / Path(record.path).with_suffix("") if modality == "video"
+                      else Path(data_root) / record.path)
+            if not folder.is_dir():
+                what = "flow frame folder" if modality == "video" else "frame folder"
+                raise bad_file(f"{annotation}:{record.line}", f"{what} {folder} not found")
+            if modality == "video":
+                frames = count_flow_frames(folder, naming) + 1
+                record = VideoRecord(record.path, frames, record.label, record.line)
+            elif count.flow:
+                record = VideoRecord(record.path, record.num_frames + 1, record.label,
+                                     record.line, record.offset)
+            if num_flow_frames(record.num_frames) < flow_length:
+                raise bad_file(
+                    f"{annotation}:{record.line}",
+                    f"video {record.path} too short: {record.num_frames} frames give "
+                    f"{max(num_flow_frames(record.num_frames), 0)} flow frames, "
+                    f"fewer than the flow stack of {flow_length}",
+                )
+        except CCSError as exc:
+            if not skip_bad:
+                raise
+            skipped[row] = str(exc)
+            continue
+        good.append(record)
+        rows.append(row)
+    if not good:
+        raise bad_file(annotation, "no usable videos (all skipped as bad)")
+    return good, rows, skipped, count
+
+
+def load_records(spec):
+    """Read and check the annotation list of a ``LoaderSpec`` for either backend: (records,
+    their annotation rows, {row: message} of the videos skipped as bad, flow root,
+    FrameCount). Video lists take their flow from ``spec.flow_root`` (default: the
+    ``rawframes`` folder beside the data root). ``spec.labels=False`` accepts label-less
+    lines (label None)."""
+    records = read_annotation(spec.annotation, spec.modality, spec.num_classes,
+                              labels=spec.labels)
+    flow_root = spec.flow_root
+    if flow_root is None:
+        video = spec.modality == "video"
+        flow_root = default_flow_root(spec.data_root) if video else spec.data_root
+    records, rows, skipped, count = resolve_records(
+        records, spec.annotation, spec.data_root, modality=spec.modality, flow_root=flow_root,
+        flow_length=spec.flow_length, skip_bad=spec.skip_bad, naming=spec.naming,
+        flow_count=spec.flow_count)
+    return records, rows, skipped, Path(flow_root), count

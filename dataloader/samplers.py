@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from ccs_fast.errors import bad_file
+
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
@@ -122,3 +124,20 @@ class ShardedSampler:
         indices = self.rank_indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield [int(i) for i in indices[start:start + self.batch_size]]
+
+
+def batch_sampler_for(spec, labels):
+    """The batch sampler of a ``LoaderSpec`` over videos with these labels: balanced N × M
+    batches when training with classes_per_batch = N, plain sharded batches otherwise."""
+    if spec.train and spec.classes_per_batch:
+        n = spec.classes_per_batch
+        if spec.batch_size % n:
+            raise ValueError(f"batch_size {spec.batch_size} is not a multiple of "
+                             f"classes_per_batch {n}")
+        try:
+            return BalancedBatchSampler(labels, n, spec.batch_size // n, seed=spec.seed,
+                                        rank=spec.rank, world_size=spec.world_size)
+        except ValueError as exc:
+            raise bad_file(spec.annotation, str(exc)) from None
+    return ShardedSampler(len(labels), spec.batch_size, shuffle=spec.train, seed=spec.seed,
+                          rank=spec.rank, world_size=spec.world_size, drop_last=spec.train)

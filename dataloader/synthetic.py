@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import read_annotation
+from .formats import default_num_classes, read_annotation
 
 
 def _generator(device, seed, epoch, rank, batch):
@@ -54,25 +54,19 @@ class SyntheticLoader:
             }
 
 
-def build_synthetic_loader(annotation, data_root, *, train, batch_size, num_segments=3,
-                           flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
-                           world_size=1, modality="rawframes", num_workers=None,
-                           classes_per_batch=None, num_classes=None, skip_bad=False,
-                           flow_root=None, dtype=torch.float32, synthetic_batches=50,
-                           naming=None, flow_count=None, labels=True):
-    """``build_loader(..., backend="synthetic")``: the annotation, when given, only supplies
-    num_classes and num_videos; nothing is read from data_root."""
-    del train, data_root, world_size, num_workers, classes_per_batch, skip_bad, flow_root
-    del naming, flow_count
-    num_videos = synthetic_batches * batch_size
-    if annotation is not None:
-        records = read_annotation(annotation, modality, num_classes, labels=labels)
+def build_synthetic_loader(spec) -> SyntheticLoader:
+    """``build_loader(spec)`` for ``spec.backend == "synthetic"``: the annotation, when given,
+    only supplies num_classes and num_videos; nothing is read from the data root."""
+    num_classes, num_videos = spec.num_classes, spec.synthetic_batches * spec.batch_size
+    if spec.annotation is not None:
+        records = read_annotation(spec.annotation, spec.modality, num_classes, labels=spec.labels)
         num_videos = len(records)
         if num_classes is None:
-            num_classes = max((r.label for r in records if r.label is not None), default=0) + 1
+            num_classes = default_num_classes(r.label for r in records)
     if num_classes is None:
         raise ValueError("the synthetic backend needs num_classes or an annotation file")
-    return SyntheticLoader(batch_size=batch_size, num_segments=num_segments,
-                           flow_length=flow_length, input_size=input_size, device=device,
-                           seed=seed, rank=rank, num_classes=num_classes,
-                           num_videos=num_videos, num_batches=synthetic_batches, dtype=dtype)
+    return SyntheticLoader(batch_size=spec.batch_size, num_segments=spec.num_segments,
+                           flow_length=spec.flow_length, input_size=spec.input_size,
+                           device=spec.device, seed=spec.seed, rank=spec.rank,
+                           num_classes=num_classes, num_videos=num_videos,
+                           num_batches=spec.synthetic_batches, dtype=spec.dtype)

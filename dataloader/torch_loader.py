@@ -24,7 +24,6 @@ Videos the annotation already shows too short are dropped when the list is read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,21 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccs_fast.errors import CCSError, bad_file
 
-from .formats import VideoRecord, read_annotation
-from .frames import FrameNaming, decode_jpeg, frame_size
-from .sampling import num_flow_frames, plan_clip
-from .samplers import BalancedBatchSampler, ShardedSampler
+from ccs_fast.distributed import cores_per_process
+
+from .formats import VideoRecord, default_num_classes
+from .frames import decode_jpeg, frame_size, load_records
+from .sampling import plan_clip
+from .samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                          invert_flow_x, stack_flow)
-
-
-def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
-    """Number of flow_x files in ``frame_dir`` (named by ``naming.flow_tmpl``)."""
-    pattern = naming.flow_x_pattern()
-    try:
-        return sum(1 for name in os.listdir(frame_dir) if pattern.match(name))
-    except FileNotFoundError:
-        raise bad_file(frame_dir, "flow frame folder not found") from None
 
 
 def read_video_clip(path, make_plan):
@@ -86,30 +78,18 @@ def resize_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-@dataclass(frozen=True)
-class ClipOptions:
-    train: bool
-    num_segments: int
-    flow_length: int
-    input_size: int
-    seed: int
-    naming: FrameNaming = FrameNaming()
-
-
 class ClipDataset(Dataset):
     """Map-style dataset indexed by ``(epoch, position)``; returns a sample dict of uint8
     arrays ``rgb`` (K, S, S, 3), ``flow`` (K, S, S, 2L), ints ``label``, ``index`` (the
     annotation row, which also seeds the clip) and ``error`` (None, or the one-line CCSError
     message of a bad sample)."""
 
-    def __init__(self, records, data_root, options: ClipOptions, modality="rawframes",
-                 flow_root=None, rows=None):
+    def __init__(self, records, rows, spec, flow_root):
         self.records = records
-        self.rows = list(range(len(records))) if rows is None else list(rows)
-        self.data_root = Path(data_root)
-        self.flow_root = Path(flow_root) if flow_root is not None else self.data_root
-        self.options = options
-        self.modality = modality
+        self.rows = list(rows)
+        self.data_root = Path(spec.data_root)
+        self.flow_root = Path(flow_root)
+        self.spec = spec
 
     def __len__(self):
         return len(self.records)
@@ -125,12 +105,12 @@ class ClipDataset(Dataset):
         return {"rgb": rgb, "flow": flow, "label": label, "index": row, "error": None}
 
     def flow_dir(self, record: VideoRecord) -> Path:
-        if self.modality == "video":
+        if self.spec.modality == "video":
             return self.flow_root / Path(record.path).with_suffix("")
         return self.data_root / record.path
 
     def plan(self, record, width, height, epoch, row, name):
-        o = self.options
+        o = self.spec
         try:
             return plan_clip(record.num_frames, width, height, num_segments=o.num_segments,
                              flow_length=o.flow_length, input_size=o.input_size, train=o.train,
@@ -139,12 +119,12 @@ class ClipDataset(Dataset):
             raise bad_file(name, f"video too short: {exc}") from None
 
     def load_clip(self, record, epoch, row):
-        size = self.options.input_size
+        size = self.spec.input_size
         frame_dir = self.flow_dir(record)
-        if self.modality == "video":
+        if self.spec.modality == "video":
             video = self.data_root / record.path
             # the flow's size: prepare resizes frames before computing flow (320x240 -> 340x256)
-            width, height = frame_size(self.options.naming.flow(frame_dir, 0)[0])
+            width, height = frame_size(self.spec.naming.flow(frame_dir, 0)[0])
             plan, decoded, count, _ = read_video_clip(
                 video, lambda w, h: self.plan(record, width, height, epoch, row, video))
             missing = [int(i) for i in plan.frame_indices if int(i) not in decoded]
@@ -155,7 +135,7 @@ class ClipDataset(Dataset):
             frames = [(video, resize_to(decoded[int(i)], width, height))
                       for i in plan.frame_indices]
         else:
-            naming, first = self.options.naming, record.offset
+            naming, first = self.spec.naming, record.offset
             width, height = frame_size(naming.rgb(frame_dir, first))
             plan = self.plan(record, width, height, epoch, row, frame_dir)
             paths = [naming.rgb(frame_dir, first + int(i)) for i in plan.frame_indices]
@@ -172,7 +152,7 @@ class ClipDataset(Dataset):
         for segment in plan.flow_indices:
             fx, fy = [], []
             for i in segment:
-                path_x, path_y = self.options.naming.flow(frame_dir, record.offset + int(i))
+                path_x, path_y = self.spec.naming.flow(frame_dir, record.offset + int(i))
                 x = crop(path_x, decode_jpeg(path_x, grey=True))
                 fx.append(invert_flow_x(x) if plan.flip else x)
                 fy.append(crop(path_y, decode_jpeg(path_y, grey=True)))
@@ -309,147 +289,19 @@ def loader_generator(seed: int, rank: int, train: bool) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def default_num_workers() -> int:
-    """Every core of the machine, shared among the ranks torchrun started on it."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def default_flow_root(data_root) -> Path:
-    return Path(data_root).resolve().parent / "rawframes"
-
-
-def lists_count_flow_frames(records, data_root, naming: FrameNaming) -> bool | None:
-    """Whether a rawframe list's total_frames counts flow frames rather than RGB frames,
-    from the files of its first folder that exists: with n RGB frames there are n − 1 flow
-    frames (denseflow), so a flow file numbered like the last RGB frame exists only when
-    the list counts flow frames. Where lines with offsets share a folder, the line that
-    reaches furthest into it decides. None when no listed folder exists."""
-    for record in records:
-        folder = Path(data_root) / record.path
-        if folder.is_dir():
-            last = max(r.offset + r.num_frames for r in records if r.path == record.path)
-            return naming.flow(folder, last - 1)[0].is_file()
-    return None
-
-
-@dataclass(frozen=True)
-class FrameCount:
-    """What the total_frames of a list counts, and how that was decided (the start line)."""
-    flow: bool
-    how: str  # "detected from the files" | "data.flow_count" | "video: flow frames + 1"
-
-    def __str__(self):
-        return f"total_frames counts {'flow' if self.flow else 'RGB'} frames ({self.how})"
-
-
-def resolve_records(records, annotation, data_root, *, modality, flow_root, flow_length,
-                    skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None):
-    """Fill in num_frames (RGB frames) of video lists from the flow folders, and of rawframe
-    lists whose total_frames counts flow frames (``flow_count``; None: detected from the
-    files); check every video is long enough for the flow stack. Returns (good records,
-    their annotation rows, {row: message} of the videos skipped as bad, FrameCount)."""
-    if modality == "video":
-        count = FrameCount(True, "video: flow frames + 1")
-    elif flow_count is None:
-        count = FrameCount(bool(lists_count_flow_frames(records, data_root, naming)),
-                           "detected from the files")
-    else:
-        count = FrameCount(bool(flow_count), "data.flow_count")
-    good, rows, skipped = [], [], {}
-    for row, record in enumerate(records):
-        try:
-            folder = (Path(flow_root) / Path(record.path).with_suffix("") if modality == "video"
-                      else Path(data_root) / record.path)
-            if not folder.is_dir():
-                what = "flow frame folder" if modality == "video" else "frame folder"
-                raise bad_file(f"{annotation}:{record.line}", f"{what} {folder} not found")
-            if modality == "video":
-                frames = count_flow_frames(folder, naming) + 1
-                record = VideoRecord(record.path, frames, record.label, record.line)
-            elif count.flow:
-                record = VideoRecord(record.path, record.num_frames + 1, record.label,
-                                     record.line, record.offset)
-            if num_flow_frames(record.num_frames) < flow_length:
-                raise bad_file(
-                    f"{annotation}:{record.line}",
-                    f"video {record.path} too short: {record.num_frames} frames give "
-                    f"{max(num_flow_frames(record.num_frames), 0)} flow frames, "
-                    f"fewer than the flow stack of {flow_length}",
-                )
-        except CCSError as exc:
-            if not skip_bad:
-                raise
-            skipped[row] = str(exc)
-            continue
-        good.append(record)
-        rows.append(row)
-    if not good:
-        raise bad_file(annotation, "no usable videos (all skipped as bad)")
-    return good, rows, skipped, count
-
-
-def load_records(annotation, data_root, *, modality, flow_root, flow_length, num_classes,
-                 skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None, labels=True):
-    """Read and check an annotation list for either backend: (records, their annotation rows,
-    {row: message} of the videos skipped as bad, flow root, FrameCount). Video lists take their flow from ``flow_root``
-    (default: the ``rawframes`` folder beside ``data_root``). ``labels=False`` accepts
-    label-less lines (label None)."""
-    records = read_annotation(annotation, modality, num_classes, labels=labels)
-    if modality == "video" and flow_root is None:
-        flow_root = default_flow_root(data_root)
-    records, rows, skipped, count = resolve_records(
-        records, annotation, data_root, modality=modality, flow_root=flow_root,
-        flow_length=flow_length, skip_bad=skip_bad, naming=naming, flow_count=flow_count)
-    return records, rows, skipped, flow_root, count
-
-
-def default_num_classes(labels) -> int:
-    return max((label for label in labels if label is not None), default=0) + 1
-
-
-def build_batch_sampler(labels, *, train, batch_size, classes_per_batch, seed, rank,
-                        world_size, annotation):
-    if train and classes_per_batch:
-        if batch_size % classes_per_batch:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of "
-                             f"classes_per_batch {classes_per_batch}")
-        try:
-            return BalancedBatchSampler(labels, classes_per_batch, batch_size // classes_per_batch,
-                                        seed=seed, rank=rank, world_size=world_size)
-        except ValueError as exc:
-            raise bad_file(annotation, str(exc)) from None
-    return ShardedSampler(len(labels), batch_size, shuffle=train, seed=seed, rank=rank,
-                          world_size=world_size, drop_last=train)
-
-
-def build_torch_loader(annotation, data_root, *, train, batch_size, num_segments=3,
-                       flow_length=5, input_size=224, device="cuda", seed=0, rank=0,
-                       world_size=1, modality="rawframes", num_workers=None,
-                       classes_per_batch=None, num_classes=None, skip_bad=False,
-                       flow_root=None, dtype=torch.float32, synthetic_batches=50,
-                       naming=None, flow_count=None, labels=True):
-    """``build_loader(..., backend="torch")``."""
-    del synthetic_batches  # synthetic backend only
-    naming = naming or FrameNaming()
-    records, rows, skipped, flow_root, count = load_records(
-        annotation, data_root, modality=modality, flow_root=flow_root, flow_length=flow_length,
-        num_classes=num_classes, skip_bad=skip_bad, naming=naming, flow_count=flow_count,
-        labels=labels)
-    options = ClipOptions(train=train, num_segments=num_segments, flow_length=flow_length,
-                          input_size=input_size, seed=seed, naming=naming)
-    dataset = ClipDataset(records, data_root, options, modality=modality, flow_root=flow_root,
-                          rows=rows)
+def build_torch_loader(spec) -> TorchClipLoader:
+    """``build_loader(spec)`` for ``spec.backend == "torch"``."""
+    records, rows, skipped, flow_root, count = load_records(spec)
     labels = [r.label for r in records]
-    sampler = build_batch_sampler(labels, train=train, batch_size=batch_size,
-                                  classes_per_batch=classes_per_batch, seed=seed, rank=rank,
-                                  world_size=world_size, annotation=annotation)
     loader = TorchClipLoader(
-        dataset, sampler, device=device, dtype=dtype,
-        num_workers=default_num_workers() if num_workers is None else num_workers,
-        skip_bad=skip_bad,
-        num_classes=num_classes if num_classes is not None else default_num_classes(labels),
+        ClipDataset(records, rows, spec, flow_root), batch_sampler_for(spec, labels),
+        device=spec.device, dtype=spec.dtype,
+        num_workers=cores_per_process() if spec.num_workers is None else spec.num_workers,
+        skip_bad=spec.skip_bad,
+        num_classes=spec.num_classes if spec.num_classes is not None
+        else default_num_classes(labels),
         skipped=skipped,
-        generator=loader_generator(seed, rank, train),
+        generator=loader_generator(spec.seed, spec.rank, spec.train),
     )
     loader.frame_count = count
     return loader

@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from ccs_fast.dataloader import build_loader  # noqa: E402
-from ccs_fast.dataloader.dali import jpeg_size  # noqa: E402
+from ccs_fast.dataloader import LoaderSpec, build_loader  # noqa: E402
+from ccs_fast.dataloader.frames import jpeg_size  # noqa: E402
 from ccs_fast.dataloader.flow import write_rawframes  # noqa: E402
 from ccs_fast.dataloader.sampling import plan_clip  # noqa: E402
 from ccs_fast.errors import CCSError  # noqa: E402
@@ -62,7 +62,7 @@ def _load(backend, annotation, data_root, *, epochs=(0,), **kw):
     options = dict(backend=backend, batch_size=2, num_segments=K, flow_length=L,
                    input_size=SIZE, device="cpu", seed=3, num_workers=1 if backend == "dali" else 0)
     options.update(kw)
-    loader = build_loader(annotation, data_root, **options)
+    loader = build_loader(LoaderSpec(annotation, data_root, **options))
     out = []
     for epoch in epochs:
         loader.set_epoch(epoch)
@@ -190,18 +190,20 @@ def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
     annotation = tree / "train.txt"
     # in a child process with a timeout: a hang inside DALI would not see SIGALRM
     script = ("import sys\n"
-              "from ccs_fast.dataloader import build_loader\n"
+              "from ccs_fast.dataloader import LoaderSpec, build_loader\n"
               "from ccs_fast.errors import CCSError\n"
-              "loader = build_loader(sys.argv[1], sys.argv[2], backend='dali', train=False,\n"
+              "loader = build_loader(LoaderSpec(sys.argv[1], sys.argv[2], backend='dali',\n"
+              "    train=False,"
               f"    batch_size=2, num_segments=25, flow_length={L}, input_size={SIZE},\n"
-              "    device='cpu', num_workers=1)\n"
+              "    device='cpu', num_workers=1))\n"
               "try:\n"
               "    list(loader)\n"
               "except CCSError as error:\n"
               "    print('CCSError|' + str(error))\n"
-              "loader = build_loader(sys.argv[1], sys.argv[2], backend='torch', train=False,\n"
+              "loader = build_loader(LoaderSpec(sys.argv[1], sys.argv[2], backend='torch',\n"
+              "    train=False,"
               f"    batch_size=2, num_segments=25, flow_length={L}, input_size={SIZE},\n"
-              "    device='cpu', num_workers=0)\n"
+              "    device='cpu', num_workers=0))\n"
               "try:\n"
               "    list(loader)\n"
               "except CCSError as error:\n"

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ccs_fast.dataloader import build_loader, dali_available
+from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
 from ccs_fast.dataloader.frames import FrameNaming
 from ccs_fast.dataloader.sampling import plan_clip
 from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -46,9 +46,9 @@ def test_templates_start_index_and_offsets_pick_the_right_files(tmp_path, backen
     naming = FrameNaming("frame{:04d}.jpg", "{}_{:05d}.jpg", start_index=0)
     write_video_frames(tmp_path / "long", 16, naming, first=0)
     (tmp_path / "list.txt").write_text("long 0 8 0\nlong 8 8 1\n")
-    data = build_loader(tmp_path / "list.txt", tmp_path, backend=backend, train=False,
+    data = build_loader(LoaderSpec(tmp_path / "list.txt", tmp_path, backend=backend, train=False,
                         batch_size=2, num_segments=3, flow_length=2, input_size=16,
-                        device="cpu", num_workers=1, naming=naming)
+                        device="cpu", num_workers=1, naming=naming))
     (batch,) = list(data)
     plan = plan_clip(8, SIZE, SIZE, num_segments=3, flow_length=2, input_size=16, train=False,
                      seed=0, epoch=0, index=0)
@@ -66,8 +66,8 @@ def test_lists_counting_flow_frames_are_detected(tmp_path):
                    input_size=16, device="cpu", num_workers=0)
     (tmp_path / "rgb.txt").write_text("Jump/v0 9 0\n")
     (tmp_path / "flow.txt").write_text("Jump/v0 8 0\n")
-    by_rgb = build_loader(tmp_path / "rgb.txt", tmp_path, **options)
-    by_flow = build_loader(tmp_path / "flow.txt", tmp_path, **options)
+    by_rgb = build_loader(LoaderSpec(tmp_path / "rgb.txt", tmp_path, **options))
+    by_flow = build_loader(LoaderSpec(tmp_path / "flow.txt", tmp_path, **options))
     assert str(by_flow.frame_count) == "total_frames counts flow frames (detected from the files)"
     assert str(by_rgb.frame_count) == "total_frames counts RGB frames (detected from the files)"
     (a,), (b,) = list(by_rgb), list(by_flow)
@@ -75,8 +75,8 @@ def test_lists_counting_flow_frames_are_detected(tmp_path):
     assert np.array_equal(a["flow"].numpy(), b["flow"].numpy())
     # told that the list counts RGB frames, 8 frames give 7 flow frames: too short for L = 8
     with pytest.raises(CCSError, match="too short"):
-        build_loader(tmp_path / "flow.txt", tmp_path, flow_count=False, **options)
-    told = build_loader(tmp_path / "flow.txt", tmp_path, flow_count=True, **options)
+        build_loader(LoaderSpec(tmp_path / "flow.txt", tmp_path, flow_count=False, **options))
+    told = build_loader(LoaderSpec(tmp_path / "flow.txt", tmp_path, flow_count=True, **options))
     assert str(told.frame_count) == "total_frames counts flow frames (data.flow_count)"
 
 

@@ -106,7 +106,7 @@ def test_hmdb_split_files_give_train_and_val(tmp_path):
 def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
     """Issue 12: prepare writes the names data.filename_tmpl / flow_tmpl / start_index give,
     and the loader reads them back with the same settings."""
-    from ccs_fast.dataloader import build_loader
+    from ccs_fast.dataloader import LoaderSpec, build_loader
     from ccs_fast.dataloader.frames import FrameNaming
 
     videos, splits, out = ucf_tree
@@ -122,7 +122,8 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
     names = sorted(p.name for p in folder.iterdir())
     assert names[0] == "img_00000.jpg" and "x_00000.jpg" in names and "y_00003.jpg" in names
     assert read_rawframe_list(out / "train_rawframes_split1.txt")[0].num_frames == FRAMES
-    data = build_loader(out / "train_rawframes_split1.txt", out / "rawframes", backend="torch",
-                        train=False, batch_size=2, num_segments=2, flow_length=2, input_size=16,
-                        device="cpu", num_workers=0, naming=naming)
+    data = build_loader(LoaderSpec(
+        out / "train_rawframes_split1.txt", out / "rawframes", backend="torch", train=False,
+        batch_size=2, num_segments=2, flow_length=2, input_size=16, device="cpu",
+        num_workers=0, naming=naming))
     assert [b["rgb"].shape[0] for b in data] == [2]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ccs_fast.dataloader as dataloader
-from ccs_fast.dataloader import build_loader
+from ccs_fast.dataloader import LoaderSpec, build_loader
 from ccs_fast.dataloader.sampling import plan_clip
 from ccs_fast.dataloader.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                                             invert_flow_x, normalize_flow, normalize_rgb,
@@ -51,7 +51,7 @@ def make_rawframes(root, num_videos=6, num_classes=3, **kwargs):
 def loader(annotation, data_root, **kwargs):
     options = dict(backend="torch", train=True, batch_size=3, num_segments=K, flow_length=L,
                    input_size=S, device="cpu", num_workers=0)
-    return build_loader(annotation, data_root, **(options | kwargs))
+    return build_loader(LoaderSpec(annotation, data_root, **(options | kwargs)))
 
 
 def denormalize_rgb(x):
@@ -320,9 +320,9 @@ def test_video_modality(tmp_path):
 
 def test_synthetic_backend_is_deterministic_per_epoch():
     def epoch(e):
-        data = build_loader(None, None, backend="synthetic", train=True, batch_size=4,
+        data = build_loader(LoaderSpec(None, None, backend="synthetic", train=True, batch_size=4,
                             num_segments=K, flow_length=L, input_size=S, device="cpu",
-                            num_classes=7, synthetic_batches=2, seed=1)
+                            num_classes=7, synthetic_batches=2, seed=1))
         data.set_epoch(e)
         return list(data)
 
@@ -347,7 +347,7 @@ def test_unknown_backend_and_missing_dali(tree, monkeypatch):
 
 
 def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
-    from ccs_fast.dataloader.torch_loader import default_num_workers
+    from ccs_fast.distributed import cores_per_process as default_num_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
