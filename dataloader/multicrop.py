@@ -1,0 +1,126 @@
+"""Multi-crop test views (TSN / MMAction2 testing): 1, 3 or 10 crops per frame, scores averaged.
+
+Geometry (``crop_views(width, height, num_crops, crop_size=None) -> list[CropView]``), in source
+pixels, with ``short = min(width, height)``:
+
+- 1 (``CenterCrop``): the centred square of side ``crop_size``, default ``round(0.875 · short)``,
+  the same box as ``sampling.test_crop``.
+- 3 (``ThreeCrop``): three squares of side ``crop_size``, default ``short`` (MMAction2 takes
+  the short side after resizing it to 256), at the start, middle and end of the long side,
+  centred on the short side.
+- 10 (``TenCrop``): squares of side ``crop_size`` (default ``round(0.875 · short)``) at the four
+  corners and the centre, on the grid ``step = (size − crop) // 4`` that TSN's corner cropping and
+  ``sampling.train_crop`` use (corners at 0 and 4·step, centre at 2·step), then the same five
+  mirrored.
+
+Pixels (``multi_crop(frames, num_crops, crop_size=None, *, flow_x_channels=None,
+channel_axis=-3)``): frames are numpy arrays or torch tensors laid out (…, H, W), i.e. the
+channels-first layout of a batch after ``normalize_on_device`` (B, K, C, H, W), or grey flow
+images (H, W). The views are stacked on a new leading axis: (V, …, crop, crop). A mirrored view
+of optical flow must also negate its horizontal component: ``flow_x_channels`` indexes the
+flow_x channels along ``channel_axis`` (``slice(0, None, 2)`` for the x1, y1, x2, y2, … stack of
+2L channels; ``0`` with ``channel_axis=-4`` for a 3-D clip (…, 2, T, H, W)). Those channels
+become ``255 − v`` for uint8 (denseflow's mapping, ``transforms.invert_flow_x``) and ``−v`` for
+floating point flow normalised as (v − 128)/128. The two differ by 1/128 (uint8 zero motion is
+127.5 after inversion, 128 before), the same as inverting before or after normalising in the
+training flip.
+
+``average_view_scores(scores, num_views, mode="score")``: (B·V, C) video-major or (B, V, C) →
+(B, C), averaging raw scores (TSN) or softmax probabilities (MMAction2 ``average_clips="prob"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+CROP_COUNTS = (1, 3, 10)
+DEFAULT_CROP_SCALE = 0.875  # TSN/MMAction2: 224 of 256
+
+
+@dataclass(frozen=True)
+class CropView:
+    x0: int
+    y0: int
+    w: int
+    h: int
+    flip: bool
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, w, h), the crop argument of ``transforms.crop_resize``."""
+        return (self.x0, self.y0, self.w, self.h)
+
+
+def crop_views(width: int, height: int, num_crops: int, crop_size: Optional[int] = None) -> list[CropView]:
+    """The ``num_crops`` (1, 3 or 10) views of a width × height frame (module docstring)."""
+    if num_crops not in CROP_COUNTS:
+        raise ValueError(f"num_crops must be one of {', '.join(map(str, CROP_COUNTS))}, got {num_crops}")
+    short = min(width, height)
+    if crop_size is None:
+        crop_size = short if num_crops == 3 else round(DEFAULT_CROP_SCALE * short)
+    if not 1 <= crop_size <= short:
+        raise ValueError(f"crop_size {crop_size} does not fit a {width}x{height} frame")
+    s = crop_size
+    if num_crops == 1:
+        return [CropView((width - s) // 2, (height - s) // 2, s, s, False)]
+    if num_crops == 3:
+        if width >= height:
+            y0 = (height - s) // 2
+            return [CropView(x0, y0, s, s, False) for x0 in (0, (width - s) // 2, width - s)]
+        x0 = (width - s) // 2
+        return [CropView(x0, y0, s, s, False) for y0 in (0, (height - s) // 2, height - s)]
+    ws, hs = (width - s) // 4, (height - s) // 4
+    positions = ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs))
+    return [CropView(x0, y0, s, s, flip) for flip in (False, True) for x0, y0 in positions]
+
+
+def _flip_last(x):
+    return torch.flip(x, dims=(-1,)) if isinstance(x, torch.Tensor) else x[..., ::-1]
+
+
+def _invert_flow(x):
+    if x.dtype in (np.uint8, torch.uint8):
+        return 255 - x
+    return -x
+
+
+def apply_view(frames, view: CropView, *, flow_x_channels=None, channel_axis: int = -3):
+    """Crop (…, H, W) ``frames`` to ``view``, mirror if it flips, and then invert the flow_x
+    channels (``flow_x_channels`` along ``channel_axis``; None for RGB). Returns a new array."""
+    out = frames[..., view.y0:view.y0 + view.h, view.x0:view.x0 + view.w]
+    if not view.flip:
+        return out.clone() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
+    out = _flip_last(out)
+    out = out.clone() if isinstance(out, torch.Tensor) else np.array(out)
+    if flow_x_channels is not None:
+        axis = channel_axis % out.ndim
+        index = (slice(None),) * axis + (flow_x_channels,)
+        out[index] = _invert_flow(out[index])
+    return out
+
+
+def multi_crop(frames, num_crops: int, crop_size: Optional[int] = None, *, flow_x_channels=None,
+               channel_axis: int = -3):
+    """(…, H, W) → (V, …, crop, crop): the ``num_crops`` views of ``frames`` stacked first."""
+    height, width = frames.shape[-2:]
+    views = [apply_view(frames, v, flow_x_channels=flow_x_channels, channel_axis=channel_axis)
+             for v in crop_views(width, height, num_crops, crop_size)]
+    return torch.stack(views) if isinstance(frames, torch.Tensor) else np.stack(views)
+
+
+def average_view_scores(scores: torch.Tensor, num_views: Optional[int] = None, mode: str = "score") -> torch.Tensor:
+    """Average the class scores of each video's views: (B, V, C), or (B·V, C) with the V views
+    of a video contiguous and ``num_views`` given → (B, C). ``mode``: ``"score"`` averages the
+    scores as given (TSN), ``"prob"`` their softmax over classes (MMAction2 average_clips)."""
+    if mode not in ("score", "prob"):
+        raise ValueError(f"mode must be 'score' or 'prob', got {mode!r}")
+    if scores.dim() == 2:
+        if num_views is None or scores.shape[0] % num_views:
+            raise ValueError(f"(B·V, C) scores of shape {tuple(scores.shape)} need num_views dividing {scores.shape[0]}")
+        scores = scores.view(-1, num_views, scores.shape[-1])
+    if mode == "prob":
+        scores = scores.float().softmax(dim=-1)
+    return scores.mean(dim=1)
