@@ -109,21 +109,30 @@ def cmd_eval(args) -> int:
 
         where = out / "predictions.jsonl" if out else Path("predictions.jsonl")
         summary = predict(cfg, args.checkpoint, args.list, where)
+        _print_skipped(summary, "[predict]")
         print(f"predicted {summary['num_videos']} videos (no labels, no accuracy) -> {where}")
         return 0
     result = evaluate_checkpoint(
         cfg, args.checkpoint, annotation=args.list,
         out_json=out / "eval.json" if out else None, out_md=out / "eval.md" if out else None,
     )
-    del result  # the table is printed by evaluate_checkpoint
+    _print_skipped(result, "[eval]")
+    print(result["table"], end="", flush=True)
     return 0
+
+
+def _print_skipped(result: dict, what: str) -> None:
+    from ccs_fast.loaders import skipped_line
+
+    if result.get("skipped_videos"):
+        print(skipped_line(result, f"{what} {result['annotation']}"), flush=True)
 
 
 def cmd_predict(args) -> int:
     from ccs_fast.evaluate import predict
 
     cfg = _config_of_checkpoint(args)
-    predict(cfg, args.checkpoint, args.list, args.out)
+    _print_skipped(predict(cfg, args.checkpoint, args.list, args.out), "[predict]")
     return 0
 
 

@@ -19,6 +19,7 @@ import yaml
 from ccs_fast.errors import CCSError, bad_file
 
 VARIANTS = ("baseline", "cb", "cs", "all")
+CONSENSUS = ("avg", "max", "mul", "concat")
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Config:
             raise CCSError(f"{sources.get(name, source)}: {name} = {value!r}: {allowed}")
 
         choices = (
-            ("model.variant", VARIANTS), ("model.consensus", ("avg", "max", "mul", "concat")),
+            ("model.variant", VARIANTS), ("model.consensus", CONSENSUS),
             ("model.impl", ("auto", "triton", "eager")), ("train.precision", ("bf16", "fp16", "fp32")),
             ("data.backend", ("torch", "dali", "synthetic")), ("optim.name", ("sgd", "adamw")),
             ("data.modality", ("rawframes", "video")),

@@ -74,6 +74,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None) -> dict
         result = evaluate_checkpoint(cfg, Path(cfg.train.out_dir) / "last.pt",
                                      out_json=Path(cfg.train.out_dir) / "eval.json",
                                      out_md=Path(cfg.train.out_dir) / "eval.md")
+        print(result["table"], end="", flush=True)
         variants[variant] = {stream: result[stream]["top1"] for stream in ("rgb", "flow", "fused")}
         timings[f"{variant}_s"] = time.perf_counter() - t0
 

@@ -24,7 +24,7 @@ from ccs_fast.amp import autocast_context
 from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_model
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
-from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
+from ccs_fast.loaders import loader_from_config, skipped_report
 from ccs_fast.metrics import topk_correct
 
 STREAMS = ("rgb", "flow", "fused")
@@ -135,11 +135,8 @@ def _config_for(cfg: Optional[Config], checkpoint) -> Config:
 
 def _load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
     from ccs_fast.model import build_model
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, device=device, channels_last=cfg.train.channels_last)
     load_checkpoint(checkpoint, model, cfg=cfg)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
@@ -156,7 +153,8 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
 
     ``cfg`` None: the config stored in the checkpoint. Writes the result as JSON to
     ``out_json`` and as a markdown table to ``out_md`` when given; returns the dict of
-    ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments`` and ``table``.
+    ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments``, ``variant``,
+    ``skipped_videos`` (and ``skipped_reasons``) and ``table``; prints nothing.
     """
     cfg = _config_for(cfg, checkpoint)
     device = select_device(cfg.train.device)
@@ -170,9 +168,6 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     )
     result.update({"skipped_videos": 0, **skipped_report(loader)})
     table = format_table(result)
-    if result["skipped_videos"]:
-        print(skipped_line(result, f"[eval] {result['annotation']}"), flush=True)
-    print(table, end="", flush=True)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
@@ -216,8 +211,6 @@ def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: O
             f.write(json.dumps(row) + "\n")
     labelled = [r for r in rows if r["label"] is not None]
     top1 = sum(r["fused"] == r["label"] for r in labelled) / len(labelled) if labelled else None
-    summary = {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path),
-               "skipped_videos": 0, **skipped_report(loader)}
-    if summary["skipped_videos"]:
-        print(skipped_line(summary, f"[predict] {annotation or cfg.data.val_list}"), flush=True)
-    return summary
+    return {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path),
+            "annotation": str(annotation or cfg.data.val_list), "skipped_videos": 0,
+            **skipped_report(loader)}

@@ -31,12 +31,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
-from ccs_fast.config import VARIANTS, ModelConfig
+from ccs_fast.config import CONSENSUS, Config, ModelConfig
 from ccs_fast.connection import CrossStreamAttention
 from ccs_fast.errors import CCSError
-
-CONSENSUS = ("avg", "max", "mul", "concat")
-
 
 class SegmentConsensus(nn.Module):
     """(B, K, C) segment features -> (B, C) video feature (``concat``: (B, K_train·C))."""
@@ -44,7 +41,7 @@ class SegmentConsensus(nn.Module):
     def __init__(self, mode: str, num_segments: int):
         super().__init__()
         if mode not in CONSENSUS:
-            raise CCSError(f"model.consensus must be one of {', '.join(CONSENSUS)}, got {mode!r}")
+            raise ValueError(f"consensus must be one of {', '.join(CONSENSUS)}, got {mode!r}")
         self.mode, self.num_segments = mode, num_segments
 
     def out_features(self, channels: int) -> int:
@@ -83,8 +80,6 @@ class CCSModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rgb_backbone: StagedBackbone, flow_backbone: StagedBackbone):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise CCSError(f"model.variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
         self.variant = cfg.variant
         self.num_classes = cfg.num_classes
         self.flow_channels = 2 * cfg.flow_length
@@ -236,13 +231,16 @@ def _resolve_stages(cfg: ModelConfig, backbone: StagedBackbone) -> list[int]:
     return sorted(stages)
 
 
-def build_model(cfg: ModelConfig) -> CCSModel:
-    """Both backbones (flow: 2L input channels, TSN cross-modality init) and the CCS heads."""
-    if cfg.variant not in VARIANTS:
-        raise CCSError(f"model.variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
-    if cfg.consensus not in CONSENSUS:
-        raise CCSError(f"model.consensus must be one of {', '.join(CONSENSUS)}, got {cfg.consensus!r}")
-    if len(cfg.fusion_weights) != 2:
-        raise CCSError(f"model.fusion_weights needs two weights (RGB, flow), got {list(cfg.fusion_weights)}")
+def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -> CCSModel:
+    """Both backbones (flow: 2L input channels, TSN cross-modality init) and the CCS heads,
+    on ``device`` (when given) with channels_last strides (when asked). The training run,
+    ``eval`` and ``predict`` all build their network here. ``cfg`` is checked by the config's
+    own validation (CCSError naming the field)."""
+    Config(model=cfg).validate(source="model config")
     rgb, flow = build_two_stream_backbones(cfg.backbone, 2 * cfg.flow_length, cfg.pretrained)
-    return CCSModel(cfg, rgb, flow)
+    model = CCSModel(cfg, rgb, flow)
+    if device is not None:
+        model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -33,7 +33,7 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +51,7 @@ from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import evaluate, select_device
 from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, truncate_metrics
+from ccs_fast.model import build_model
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
 
 LOSS_NAMES = ("loss", "ce", "triplet", "center")
@@ -65,14 +66,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- builders
-
-def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    from ccs_fast.model import build_model as build_ccs_model
-    model = build_ccs_model(cfg.model).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
 
 def build_objective(cfg: Config) -> torch.nn.Module:
     from ccs_fast.losses import CCSObjective
@@ -346,6 +339,128 @@ def _train(cfg: Config, resume: Optional[str], overwrite: bool, env: DistEnv, de
             folder.release()
 
 
+@dataclass
+class _Run:
+    """What the steps of one training run share; ``step`` counts optimizer steps."""
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    model: torch.nn.Module  # unwrapped: checkpoints and evaluation
+    forward_model: torch.nn.Module  # DDP / torch.compile wrapped: training steps
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: object
+    logger: MetricsLogger
+    last_path: Path
+    step: int = 0
+    last_train: dict = field(default_factory=dict)  # the last logged losses
+    started: float = field(default_factory=time.perf_counter)
+    start_step: int = 0
+
+
+def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict:
+    """One pass over ``loader``: forward, losses, AMP step, LR step per batch; the losses
+    are read every ``train.log_interval`` steps (logged, shown, and printed as a line where
+    no bar is drawn). Returns the epoch's mean losses and gradient norm (all ranks)."""
+    cfg, env, device = run.cfg, run.env, run.device
+    epochs = cfg.optim.epochs
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    clips_per_step = cfg.data.batch_size * env.world_size
+    # one line per log interval where no bar is drawn (a log file); the bar on a terminal
+    log_lines = env.is_main and not (cfg.train.progress and sys.stderr.isatty())
+    loader.set_epoch(epoch)
+    run.forward_model.train()
+    running = torch.zeros(len(LOSS_NAMES) + 1, device=device)
+    epoch_sum = torch.zeros(len(LOSS_NAMES) + 1, device=device)
+    since_log = epoch_steps = 0
+    throughput = Throughput()
+    bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
+    for batch in loader:
+        with autocast_context(cfg.train.precision, device):
+            out = run.forward_model(batch["rgb"], batch["flow"])
+            losses = run.objective(out["z_f"], out["z_o"], out["logits_f"], out["logits_o"], batch["label"])
+        grad_norm = amp_step(losses["loss"], run.optimizer, run.scaler, cfg.optim.clip_grad, params)
+        run.scheduler.step()
+        run.step += 1
+        stats = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
+        running += stats
+        epoch_sum += stats
+        since_log += 1
+        epoch_steps += 1
+        throughput.add(clips_per_step)
+        bar.update()
+        if run.step % cfg.train.log_interval == 0:
+            values = _read_running(running, since_log, env)  # host sync
+            running.zero_()
+            since_log = 0
+            if not math.isfinite(values["loss"]):
+                raise _nan_error("log interval", values, epoch, run.step, run.last_path)
+            values.update(lr=run.scheduler.get_last_lr()[0], clips_per_s=throughput.rate())
+            run.logger.log("train", run.step, values, epoch=epoch + 1)
+            bar.show(loss=values["loss"], clips_s=values["clips_per_s"])
+            if log_lines:
+                per_step = (time.perf_counter() - run.started) / max(run.step - run.start_step, 1)
+                eta = per_step * ((epochs - epoch) * iters_per_epoch - epoch_steps)
+                print(interval_line(epoch + 1, epochs, epoch_steps, iters_per_epoch, values, eta), flush=True)
+            run.last_train = values
+    bar.close()
+    values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
+    if not math.isfinite(values["loss"]):
+        raise _nan_error("epoch end", values, epoch, run.step, run.last_path)
+    skipped = skipped_report(loader)
+    run.logger.log("train_epoch", run.step, values, epoch=epoch + 1, **skipped)
+    if skipped and env.is_main:
+        print(skipped_line(skipped, f"[train] epoch {epoch + 1}"), flush=True)
+    if not run.last_train:
+        run.last_train = values
+    return values
+
+
+def evaluate_epoch(run: _Run, model: torch.nn.Module, loader, epoch_done: int) -> dict:
+    """Evaluate after ``epoch_done`` epochs: log, print and return the accuracies."""
+    cfg = run.cfg
+    source = cfg.data.val_list or f"the {cfg.data.backend} eval split"
+    result = evaluate(model, loader, run.device, cfg.train.precision, cfg.model.fusion_weights, source=source)
+    skipped = skipped_report(loader)
+    run.logger.log("val", run.step, flatten_metrics(result), epoch=epoch_done, **skipped)
+    if run.env.is_main:
+        if skipped:
+            print(skipped_line(skipped, f"[eval] epoch {epoch_done}"), flush=True)
+        print(f"[eval] epoch {epoch_done}: top-1 RGB {result['rgb']['top1']:.4f} "
+              f"Flow {result['flow']['top1']:.4f} RGB+Flow {result['fused']['top1']:.4f} "
+              f"({result['num_videos']} videos)", flush=True)
+    return result
+
+
+def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, train_loader,
+                resume_path: Optional[Path], resumed_run: Optional[str], changed: dict, moved: int) -> None:
+    """The start record of metrics.jsonl and the start line (rank 0)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
+    frame_count = getattr(train_loader, "frame_count", None)
+    run.logger.log("info", run.step, {}, event="start", world_size=run.env.world_size, device=str(run.device),
+                   iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
+                   weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
+                   resumed_from=str(resume_path) if resume_path else None,
+                   resumed_run_id=resumed_run,
+                   changed_on_resume={name: [old, new] for name, (old, new) in changed.items()},
+                   total_frames=str(frame_count) if frame_count is not None else None)
+    resumed = ""
+    if resume_path is not None:
+        resumed = f"; resumed from {resume_path} (epoch {start_epoch}, step {run.step})"
+        if changed:
+            resumed += ", changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                           for name, (old, new) in changed.items())
+        if moved:
+            resumed += f"; {moved} metrics record(s) after step {run.step} moved to metrics.dropped.jsonl"
+    data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
+    print(f"[train] run {run_id}: {cfg.model.variant} on {run.device} x{run.env.world_size}, {cfg.train.precision}, "
+          f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
+          f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
+          f"-> {cfg.train.out_dir}{data_note}{resumed}", flush=True)
+
+
 def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, run_id: str,
                      resume_path: Optional[Path], resume_state: Optional[dict], changed: dict) -> dict:
     out_dir = Path(cfg.train.out_dir)
@@ -357,7 +472,7 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     # Same seed everywhere for the initial weights (DDP would broadcast rank 0's anyway);
     # then a per-rank seed so dropout and augmentation differ between ranks.
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg.model, device=device, channels_last=cfg.train.channels_last)
     objective = build_objective(cfg).to(device)
     seed_everything(cfg.train.seed + env.rank)
 
@@ -380,9 +495,6 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
         _apply_resume_changes(cfg, changed, optimizer, scheduler)
         resume_state = None  # the tensors now live in the model and optimizer
 
-    forward_model = wrap_model(model, cfg, env, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
     def open_outputs():
         save_config(cfg, out_dir / CONFIG_FILE)
         moved = truncate_metrics(out_dir, step) if resume_path is not None else 0
@@ -392,116 +504,36 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
 
     opened = _on_main_rank(env, open_outputs)
     logger, moved = opened if env.is_main else (MetricsLogger(out_dir, enabled=False), 0)
+    run = _Run(cfg, env, device, model, wrap_model(model, cfg, env, device), objective, optimizer,
+               scheduler, scaler, logger, last_path, step=step, start_step=step)
     if env.is_main:
-        n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
-        changes = {name: [old, new] for name, (old, new) in changed.items()}
-        logger.log("info", step, {}, event="start", world_size=env.world_size, device=str(device),
-                   iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
-                   weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
-                   resumed_from=str(resume_path) if resume_path else None,
-                   resumed_run_id=resumed_run, changed_on_resume=changes,
-                   total_frames=str(getattr(train_loader, "frame_count", "")) or None)
-        resumed = ""
-        if resume_path is not None:
-            resumed = f"; resumed from {resume_path} (epoch {start_epoch}, step {step})"
-            if changed:
-                resumed += ", changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}"
-                                                               for name, (old, new) in changed.items())
-            if moved:
-                resumed += f"; {moved} metrics record(s) after step {step} moved to metrics.dropped.jsonl"
-        frame_count = getattr(train_loader, "frame_count", None)
-        data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
-        print(f"[train] run {run_id}: {cfg.model.variant} on {device} x{env.world_size}, {cfg.train.precision}, "
-              f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
-              f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
-              f"-> {out_dir}{data_note}{resumed}", flush=True)
+        _start_line(run, run_id, iters_per_epoch, start_epoch, train_loader, resume_path, resumed_run,
+                    changed, moved)
 
     def save(path: Path, epoch_done: int, with_optimizer: bool) -> None:
         rngs = _gather_rng_states(env)  # collective: every rank calls save()
         if env.is_main:
             state = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler) if with_optimizer else {}
-            save_checkpoint(path, model, epoch=epoch_done, step=step, config=cfg.to_dict(), best_metric=best_metric,
-                            rng_states=rngs, run_id=run_id, **state)
+            save_checkpoint(path, model, epoch=epoch_done, step=run.step, config=cfg.to_dict(),
+                            best_metric=best_metric, rng_states=rngs, run_id=run_id, **state)
 
-    clips_per_step = cfg.data.batch_size * env.world_size
     # Never evaluate through DDP: ranks may get different numbers of eval batches, and DDP's
     # per-forward buffer broadcast would then wait forever.
-    eval_model = forward_model if (cfg.train.compile and not env.distributed) else model
-    eval_source = cfg.data.val_list or f"the {cfg.data.backend} eval split"
-    last_train: dict = {}
+    eval_model = run.forward_model if (cfg.train.compile and not env.distributed) else model
     last_eval: dict = {}
     epochs = cfg.optim.epochs
     epoch = start_epoch
-    # one line per log interval where no bar is drawn (a log file); the bar on a terminal
-    log_lines = env.is_main and not (cfg.train.progress and sys.stderr.isatty())
-    run_start, run_start_step = time.perf_counter(), step
     try:
         for epoch in range(start_epoch, epochs):
-            train_loader.set_epoch(epoch)
-            forward_model.train()
-            running = torch.zeros(len(LOSS_NAMES) + 1, device=device)
-            since_log = 0
-            epoch_sum = torch.zeros(len(LOSS_NAMES) + 1, device=device)
-            epoch_steps = 0
-            throughput = Throughput()
-            bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
-            for batch in train_loader:
-                with autocast_context(cfg.train.precision, device):
-                    out = forward_model(batch["rgb"], batch["flow"])
-                    losses = objective(out["z_f"], out["z_o"], out["logits_f"], out["logits_o"], batch["label"])
-                grad_norm = amp_step(losses["loss"], optimizer, scaler, cfg.optim.clip_grad, params)
-                scheduler.step()
-                step += 1
-                stats = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
-                running += stats
-                epoch_sum += stats
-                since_log += 1
-                epoch_steps += 1
-                throughput.add(clips_per_step)
-                bar.update()
-                if step % cfg.train.log_interval == 0:
-                    values = _read_running(running, since_log, env)  # host sync
-                    running.zero_()
-                    since_log = 0
-                    if not math.isfinite(values["loss"]):
-                        raise _nan_error("log interval", values, epoch, step, last_path)
-                    values.update(lr=scheduler.get_last_lr()[0], clips_per_s=throughput.rate())
-                    logger.log("train", step, values, epoch=epoch + 1)
-                    bar.show(loss=values["loss"], clips_s=values["clips_per_s"])
-                    if log_lines:
-                        per_step = (time.perf_counter() - run_start) / max(step - run_start_step, 1)
-                        eta = per_step * ((epochs - epoch) * iters_per_epoch - epoch_steps)
-                        print(interval_line(epoch + 1, epochs, epoch_steps, iters_per_epoch, values, eta),
-                              flush=True)
-                    last_train = values
-            bar.close()
-            epoch_values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
-            if not math.isfinite(epoch_values["loss"]):
-                raise _nan_error("epoch end", epoch_values, epoch, step, last_path)
-            skipped = skipped_report(train_loader)
-            logger.log("train_epoch", step, epoch_values, epoch=epoch + 1, **skipped)
-            if skipped and env.is_main:
-                print(skipped_line(skipped, f"[train] epoch {epoch + 1}"), flush=True)
-            if not last_train:
-                last_train = epoch_values
-
+            train_one_epoch(run, train_loader, epoch, iters_per_epoch)
             epoch_done = epoch + 1
             final = epoch_done == epochs
             evaluate_now = eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0)
             save_now = final or epoch_done % cfg.train.save_interval == 0
             if evaluate_now or save_now:
-                _check_model_finite(model, optimizer, env, device, epoch, step, last_path)
+                _check_model_finite(model, optimizer, env, device, epoch, run.step, last_path)
             if evaluate_now:
-                last_eval = evaluate(eval_model, eval_loader, device, cfg.train.precision, cfg.model.fusion_weights,
-                                     source=eval_source)
-                skipped = skipped_report(eval_loader)
-                logger.log("val", step, flatten_metrics(last_eval), epoch=epoch_done, **skipped)
-                if skipped and env.is_main:
-                    print(skipped_line(skipped, f"[eval] epoch {epoch_done}"), flush=True)
-                if env.is_main:
-                    print(f"[eval] epoch {epoch_done}: top-1 RGB {last_eval['rgb']['top1']:.4f} "
-                          f"Flow {last_eval['flow']['top1']:.4f} RGB+Flow {last_eval['fused']['top1']:.4f} "
-                          f"({last_eval['num_videos']} videos)", flush=True)
+                last_eval = evaluate_epoch(run, eval_model, eval_loader, epoch_done)
                 if best_metric is None or last_eval["fused"]["top1"] > best_metric:
                     best_metric = last_eval["fused"]["top1"]
                     save(best_path, epoch_done, with_optimizer=False)
@@ -511,18 +543,18 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     except TrainingStopped:
         raise
     except CCSError as exc:
-        raise TrainingStopped(f"{exc}; training stopped in epoch {epoch + 1} (step {step}), {_kept(last_path)}") from None
+        raise TrainingStopped(f"{exc}; training stopped in epoch {epoch + 1} (step {run.step}), {_kept(last_path)}") from None
     finally:
         logger.close()
 
     return {
         "epochs": epochs,
-        "steps": step,
+        "steps": run.step,
         "out_dir": str(out_dir),
         "run_id": run_id,
         "last_checkpoint": str(last_path),
         "best_checkpoint": str(best_path) if best_path.exists() else None,
         "best_metric": best_metric,
-        "train": last_train,
+        "train": run.last_train,
         "eval": last_eval,
     }

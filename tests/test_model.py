@@ -195,8 +195,8 @@ def test_bad_inputs(backbones):
     rgb, flow = clip()
     with pytest.raises(ValueError, match="expected rgb"):
         model(rgb, flow[:, :1])
-    with pytest.raises(CCSError, match="model.variant"):
-        make_model(backbones, variant="two-stream")
+    with pytest.raises(CCSError, match="model.variant"):  # the config's validation, at build_model
+        build_model(ModelConfig(variant="two-stream", num_classes=CLASSES))
 
 
 def test_build_model_end_to_end():

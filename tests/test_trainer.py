@@ -211,8 +211,8 @@ def _diverge_after_step(monkeypatch, at_step):
     models, steps = [], []
     real_build, real_step = trainer.build_model, trainer.amp_step
 
-    def build(cfg, device):
-        models.append(real_build(cfg, device))
+    def build(cfg, **kwargs):
+        models.append(real_build(cfg, **kwargs))
         return models[-1]
 
     def step(*args, **kwargs):
