@@ -1,0 +1,122 @@
+"""3-D backbones: I3D inflation from local 2-D weights, torchvision video models, flow stems, tokens."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from ccs_fast.errors import CCSError
+from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, flow_stack_to_clip,
+                                      inflate_conv, tokens_to_video_maps, video_maps_to_tokens)
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    """A randomly initialised torchvision resnet18 (eval mode, non-trivial BN statistics) saved
+    as a local 2-D weights file."""
+    reference = torchvision.models.resnet18(weights=None, num_classes=5)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    reference.eval()
+    path = tmp_path_factory.mktemp("weights") / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def _features_2d(model, x):
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, name)(x)
+    return x
+
+
+def test_inflated_conv_weight_and_constant_clip():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    conv3d = inflate_conv(conv, temporal_kernel=3)
+    assert conv3d.kernel_size == (3, 3, 3) and conv3d.stride == (1, 2, 2) and conv3d.padding == (1, 1, 1)
+    torch.testing.assert_close(conv3d.weight.sum(dim=2), conv.weight)
+    torch.testing.assert_close(conv3d.weight[:, :, 0], conv.weight / 3)
+    image = torch.randn(2, 4, 10, 10)
+    clip = image.unsqueeze(2).expand(-1, -1, 5, -1, -1)
+    with torch.no_grad():
+        out = conv3d(clip)
+        expected = conv(image)
+    for t in range(1, 4):  # frames whose temporal window lies inside the clip
+        torch.testing.assert_close(out[:, :, t], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[:, :, 0], expected, atol=1e-3)  # zero padding at the border
+
+
+def test_i3d_inflation_preserves_2d_output_on_constant_clip(resnet18_file):
+    reference, path = resnet18_file
+    backbone, flow = build_two_stream_video_backbones("i3d_resnet18", flow_chans=2, pretrained=str(path))
+    backbone.eval()
+    # flow stem from the file: the mean of the RGB stem over colour channels, inflated
+    expected_flow = reference.conv1.weight.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1)
+    torch.testing.assert_close(flow.first_conv.weight.sum(dim=2), expected_flow)
+    assert backbone.channels == (64, 128, 256, 512) and backbone.out_channels == 512
+    torch.testing.assert_close(backbone.first_conv.weight.sum(dim=2), reference.conv1.weight)
+    image = torch.randn(1, 3, 16, 16)
+    clip = image.unsqueeze(2).expand(-1, -1, 32, -1, -1).contiguous()
+    with torch.no_grad():
+        expected = _features_2d(reference, image)  # (1, 512, 1, 1)
+        out = backbone(clip)
+    assert out.shape == (1, 512, 16, 1, 1)
+    # Stem (k_t 5, stride 2) and five inflated 3-tap convolutions: frames 6..9 of 16 never see padding.
+    for t in range(6, 10):
+        torch.testing.assert_close(out[:, :, t], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_two_stream_i3d_tiny_clip_and_flow_stem():
+    rgb, flow = build_two_stream_video_backbones("i3d_resnet18", flow_chans=2)
+    assert flow.in_chans == 2 and flow.first_conv.in_channels == 2
+    torch.testing.assert_close(flow.first_conv.weight,
+                               rgb.first_conv.weight.mean(dim=1, keepdim=True).expand_as(flow.first_conv.weight))
+    with torch.no_grad():
+        y_f = rgb(torch.randn(2, 3, 4, 32, 32))
+        y_o = flow(torch.randn(2, 2, 4, 32, 32))
+    assert y_f.shape == y_o.shape == (2, 512, 2, 1, 1)
+    with pytest.raises(ValueError, match="expected a clip"):
+        flow(torch.randn(2, 3, 4, 32, 32))
+
+
+@pytest.mark.parametrize("name, clip, stage_channels, out_shape", [
+    ("r3d_18", (4, 16, 16), (64, 128, 256, 512), (512, 1, 1, 1)),
+    ("r2plus1d_18", (4, 16, 16), (64, 128, 256, 512), (512, 1, 1, 1)),
+    ("s3d", (8, 32, 32), (64, 192, 480, 832, 1024), (1024, 1, 1, 1)),
+])
+def test_torchvision_video_models_flow_stream(name, clip, stage_channels, out_shape):
+    flow = build_video_backbone(name, in_chans=2).eval()
+    assert flow.channels == stage_channels and flow.first_conv.in_channels == 2
+    x = torch.randn(1, 2, *clip)
+    with torch.no_grad():
+        per_stage = [x := stage(x) for stage in flow.stages]
+    assert [y.shape[1] for y in per_stage] == list(stage_channels)  # the channels read from the modules
+    assert per_stage[-1].shape == (1, *out_shape) and torch.isfinite(per_stage[-1]).all()
+
+
+def test_tokens_round_trip_and_order():
+    x = torch.randn(2, 6, 3, 4, 5)
+    tokens = video_maps_to_tokens(x)
+    assert tokens.shape == (2, 3 * 4 * 5, 6)
+    torch.testing.assert_close(tokens[:, 1 * 20 + 2 * 5 + 3], x[:, :, 1, 2, 3])
+    torch.testing.assert_close(tokens_to_video_maps(tokens, x.shape), x)
+
+
+def test_flow_stack_to_clip():
+    stack = torch.randn(2, 3, 10, 8, 8)  # (B, K, 2L, H, W), x1, y1, x2, y2, ...
+    clip = flow_stack_to_clip(stack)
+    assert clip.shape == (2, 3, 2, 5, 8, 8)
+    torch.testing.assert_close(clip[:, :, 0], stack[:, :, 0::2])
+    torch.testing.assert_close(clip[:, :, 1], stack[:, :, 1::2])
+
+
+def test_bad_names_and_files(tmp_path):
+    with pytest.raises(CCSError, match="unknown 3-D backbone"):
+        build_video_backbone("c3d")
+    with pytest.raises(CCSError, match="ResNets"):
+        build_video_backbone("i3d_vgg16")
+    with pytest.raises(CCSError, match="not found"):
+        build_video_backbone("r3d_18", pretrained=str(tmp_path / "missing.pth"))
