@@ -218,9 +218,3 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] =
     top = scores.topk(kmax, dim=-1).indices  # (B, kmax)
     hit = top.eq(labels.view(-1, 1))
     return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).float()
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> list[float]:
-    """Top-k accuracies as fractions (reads the device: call outside the hot loop)."""
-    correct = topk_correct(scores, labels, ks)
-    return (correct / max(labels.numel(), 1)).tolist()

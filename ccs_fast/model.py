@@ -24,7 +24,7 @@ section ⌊i·K_train/K⌋; with K = K_train nothing changes), which keeps the t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+
 
 import torch
 from torch import nn
@@ -84,8 +84,6 @@ class CCSModel(nn.Module):
         self.num_classes = cfg.num_classes
         self.flow_channels = 2 * cfg.flow_length
         self.partial_bn = cfg.partial_bn
-        self.fusion_weights = tuple(float(w) for w in cfg.fusion_weights)
-        self.impl = cfg.impl
         if rgb_backbone.in_chans != 3 or flow_backbone.in_chans != self.flow_channels:
             raise ValueError(
                 f"backbones take {rgb_backbone.in_chans} and {flow_backbone.in_chans} channels; "
@@ -161,20 +159,6 @@ class CCSModel(nn.Module):
         z = self.projection(torch.cat([v_f, v_o]))
         logits = self.classifier(self.dropout(z))
         return {"logits_f": logits[:B], "logits_o": logits[B:], "z_f": z[:B], "z_o": z[B:]}
-
-    @torch.no_grad()
-    def predict_scores(self, out: dict[str, torch.Tensor], weights: Optional[Sequence[float]] = None):
-        """Class probabilities per stream and their late fusion w_f·p_f + w_o·p_o (fp32)."""
-        w_f, w_o = self.fusion_weights if weights is None else weights
-        p_f = out["logits_f"].float().softmax(dim=-1)
-        p_o = out["logits_o"].float().softmax(dim=-1)
-        return {"rgb": p_f, "flow": p_o, "fused": w_f * p_f + w_o * p_o}
-
-    def set_impl(self, impl: str) -> None:
-        """Switch every connection block's attention kernel: "auto", "triton" or "eager"."""
-        self.impl = impl
-        for block in self.connections.values():
-            block.impl = impl
 
     def train(self, mode: bool = True) -> "CCSModel":
         super().train(mode)

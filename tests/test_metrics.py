@@ -9,7 +9,7 @@ import torch
 
 from ccs_fast.metrics import (DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
                               MetricsWriteError, Progress, Throughput, flatten_metrics, read_metrics,
-                              topk_accuracy, topk_correct, truncate_metrics)
+                              topk_correct, truncate_metrics)
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -40,7 +40,6 @@ def test_topk_correct_and_accuracy():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
     assert topk_correct(scores, labels, (1, 2, 5)).tolist() == [1.0, 2.0, 3.0]
-    assert topk_accuracy(scores, labels, (1,)) == pytest.approx([1 / 3])
 
 
 def test_flatten_metrics():

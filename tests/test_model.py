@@ -165,28 +165,28 @@ def test_channels_last_model_matches_contiguous(backbones):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_on_cpu(backbones):
-    model = make_model(backbones, variant="all").to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(*clip())
-    assert all(torch.isfinite(t.float()).all() for t in out.values())
-    (out["logits_f"].float().sum() + out["z_o"].float().pow(2).sum()).backward()
-    assert model.backbone_o.first_conv.weight.grad is not None
+def test_bf16_autocast_on_cpu_matches_fp32(backbones):
+    # eval mode: BatchNorm on batch statistics of B = 2 clips would amplify bf16's rounding
+    model = make_model(backbones, variant="all").to(memory_format=torch.channels_last).eval()
+    inputs = clip()
+
+    def run(autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(*inputs)
+        (out["logits_f"].float().sum() + out["z_o"].float().pow(2).sum()).backward()
+        return {k: v.detach().float() for k, v in out.items()}, model.backbone_o.first_conv.weight.grad.clone()
+
+    ref, ref_grad = run(False)
+    got, grad = run(True)
+    for key in ref:  # measured: 0.4-0.9 % relative L2 error
+        assert (got[key] - ref[key]).norm() / ref[key].norm() < 0.03, key
+    # the first conv's gradient, after the whole backward in bf16: measured 17 %
+    assert (grad - ref_grad).norm() / ref_grad.norm() < 0.3
 
 
-def test_predict_scores_fuses_softmax(backbones):
-    model = make_model(backbones, variant="baseline", fusion_weights=[1.0, 1.5])
-    out = {"logits_f": torch.randn(3, CLASSES), "logits_o": torch.randn(3, CLASSES, dtype=torch.bfloat16)}
-    scores = model.predict_scores(out)
-    p_f, p_o = out["logits_f"].softmax(-1), out["logits_o"].float().softmax(-1)
-    torch.testing.assert_close(scores["rgb"], p_f)
-    torch.testing.assert_close(scores["fused"], p_f + 1.5 * p_o)
-    torch.testing.assert_close(model.predict_scores(out, weights=(0.0, 1.0))["fused"], p_o)
-
-
-def test_set_impl_reaches_every_block(backbones):
-    model = make_model(backbones, variant="cb", cb_stages=[3, 4], impl="auto")
-    model.set_impl("eager")
+def test_connection_blocks_take_the_configured_impl(backbones):
+    model = make_model(backbones, variant="cb", cb_stages=[3, 4], impl="eager")
     assert [block.impl for block in model.connections.values()] == ["eager", "eager"]
 
 
