@@ -67,6 +67,7 @@ setup(
         ],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "timm": ["timm>=1.0"],
+        "viz": ["matplotlib>=3.8"],  # ccs_fast.viz pictures (training curves, confusion, attention, CAM)
     },
     entry_points={"console_scripts": ["ccs-fast=ccs_fast.cli:main"]},
 )

@@ -1,0 +1,308 @@
+"""Pictures of a run: training curves, confusion matrix, connection-block attention, class
+activation maps (the paper's Fig. 6). Each ``plot_*`` function writes one PNG and returns its path.
+
+Numbers (no matplotlib needed):
+
+- ``confusion_matrix(predictions, labels, num_classes) -> list[list[int]]``: row = true class,
+  column = predicted class (the layout eval.json stores).
+- ``class_activation_maps(features, weight, classes, bias=None)``: CAM (Zhou et al. 2016),
+  M_k(x) = Σ_c w_{k,c} F_c(x) (+ b_k), for (N, C, h, w) or (N, C, T, h, w) maps → (N, h, w) or
+  (N, T, h, w). Its mean over positions is the logit of a linear head on average-pooled
+  features. ``linear_chain_weight(*modules)`` folds Linear, eval-mode BatchNorm1d, Dropout and
+  Identity layers into the one (weight, bias) they apply, so the shared block's
+  ``projection → classifier`` gives a CAM weight too.
+- ``attention_maps(q, k, query_rgb, query_flow, grid, scale=None)``: for one video's
+  connection-block projections q = φ(x_f) (N_f, C_e) and k = κ(x_o) (N_o, C_e), S = scale·q kᵀ
+  (SPEC §2.1, scale C_e^-1/2 by default); the row softmax of RGB position ``query_rgb`` over the
+  flow positions and the column softmax of flow position ``query_flow`` over the RGB positions,
+  each reshaped to ``grid`` (K, h, w) or (T, h, w). Computes one row and one column, never N×N.
+
+Pictures use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot state, safe in
+worker threads); matplotlib is the optional extra ``ccs_fast[viz]``, imported on the first
+picture, and its absence is one ``CCSError`` line. The figure sizes are fixed, so a PNG is
+``figsize · dpi`` pixels (``bbox_inches`` is not "tight"). Maps are upsampled bilinearly to the
+frame (cv2.resize), scaled to [0, 1] per map and drawn with the ``jet`` colormap at 50 % over
+the frame.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from ccs_fast.errors import CCSError
+from ccs_fast.metrics import read_metrics
+
+DEFAULT_DPI = 100
+OVERLAY_ALPHA = 0.5
+
+
+def _figure(figsize):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CCSError("pictures need matplotlib, which is not installed (pip install 'ccs_fast[viz]')") from None
+    return Figure(figsize=figsize)
+
+
+def _save(fig, path, dpi: int) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, format="png")
+    except OSError as exc:
+        raise CCSError(f"{path}: could not write the picture ({exc.strerror or exc})") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def confusion_matrix(predictions, labels, num_classes: int) -> list[list[int]]:
+    """Counts[true][predicted] as a list of lists of ints (JSON-ready)."""
+    predictions = torch.as_tensor(predictions).long().flatten().cpu()
+    labels = torch.as_tensor(labels).long().flatten().cpu()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.numel()} predictions but {labels.numel()} labels")
+    if predictions.numel() and (min(predictions.min(), labels.min()) < 0
+                                or max(predictions.max(), labels.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes})")
+    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
+
+
+def row_normalised(matrix) -> np.ndarray:
+    """Each row divided by its sum (recall per true class); empty rows stay 0."""
+    m = np.asarray(matrix, dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
+
+
+def class_activation_maps(features: torch.Tensor, weight: torch.Tensor, classes, bias=None) -> torch.Tensor:
+    """CAM of class ``classes[n]`` (an int for all) on ``features[n]``: (N, C, *spatial) → (N, *spatial)."""
+    if features.dim() < 3 or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"features (N, C, ...) and weight (num_classes, C) do not fit: "
+                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
+    N = features.shape[0]
+    classes = torch.as_tensor(classes, device=weight.device).long()
+    classes = classes.expand(N) if classes.dim() == 0 else classes
+    w = weight[classes].to(features.dtype)  # (N, C)
+    cams = torch.einsum("nc...,nc->n...", features, w)
+    if bias is not None:
+        cams = cams + bias[classes].to(cams.dtype).view(N, *([1] * (cams.dim() - 1)))
+    return cams
+
+
+def linear_chain_weight(*modules: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) with ``x ↦ W x + b`` equal to applying ``modules`` in order (Linear; BatchNorm1d
+    with running statistics, i.e. eval mode; Dropout and Identity as identity; Sequential
+    unfolded)."""
+    flat: list[nn.Module] = []
+    for module in modules:
+        flat.extend(module if isinstance(module, nn.Sequential) else [module])
+    W: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None
+    for module in flat:
+        if isinstance(module, nn.Linear):
+            mw = module.weight.detach().double()
+            mb = module.bias.detach().double() if module.bias is not None else torch.zeros(mw.shape[0], dtype=mw.dtype)
+        elif isinstance(module, nn.BatchNorm1d):
+            if module.running_var is None:
+                raise ValueError("a BatchNorm1d without running statistics is not a fixed linear map")
+            scale = (module.running_var.double() + module.eps).rsqrt()
+            gamma = module.weight.detach().double() if module.affine else torch.ones_like(scale)
+            beta = module.bias.detach().double() if module.affine else torch.zeros_like(scale)
+            mw = torch.diag(gamma * scale)
+            mb = beta - gamma * scale * module.running_mean.double()
+        elif isinstance(module, (nn.Dropout, nn.Identity)):
+            continue
+        else:
+            raise ValueError(f"{type(module).__name__} is not a linear layer")
+        W, b = (mw, mb) if W is None else (mw @ W, mw @ b + mb)
+    if W is None:
+        raise ValueError("no linear layer given")
+    return W.float(), b.float()
+
+
+def attention_maps(q: torch.Tensor, k: torch.Tensor, query_rgb: int, query_flow: int, grid: Sequence[int],
+                   scale: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB position ``query_rgb`` → flow positions, flow position ``query_flow`` → RGB positions),
+    the row and column softmax of S = scale·q kᵀ, each reshaped to ``grid``; each sums to 1."""
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"expected q (N_f, C_e) and k (N_o, C_e), got {tuple(q.shape)} and {tuple(k.shape)}")
+    n = int(np.prod(grid))
+    if q.shape[0] != n or k.shape[0] != n:
+        raise ValueError(f"grid {tuple(grid)} has {n} positions; q has {q.shape[0]}, k has {k.shape[0]}")
+    if scale is None:
+        scale = q.shape[1] ** -0.5
+    q, k = q.detach().double(), k.detach().double()
+    to_flow = (scale * (k @ q[query_rgb])).softmax(dim=0)
+    to_rgb = (scale * (q @ k[query_flow])).softmax(dim=0)
+    return to_flow.view(*grid).float().cpu().numpy(), to_rgb.view(*grid).float().cpu().numpy()
+
+
+def upsample_map(values, height: int, width: int) -> np.ndarray:
+    """(h, w) map → (height, width) float32, bilinear, scaled to [0, 1] (a flat map becomes 0)."""
+    m = np.asarray(values, dtype=np.float32)
+    up = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+    low, high = float(up.min()), float(up.max())
+    return (up - low) / (high - low) if high > low else np.zeros_like(up)
+
+
+def _as_rgb_image(frame) -> np.ndarray:
+    """uint8 (H, W, 3), float in [0, 1] (H, W, 3), or a tensor (3, H, W) → float (H, W, 3) in [0, 1]."""
+    if torch.is_tensor(frame):
+        frame = frame.detach().cpu().float()
+        frame = frame.permute(1, 2, 0) if frame.dim() == 3 and frame.shape[0] == 3 else frame
+        frame = frame.numpy()
+    image = np.asarray(frame)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB frame (H, W, 3), got shape {image.shape}")
+    return np.clip(image.astype(np.float32), 0.0, 1.0)
+
+
+def _overlay(ax, image, heat, title):
+    ax.imshow(image)
+    ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def plot_training_curves(metrics: Union[str, Path, Mapping[str, Union[str, Path]]], path, *,
+                         dpi: int = DEFAULT_DPI, title: Optional[str] = None) -> Path:
+    """Loss per epoch (``train_epoch`` records: total loss solid, CE dashed) and top-1 per epoch
+    (``val`` records: RGB+Flow solid, RGB dashed, Flow dotted) for one metrics.jsonl or for
+    {label: metrics.jsonl} of several runs (e.g. the variants). A resumed run's repeated epoch
+    keeps its last record. 1200 × 450 pixels at dpi 100."""
+    runs = {"": metrics} if isinstance(metrics, (str, Path)) else dict(metrics)
+    fig = _figure((12, 4.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (label, file) in enumerate(runs.items()):
+        try:
+            records = read_metrics(file)
+        except (OSError, ValueError) as exc:
+            raise CCSError(f"{file}: cannot read the metrics ({exc})") from None
+        color, prefix = colors[i % len(colors)], f"{label} " if label else ""
+        train = _per_epoch(records, "train_epoch")
+        val = _per_epoch(records, "val")
+        if train:
+            epochs = sorted(train)
+            ax_loss.plot(epochs, [train[e].get("loss") for e in epochs], "-o", color=color, ms=3, label=f"{prefix}loss")
+            if any("ce" in train[e] for e in epochs):
+                ax_loss.plot(epochs, [train[e].get("ce") for e in epochs], "--", color=color, label=f"{prefix}CE")
+        if val:
+            epochs = sorted(val)
+            for key, style, name in (("fused_top1", "-o", "RGB+Flow"), ("rgb_top1", "--s", "RGB"),
+                                     ("flow_top1", ":^", "Flow")):
+                if any(key in val[e] for e in epochs):
+                    ax_acc.plot(epochs, [val[e].get(key) for e in epochs], style, color=color, ms=3,
+                                label=f"{prefix}{name}")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss per epoch")
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="evaluation top-1 per epoch", ylim=(-0.02, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def _per_epoch(records, split: str) -> dict:
+    by_epoch = {}
+    for record in records:
+        if record.get("split") == split and "epoch" in record:
+            by_epoch[int(record["epoch"])] = record
+    return by_epoch
+
+
+def plot_confusion_matrix(matrix, class_names: Sequence[str], path, *, dpi: int = DEFAULT_DPI,
+                          title: Optional[str] = None) -> Path:
+    """Counts (left) and row-normalised recall (right) of ``matrix`` [true][predicted], with
+    class names on the axes and the numbers written in the cells up to 20 classes.
+    1200 × 550 pixels at dpi 100."""
+    counts = np.asarray(matrix)
+    n = counts.shape[0]
+    if counts.shape != (n, n) or len(class_names) != n:
+        raise ValueError(f"a {counts.shape} matrix needs {counts.shape[0]} class names, got {len(class_names)}")
+    fig = _figure((12, 5.5))
+    axes = fig.subplots(1, 2)
+    for ax, values, name, fmt in ((axes[0], counts, "counts", "{:d}"),
+                                  (axes[1], row_normalised(counts), "row-normalised (recall)", "{:.2f}")):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=None if values is counts else 1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set(title=name, xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
+        ax.set_xticklabels(class_names, rotation=90, fontsize=7)
+        ax.set_yticklabels(class_names, fontsize=7)
+        if n <= 20:
+            limit = (values.max() if values is counts else 1.0) / 2  # half the colour scale
+            for i in range(n):
+                for j in range(n):
+                    text = fmt.format(int(values[i, j]) if values is counts else float(values[i, j]))
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                            color="white" if values[i, j] > limit else "black")
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(bottom=0.25, wspace=0.35)
+    return _save(fig, path, dpi)
+
+
+def plot_attention(frame, to_flow: np.ndarray, to_rgb: np.ndarray, path, *, query_rgb: tuple[int, int],
+                   query_flow: tuple[int, int], dpi: int = DEFAULT_DPI, title: Optional[str] = None) -> Path:
+    """Two panels on the RGB frame: the attention of RGB position ``query_rgb`` (row, col of the
+    h × w grid, marked ×) over the flow positions, and of flow position ``query_flow`` (marked +)
+    over the RGB positions; each (h, w) map upsampled to the frame. Pass one segment's slice of
+    ``attention_maps``. 900 × 450 pixels at dpi 100."""
+    image = _as_rgb_image(frame)
+    H, W = image.shape[:2]
+    fig = _figure((9, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, values, (r, c), marker, name in ((axes[0], to_flow, query_rgb, "x", "RGB position → flow positions"),
+                                             (axes[1], to_rgb, query_flow, "+", "flow position → RGB positions")):
+        values = np.asarray(values)
+        h, w = values.shape
+        _overlay(ax, image, upsample_map(values, H, W), f"{name}\n(max {values.max():.3f})")
+        ax.plot([(c + 0.5) * W / w], [(r + 0.5) * H / h], marker, color="white", ms=12, mew=3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def plot_cams(frame, cams: Mapping[str, np.ndarray], path, *, flow_image=None, dpi: int = DEFAULT_DPI,
+              title: Optional[str] = None) -> Path:
+    """One panel per stream (e.g. {"RGB": cam_f, "Flow": cam_o}, each an (h, w) CAM) over the RGB
+    frame, as in the paper's Fig. 6, after a panel of the frame itself; ``flow_image`` (H, W) or
+    (H, W, 2) adds a panel of the flow magnitude. Panels 3.5 × 3.5 inches (350 px at dpi 100)."""
+    image = _as_rgb_image(frame)
+    H, W = image.shape[:2]
+    panels = 1 + len(cams) + (flow_image is not None)
+    fig = _figure((3.5 * panels, 3.5))
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    axes[0].imshow(image)
+    axes[0].set_title("frame", fontsize=9)
+    axes[0].set_axis_off()
+    i = 1
+    if flow_image is not None:
+        flow = np.asarray(flow_image, dtype=np.float32)
+        magnitude = np.sqrt((flow ** 2).sum(axis=-1)) if flow.ndim == 3 else np.abs(flow)
+        axes[i].imshow(magnitude, cmap="gray")
+        axes[i].set_title("flow magnitude", fontsize=9)
+        axes[i].set_axis_off()
+        i += 1
+    for name, cam in cams.items():
+        cam = cam.detach().cpu().float().numpy() if torch.is_tensor(cam) else np.asarray(cam)
+        _overlay(axes[i], image, upsample_map(cam, H, W), f"CAM {name}")
+        i += 1
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)

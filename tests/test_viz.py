@@ -1,0 +1,119 @@
+"""Pictures and their numbers: confusion matrix, CAM, folded linear heads, attention maps, PNG files."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ccs_fast.viz import (attention_maps, class_activation_maps, confusion_matrix, linear_chain_weight,
+                          row_normalised, upsample_map)
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])  # IHDR width, height
+
+
+def test_confusion_matrix_counts_and_rows():
+    labels = torch.randint(0, 5, (200,))
+    predictions = torch.randint(0, 5, (200,))
+    matrix = confusion_matrix(predictions, labels, 5)
+    json.dumps(matrix)  # plain ints for eval.json
+    expected = np.zeros((5, 5), dtype=int)
+    for t, p in zip(labels.tolist(), predictions.tolist()):
+        expected[t, p] += 1
+    np.testing.assert_array_equal(matrix, expected)
+    recall = row_normalised(matrix)
+    np.testing.assert_allclose(recall.sum(axis=1)[expected.sum(axis=1) > 0], 1.0)
+    with pytest.raises(ValueError, match="class indices"):
+        confusion_matrix([0, 5], [0, 1], 5)
+
+
+def test_cam_mean_is_the_linear_logit():
+    features = torch.randn(3, 8, 4, 5)
+    head = nn.Linear(8, 6)
+    classes = torch.tensor([0, 5, 2])
+    cams = class_activation_maps(features, head.weight, classes, bias=head.bias)
+    assert cams.shape == (3, 4, 5)
+    logits = head(features.mean(dim=(2, 3)))
+    torch.testing.assert_close(cams.mean(dim=(1, 2)), logits[torch.arange(3), classes])
+    # one class for all, 3-D maps
+    video = torch.randn(2, 8, 3, 4, 4)
+    cams3d = class_activation_maps(video, head.weight, 4)
+    torch.testing.assert_close(cams3d, torch.einsum("ncthw,c->nthw", video, head.weight[4]))
+
+
+def test_linear_chain_folds_projection_bn_and_classifier():
+    chain = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 4))
+    with torch.no_grad():
+        chain[1].running_mean.uniform_(-1, 1)
+        chain[1].running_var.uniform_(0.5, 2)
+        chain[1].weight.uniform_(0.5, 2)
+        chain[1].bias.uniform_(-1, 1)
+    chain.eval()
+    x = torch.randn(5, 8)
+    W, b = linear_chain_weight(chain)
+    torch.testing.assert_close(x @ W.t() + b, chain(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a linear layer"):
+        linear_chain_weight(nn.ReLU())
+
+
+def test_attention_maps_are_the_row_and_column_softmax():
+    grid = (2, 3, 4)
+    q, k = torch.randn(24, 16), torch.randn(24, 16)
+    to_flow, to_rgb = attention_maps(q, k, query_rgb=7, query_flow=13, grid=grid)
+    S = (q @ k.t()) / 4.0
+    assert to_flow.shape == to_rgb.shape == grid
+    np.testing.assert_allclose(to_flow.reshape(-1), S.softmax(dim=1)[7].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(to_rgb.reshape(-1), S.softmax(dim=0)[:, 13].numpy(), rtol=1e-5, atol=1e-7)
+    assert abs(to_flow.sum() - 1) < 1e-5 and abs(to_rgb.sum() - 1) < 1e-5
+    with pytest.raises(ValueError, match="positions"):
+        attention_maps(q, k, 0, 0, grid=(5, 5))
+
+
+def test_upsample_map_range_and_peak():
+    values = np.random.rand(4, 4)
+    up = upsample_map(values, 32, 48)
+    assert up.shape == (32, 48) and up.min() == 0.0 and up.max() == pytest.approx(1.0)
+    r, c = np.unravel_index(values.argmax(), values.shape)
+    ur, uc = np.unravel_index(up.argmax(), up.shape)
+    assert abs(ur / 32 * 4 - (r + 0.5)) <= 1 and abs(uc / 48 * 4 - (c + 0.5)) <= 1
+
+
+def test_pictures_written_at_their_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ccs_fast.viz import plot_attention, plot_cams, plot_confusion_matrix, plot_training_curves
+
+    rng = np.random.default_rng()
+    runs = {}
+    for variant in ("baseline", "all"):
+        lines = []
+        for epoch in range(1, 4):
+            lines.append({"split": "train_epoch", "step": epoch * 10, "epoch": epoch, "loss": float(rng.random()),
+                          "ce": float(rng.random())})
+            lines.append({"split": "val", "step": epoch * 10, "epoch": epoch, "rgb_top1": float(rng.random()),
+                          "flow_top1": float(rng.random()), "fused_top1": float(rng.random())})
+        file = tmp_path / variant / "metrics.jsonl"
+        file.parent.mkdir()
+        file.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        runs[variant] = file
+    curves = plot_training_curves(runs, tmp_path / "curves.png")
+    assert _png_size(curves) == (1200, 450)
+
+    matrix = confusion_matrix(rng.integers(0, 4, 50), rng.integers(0, 4, 50), 4)
+    confusion = plot_confusion_matrix(matrix, ["a", "b", "c", "d"], tmp_path / "confusion.png")
+    assert _png_size(confusion) == (1200, 550)
+
+    frame = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    to_flow, to_rgb = attention_maps(torch.randn(2 * 4 * 5, 8), torch.randn(2 * 4 * 5, 8), 3, 17, (2, 4, 5))
+    attention = plot_attention(frame, to_flow[0], to_rgb[0], tmp_path / "sub" / "attention.png",
+                               query_rgb=(0, 3), query_flow=(3, 2))
+    assert _png_size(attention) == (900, 450)
+
+    cams = {"RGB": torch.randn(4, 5), "Flow": rng.random((4, 5))}
+    cam = plot_cams(torch.rand(3, 64, 80), cams, tmp_path / "cam.png", flow_image=rng.normal(size=(64, 80, 2)))
+    assert _png_size(cam) == (350 * 4, 350)
