@@ -76,7 +76,8 @@ def test_attention_maps_are_the_row_and_column_softmax():
 
 
 def test_upsample_map_range_and_peak():
-    values = np.random.rand(4, 4)
+    values = np.random.rand(4, 4) * 0.5
+    values[np.random.randint(4), np.random.randint(4)] = 1.0  # one clear peak
     up = upsample_map(values, 32, 48)
     assert up.shape == (32, 48) and up.min() == 0.0 and up.max() == pytest.approx(1.0)
     r, c = np.unravel_index(values.argmax(), values.shape)
