@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ccs_fast.atomic import write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -72,12 +74,8 @@ def result_path(name: str, device: str | torch.device, out_dir: str | Path | Non
 def append_rows(path: str | Path, rows: Sequence[dict]) -> Path:
     """Append rows to the JSON list at ``path`` (created when missing); written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(existing + list(rows), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(existing + list(rows), indent=1) + "\n")
 
 
 def print_table(rows: Iterable[dict], columns: Sequence[str]) -> str:

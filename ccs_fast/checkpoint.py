@@ -22,10 +22,8 @@ as good.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import resource
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -33,7 +31,8 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.atomic import atomic_path
+from ccs_fast.errors import bad_file
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -118,16 +117,6 @@ def describe_names(names: list[str]) -> str:
 
 # ---------------------------------------------------------------------------- saving
 
-def temporary_name(path: Path) -> Path:
-    """The temporary file a save of ``path`` writes first (unique per process and call)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def temporary_glob(name: str) -> str:
-    """Glob matching every temporary file a save of ``name`` may leave behind."""
-    return f".{name}.*.tmp"
-
-
 def _write_failure(path: Path, exc: BaseException, size: int) -> str:
     """What went wrong when writing ``size`` bytes to ``path`` failed with ``exc``."""
     code = getattr(exc, "errno", None)
@@ -155,38 +144,23 @@ def _is_write_failure(exc: BaseException) -> bool:
 
 
 def _atomic_torch_save(obj: Any, path: Path, size_hint: int = 0) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    tmp = None
+    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``
+    (``atomic.atomic_path``); a failed write is one CCSError saying what it needed."""
+    written = 0
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_name(path)
-        with open(tmp, "xb") as f:  # "x": a fresh file, mode 0666 & ~umask
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        try:  # make the rename itself durable
-            dir_fd = os.open(path.parent, os.O_RDONLY)
+        with atomic_path(path, durable=True) as tmp:
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass  # some file systems cannot fsync a directory; the data is already safe
+                with open(tmp, "xb") as f:  # "x": a fresh file, mode 0666 & ~umask
+                    torch.save(obj, f)
+            except BaseException:
+                written = tmp.stat().st_size if tmp.exists() else 0
+                raise
     except (OSError, RuntimeError) as exc:
         if not _is_write_failure(exc):
             raise
-        written = tmp.stat().st_size if tmp is not None and tmp.exists() else 0
         problem = _write_failure(path, exc, max(size_hint, written))
         previous = "the previous checkpoint is intact" if path.exists() else "no previous checkpoint there"
         raise bad_file(path, f"{problem}; {previous}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def tensor_bytes(tensors: Iterable) -> int:

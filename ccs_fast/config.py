@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ccs_fast.atomic import write_text
 from ccs_fast.errors import CCSError, bad_file
 
 VARIANTS = ("baseline", "cb", "cs", "all")
@@ -394,6 +395,6 @@ def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as YAML; CCSError naming ``path`` when the write fails."""
     try:
-        Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
         raise bad_file(path, f"could not write the config ({exc.strerror or exc})") from None

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from ccs_fast.atomic import write_text
 from ccs_fast.config import Config, load_config
 
 DEMO_VARIANTS = ("baseline", "all")
@@ -87,8 +88,8 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None) -> dict
         "wall_s": time.perf_counter() - start,
         "timings_s": timings,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     text = format_report(report)
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     print(text, flush=True)
     return report

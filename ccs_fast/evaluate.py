@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ccs_fast.amp import autocast_context
-from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_model
+from ccs_fast.atomic import write_text
+from ccs_fast.checkpoint import load_checkpoint, read_checkpoint
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
@@ -169,11 +170,9 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     result.update({"skipped_videos": 0, **skipped_report(loader)})
     table = format_table(result)
     if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(out_json, json.dumps(result, indent=2) + "\n")
     if out_md:
-        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_md).write_text(
+        write_text(out_md, 
             f"Checkpoint `{checkpoint}`, {result['num_videos']} videos, "
             f"{result['segments']} segments, variant `{cfg.model.variant}`\n\n{table}"
         )

@@ -11,13 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
+from ccs_fast.atomic import write_text
 from ccs_fast.errors import CCSError
 
 METRICS_FILE = "metrics.jsonl"
@@ -142,9 +142,7 @@ def truncate_metrics(out_dir, step: int) -> int:
             return 0
         with open(path.parent / DROPPED_METRICS_FILE, "a") as f:
             f.writelines(dropped)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(kept))
     except OSError as exc:
         raise MetricsWriteError(f"{path}: could not cut the metrics back to step {step} for the resume "
                                 f"({exc.strerror or exc}); nothing was trained") from None

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccs_fast.atomic import write_text
 from ccs_fast.errors import CCSError, bad_file
 
 
@@ -219,11 +220,7 @@ def write_rawframe_list(records, path) -> None:
         # without a label an offset line would read as 'frame_dir total_frames label': -1
         label = f" {record.label}" if record.label is not None else " -1" if offset else ""
         lines.append(f"{record.path}{offset} {record.num_frames}{label}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text("".join(lines))
-        os.replace(tmp, path)
+        write_text(path, "".join(lines))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CCSError(f"{path}: cannot write annotation list ({exc.strerror or exc})") from None

@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ccs_fast.atomic import atomic_path, temporary_glob, write_text
 from ccs_fast.dataloader.flow import FLOW_BOUND, write_rawframes
 from ccs_fast.dataloader.frames import FrameNaming
 
@@ -245,11 +245,8 @@ def write_webm(frames_rgb: Sequence[np.ndarray], path: str | os.PathLike, *,
     """Encode RGB frames into a WebM file; the file appears (by rename) only when complete."""
     import av
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     height, width = frames_rgb[0].shape[:2]
-    try:
+    with atomic_path(path) as tmp:
         # bitexact: no muxing date or random track UIDs, so a seed gives the same bytes.
         with av.open(str(tmp), mode="w", format="webm",
                      options={"fflags": "+bitexact"}) as container:
@@ -261,10 +258,6 @@ def write_webm(frames_rgb: Sequence[np.ndarray], path: str | os.PathLike, *,
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec: str,
@@ -291,10 +284,11 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Delete what a killed run left half-written (hidden ``.<name>.tmp-*`` files and folders)."""
+    """Delete what a killed run left half-written: hidden temporary videos
+    (``atomic.temporary_glob``) and frame folders (``.<name>.tmp-*``, ``flow.atomic_dir``)."""
     for top in ("videos", "rawframes"):
         for class_dir in (root / top).glob("*"):
-            for stale in class_dir.glob(".*.tmp-*"):
+            for stale in [*class_dir.glob(".*.tmp-*"), *class_dir.glob(temporary_glob("*"))]:
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
@@ -311,9 +305,7 @@ def _count_written(results, bar) -> int:
 
 
 def _write_text(path: Path, lines: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _write_lists(root: Path, specs: Sequence[VideoSpec], names: Sequence[str]) -> None:

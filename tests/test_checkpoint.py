@@ -106,7 +106,7 @@ def test_save_fails_on_rename_error_too(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(ckpt.os, "replace", read_only)
+    monkeypatch.setattr("ccs_fast.atomic.os.replace", read_only)
     with pytest.raises(CCSError, match="could not save"):
         ckpt.save_checkpoint(path, model, epoch=2)
     assert ckpt.read_checkpoint(path)["epoch"] == 1
