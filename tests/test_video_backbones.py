@@ -120,3 +120,17 @@ def test_bad_names_and_files(tmp_path):
         build_video_backbone("i3d_vgg16")
     with pytest.raises(CCSError, match="not found"):
         build_video_backbone("r3d_18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_connection_block_on_video_tokens():
+    from ccs_fast.connection import CrossStreamAttention
+
+    x_f = torch.randn(2, 16, 2, 3, 3, requires_grad=True)  # (B, C, T', h, w) of the two streams
+    x_o = torch.randn(2, 16, 2, 3, 3, requires_grad=True)
+    block = CrossStreamAttention(16, impl="eager", gamma_init=1.0)
+    y_f, y_o = block(video_maps_to_tokens(x_f), video_maps_to_tokens(x_o))
+    assert y_f.shape == y_o.shape == (2, 2 * 3 * 3, 16)
+    out_f, out_o = tokens_to_video_maps(y_f, x_f.shape), tokens_to_video_maps(y_o, x_o.shape)
+    assert out_f.shape == x_f.shape and not torch.allclose(out_f, x_f)
+    (out_f.square().sum() + out_o.square().sum()).backward()
+    assert x_f.grad.abs().sum() > 0 and x_o.grad.abs().sum() > 0
