@@ -26,7 +26,8 @@ Names:
   inflation with the key and shape checks of ``backbones.load_pretrained``.
 - ``r3d_18``, ``r2plus1d_18``, ``s3d``: torchvision's video models (no classifier, no pooling).
   Stages: stem + layer1, layer2, layer3, layer4 for the ResNets; for S3D, ``features`` cut after
-  each max-pool (5 stages, output strides 4, 8, 16, 32, 32). Temporal stride 8 in all three.
+  each max-pool (5 stages, output strides 4, 8, 16, 32, 32). Temporal stride 8 in all three;
+  S3D's pooling needs clips of at least 8 frames and 32 × 32 pixels.
   ``pretrained``: a local state dict of the same video architecture (e.g. torchvision's Kinetics
   weights saved to a file). Nothing is ever downloaded.
 

@@ -118,3 +118,15 @@ def test_pictures_written_at_their_size(tmp_path):
     cams = {"RGB": torch.randn(4, 5), "Flow": rng.random((4, 5))}
     cam = plot_cams(torch.rand(3, 64, 80), cams, tmp_path / "cam.png", flow_image=rng.normal(size=(64, 80, 2)))
     assert _png_size(cam) == (350 * 4, 350)
+
+
+def test_missing_matplotlib_is_one_clear_line(monkeypatch, tmp_path):
+    import sys
+
+    from ccs_fast.errors import CCSError
+    from ccs_fast.viz import plot_cams
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    with pytest.raises(CCSError, match=r"pip install 'ccs_fast\[viz\]'"):
+        plot_cams(np.zeros((8, 8, 3), np.uint8), {"RGB": np.random.rand(2, 2)}, tmp_path / "cam.png")
+    assert not (tmp_path / "cam.png").exists()
