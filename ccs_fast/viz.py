@@ -20,9 +20,9 @@ Numbers (no matplotlib needed):
 Pictures use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot state, safe in
 worker threads); matplotlib is the optional extra ``ccs_fast[viz]``, imported on the first
 picture, and its absence is one ``CCSError`` line. The figure sizes are fixed, so a PNG is
-``figsize · dpi`` pixels (``bbox_inches`` is not "tight"). Maps are upsampled bilinearly to the
-frame (cv2.resize), scaled to [0, 1] per map and drawn with the ``jet`` colormap at 50 % over
-the frame.
+``figsize · dpi`` pixels (``bbox_inches`` is not "tight"); each is written atomically
+(``atomic.atomic_path``). Maps are upsampled bilinearly to the frame (cv2.resize), scaled to
+[0, 1] per map and drawn with the ``jet`` colormap at 50 % over the frame.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccs_fast.atomic import atomic_path
 from ccs_fast.errors import CCSError
 from ccs_fast.metrics import read_metrics
 
@@ -52,8 +53,8 @@ def _figure(figsize):
 def _save(fig, path, dpi: int) -> Path:
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, format="png")
+        with atomic_path(path) as tmp:  # a picture is complete or absent
+            fig.savefig(tmp, dpi=dpi, format="png")
     except OSError as exc:
         raise CCSError(f"{path}: could not write the picture ({exc.strerror or exc})") from None
     return path

@@ -118,6 +118,7 @@ def test_pictures_written_at_their_size(tmp_path):
     cams = {"RGB": torch.randn(4, 5), "Flow": rng.random((4, 5))}
     cam = plot_cams(torch.rand(3, 64, 80), cams, tmp_path / "cam.png", flow_image=rng.normal(size=(64, 80, 2)))
     assert _png_size(cam) == (350 * 4, 350)
+    assert not list(tmp_path.rglob(".*.tmp"))  # written through temporary files, none left
 
 
 def test_missing_matplotlib_is_one_clear_line(monkeypatch, tmp_path):
