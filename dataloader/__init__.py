@@ -33,7 +33,7 @@ def build_loader(spec: LoaderSpec):
         from .torch_loader import build_torch_loader
         return build_torch_loader(spec)
     if spec.backend == "synthetic":
-        from .synthetic import build_synthetic_loader
+        from .random_batches import build_synthetic_loader
         return build_synthetic_loader(spec)
     if spec.backend == "dali":
         if not dali_available():

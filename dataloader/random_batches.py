@@ -1,4 +1,5 @@
-"""The synthetic backend: random clips made on the device, to time compute without I/O.
+"""The synthetic backend (data.backend=synthetic): random clip batches made on the device,
+to time compute without I/O.
 
 Batches have the loader contract's shapes, dtype and channels_last layout; labels are
 uniform in [0, num_classes). Each (seed, epoch, rank, batch) has its own generator seed, so
