@@ -275,9 +275,27 @@ def check_config_compatible(path, saved: Optional[dict], cfg) -> None:
         raise bad_file(path, "checkpoint from another config (checkpoint vs this config: " + "; ".join(diffs) + ")")
 
 
+# Parameter names of checkpoints from before the streams were named rgb/flow in the model.
+_RENAMED_PREFIXES = {"backbone_f.": "backbone_rgb.", "backbone_o.": "backbone_flow.",
+                     "classifier_f.": "classifier_rgb.", "classifier_o.": "classifier_flow."}
+
+
+def _current_names(state_dict: dict) -> dict:
+    renamed = {}
+    for key, value in state_dict.items():
+        for old, new in _RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
 def load_model_state(path, model: torch.nn.Module, state_dict: dict) -> None:
-    """Strict load into the unwrapped model; a mismatch, or a NaN or inf in the state, is one
-    CCSError line naming ``path``."""
+    """Strict load into the unwrapped model (parameter names of older checkpoints are
+    renamed first); a mismatch, or a NaN or inf in the state, is one CCSError line naming
+    ``path``."""
+    state_dict = _current_names(state_dict)
     bad = nonfinite_names(state_dict.items())
     if bad:
         raise bad_file(path, f"the checkpoint's model holds NaN or inf in {describe_names(bad)}; "

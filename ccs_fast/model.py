@@ -2,8 +2,9 @@
 
 ``build_model(cfg: ModelConfig) -> CCSModel``;
 ``CCSModel.forward(rgb, flow) -> {"logits_f", "logits_o", "z_f", "z_o"}`` with rgb
-(B, K, 3, H, W) and flow (B, K, 2L, H, W); suffix ``_f`` is the appearance (RGB) stream,
-``_o`` the motion (optical-flow) stream, as in the paper.
+(B, K, 3, H, W) and flow (B, K, 2L, H, W). The output keys keep the paper's (and SPEC §2's)
+suffixes: ``_f`` is the appearance (RGB) stream, ``_o`` the motion (optical-flow) stream;
+inside the model the streams are named ``rgb`` and ``flow``.
 
 Per stream the backbone stages run on the B·K segments; after each stage in ``cb_stages``
 (variants ``cb`` and ``all``) both streams' maps (B·K, C, h, w) become (B, K·h·w, C) — a free
@@ -89,8 +90,8 @@ class CCSModel(nn.Module):
                 f"backbones take {rgb_backbone.in_chans} and {flow_backbone.in_chans} channels; "
                 f"expected 3 (RGB) and {self.flow_channels} (flow, 2 * flow_length)"
             )
-        self.backbone_f = rgb_backbone
-        self.backbone_o = flow_backbone
+        self.backbone_rgb = rgb_backbone
+        self.backbone_flow = flow_backbone
         self.num_stages = rgb_backbone.num_stages
         self.cb_stages = tuple(_resolve_stages(cfg, rgb_backbone)) if self.uses_connection else ()
         self.connections = nn.ModuleDict(
@@ -117,9 +118,9 @@ class CCSModel(nn.Module):
             classifiers = [self.classifier]
         else:
             self.embed_dim = self.feature_dim
-            self.classifier_f = nn.Linear(self.feature_dim, cfg.num_classes)
-            self.classifier_o = nn.Linear(self.feature_dim, cfg.num_classes)
-            classifiers = [self.classifier_f, self.classifier_o]
+            self.classifier_rgb = nn.Linear(self.feature_dim, cfg.num_classes)
+            self.classifier_flow = nn.Linear(self.feature_dim, cfg.num_classes)
+            classifiers = [self.classifier_rgb, self.classifier_flow]
         for fc in classifiers:  # TSN: new classifiers start small around zero
             nn.init.normal_(fc.weight, std=0.001)
             nn.init.zeros_(fc.bias)
@@ -140,23 +141,23 @@ class CCSModel(nn.Module):
                 f"got {tuple(rgb.shape)} and {tuple(flow.shape)}"
             )
         B, K = rgb.shape[:2]
-        x_f, x_o = rgb.flatten(0, 1), flow.flatten(0, 1)
+        x_rgb, x_flow = rgb.flatten(0, 1), flow.flatten(0, 1)
         for index in range(self.num_stages):
-            x_f = self.backbone_f.stages[index](x_f)
-            x_o = self.backbone_o.stages[index](x_o)
+            x_rgb = self.backbone_rgb.stages[index](x_rgb)
+            x_flow = self.backbone_flow.stages[index](x_flow)
             if str(index + 1) in self.connections:
-                x_f, x_o = _connect(self.connections[str(index + 1)], x_f, x_o, B)
-        v_f = self.consensus(x_f.mean(dim=(2, 3)).view(B, K, -1))
-        v_o = self.consensus(x_o.mean(dim=(2, 3)).view(B, K, -1))
-        return self._head(v_f, v_o)
+                x_rgb, x_flow = _connect(self.connections[str(index + 1)], x_rgb, x_flow, B)
+        v_rgb = self.consensus(x_rgb.mean(dim=(2, 3)).view(B, K, -1))
+        v_flow = self.consensus(x_flow.mean(dim=(2, 3)).view(B, K, -1))
+        return self._head(v_rgb, v_flow)
 
-    def _head(self, v_f: torch.Tensor, v_o: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _head(self, v_rgb: torch.Tensor, v_flow: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.uses_shared_block:
-            logits_f = self.classifier_f(self.dropout(v_f))
-            logits_o = self.classifier_o(self.dropout(v_o))
-            return {"logits_f": logits_f, "logits_o": logits_o, "z_f": v_f, "z_o": v_o}
-        B = v_f.shape[0]
-        z = self.projection(torch.cat([v_f, v_o]))
+            logits_f = self.classifier_rgb(self.dropout(v_rgb))
+            logits_o = self.classifier_flow(self.dropout(v_flow))
+            return {"logits_f": logits_f, "logits_o": logits_o, "z_f": v_rgb, "z_o": v_flow}
+        B = v_rgb.shape[0]
+        z = self.projection(torch.cat([v_rgb, v_flow]))
         logits = self.classifier(self.dropout(z))
         return {"logits_f": logits[:B], "logits_o": logits[B:], "z_f": z[:B], "z_o": z[B:]}
 
@@ -165,16 +166,16 @@ class CCSModel(nn.Module):
         if mode and self.partial_bn:
             # TSN partial BN: every backbone BN but the first keeps its running statistics
             # (eval mode); γ and β still train.
-            for backbone in (self.backbone_f, self.backbone_o):
+            for backbone in (self.backbone_rgb, self.backbone_flow):
                 for bn in [m for m in backbone.modules() if isinstance(m, _BatchNorm)][1:]:
                     bn.eval()
         return self
 
 
-def _connect(block: CrossStreamAttention, x_f: torch.Tensor, x_o: torch.Tensor, B: int):
+def _connect(block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Tensor, B: int):
     """Run a connection block on (B·K, C, h, w) maps, attending over all K·h·w positions."""
-    y_f, y_o = block(maps_to_tokens(x_f, B), maps_to_tokens(x_o, B))
-    return tokens_to_maps(y_f, x_f.shape), tokens_to_maps(y_o, x_o.shape)
+    y_rgb, y_flow = block(maps_to_tokens(x_rgb, B), maps_to_tokens(x_flow, B))
+    return tokens_to_maps(y_rgb, x_rgb.shape), tokens_to_maps(y_flow, x_flow.shape)
 
 
 def maps_to_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -253,3 +253,19 @@ def test_size_estimate_covers_the_file(tmp_path):
     assert path.stat().st_size <= estimate == ckpt.estimate_checkpoint_bytes(model, opt)
     adam = torch.optim.AdamW(model.parameters())
     assert ckpt.estimate_checkpoint_bytes(model, adam) > estimate
+
+
+def test_checkpoints_with_the_older_stream_names_load(tmp_path):
+    """The model's streams were ``backbone_f``/``backbone_o`` (classifiers ``_f``/``_o``)."""
+    from ccs_fast.config import ModelConfig
+    from ccs_fast.model import build_model
+
+    cfg = ModelConfig(variant="baseline", backbone="resnet18", num_classes=3, flow_length=1)
+    source, target = build_model(cfg), build_model(cfg)
+    old = {k.replace("backbone_rgb.", "backbone_f.").replace("backbone_flow.", "backbone_o.")
+           .replace("classifier_rgb.", "classifier_f.").replace("classifier_flow.", "classifier_o."): v
+           for k, v in source.state_dict().items()}
+    assert any(k.startswith("backbone_o.") for k in old)
+    ckpt.load_model_state(tmp_path / "old.pt", target, old)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -54,7 +54,7 @@ def test_output_shapes_per_variant(backbones, variant):
 def test_cb_stages(backbones, stages, expected):
     model = make_model(backbones, variant="cb", cb_stages=stages)
     assert model.cb_stages == expected
-    assert [block.channels for block in model.connections.values()] == [model.backbone_f.channels[s - 1] for s in expected]
+    assert [block.channels for block in model.connections.values()] == [model.backbone_rgb.channels[s - 1] for s in expected]
     if stages == [3, 4]:
         assert model(*clip())["logits_f"].shape == (B, CLASSES)
 
@@ -105,7 +105,7 @@ def test_connection_block_is_identity_at_init(backbones):
 
 def test_shared_block_is_one_parameter_set(backbones):
     model = make_model(backbones, variant="cs").eval()
-    assert not hasattr(model, "classifier_f") and not hasattr(model, "classifier_o")
+    assert not hasattr(model, "classifier_rgb") and not hasattr(model, "classifier_flow")
     heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == CLASSES]
     assert heads == [model.classifier]
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_shared_block_is_one_parameter_set(backbones):
         torch.testing.assert_close(out["logits_f"], model.classifier(out["z_f"]))
         torch.testing.assert_close(out["logits_o"], model.classifier(out["z_o"]))
     baseline = make_model(backbones, variant="baseline")
-    assert baseline.classifier_f is not baseline.classifier_o
+    assert baseline.classifier_rgb is not baseline.classifier_flow
 
 
 def test_gradient_crosses_streams_through_the_connection_block(backbones):
@@ -122,23 +122,23 @@ def test_gradient_crosses_streams_through_the_connection_block(backbones):
     with torch.no_grad():
         block.bn_f.weight.fill_(1.0)  # at init (γ = 0) only γ learns from the cross-stream path
     model(*clip())["logits_f"].float().pow(2).sum().backward()
-    assert model.backbone_o.first_conv.weight.grad.abs().sum() > 0
-    assert model.backbone_f.first_conv.weight.grad.abs().sum() > 0
+    assert model.backbone_flow.first_conv.weight.grad.abs().sum() > 0
+    assert model.backbone_rgb.first_conv.weight.grad.abs().sum() > 0
     assert block.kappa.weight.grad.abs().sum() > 0 and block.g_o.weight.grad.abs().sum() > 0
 
 
 def test_partial_bn_freezes_all_backbone_bn_but_the_first(backbones):
     model = make_model(backbones, variant="all", partial_bn=True).train()
-    for backbone in (model.backbone_f, model.backbone_o):
+    for backbone in (model.backbone_rgb, model.backbone_flow):
         norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert norms[0] is backbone.stages[0][1] and norms[0].training
         assert not any(bn.training for bn in norms[1:])
     assert model.projection[1].training and model.connections["4"].bn_f.training
-    frozen = model.backbone_f.stages[3][1].bn2
-    before = frozen.running_mean.clone(), model.backbone_f.stages[0][1].running_mean.clone()
+    frozen = model.backbone_rgb.stages[3][1].bn2
+    before = frozen.running_mean.clone(), model.backbone_rgb.stages[0][1].running_mean.clone()
     model(*clip())
     assert torch.equal(frozen.running_mean, before[0])
-    assert not torch.equal(model.backbone_f.stages[0][1].running_mean, before[1])
+    assert not torch.equal(model.backbone_rgb.stages[0][1].running_mean, before[1])
     assert frozen.weight.requires_grad
     model.eval()
     assert not any(m.training for m in model.modules())
@@ -175,7 +175,7 @@ def test_bf16_autocast_on_cpu_matches_fp32(backbones):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(*inputs)
         (out["logits_f"].float().sum() + out["z_o"].float().pow(2).sum()).backward()
-        return {k: v.detach().float() for k, v in out.items()}, model.backbone_o.first_conv.weight.grad.clone()
+        return {k: v.detach().float() for k, v in out.items()}, model.backbone_flow.first_conv.weight.grad.clone()
 
     ref, ref_grad = run(False)
     got, grad = run(True)
@@ -202,9 +202,9 @@ def test_bad_inputs(backbones):
 def test_build_model_end_to_end():
     cfg = ModelConfig(variant="cb", backbone="resnet18", num_classes=CLASSES, flow_length=L, cb_stages=[4])
     model = build_model(cfg)
-    rgb_conv1 = model.backbone_f.first_conv.weight
-    torch.testing.assert_close(model.backbone_o.first_conv.weight, rgb_conv1.mean(1, keepdim=True).repeat(1, 2 * L, 1, 1))
-    assert model.cb_stages == (4,) and model.backbone_o.in_chans == 2 * L
+    rgb_conv1 = model.backbone_rgb.first_conv.weight
+    torch.testing.assert_close(model.backbone_flow.first_conv.weight, rgb_conv1.mean(1, keepdim=True).repeat(1, 2 * L, 1, 1))
+    assert model.cb_stages == (4,) and model.backbone_flow.in_chans == 2 * L
 
 
 def test_unsplittable_backbone_allows_only_the_last_stage():
