@@ -1,0 +1,191 @@
+"""One primal-dual iteration of Dual TV-L1 optical flow, fused: the inner loop of
+``ccs_fast.dataloader.tvl1``.
+
+Per pixel, with the linearised data term ρ(u) = ρ_c + ∇I1w · u, l_t = λθ and τ/θ = taut
+(Zach, Pock and Bischof 2007; Wedel et al. 2009; the IPOL 2013 description by Sánchez Pérez,
+Meinhardt-Llopis and Facciolo; the update order of OpenCV's ``DualTVL1OpticalFlow``):
+
+    v   = u + TH(ρ(u)) ∇I1w            TH: l_t, −l_t or −ρ / |∇I1w|² (0 where |∇I1w|² ≤ FLT_EPSILON)
+    u'  = v + θ · div p                div: backward differences, a missing neighbour reads 0
+    p'  = (p + taut ∇u') / (1 + taut |∇u'|)   ∇: forward differences, 0 on the last row/column
+    err = Σ |u' − u|²                  per pair, for the stopping rule
+
+``p'`` at a pixel needs ``u'`` of its right and lower neighbours, which needs ``p`` of their
+left and upper neighbours: the kernel recomputes ``u'`` at those two neighbours from the old
+fields instead of synchronising, so each program reads the old fields (``u1, u2, p11, p12,
+p21, p22`` and the warped image terms) and writes the new ones to separate buffers
+(ping-pong), one launch per iteration. Pairs whose ``active`` flag is 0 (converged) copy their
+fields unchanged. ``err`` is written as one partial sum per program and summed in torch
+(no atomics: bit-identical run to run).
+
+Each program covers ``BLOCK_N`` pixels of one pair in row-major order; any H, W.
+The eager reference ``tvl1_step_ref`` is the definition and the CPU implementation.
+Not yet measured on a GPU; the kernel is compiled ahead of time for sm_90a and sm_80 by
+``bench.aot`` and checked against the reference in the interpreter (tests/test_tvl1.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ccs_fast.kernels._common import launch, tl, triton
+from ccs_fast.kernels._dispatch import resolve_impl
+
+FLT_EPSILON = 1.1920928955078125e-07  # numeric_limits<float>::epsilon(): |∇I1w|² below it is flat
+
+_FIELDS = ("u1", "u2", "p11", "p12", "p21", "p22")
+
+
+def _shift_right(t: torch.Tensor) -> torch.Tensor:
+    """t[..., x - 1] with 0 in column 0."""
+    return torch.nn.functional.pad(t[..., :-1], (1, 0))
+
+
+def _shift_down(t: torch.Tensor) -> torch.Tensor:
+    """t[..., y - 1, :] with 0 in row 0."""
+    return torch.nn.functional.pad(t[..., :-1, :], (0, 0, 1, 0))
+
+
+def _forward_diff(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ux = torch.nn.functional.pad(u[..., 1:] - u[..., :-1], (0, 1))
+    uy = torch.nn.functional.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
+    return ux, uy
+
+
+def tvl1_step_ref(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut):
+    """One iteration on (P, H, W) fp32 fields; ``active`` (P,) bool. Returns the six new
+    fields and err (P,) fp32 (0 for inactive pairs)."""
+    # ρ(u) = ρ_c + ∇I1w · u; v = u + TH(ρ)
+    rho = rho_c + (wx * u1 + wy * u2)
+    bound = l_t * grad
+    step = torch.where(grad > FLT_EPSILON, -rho / grad, torch.zeros_like(rho))
+    step = torch.where(rho < -bound, l_t, torch.where(rho > bound, -l_t, step))
+    v1, v2 = u1 + step * wx, u2 + step * wy
+    # u' = v + θ div p
+    div1 = (p11 - _shift_right(p11)) + (p12 - _shift_down(p12))
+    div2 = (p21 - _shift_right(p21)) + (p22 - _shift_down(p22))
+    n1, n2 = v1 + theta * div1, v2 + theta * div2
+    err = ((n1 - u1) * (n1 - u1) + (n2 - u2) * (n2 - u2)).sum(dim=(1, 2))
+    # p' = (p + taut ∇u') / (1 + taut |∇u'|)
+    u1x, u1y = _forward_diff(n1)
+    u2x, u2y = _forward_diff(n2)
+    ng1 = 1.0 + taut * torch.hypot(u1x, u1y)
+    ng2 = 1.0 + taut * torch.hypot(u2x, u2y)
+    new = (n1, n2, (p11 + taut * u1x) / ng1, (p12 + taut * u1y) / ng1,
+           (p21 + taut * u2x) / ng2, (p22 + taut * u2y) / ng2)
+    if not active.is_cuda and bool(active.all()):  # no host sync on a GPU
+        return (*new, err)
+    keep = active.view(-1, 1, 1)
+    out = tuple(torch.where(keep, n, o) for n, o in zip(new, (u1, u2, p11, p12, p21, p22)))
+    return (*out, torch.where(active, err, torch.zeros_like(err)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tvl1_primal(base, q, x, y, valid, u1_ptr, u2_ptr, p11_ptr, p12_ptr, p21_ptr, p22_ptr,
+                     wx_ptr, wy_ptr, grad_ptr, rho_ptr, W, l_t, theta, EPS: tl.constexpr):
+        """u' = u + TH(ρ(u)) + θ div p at flat pixel indices ``q`` of the pair at ``base``."""
+        u1 = tl.load(u1_ptr + base + q, mask=valid, other=0.0)
+        u2 = tl.load(u2_ptr + base + q, mask=valid, other=0.0)
+        wx = tl.load(wx_ptr + base + q, mask=valid, other=0.0)
+        wy = tl.load(wy_ptr + base + q, mask=valid, other=0.0)
+        grad = tl.load(grad_ptr + base + q, mask=valid, other=0.0)
+        rho_c = tl.load(rho_ptr + base + q, mask=valid, other=0.0)
+        # ρ(u) = ρ_c + ∇I1w · u; TH: ±l_t ∇I1w outside [−l_t|∇I1w|², l_t|∇I1w|²], −ρ∇I1w/|∇I1w|² inside
+        rho = rho_c + (wx * u1 + wy * u2)
+        bound = l_t * grad
+        step = tl.where(grad > EPS, -rho / tl.where(grad > EPS, grad, 1.0), 0.0)
+        step = tl.where(rho < -bound, l_t, tl.where(rho > bound, -l_t, step))
+        # div p: backward differences, a neighbour outside the image reads 0
+        left = valid & (x > 0)
+        up = valid & (y > 0)
+        div1 = (tl.load(p11_ptr + base + q, mask=valid, other=0.0)
+                - tl.load(p11_ptr + base + q - 1, mask=left, other=0.0)) \
+            + (tl.load(p12_ptr + base + q, mask=valid, other=0.0)
+               - tl.load(p12_ptr + base + q - W, mask=up, other=0.0))
+        div2 = (tl.load(p21_ptr + base + q, mask=valid, other=0.0)
+                - tl.load(p21_ptr + base + q - 1, mask=left, other=0.0)) \
+            + (tl.load(p22_ptr + base + q, mask=valid, other=0.0)
+               - tl.load(p22_ptr + base + q - W, mask=up, other=0.0))
+        return u1, u2, (u1 + step * wx) + theta * div1, (u2 + step * wy) + theta * div2
+
+    @triton.jit
+    def _tvl1_step_kernel(u1_ptr, u2_ptr, p11_ptr, p12_ptr, p21_ptr, p22_ptr,
+                          wx_ptr, wy_ptr, grad_ptr, rho_ptr, active_ptr,
+                          o_u1_ptr, o_u2_ptr, o_p11_ptr, o_p12_ptr, o_p21_ptr, o_p22_ptr, err_ptr,
+                          H, W, l_t, theta, taut,
+                          EPS: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_p = tl.program_id(0).to(tl.int64)
+        pid_b = tl.program_id(1)
+        HW = H * W
+        base = pid_p * HW
+        q = pid_b * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside = q < HW
+        y = q // W
+        x = q - y * W
+        has_right = inside & (x < W - 1)
+        has_down = inside & (y < H - 1)
+        u1, u2, n1, n2 = _tvl1_primal(base, q, x, y, inside, u1_ptr, u2_ptr, p11_ptr, p12_ptr,
+                                      p21_ptr, p22_ptr, wx_ptr, wy_ptr, grad_ptr, rho_ptr,
+                                      W, l_t, theta, EPS)
+        _r1, _r2, r1, r2 = _tvl1_primal(base, q + 1, x + 1, y, has_right, u1_ptr, u2_ptr, p11_ptr,
+                                        p12_ptr, p21_ptr, p22_ptr, wx_ptr, wy_ptr, grad_ptr,
+                                        rho_ptr, W, l_t, theta, EPS)
+        _d1, _d2, d1, d2 = _tvl1_primal(base, q + W, x, y + 1, has_down, u1_ptr, u2_ptr, p11_ptr,
+                                        p12_ptr, p21_ptr, p22_ptr, wx_ptr, wy_ptr, grad_ptr,
+                                        rho_ptr, W, l_t, theta, EPS)
+        # ∇u': forward differences, 0 on the last column / row
+        u1x = tl.where(has_right, r1 - n1, 0.0)
+        u1y = tl.where(has_down, d1 - n1, 0.0)
+        u2x = tl.where(has_right, r2 - n2, 0.0)
+        u2y = tl.where(has_down, d2 - n2, 0.0)
+        p11 = tl.load(p11_ptr + base + q, mask=inside, other=0.0)
+        p12 = tl.load(p12_ptr + base + q, mask=inside, other=0.0)
+        p21 = tl.load(p21_ptr + base + q, mask=inside, other=0.0)
+        p22 = tl.load(p22_ptr + base + q, mask=inside, other=0.0)
+        # p' = (p + taut ∇u') / (1 + taut |∇u'|)
+        ng1 = 1.0 + taut * tl.sqrt(u1x * u1x + u1y * u1y)
+        ng2 = 1.0 + taut * tl.sqrt(u2x * u2x + u2y * u2y)
+        active = tl.load(active_ptr + pid_p) != 0
+        keep = inside & active
+        n1 = tl.where(keep, n1, u1)
+        n2 = tl.where(keep, n2, u2)
+        tl.store(o_u1_ptr + base + q, n1, mask=inside)
+        tl.store(o_u2_ptr + base + q, n2, mask=inside)
+        tl.store(o_p11_ptr + base + q, tl.where(keep, (p11 + taut * u1x) / ng1, p11), mask=inside)
+        tl.store(o_p12_ptr + base + q, tl.where(keep, (p12 + taut * u1y) / ng1, p12), mask=inside)
+        tl.store(o_p21_ptr + base + q, tl.where(keep, (p21 + taut * u2x) / ng2, p21), mask=inside)
+        tl.store(o_p22_ptr + base + q, tl.where(keep, (p22 + taut * u2y) / ng2, p22), mask=inside)
+        # err: Σ |u' − u|² of this block (0 for an inactive pair)
+        e = (n1 - u1) * (n1 - u1) + (n2 - u2) * (n2 - u2)
+        tl.store(err_ptr + pid_p * tl.num_programs(1) + pid_b, tl.sum(tl.where(keep, e, 0.0), axis=0))
+
+
+def tvl1_step_triton(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
+                     out=None, block: int = 256, num_warps: int = 4):
+    """The fused iteration. ``out``: six (P, H, W) buffers for the new fields (allocated when
+    None; must not alias the inputs). Returns them and err (P,)."""
+    fields = (u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c)
+    P, H, W = u1.shape
+    for t in fields:
+        if t.shape != (P, H, W) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"tvl1_step: fields must be contiguous float32 {(P, H, W)}, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if out is None:
+        out = tuple(torch.empty_like(u1) for _ in range(6))
+    blocks = triton.cdiv(H * W, block)
+    partial = torch.empty((P, blocks), device=u1.device, dtype=torch.float32)
+    launch(_tvl1_step_kernel, (P, blocks), *fields, active.to(torch.int32), *out, partial,
+           H, W, float(l_t), float(theta), float(taut), EPS=FLT_EPSILON, BLOCK_N=block,
+           num_warps=num_warps)
+    return (*out, partial.sum(dim=1))
+
+
+def tvl1_step(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
+              impl: str = "auto"):
+    """One Dual TV-L1 iteration: the fused Triton kernel on CUDA (``impl="auto"``), the eager
+    reference elsewhere. Returns (u1, u2, p11, p12, p21, p22, err)."""
+    args = (u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut)
+    if resolve_impl(impl, u1) == "triton":
+        return tvl1_step_triton(*args)
+    return tvl1_step_ref(*args)
