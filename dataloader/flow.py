@@ -28,7 +28,8 @@ from .frames import FrameNaming
 
 FLOW_BOUND = 20.0  # denseflow's default bound, in pixels per frame
 
-FLOW_METHODS = ("tvl1", "farneback")
+FLOW_METHODS = ("tvl1", "tvl1-torch", "farneback")
+FLOW_DEVICES = ("cpu", "cuda")
 
 # OpenCV's defaults except where noted; `make_flow_estimator(..., **params)` overrides them.
 _TVL1_DEFAULTS = dict(
@@ -81,6 +82,59 @@ class _Farneback:
             np.float32, copy=False)
 
 
+class _TVL1Torch:
+    """(gray0, gray1) -> (H, W, 2) float32 with the torch Dual TV-L1 (``dataloader.tvl1``), the
+    same algorithm and parameters as ``_TVL1``; ``batch`` takes (P, H, W) tensors or arrays for
+    throughput. Holds only its parameters and device name, so it pickles into workers."""
+
+    def __init__(self, device: str = "cpu", **params):
+        unknown = set(params) - set(_TVL1_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown TV-L1 parameters {sorted(unknown)}")
+        self.params = {**_TVL1_DEFAULTS, **params}
+        self.device = resolve_flow_device(device)
+
+    def batch(self, frames0, frames1):
+        """(P, H, W) grey pairs (uint8 arrays or tensors) → (P, H, W, 2) float32 tensor on the
+        estimator's device."""
+        import torch
+
+        from .tvl1 import tvl1_flow
+
+        def as_tensor(frames):
+            t = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+            return t.to(self.device, non_blocking=True)
+
+        return tvl1_flow(as_tensor(frames0), as_tensor(frames1), **self.params)
+
+    def __call__(self, gray0: np.ndarray, gray1: np.ndarray) -> np.ndarray:
+        _check_pair(gray0, gray1)
+        return self.batch(gray0[None], gray1[None])[0].cpu().numpy()
+
+
+def resolve_flow_device(device: str | None) -> str:
+    """``"cpu"`` or ``"cuda"`` (``None``: CUDA when present); CUDA without a GPU is a CCSError."""
+    import torch
+
+    from ccs_fast.errors import CCSError
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = str(device).split(":")[0]
+    if kind not in FLOW_DEVICES:
+        raise CCSError(f"flow device must be one of {', '.join(FLOW_DEVICES)}, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CCSError("flow device cuda: no CUDA device here (use --flow-device cpu)")
+    return str(device)
+
+
+def default_flow_method() -> str:
+    """``tvl1-torch`` where a CUDA device is present, OpenCV's ``tvl1`` otherwise."""
+    import torch
+
+    return "tvl1-torch" if torch.cuda.is_available() else "tvl1"
+
+
 def _check_pair(gray0: np.ndarray, gray1: np.ndarray) -> None:
     if gray0.dtype != np.uint8 or gray1.dtype != np.uint8:
         raise TypeError(f"flow needs uint8 grey frames, got {gray0.dtype} and {gray1.dtype}")
@@ -89,14 +143,21 @@ def _check_pair(gray0: np.ndarray, gray1: np.ndarray) -> None:
                          f"and {gray1.shape}")
 
 
-def make_flow_estimator(method: str = "tvl1", **params) -> FlowEstimator:
+def make_flow_estimator(method: str = "tvl1", *, device: str | None = None,
+                        **params) -> FlowEstimator:
     """A picklable callable ``(gray0, gray1) -> flow``: uint8 HxW frames to float32 (H, W, 2).
 
     ``flow[..., 0]`` is the x (rightward) and ``flow[..., 1]`` the y (downward) displacement in
-    pixels from ``gray0`` to ``gray1``. ``method`` is ``"tvl1"`` (the denseflow/TSN standard)
-    or ``"farneback"`` (~100× faster, for tests and quick looks); ``params`` override the
-    OpenCV parameters of that method.
+    pixels from ``gray0`` to ``gray1``. ``method`` is ``"tvl1"`` (OpenCV's, the denseflow/TSN
+    standard), ``"tvl1-torch"`` (the same algorithm in torch, batched, on ``device`` "cpu" or
+    "cuda", default CUDA when present; its ``batch(frames0, frames1)`` takes (P, H, W) pairs) or
+    ``"farneback"`` (~100× faster, for tests and quick looks); ``params`` override the
+    OpenCV parameters of that method (the same names for both TV-L1s).
     """
+    if method == "tvl1-torch":
+        return _TVL1Torch(device=device, **params)
+    if device not in (None, "cpu"):
+        raise ValueError(f"flow method {method!r} runs on the CPU only, not {device!r}")
     if method == "tvl1":
         return _TVL1(**params)
     if method == "farneback":
