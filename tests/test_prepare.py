@@ -1,4 +1,6 @@
 """prepare: UCF-style tree of MPEG-4 .avi → rawframes + flow + split lists; resume; bad video."""
+import argparse
+
 import cv2
 import numpy as np
 import pytest
@@ -127,3 +129,81 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
         batch_size=2, num_segments=2, flow_length=2, input_size=16, device="cpu",
         num_workers=0, naming=naming))
     assert [b["rgb"].shape[0] for b in data] == [2]
+
+
+def test_prepare_tvl1_torch_batches_pairs_across_videos(ucf_tree):
+    from ccs_fast.dataloader.flow import make_flow_estimator, write_rawframes
+    from ccs_fast.dataloader.prepare import decode_resized
+
+    videos, splits, out = ucf_tree
+    summary = prepare_dataset(videos, splits, out, workers=2, flow="tvl1-torch", flow_device="cpu",
+                              batch_pairs=3, short_side=32, progress=False)
+    assert (summary["done"], summary["failed"]) == (4, 0)
+    assert summary["flow"] == "tvl1-torch on cpu"
+    # the same files, byte for byte, as one video at a time with the same estimator
+    alone = out.parent / "alone"
+    source = videos / "Jump" / "v_Jump_g02_c01.avi"
+    write_rawframes(decode_resized(source, 32), alone, make_flow_estimator("tvl1-torch", device="cpu"))
+    batched = out / "rawframes" / "Jump" / "v_Jump_g02_c01"
+    names = sorted(p.name for p in alone.iterdir())
+    assert names == sorted(p.name for p in batched.iterdir()) and len(names) == 3 * FRAMES - 2
+    assert all((alone / n).read_bytes() == (batched / n).read_bytes() for n in names)
+
+
+def test_prepare_flow_defaults_and_devices(ucf_tree, monkeypatch):
+    import torch
+
+    videos, splits, out = ucf_tree
+    if torch.cuda.is_available():
+        pytest.skip("checks the choice on a machine without CUDA")
+    with pytest.raises(CCSError, match="no CUDA device"):
+        prepare_dataset(videos, splits, out, flow="tvl1-torch", flow_device="cuda", progress=False)
+    with pytest.raises(CCSError, match="needs --flow tvl1-torch"):
+        prepare_dataset(videos, splits, out, flow="farneback", flow_device="cuda", progress=False)
+    summary = prepare_dataset(videos, splits, out, workers=1, short_side=32, progress=False)
+    assert summary["flow"] == "tvl1 (OpenCV, CPU)" and summary["done"] == 4
+
+
+def test_prepare_tvl1_torch_too_small_video_fails_alone(ucf_tree):
+    videos, splits, out = ucf_tree
+    summary = prepare_dataset(videos, splits, out, workers=1, flow="tvl1-torch", flow_device="cpu",
+                              short_side=12, progress=False)
+    assert summary["failed"] == 4 and summary["done"] == 0
+    assert all("too small for TV-L1's pyramid" in f and "\n" not in f for f in summary["failures"])
+    assert not (out / "rawframes").exists() or not any((out / "rawframes").rglob("*.jpg"))
+
+
+def test_truncated_video_is_reported_short(ucf_tree, capsys):
+    """Issue 12 #6: a video that decodes to fewer frames than its container declares."""
+    import av
+
+    from ccs_fast.dataloader.prepare import add_prepare_arguments, run_prepare
+
+    videos, splits, out = ucf_tree
+    path = videos / "Run" / "v_Run_g02_c01.avi"
+    rng = np.random.default_rng(7)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (H, W, 3), dtype=np.uint8), (5, 5), 2)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for t in range(20):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * t, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * 0.9)])  # the header still says 20 frames
+    with av.open(str(path)) as container:
+        declared = container.streams.video[0].frames
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert declared == 20 and 1 < decoded < 20
+
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    args = parser.parse_args(["--videos", str(videos), "--splits", str(splits), "--out", str(out),
+                              "--workers", "1", "--flow", "farneback", "--short-side", "32"])
+    assert run_prepare(args) == 0
+    text = capsys.readouterr().out
+    assert "1 videos decoded short" in text
+    assert f"{path}: decoded {decoded} of the 20 frames its container declares" in text
+    val = read_rawframe_list(out / "val_rawframes_split1.txt")
+    assert [r.num_frames for r in val if r.path.endswith("v_Run_g02_c01")] == [decoded]
