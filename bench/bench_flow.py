@@ -1,0 +1,264 @@
+"""TV-L1 optical flow: ``tvl1-torch`` against OpenCV's DualTVL1OpticalFlow, accuracy and speed.
+
+    python -m bench.bench_flow                        # 340×256, CPU rows (+ CUDA rows on a GPU)
+    python -m bench.bench_flow --height 48 --width 64 --pairs 4   # a quick look
+
+Accuracy (rows ``"kind": "agreement"``), OpenCV's default parameters, on
+- synthetic pairs with known motion (``synthetic_pairs``): integer and sub-pixel translations,
+  a rotation (1°), a zoom (2 %) and an occlusion edge (a square moving over a still background), each
+  with its ground-truth flow: mean end-point error (EPE) of ours and of OpenCV's;
+- frames of the videos ``ccs-fast synth`` writes (``synth_pairs``), with no ground truth;
+and on both, ours against OpenCV's: mean EPE and the share of pixels whose denseflow uint8
+levels (``flow_to_uint8``, bound 20) differ by at most 2 in x and y.
+Targets (issue 15): EPE ≤ 1.1 × OpenCV's on the ground-truth pairs; ≥ 95 % within ±2 levels.
+
+Speed (rows ``"kind": "speed"``): pairs/s over the same ``--pairs`` pairs of synthetic frames
+of ``--height``×``--width``: OpenCV with one process per core (``cv2.setNumThreads(1)`` in
+each), ``tvl1-torch`` on CPU (all cores to torch's threads, batches of ``--batch``), and on a
+GPU ``tvl1-torch`` with the eager inner iteration and with the Triton kernel. Rows go to
+``bench/results/flow-<device>.json`` with device, versions, date and command.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import torch
+
+from bench.common import append_rows, env_info, print_table, result_path
+
+AGREEMENT_LEVELS = 2  # ±2 uint8 levels of the denseflow mapping
+
+
+def _texture(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth random texture, float32 0–255, of (h, w)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((h // 4 + 2, w // 4 + 2)).astype(np.float32)
+    img = cv2.GaussianBlur(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), (0, 0), 1.0)
+    return (img - img.min()) / max(float(img.max() - img.min()), 1e-6) * 235 + 10
+
+
+def _affine_pair(h, w, seed, dx=0.0, dy=0.0, angle=0.0, zoom=1.0):
+    """I0 = a texture, I1 = I0 moved by the affine map (angle in degrees, zoom about the
+    centre, then (dx, dy)); the ground truth is that map's displacement of each I0 pixel."""
+    import cv2
+
+    pad = 8
+    big = _texture(h + 2 * pad, w + 2 * pad, seed)
+    M = cv2.getRotationMatrix2D(((w + 2 * pad) / 2, (h + 2 * pad) / 2), angle, zoom)
+    M[:, 2] += (dx, dy)
+    moved = cv2.warpAffine(big, M, (w + 2 * pad, h + 2 * pad), flags=cv2.INTER_CUBIC,
+                           borderMode=cv2.BORDER_REFLECT)
+    ys, xs = np.mgrid[0:h + 2 * pad, 0:w + 2 * pad].astype(np.float64)
+    gt = np.stack([M[0, 0] * xs + M[0, 1] * ys + M[0, 2] - xs,
+                   M[1, 0] * xs + M[1, 1] * ys + M[1, 2] - ys], axis=-1)
+    crop = (slice(pad, pad + h), slice(pad, pad + w))
+    as_u8 = lambda a: np.clip(np.rint(a), 0, 255).astype(np.uint8)  # noqa: E731
+    return as_u8(big[crop]), as_u8(moved[crop]), gt[crop].astype(np.float32)
+
+
+def _occlusion_pair(h, w, seed, dx=2.0, dy=1.0):
+    """A textured square (half the short side) moving by (dx, dy) over a still textured
+    background: the ground truth is (dx, dy) on the square in I0 and 0 elsewhere."""
+    import cv2
+
+    bg = _texture(h, w, seed)
+    fg = _texture(h, w, seed + 1000)
+    side = min(h, w) // 2
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    mask = np.zeros((h, w), np.float32)
+    mask[y0:y0 + side, x0:x0 + side] = 1
+    M = np.float32([[1, 0, dx], [0, 1, dy]])
+    fg1 = cv2.warpAffine(fg, M, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    mask1 = cv2.warpAffine(mask, M, (w, h), flags=cv2.INTER_LINEAR)
+    I0 = bg * (1 - mask) + fg * mask
+    I1 = bg * (1 - mask1) + fg1 * mask1
+    gt = np.zeros((h, w, 2), np.float32)
+    gt[mask > 0] = (dx, dy)
+    as_u8 = lambda a: np.clip(np.rint(a), 0, 255).astype(np.uint8)  # noqa: E731
+    return as_u8(I0), as_u8(I1), gt
+
+
+def synthetic_pairs(h: int, w: int, seed: int = 0):
+    """[(name, I0, I1, ground truth (h, w, 2))]: uint8 grey pairs with known motion."""
+    # the same motions at every size: a few pixels per frame, as in action videos at 340×256
+    # (the texture's detail is ~4 px at any size; rotation and zoom grow with the frame)
+    return [
+        ("translate-int", *_affine_pair(h, w, seed, dx=3, dy=-2)),
+        ("translate-subpixel", *_affine_pair(h, w, seed + 1, dx=0.25, dy=0.5)),
+        ("translate-3.3,2.2", *_affine_pair(h, w, seed + 2, dx=3.3, dy=2.2)),
+        ("rotate-1deg", *_affine_pair(h, w, seed + 3, angle=1.0)),
+        ("zoom-1.02", *_affine_pair(h, w, seed + 4, zoom=1.02)),
+        ("occlusion-edge", *_occlusion_pair(h, w, seed + 5, dx=2.0, dy=1.0)),
+    ]
+
+
+def synth_pairs(size: int, videos: int = 2, seed: int = 0):
+    """[(name, I0, I1)]: consecutive grey frames of videos as ``ccs-fast synth`` renders them."""
+    import cv2
+
+    from ccs_fast.dataloader.synth import render_video, video_specs
+
+    specs = video_specs(seed=seed, classes=4, videos_per_cell=1, val_videos_per_cell=0,
+                        frames=3, size=size)
+    out = []
+    for spec in specs[:videos]:
+        frames = render_video(spec)
+        grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        out.append((f"synth-{spec.name}", grey[0], grey[1]))
+    return out
+
+
+def within_levels(ours: np.ndarray, theirs: np.ndarray, levels: int = AGREEMENT_LEVELS) -> float:
+    """Share of pixels whose denseflow uint8 levels (bound 20) differ by ≤ ``levels`` in x and y."""
+    from ccs_fast.dataloader.flow import flow_to_uint8
+
+    a, b = flow_to_uint8(ours), flow_to_uint8(theirs)
+    diff = np.maximum(np.abs(a[0].astype(int) - b[0]), np.abs(a[1].astype(int) - b[1]))
+    return float(np.mean(diff <= levels))
+
+
+def epe(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean end-point error (pixels)."""
+    return float(np.linalg.norm(a.astype(np.float64) - b, axis=-1).mean())
+
+
+def opencv_flow(pairs, params=None):
+    import cv2
+
+    from ccs_fast.dataloader.flow import make_flow_estimator
+
+    cv2.setNumThreads(1)
+    estimator = make_flow_estimator("tvl1", **(params or {}))
+    return [estimator(a, b) for a, b in pairs]
+
+
+def torch_flow(pairs, device: str = "cpu", params=None) -> list[np.ndarray]:
+    """tvl1-torch flow of each (I0, I1): one batch per frame size."""
+    from ccs_fast.dataloader.flow import make_flow_estimator
+
+    estimator = make_flow_estimator("tvl1-torch", device=device, **(params or {}))
+    by_size: dict = {}
+    for i, (a, _) in enumerate(pairs):
+        by_size.setdefault(a.shape, []).append(i)
+    out = [None] * len(pairs)
+    for idx in by_size.values():
+        flows = estimator.batch(np.stack([pairs[i][0] for i in idx]),
+                                np.stack([pairs[i][1] for i in idx])).cpu().numpy()
+        for i, f in zip(idx, flows):
+            out[i] = f
+    return out
+
+
+def agreement_rows(h: int, w: int, device: str = "cpu", synth_size: int | None = None,
+                   params=None) -> list[dict]:
+    """One row per pair: EPE against ground truth (ours, OpenCV) and ours against OpenCV."""
+    cases = [(n, a, b, g) for n, a, b, g in synthetic_pairs(h, w)]
+    cases += [(n, a, b, None) for n, a, b in synth_pairs(synth_size or min(h, w))]
+    theirs = opencv_flow([(a, b) for _, a, b, _ in cases], params)
+    ours = torch_flow([(a, b) for _, a, b, _ in cases], device, params)
+    rows = []
+    for (name, a, _, gt), mine, cv in zip(cases, ours, theirs):
+        row = {"kind": "agreement", "pair": name, "height": a.shape[0], "width": a.shape[1],
+               "flow_device": device, "epe_vs_opencv": epe(mine, cv),
+               "within_2_levels": within_levels(mine, cv)}
+        if gt is not None:
+            row.update(epe_ours=epe(mine, gt), epe_opencv=epe(cv, gt))
+            row["epe_ratio"] = row["epe_ours"] / max(row["epe_opencv"], 1e-9)
+        rows.append(row)
+    return rows
+
+
+def _opencv_worker(args):
+    import cv2
+
+    cv2.setNumThreads(1)
+    a, b = args
+    return cv2.optflow.DualTVL1OpticalFlow_create().calc(a, b, None).shape
+
+
+def speed_rows(h: int, w: int, pairs: int, batch: int, devices=("cpu",), processes=None,
+               skip_opencv=False) -> list[dict]:
+    """pairs/s of OpenCV (one process per core) and tvl1-torch on each device (and impl)."""
+    from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
+    from ccs_fast.dataloader.tvl1 import tvl1_flow
+
+    frames = [_texture(h, w, 100 + i) for i in range(pairs + 1)]
+    data = [(np.rint(frames[i]).astype(np.uint8), np.rint(np.roll(frames[i], (1, 2), (0, 1))).astype(np.uint8))
+            for i in range(pairs)]
+    rows = []
+    cores = processes or os.cpu_count() or 1
+    if not skip_opencv:
+        with multiprocessing.get_context("spawn").Pool(cores) as pool:
+            pool.map(_opencv_worker, data[:cores])  # start-up and first-call costs out
+            t0 = time.perf_counter()
+            pool.map(_opencv_worker, data, chunksize=1)
+            dt = time.perf_counter() - t0
+        rows.append({"kind": "speed", "provider": f"opencv x{cores} processes", "flow_device": "cpu",
+                     "height": h, "width": w, "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
+    a = torch.from_numpy(np.stack([d[0] for d in data]))
+    b = torch.from_numpy(np.stack([d[1] for d in data]))
+    for device in devices:
+        impls = ("eager", "triton") if device.startswith("cuda") else ("eager",)
+        for impl in impls:
+            a_d, b_d = a.to(device), b.to(device)
+            tvl1_flow(a_d[:1], b_d[:1], impl=impl, **_TVL1_DEFAULTS)  # compile/warm up
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(0, pairs, batch):
+                tvl1_flow(a_d[s:s + batch], b_d[s:s + batch], impl=impl, **_TVL1_DEFAULTS).cpu()
+            dt = time.perf_counter() - t0
+            threads = torch.get_num_threads() if device == "cpu" else None
+            rows.append({"kind": "speed", "provider": f"tvl1-torch {impl}", "flow_device": device,
+                         "torch_threads": threads, "batch": batch, "height": h, "width": w,
+                         "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.bench_flow", description=__doc__.split("\n\n")[0])
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=340)
+    p.add_argument("--pairs", type=int, default=16, help="pairs timed per provider")
+    p.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per call (default: 8 CPU, 64 CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, with CPU rows too)")
+    p.add_argument("--skip", default="", help="comma list of parts to leave out: agreement, speed, opencv, cpu")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = "cuda" if cuda else "cpu"
+    info = env_info(device)
+    import cv2
+
+    info["opencv"] = cv2.__version__
+    info["cpu_cores"] = os.cpu_count()
+    info["load_avg_1min_at_start"] = round(os.getloadavg()[0], 2)  # other jobs on the machine
+    rows = []
+    if "agreement" not in skip:
+        rows += agreement_rows(args.height, args.width, device=device)
+        print_table([r for r in rows if r["kind"] == "agreement"],
+                    ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv", "within_2_levels"])
+    if "speed" not in skip:
+        devices = ([] if "cpu" in skip else ["cpu"]) + (["cuda"] if cuda else [])
+        speed = []
+        for d in devices:
+            batch = args.batch or (64 if d == "cuda" else 8)
+            speed += speed_rows(args.height, args.width, args.pairs, batch, devices=(d,),
+                                skip_opencv="opencv" in skip or d != devices[0])
+        rows += speed
+        print_table(speed, ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"])
+    rows = [{**r, **info} for r in rows]
+    path = append_rows(result_path("flow", device, args.out), rows)
+    print(f"wrote {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
