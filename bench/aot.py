@@ -101,6 +101,20 @@ def loss_calls(dtype):
             yield (f"B={B} D={D} backward", lambda z=z_a, r=r, g=g, go=go, n=norm: normalize.finish_grad(z, r, g, go, n), {})
 
 
+def tvl1_calls(dtype):
+    """(label, function, configs) of the TV-L1 iteration: fp32 only (the flow is fp32), one
+    launch per pair batch at 340×256 (the frame size ``prepare`` writes)."""
+    from ccs_fast.kernels import tvl1
+
+    if dtype != torch.float32:
+        return
+    for P in (1, 64):
+        fields = [_meta(P, 256, 340) for _ in range(10)]
+        active = _meta(P, dtype=torch.bool)
+        yield (f"P={P} 340x256",
+               lambda f=fields, a=active: tvl1.tvl1_step_triton(*f, a, 0.045, 0.3, 0.25 / 0.3), {})
+
+
 def _ignore_line_numbers():
     """Triton's source hash of a kernel ends with the line it starts on, so an edit above a
     kernel (a docstring) would invalidate its cached facts. Line numbers only feed debug
@@ -124,7 +138,8 @@ def recorded_launches():
 
     out = []
     for dname, dtype in DTYPES.items():
-        for op, calls in (("cross_stream_attention", attention_calls), ("losses", loss_calls)):
+        for op, calls in (("cross_stream_attention", attention_calls), ("losses", loss_calls),
+                          ("tvl1_flow", tvl1_calls)):
             for label, fn, configs in calls(dtype):
                 with record_launches(configs) as launches:
                     fn()
