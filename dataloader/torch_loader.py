@@ -141,23 +141,38 @@ class ClipDataset(Dataset):
             paths = [naming.rgb(frame_dir, first + int(i)) for i in plan.frame_indices]
             frames = [(path, decode_jpeg(path, grey=False)) for path in paths]
 
-        def crop(path, img):
-            if img.shape[1] != width or img.shape[0] != height:
-                raise bad_file(path, f"frame is {img.shape[1]}x{img.shape[0]}, "
-                                     f"the video's frames are {width}x{height}")
-            return crop_resize(img, plan.crop, size, plan.flip)
+        naming, offset = self.spec.naming, record.offset
 
-        rgb = np.stack([crop(path, img) for path, img in frames])
-        stacks = []
-        for segment in plan.flow_indices:
-            fx, fy = [], []
-            for i in segment:
-                path_x, path_y = self.spec.naming.flow(frame_dir, record.offset + int(i))
-                x = crop(path_x, decode_jpeg(path_x, grey=True))
-                fx.append(invert_flow_x(x) if plan.flip else x)
-                fy.append(crop(path_y, decode_jpeg(path_y, grey=True)))
-            stacks.append(stack_flow(fx, fy))
-        return rgb, np.stack(stacks)
+        def flow_pair(i):
+            return tuple((path, decode_jpeg(path, grey=True)) for path in naming.flow(frame_dir, offset + i))
+
+        return cut_clip(plan, width, height, size, frames, flow_pair)
+
+
+def cut_clip(plan, width: int, height: int, size: int, rgb_frames, flow_pair):
+    """The uint8 arrays of one planned clip: RGB (K, S, S, 3) and flow (K, S, S, 2L).
+
+    ``rgb_frames``: ``(name, HxWx3 frame)`` of each segment; ``flow_pair(i)``: ``((name,
+    flow_x), (name, flow_y))`` uint8 frames of flow index ``i``. Every frame must be
+    ``width``×``height`` (CCSError naming it otherwise); each is cut to ``plan.crop``,
+    resized to ``size`` and flipped per the plan, flow_x inverted on a flip."""
+    def crop(name, img):
+        if img.shape[1] != width or img.shape[0] != height:
+            raise bad_file(name, f"frame is {img.shape[1]}x{img.shape[0]}, "
+                                 f"the video's frames are {width}x{height}")
+        return crop_resize(img, plan.crop, size, plan.flip)
+
+    rgb = np.stack([crop(name, img) for name, img in rgb_frames])
+    stacks = []
+    for segment in plan.flow_indices:
+        fx, fy = [], []
+        for i in segment:
+            (name_x, x), (name_y, y) = flow_pair(int(i))
+            x = crop(name_x, x)
+            fx.append(invert_flow_x(x) if plan.flip else x)
+            fy.append(crop(name_y, y))
+        stacks.append(stack_flow(fx, fy))
+    return rgb, np.stack(stacks)
 
 
 def collate_clips(samples):
