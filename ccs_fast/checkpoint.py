@@ -257,6 +257,27 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
     return state
 
 
+EXPORTED_FIELDS = ("model", "config", "epoch", "step", "run_id", "best_metric")
+
+
+def export_checkpoint(checkpoint, out) -> tuple[Path, int]:
+    """Write the weights and config of ``checkpoint`` (or of a run folder's last.pt) to
+    ``out``: no optimizer, scheduler, scaler or RNG state, parameter names current. The file
+    is a checkpoint ``eval`` and ``predict`` read. Returns (out, its size in bytes)."""
+    source = resolve_checkpoint_path(checkpoint)
+    state = read_checkpoint(source)
+    if not state.get("config"):
+        raise bad_file(source, "holds no config; a shared checkpoint must carry one")
+    out = Path(out)
+    if out.resolve() == source.resolve():
+        raise bad_file(out, "is the checkpoint being exported; write the export elsewhere")
+    exported = {key: state[key] for key in EXPORTED_FIELDS if key in state}
+    exported["model"] = _current_names(state["model"])
+    exported["exported_from"] = str(source)
+    _atomic_torch_save(exported, out, size_hint=tensor_bytes(exported["model"].values()))
+    return out, out.stat().st_size
+
+
 def check_config_compatible(path, saved: Optional[dict], cfg) -> None:
     """CCSError when the checkpoint's model config differs from ``cfg`` in a shape field."""
     if cfg is None or not saved:

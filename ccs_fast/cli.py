@@ -1,6 +1,6 @@
 """``ccs-fast``: the command-line entry point.
 
-Subcommands: synth, prepare, train, eval, predict, bench, demo. Bad input ends with one
+Subcommands: synth, prepare, train, eval, predict, export, bench, demo. Bad input ends with one
 line on stderr (``ccs-fast: error: ...``) and exit status 2, never a traceback (SPEC §9).
 """
 from __future__ import annotations
@@ -105,10 +105,10 @@ def cmd_eval(args) -> int:
     cfg = _config_of_checkpoint(args)
     out = Path(args.out) if args.out else None
     if args.no_labels:
-        from ccs_fast.evaluate import predict
+        from ccs_fast.predict import predict_list
 
         where = out / "predictions.jsonl" if out else Path("predictions.jsonl")
-        summary = predict(cfg, args.checkpoint, args.list, where)
+        summary = predict_list(cfg, args.checkpoint, args.list, where)
         _print_skipped(summary, "[predict]")
         print(f"predicted {summary['num_videos']} videos (no labels, no accuracy) -> {where}")
         return 0
@@ -129,10 +129,35 @@ def _print_skipped(result: dict, what: str) -> None:
 
 
 def cmd_predict(args) -> int:
-    from ccs_fast.evaluate import predict
+    from ccs_fast.evaluate import config_for
+    from ccs_fast.predict import format_predictions, predict_list, predict_videos, write_json_lines
 
-    cfg = _config_of_checkpoint(args)
-    _print_skipped(predict(cfg, args.checkpoint, args.list, args.out), "[predict]")
+    if bool(args.videos) == (args.list is not None):
+        raise CCSError("predict: give video files or --list ANNOTATION (one of them)")
+    cfg = config_for(_config_of_checkpoint(args), args.checkpoint)
+    if args.list is not None:
+        if not args.out:
+            raise CCSError("predict --list: --out FILE.jsonl is needed for the predictions")
+        summary = predict_list(cfg, args.checkpoint, args.list, args.out, class_ind=args.class_ind)
+        _print_skipped(summary, "[predict]")
+        print(f"predicted {summary['num_videos']} videos -> {args.out}")
+        return 0
+    report = predict_videos(cfg, args.checkpoint, args.videos, flow=args.flow, topk=args.topk,
+                            class_ind=args.class_ind, short_side=args.short_side,
+                            skip_bad=cfg.data.skip_bad)
+    _print_skipped({**report, "annotation": f"{len(args.videos)} video(s)"}, "[predict]")
+    print(format_predictions(report["rows"]), end="", flush=True)
+    if args.out:
+        write_json_lines(report["rows"], args.out)
+        print(f"predictions of {len(report['rows'])} video(s) -> {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ccs_fast.checkpoint import export_checkpoint
+
+    out, size = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported the weights and config of {args.checkpoint} -> {out} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -160,6 +185,12 @@ def _synth_defaults() -> dict:
 
     params = inspect.signature(make_synthetic_dataset).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def flow_methods() -> tuple[str, ...]:
+    from ccs_fast.dataloader.flow import FLOW_METHODS
+
+    return FLOW_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,12 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as predict does) instead of accuracies")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="per-video predictions of a checkpoint as JSON lines")
+    p = sub.add_parser("predict", help="top-k classes of video files (or of an annotation list's videos)")
     _config_arguments(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--list", required=True, help="annotation list of the videos to predict")
-    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("videos", nargs="*", metavar="VIDEO",
+                   help="video files: decoded with PyAV, flow computed on the fly, TSN test sampling")
+    p.add_argument("--list", help="annotation list of rawframes (or of videos with data.modality=video) "
+                   "instead; '' takes the config's data.val_list")
+    p.add_argument("--out", help="JSON lines, one per video (needed with --list)")
+    p.add_argument("--topk", type=int, default=5, help="classes per stream (default 5)")
+    p.add_argument("--class-ind", metavar="TXT",
+                   help="classInd.txt naming the classes (default: model.class_names of the checkpoint)")
+    p.add_argument("--flow", choices=flow_methods(), default="tvl1",
+                   help="flow estimator for video files (tvl1: what prepare computes; farneback: fast)")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="frames are resized to this short side before the flow, as prepare does (default 256)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a weights-only file of a checkpoint (model and config; for sharing)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt, best.pt) or a run folder")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="run a benchmark from the source checkout: " + ", ".join(BENCHMARKS))
     p.add_argument("name", choices=BENCHMARKS)

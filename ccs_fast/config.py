@@ -42,6 +42,7 @@ class ModelConfig:
     partial_bn: bool = True  # TSN: freeze BN statistics except the first layer's
     impl: str = "auto"  # kernels: auto (Triton on CUDA) | triton | eager
     fusion_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # RGB : flow late fusion, paper 1:1
+    class_names: Optional[list[str]] = None  # label i's name; None: found by train (classInd.txt or class folders)
 
 
 @dataclass
@@ -150,6 +151,9 @@ class Config:
                 fail(name, self.get(name), f"must hold {length} values")
         if not any(self.model.fusion_weights):
             fail("model.fusion_weights", self.model.fusion_weights, "must not all be 0")
+        names = self.model.class_names
+        if names is not None and len(names) != self.model.num_classes:
+            fail("model.class_names", names, f"must hold model.num_classes = {self.model.num_classes} names")
         from ccs_fast.dataloader.frames import check_templates
         try:
             check_templates(self.data.filename_tmpl, self.data.flow_tmpl, self.data.start_index)
@@ -251,7 +255,7 @@ NUMERIC_RANGES: dict[str, Range] = {
 RESUME_CHANGEABLE = (
     "optim.lr", "optim.epochs", "train.eval_interval", "train.save_interval", "data.num_workers",
     "train.log_interval", "train.progress", "train.tensorboard", "train.out_dir", "data.root",
-    "data.flow_root", "model.pretrained",
+    "data.flow_root", "model.pretrained", "model.class_names",
 )
 
 

@@ -14,7 +14,6 @@ never gets accuracies printed as if it were a model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 from ccs_fast.amp import autocast_context
 from ccs_fast.atomic import write_text
-from ccs_fast.checkpoint import load_checkpoint, read_checkpoint
+from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, resolve_checkpoint_path
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
@@ -54,7 +53,7 @@ def fuse_scores(logits_f: torch.Tensor, logits_o: torch.Tensor, fusion_weights: 
     return {"rgb": rgb, "flow": flow, "fused": w_f * rgb + w_o * flow}
 
 
-def _forward_scores(model, batch, device, precision, fusion_weights) -> dict:
+def forward_scores(model, batch, device, precision, fusion_weights) -> dict:
     with autocast_context(precision, device):
         out = model(batch["rgb"], batch["flow"])
     return fuse_scores(out["logits_f"], out["logits_o"], fusion_weights)
@@ -81,7 +80,7 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     try:
         for batch in loader:
             labels = batch["label"].to(device, non_blocking=True)
-            scores = _forward_scores(model, batch, device, precision, fusion_weights)
+            scores = forward_scores(model, batch, device, precision, fusion_weights)
             # NaN or +inf logits make the softmax NaN (a -inf logit is a class with probability 0)
             probabilities = torch.cat([scores["rgb"], scores["flow"]], dim=-1)
             nonfinite += (~probabilities.isfinite()).any(dim=-1).sum()
@@ -125,26 +124,22 @@ def format_table(result: dict) -> str:
 
 # ---------------------------------------------------------------------------- from a checkpoint
 
-def _config_for(cfg: Optional[Config], checkpoint) -> Config:
+def config_for(cfg: Optional[Config], checkpoint) -> Config:
+    """``cfg``, or (None) the config stored in ``checkpoint`` (a file or a run folder)."""
     if cfg is not None:
         return cfg
-    saved = read_checkpoint(checkpoint).get("config")
+    checkpoint = resolve_checkpoint_path(checkpoint)
+    saved = read_checkpoint(checkpoint, mmap=True).get("config")
     if not saved:
         raise CCSError(f"{checkpoint}: checkpoint holds no config; pass one with --config")
     return config_from_dict(saved, source=str(checkpoint))
 
 
-def _load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
+def load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
     from ccs_fast.model import build_model
     model = build_model(cfg.model, device=device, channels_last=cfg.train.channels_last)
-    load_checkpoint(checkpoint, model, cfg=cfg)
+    load_checkpoint(resolve_checkpoint_path(checkpoint), model, cfg=cfg)
     return model.eval()
-
-
-def _eval_loader(cfg: Config, annotation, device, segments: Optional[int] = None,
-                 rank: int = 0, world_size: int = 1, labels: bool = True):
-    return loader_from_config(cfg, train=False, device=device, rank=rank, world_size=world_size,
-                              annotation=annotation, segments=segments, labels=labels)
 
 
 def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,
@@ -157,10 +152,10 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments``, ``variant``,
     ``skipped_videos`` (and ``skipped_reasons``) and ``table``; prints nothing.
     """
-    cfg = _config_for(cfg, checkpoint)
+    cfg = config_for(cfg, checkpoint)
     device = select_device(cfg.train.device)
-    model = _load_model(cfg, checkpoint, device)
-    loader = _eval_loader(cfg, annotation, device, segments)
+    model = load_model(cfg, checkpoint, device)
+    loader = loader_from_config(cfg, train=False, device=device, annotation=annotation, segments=segments)
     result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
                       source=f"{checkpoint} on {annotation or cfg.data.val_list or 'the eval split'}")
     result.update(
@@ -178,38 +173,3 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
         )
     result["table"] = table
     return result
-
-
-@torch.no_grad()
-def predict(cfg: Optional[Config], checkpoint, annotation, out_path, segments: Optional[int] = None) -> dict:
-    """Write one JSON line per video of ``annotation`` to ``out_path``, in annotation order:
-    ``index``, ``label`` (null in a label-less list), ``rgb``, ``flow``, ``fused`` (predicted
-    classes) and ``score`` (the fused score of the fused prediction). Single process.
-    Returns a small summary; ``fused_top1`` covers the labelled videos (None if none is)."""
-    cfg = _config_for(cfg, checkpoint)
-    device = select_device(cfg.train.device)
-    model = _load_model(cfg, checkpoint, device)
-    loader = _eval_loader(cfg, annotation, device, segments, labels=False)
-    rows = []
-    for batch in loader:
-        scores = _forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
-        fused_score, fused_class = scores["fused"].max(dim=-1)
-        columns = {
-            "index": batch["index"], "label": batch["label"], "rgb": scores["rgb"].argmax(-1),
-            "flow": scores["flow"].argmax(-1), "fused": fused_class, "score": fused_score,
-        }
-        host = {k: v.cpu().tolist() for k, v in columns.items()}  # one copy per batch
-        rows.extend(dict(zip(host, values)) for values in zip(*host.values()))
-    rows.sort(key=lambda r: r["index"])
-    for row in rows:
-        row["label"] = None if row["label"] < 0 else row["label"]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    labelled = [r for r in rows if r["label"] is not None]
-    top1 = sum(r["fused"] == r["label"] for r in labelled) / len(labelled) if labelled else None
-    return {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path),
-            "annotation": str(annotation or cfg.data.val_list), "skipped_videos": 0,
-            **skipped_report(loader)}

@@ -277,13 +277,20 @@ def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
     """Train per ``cfg``; ``resume``: a checkpoint (or an out_dir holding last.pt) to go on
     from; ``overwrite``: replace the previous run in ``train.out_dir`` (without it or
-    ``resume`` a folder that holds anything is refused).
+    ``resume`` a folder that holds anything is refused). Unless ``model.class_names`` is
+    set, the class names are looked up (``formats.find_class_names``: classInd.txt or the
+    list's class folders) and stored with the config in every checkpoint, for ``predict``.
 
     Returns a summary: ``epochs``, ``steps``, ``out_dir``, ``run_id``, ``last_checkpoint``,
     ``best_checkpoint``, ``best_metric`` (RGB+Flow top-1), ``train`` (last logged losses)
     and ``eval`` (the final evaluation, empty without an eval split).
     """
     cfg.validate()
+    if cfg.model.class_names is None and cfg.data.train_list and Path(cfg.data.train_list).is_file():
+        from ccs_fast.dataloader.formats import find_class_names
+
+        cfg.model.class_names = find_class_names(cfg.data.train_list, cfg.data.root,
+                                                 cfg.model.num_classes, cfg.data.modality)
     if resume and overwrite:
         raise CCSError(f"{cfg.train.out_dir}: --resume continues the run in the folder and --overwrite replaces it; "
                        "pass one of them")

@@ -3,11 +3,12 @@ predict run through ``main``, and bad input ending in one line on stderr with st
 import json
 
 import pytest
+import torch
 
 from ccs_fast.cli import build_parser, main
 from ccs_fast.demo import format_report
 
-SUBCOMMANDS = ("synth", "prepare", "train", "eval", "predict", "bench", "demo")
+SUBCOMMANDS = ("synth", "prepare", "train", "eval", "predict", "export", "bench", "demo")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -63,6 +64,54 @@ def test_synth_train_eval_predict(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     videos = (data / "annotations" / "val_rawframes.txt").read_text().splitlines()
     assert len(rows) == len(videos) and {"label", "rgb", "flow", "fused"} <= set(rows[0])
+    # class names stored at training time, from the list's class folders
+    names = torch.load(run / "last.pt", weights_only=True)["config"]["model"]["class_names"]
+    assert names == sorted({line.split("/")[0] for line in videos}) and {r["class"] for r in rows} <= set(names)
+
+    # predict on video files: a video synth wrote (VP9/VP8 WebM) and a 320x240 MPEG-4 .avi
+    webm = sorted((data / "videos").rglob("*.webm"))[0]
+    avi = tmp_path / "v_Other_g01_c01.avi"
+    _write_video(avi, codec="mpeg4", width=320, height=240, frames=12)
+    capsys.readouterr()
+    out = tmp_path / "videos.jsonl"
+    assert main(["predict", "--checkpoint", str(run), str(webm), str(avi), "--flow", "farneback",
+                 "--topk", "2", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert str(webm) in table and str(avi) in table and "RGB+Flow" in table
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["video"] for r in rows] == [str(webm), str(avi)]
+    for row in rows:
+        for stream in ("rgb", "flow", "fused"):
+            classes = row[stream]
+            assert len(classes) == 2 and {c["class"] for c in classes} == set(names)
+            assert classes[0]["p"] >= classes[1]["p"] and abs(sum(c["p"] for c in classes) - (
+                2.0 if stream == "fused" else 1.0)) < 1e-4
+
+    # export: weights and config only, smaller than last.pt, and predict reads it
+    shared = tmp_path / "shared.pt"
+    assert main(["export", "--checkpoint", str(run), "--out", str(shared)]) == 0
+    state = torch.load(shared, weights_only=True)
+    assert set(state) <= {"model", "config", "epoch", "step", "run_id", "best_metric", "exported_from"}
+    assert shared.stat().st_size < (run / "last.pt").stat().st_size
+    assert main(["predict", "--checkpoint", str(shared), str(webm), "--flow", "farneback"]) == 0
+    assert str(webm) in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(shared), str(tmp_path / "missing.mp4")]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing.mp4: video not found")
+
+
+def _write_video(path, *, codec, width, height, frames, fps=25):
+    """A moving gradient as a video file written by PyAV (``codec``: mpeg4, libx264, ...)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        x = np.arange(width)[None, :, None]
+        for t in range(frames):
+            image = ((x + 4 * t) % 256 + np.zeros((height, 1, 3))).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -7,7 +7,8 @@ import torch
 
 from ccs_fast.checkpoint import save_checkpoint
 from ccs_fast.errors import CCSError
-from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores, predict
+from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores
+from ccs_fast.predict import predict_list
 from tiny import tiny_config
 
 
@@ -114,10 +115,11 @@ def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
     assert "| top-1 |" in (tmp_path / "eval.md").read_text()
     assert "RGB+Flow" in result["table"] and capsys.readouterr().out == ""  # the CLI prints
 
-    summary = predict(cfg, path, None, tmp_path / "pred.jsonl")
+    summary = predict_list(cfg, path, None, tmp_path / "pred.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert summary["num_videos"] == len(rows) == 6
-    assert set(rows[0]) == {"index", "label", "rgb", "flow", "fused", "score"}
+    assert set(rows[0]) == {"index", "label", "rgb", "flow", "fused", "class", "score"}
+    assert all(r["class"] == str(r["fused"]) for r in rows)  # no class names: the index
     assert all(0 <= r["fused"] < 5 and 0.0 < r["score"] <= 2.0 for r in rows)
     assert summary["fused_top1"] == pytest.approx(sum(r["fused"] == r["label"] for r in rows) / 6)
 
