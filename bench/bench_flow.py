@@ -17,6 +17,9 @@ of ``--height``×``--width``: OpenCV with one process per core (``cv2.setNumThre
 each), ``tvl1-torch`` on CPU (all cores to torch's threads, batches of ``--batch``), and on a
 GPU ``tvl1-torch`` with the eager inner iteration and with the Triton kernel. Rows go to
 ``bench/results/flow-<device>.json`` with device, versions, date and command.
+
+torch is imported inside the functions that use it: the OpenCV worker processes (spawned)
+import this module, and should not pay for torch.
 """
 from __future__ import annotations
 
@@ -26,9 +29,6 @@ import os
 import time
 
 import numpy as np
-import torch
-
-from bench.common import append_rows, env_info, print_table, result_path
 
 AGREEMENT_LEVELS = 2  # ±2 uint8 levels of the denseflow mapping
 
@@ -128,14 +128,24 @@ def epe(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b, axis=-1).mean())
 
 
-def opencv_flow(pairs, params=None):
+def _opencv_one(job):
     import cv2
 
-    from ccs_fast.dataloader.flow import make_flow_estimator
-
     cv2.setNumThreads(1)
-    estimator = make_flow_estimator("tvl1", **(params or {}))
-    return [estimator(a, b) for a, b in pairs]
+    (a, b), params = job
+    return cv2.optflow.DualTVL1OpticalFlow_create(**params).calc(a, b, None)
+
+
+def opencv_flow(pairs, params=None, processes: int = 1):
+    """OpenCV's TV-L1 of each (I0, I1) (``params`` over ``flow._TVL1_DEFAULTS``), one thread
+    per pair; ``processes`` > 1 spreads the pairs over that many processes."""
+    from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
+
+    jobs = [(pair, {**_TVL1_DEFAULTS, **(params or {})}) for pair in pairs]
+    if processes <= 1 or len(pairs) <= 1:
+        return [_opencv_one(job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(pairs))) as pool:
+        return pool.map(_opencv_one, jobs, chunksize=1)
 
 
 def torch_flow(pairs, device: str = "cpu", params=None) -> list[np.ndarray]:
@@ -156,11 +166,11 @@ def torch_flow(pairs, device: str = "cpu", params=None) -> list[np.ndarray]:
 
 
 def agreement_rows(h: int, w: int, device: str = "cpu", synth_size: int | None = None,
-                   params=None) -> list[dict]:
+                   params=None, processes: int = 1) -> list[dict]:
     """One row per pair: EPE against ground truth (ours, OpenCV) and ours against OpenCV."""
     cases = [(n, a, b, g) for n, a, b, g in synthetic_pairs(h, w)]
     cases += [(n, a, b, None) for n, a, b in synth_pairs(synth_size or min(h, w))]
-    theirs = opencv_flow([(a, b) for _, a, b, _ in cases], params)
+    theirs = opencv_flow([(a, b) for _, a, b, _ in cases], params, processes)
     ours = torch_flow([(a, b) for _, a, b, _ in cases], device, params)
     rows = []
     for (name, a, _, gt), mine, cv in zip(cases, ours, theirs):
@@ -182,42 +192,50 @@ def _opencv_worker(args):
     return cv2.optflow.DualTVL1OpticalFlow_create().calc(a, b, None).shape
 
 
-def speed_rows(h: int, w: int, pairs: int, batch: int, devices=("cpu",), processes=None,
-               skip_opencv=False) -> list[dict]:
-    """pairs/s of OpenCV (one process per core) and tvl1-torch on each device (and impl)."""
+def speed_pairs(h: int, w: int, pairs: int):
+    """Timed pairs: textures moved by (2, 1) px (np.roll), uint8."""
+    frames = [_texture(h, w, 100 + i) for i in range(pairs)]
+    return [(np.rint(f).astype(np.uint8), np.rint(np.roll(f, (1, 2), (0, 1))).astype(np.uint8))
+            for f in frames]
+
+
+def opencv_speed_row(h: int, w: int, pairs: int, processes: int | None = None) -> dict:
+    """pairs/s of OpenCV's TV-L1 with one single-threaded process per core."""
+    data = speed_pairs(h, w, pairs)
+    cores = processes or os.cpu_count() or 1
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        pool.map(_opencv_worker, data[:cores])  # start-up and first-call costs out
+        t0 = time.perf_counter()
+        pool.map(_opencv_worker, data, chunksize=1)
+        dt = time.perf_counter() - t0
+    return {"kind": "speed", "provider": f"opencv x{cores} processes", "flow_device": "cpu",
+            "height": h, "width": w, "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt}
+
+
+def torch_speed_rows(h: int, w: int, pairs: int, batch: int, device: str) -> list[dict]:
+    """pairs/s of tvl1-torch on ``device``: on CUDA the Triton iteration, then the eager one."""
+    import torch
+
     from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
     from ccs_fast.dataloader.tvl1 import tvl1_flow
 
-    frames = [_texture(h, w, 100 + i) for i in range(pairs + 1)]
-    data = [(np.rint(frames[i]).astype(np.uint8), np.rint(np.roll(frames[i], (1, 2), (0, 1))).astype(np.uint8))
-            for i in range(pairs)]
-    rows = []
-    cores = processes or os.cpu_count() or 1
-    if not skip_opencv:
-        with multiprocessing.get_context("spawn").Pool(cores) as pool:
-            pool.map(_opencv_worker, data[:cores])  # start-up and first-call costs out
-            t0 = time.perf_counter()
-            pool.map(_opencv_worker, data, chunksize=1)
-            dt = time.perf_counter() - t0
-        rows.append({"kind": "speed", "provider": f"opencv x{cores} processes", "flow_device": "cpu",
-                     "height": h, "width": w, "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
+    data = speed_pairs(h, w, pairs)
     a = torch.from_numpy(np.stack([d[0] for d in data]))
     b = torch.from_numpy(np.stack([d[1] for d in data]))
-    for device in devices:
-        impls = ("eager", "triton") if device.startswith("cuda") else ("eager",)
-        for impl in impls:
-            a_d, b_d = a.to(device), b.to(device)
-            tvl1_flow(a_d[:1], b_d[:1], impl=impl, **_TVL1_DEFAULTS)  # compile/warm up
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for s in range(0, pairs, batch):
-                tvl1_flow(a_d[s:s + batch], b_d[s:s + batch], impl=impl, **_TVL1_DEFAULTS).cpu()
-            dt = time.perf_counter() - t0
-            threads = torch.get_num_threads() if device == "cpu" else None
-            rows.append({"kind": "speed", "provider": f"tvl1-torch {impl}", "flow_device": device,
-                         "torch_threads": threads, "batch": batch, "height": h, "width": w,
-                         "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
+    rows = []
+    for impl in ("triton", "eager") if device.startswith("cuda") else ("eager",):  # the target first
+        a_d, b_d = a.to(device), b.to(device)
+        tvl1_flow(a_d[:1], b_d[:1], impl=impl, **_TVL1_DEFAULTS)  # Triton's compile, allocator warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s in range(0, pairs, batch):
+            tvl1_flow(a_d[s:s + batch], b_d[s:s + batch], impl=impl, **_TVL1_DEFAULTS).cpu()
+        dt = time.perf_counter() - t0
+        threads = torch.get_num_threads() if device == "cpu" else None
+        rows.append({"kind": "speed", "provider": f"tvl1-torch {impl}", "flow_device": device,
+                     "torch_threads": threads, "batch": batch, "height": h, "width": w,
+                     "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
     return rows
 
 
@@ -226,11 +244,16 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=340)
     p.add_argument("--pairs", type=int, default=16, help="pairs timed per provider")
+    p.add_argument("--opencv-pairs", type=int, default=None, help="pairs timed for OpenCV (default --pairs)")
     p.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per call (default: 8 CPU, 64 CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, with CPU rows too)")
     p.add_argument("--skip", default="", help="comma list of parts to leave out: agreement, speed, opencv, cpu")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
+    import torch
+
+    from bench.common import append_rows, env_info, print_table, result_path
+
     skip = set(filter(None, args.skip.split(",")))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda" if cuda else "cpu"
@@ -240,23 +263,24 @@ def main(argv=None):
     info["opencv"] = cv2.__version__
     info["cpu_cores"] = os.cpu_count()
     info["load_avg_1min_at_start"] = round(os.getloadavg()[0], 2)  # other jobs on the machine
-    rows = []
+    path = result_path("flow", device, args.out)
+    cores = os.cpu_count() or 1
+
+    def save(rows, columns):  # each part's rows as soon as they exist (a stage may be stopped)
+        print_table(rows, columns)
+        append_rows(path, [{**r, **info} for r in rows])
+        print(f"appended {len(rows)} rows to {path}", flush=True)
+
     if "agreement" not in skip:
-        rows += agreement_rows(args.height, args.width, device=device)
-        print_table([r for r in rows if r["kind"] == "agreement"],
-                    ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv", "within_2_levels"])
+        save(agreement_rows(args.height, args.width, device=device, processes=cores),
+             ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv", "within_2_levels"])
     if "speed" not in skip:
-        devices = ([] if "cpu" in skip else ["cpu"]) + (["cuda"] if cuda else [])
-        speed = []
-        for d in devices:
+        columns = ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"]
+        if "opencv" not in skip:
+            save([opencv_speed_row(args.height, args.width, args.opencv_pairs or args.pairs)], columns)
+        for d in ([] if "cpu" in skip else ["cpu"]) + (["cuda"] if cuda else []):
             batch = args.batch or (64 if d == "cuda" else 8)
-            speed += speed_rows(args.height, args.width, args.pairs, batch, devices=(d,),
-                                skip_opencv="opencv" in skip or d != devices[0])
-        rows += speed
-        print_table(speed, ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"])
-    rows = [{**r, **info} for r in rows]
-    path = append_rows(result_path("flow", device, args.out), rows)
-    print(f"wrote {len(rows)} rows to {path}")
+            save(torch_speed_rows(args.height, args.width, args.pairs, batch, d), columns)
     return 0
 
 

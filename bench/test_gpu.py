@@ -45,7 +45,7 @@ def test_dry_run_writes_summary_and_rows(tmp_path):
     assert len(summaries) == 1
     text = summaries[0].read_text()
     assert "## SPEC §8 targets" in text and "## Kernel rows" in text
-    for name in ("cross_attention", "losses", "loader", "e2e", "gpu"):
+    for name in ("cross_attention", "losses", "loader", "e2e", "flow", "gpu"):
         files = list(tmp_path.glob(f"{name}-*.json"))
         assert len(files) == 1 and json.loads(files[0].read_text()), name
     stages = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
@@ -166,3 +166,22 @@ def test_dry_budgets_stretch_with_load_only(monkeypatch):
     stage = {s.name: s for s in gpu.PLAN}["e2e"]
     run = gpu.Run(dry_run=False, python="", out=Path(), work=Path(), logs=Path(), wheelhouse=Path(), deadline=0)
     assert run.budget(stage) == stage.budget_s
+
+
+def test_flow_stage_and_targets_from_rows():
+    stage = {s.name: s for s in gpu.PLAN}["flow"]
+    argv = stage.steps[0].argv + stage.steps[0].gpu
+    assert "bench.bench_flow" in argv and "cpu" in argv[argv.index("--skip") + 1]
+    assert "tests/test_tvl1.py" in gpu.KERNEL_TESTS
+    size = dict(height=256, width=340)
+    rows = [dict(kind="agreement", pair="translate-int", epe_ratio=1.02, within_2_levels=0.99, **size),
+            dict(kind="agreement", pair="synth-a", within_2_levels=0.97, **size),
+            dict(kind="speed", provider="opencv x16 processes", flow_device="cpu", pairs_per_s=12.0, **size),
+            dict(kind="speed", provider="tvl1-torch triton", flow_device="cuda", batch=64, pairs_per_s=250.0, **size)]
+    verdicts = {t: (m, v) for t, m, v in gpu.flow_targets(rows)}
+    speed = verdicts["tvl1-torch (Triton iteration) ≥ 300 pairs/s at 340×256 on one GPU"]
+    assert speed[1] == "**fail**" and "250.0 pairs/s" in speed[0] and "OpenCV on every core 12.0" in speed[0]
+    assert verdicts["tvl1-torch EPE against the ground truth ≤ 1.1× OpenCV's on every synthetic pair"][1] == "pass"
+    within = verdicts["tvl1-torch ≥ 95 % of pixels within ±2 uint8 levels of OpenCV (bound 20) on every pair"]
+    assert within == ("min 97.0 % (synth-a, 2 pairs)", "pass")
+    assert [v for _, _, v in gpu.flow_targets([])] == ["—"] * 3

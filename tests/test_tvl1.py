@@ -18,6 +18,7 @@ from ccs_fast.kernels.tvl1 import tvl1_step_ref, tvl1_step_triton
 
 H, W = 48, 64
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: the interpreter on CPU
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +110,18 @@ def test_pyramid_sizes_follow_opencv():
 
 def _step_inputs(P, H, W, seed=0):
     g = torch.Generator().manual_seed(seed)
-    fields = [torch.randn(P, H, W, generator=g) for _ in range(6)]
+    fields = [torch.randn(P, H, W, generator=g).to(DEV) for _ in range(6)]
     wx, wy = torch.randn(P, H, W, generator=g) * 10, torch.randn(P, H, W, generator=g) * 10
     wx[0, 3, 4] = wy[0, 3, 4] = 0.0  # a flat pixel: |∇I1w|² = 0
     grad = wx * wx + wy * wy
     rho_c = torch.randn(P, H, W, generator=g) * 30
-    return fields, wx, wy, grad, rho_c
+    return fields, wx.to(DEV), wy.to(DEV), grad.to(DEV), rho_c.to(DEV)
 
 
 @pytest.mark.parametrize("shape,block", [((3, 17, 23), 64), ((1, 16, 16), 256), ((2, 5, 41), 32)])
 def test_triton_step_matches_the_eager_iteration(shape, block):
     fields, wx, wy, grad, rho_c = _step_inputs(*shape)
-    active = torch.tensor([True, False, True][:shape[0]])
+    active = torch.tensor([True, False, True][:shape[0]], device=DEV)
     ref = tvl1_step_ref(*fields, wx, wy, grad, rho_c, active, 0.045, 0.3, 0.25 / 0.3)
     out = tuple(torch.full_like(fields[0], float("nan")) for _ in range(6))  # every element written
     got = tvl1_step_triton(*fields, wx, wy, grad, rho_c, active, 0.045, 0.3, 0.25 / 0.3,
@@ -135,7 +136,7 @@ def test_triton_step_matches_the_eager_iteration(shape, block):
 def test_flow_with_the_triton_iteration_matches_eager():
     _, a, b, _ = synthetic_pairs(20, 24)[2]
     params = {**_TVL1_DEFAULTS, "nscales": 2, "warps": 1, "outerIterations": 1, "innnerIterations": 4}
-    a, b = torch.from_numpy(a)[None], torch.from_numpy(b)[None]
+    a, b = torch.from_numpy(a)[None].to(DEV), torch.from_numpy(b)[None].to(DEV)
     eager = tvl1_flow(a, b, impl="eager", **params)
     fused = tvl1_flow(a, b, impl="triton", **params)
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
