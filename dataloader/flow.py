@@ -9,9 +9,16 @@ one ``flow_x``/``flow_y`` pair per consecutive frame pair, so a video of ``n`` f
 renames it when every file is on disk, so a folder named like a video is always complete and
 an interrupted ``prepare``/``synth`` resumes by skipping the folders that exist.
 
+Estimators (``make_flow_estimator``): ``tvl1`` (OpenCV's Dual TV-L1, CPU), ``tvl1-torch``
+(the same algorithm in torch, ``dataloader.tvl1``: batched over pairs, on CPU or CUDA, with a
+fused Triton iteration on CUDA; the same parameter names) and ``farneback``.
+
 Measured on this project's 2-core CPU box (one thread, OpenCV 5.0): TV-L1 with OpenCV's
 defaults takes ~0.07–0.08 CPU-s per 64×64 pair and ~0.16 s per 112×112 pair; with
 ``nscales=3, epsilon=0.05`` (what ``synth`` uses) ~0.012 s at 64×64; Farneback ~1 ms.
+At 340×256 (``bench/bench_flow.py``, OpenCV 5.1, 2 cores shared with other jobs): OpenCV
+2.33 pairs/s with a process per core, ``tvl1-torch`` on the CPU 0.70 pairs/s; GPU rates not
+yet measured.
 """
 from __future__ import annotations
 
