@@ -117,7 +117,8 @@ class ClipSource:
         folder = self.frames_dir(index)
         if self.spec.modality == "video":
             video = self.data_root / record.path
-            _, _, video_frames = _video_geometry(video)
+            _, _, video_frames, codec = _video_geometry(video)
+            check_dali_codec(video, codec, torch.device(self.spec.device).type == "cuda")
             # decoded frames are resized to the flow's size (prepare's 340x256 for 320x240)
             width, height = frame_size(self.spec.naming.flow(folder, 0)[0])
             info = dict(name=video, video=video, video_frames=video_frames)
@@ -227,8 +228,67 @@ def _read_jpeg(path: Path, size) -> np.ndarray:
     return data
 
 
+# What DALI's fn.decoders.video decodes (DALI 2.4; shared/notes/dali.md): the CPU operator
+# VP8, VP9 and MJPEG only; NVDEC on a GPU also H.264, HEVC, AV1 and MPEG-4 part 2, except in
+# an AVI container (UCF-101's DivX/XviD .avi files), which DALI's demuxing refuses.
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+DALI_GPU_CODECS = DALI_CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
+
+
+def check_dali_codec(path: Path, codec: str, on_gpu: bool) -> None:
+    """CCSError naming the video and its codec when DALI's video decoder cannot read it
+    (checked before DALI sees the bytes, so no DALI traceback or C++ log line appears)."""
+    avi = Path(path).suffix.lower() == ".avi"
+    if on_gpu and codec in DALI_GPU_CODECS and not (codec == "mpeg4" and avi):
+        return
+    if not on_gpu and codec in DALI_CPU_CODECS:
+        return
+    where = "on a GPU" if on_gpu else "on the CPU (its CPU decoder reads VP8, VP9 and MJPEG only)"
+    gpu_note = ", or DALI on a GPU" if not on_gpu and codec in DALI_GPU_CODECS and not avi else ""
+    raise bad_file(path, f"codec {codec}: DALI cannot decode it {where}; "
+                         f"data.backend=torch reads it (PyAV){gpu_note}")
+
+
+def video_codec(path: Path) -> str:
+    """The codec name of a video's first video stream (FFmpeg's, e.g. h264, vp9, mpeg4)."""
+    import av
+
+    if not path.is_file():
+        raise bad_file(path, "video not found")
+    try:
+        with av.open(str(path)) as container:
+            return container.streams.video[0].codec_context.name
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise bad_file(path, f"unreadable video ({exc.__class__.__name__})") from None
+
+
+def drop_undecodable_videos(records, rows, skipped: dict, spec):
+    """Check the codecs of a video list against DALI's decoder: without skip_bad the first
+    video only (a data set is seldom mixed; the rest are checked as they are read), with it
+    every video, the ones DALI cannot decode moving to ``skipped`` before any batch is
+    planned. Returns (records, rows, skipped)."""
+    on_gpu = torch.device(spec.device).type == "cuda"
+    keep_records, keep_rows = [], []
+    for position, (record, row) in enumerate(zip(records, rows)):
+        if spec.skip_bad or position == 0:
+            try:
+                path = Path(spec.data_root) / record.path
+                check_dali_codec(path, video_codec(path), on_gpu)
+            except CCSError as exc:
+                if not spec.skip_bad:
+                    raise
+                skipped[row] = str(exc)
+                continue
+        keep_records.append(record)
+        keep_rows.append(row)
+    if not keep_records:
+        raise bad_file(spec.annotation, "no usable videos (all skipped as bad), e.g. "
+                                        + next(iter(skipped.values())))
+    return keep_records, keep_rows, skipped
+
+
 def _video_geometry(path: Path):
-    """(width, height, frame count) of a video, counting packets (no decoding)."""
+    """(width, height, frame count, codec name) of a video, counting packets (no decoding)."""
     import av
 
     if not path.is_file():
@@ -237,12 +297,13 @@ def _video_geometry(path: Path):
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
+            codec = stream.codec_context.name
             frames = sum(1 for packet in container.demux(stream) if packet.size)
     except (av.error.FFmpegError, IndexError) as exc:
         raise bad_file(path, f"unreadable video ({exc.__class__.__name__})") from None
     if not width or not height or not frames:
         raise bad_file(path, "video has no decodable frames")
-    return width, height, frames
+    return width, height, frames, codec
 
 
 # -- the pipeline ---------------------------------------------------------------------
@@ -501,6 +562,8 @@ def build_dali_loader(spec) -> DALILoader:
     """``build_loader(spec)`` for ``spec.backend == "dali"``: ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
     records, rows, skipped, flow_root, count = load_records(spec)
+    if spec.modality == "video":
+        records, rows, skipped = drop_undecodable_videos(records, rows, skipped, spec)
     labels = [record.label for record in records]
     source = ClipSource(records, rows, spec, flow_root, batch_sampler_for(spec, labels))
     num_threads = spec.num_workers or cores_per_process()

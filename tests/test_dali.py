@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,67 @@ def test_epochs_resume_and_restart_deterministically(tree):
     for got, want in ((resumed, third), (again, first)):
         assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in want]
         assert all(torch.equal(g["rgb"], w["rgb"]) for g, w in zip(got, want))
+
+
+def _encode(path, frames, codec):
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def test_undecodable_codec_is_one_line_naming_file_and_codec(tmp_path, capfd):
+    """Issue 12 #4: H.264 or MPEG-4 on DALI's CPU decoder gave a multi-line DALI traceback
+    (and C++ log lines on stderr)."""
+    from ccs_fast.dataloader.synth import pick_video_codec, write_webm
+
+    rng = np.random.default_rng(2)
+    lines = []
+    for v, (name, codec) in enumerate([("v0.mp4", "libx264"), ("v1.webm", None),
+                                       ("v2.avi", "mpeg4"), ("v3.webm", None)]):
+        frames = _frames(rng, 8)
+        if codec is None:
+            write_webm(frames, tmp_path / "videos" / name, codec=pick_video_codec())
+        else:
+            _encode(tmp_path / "videos" / name, frames, codec)
+        write_rawframes(frames, tmp_path / "rawframes" / name.split(".")[0], method="farneback")
+        lines.append(f"{name} {v % 2}\n")
+    (tmp_path / "videos.txt").write_text("".join(lines))
+    kw = dict(train=False, modality="video", batch_size=2, epochs=(0,))
+    capfd.readouterr()
+    with pytest.raises(CCSError) as info:
+        _load("dali", tmp_path / "videos.txt", tmp_path / "videos", **kw)
+    message = str(info.value)
+    assert message == (f"{tmp_path / 'videos' / 'v0.mp4'}: codec h264: DALI cannot decode it on the "
+                       "CPU (its CPU decoder reads VP8, VP9 and MJPEG only); data.backend=torch "
+                       "reads it (PyAV), or DALI on a GPU")
+    assert capfd.readouterr().err == ""  # no DALI log line before ours
+    with deadline(60):
+        loader, (batches,) = _load("dali", tmp_path / "videos.txt", tmp_path / "videos",
+                                   skip_bad=True, **kw)
+    assert sorted(int(i) for b in batches for i in b["index"]) == [1, 3]
+    reasons = sorted(loader.skipped_errors.items())
+    assert [row for row, _ in reasons] == [0, 2]
+    assert "codec h264" in reasons[0][1] and "v2.avi: codec mpeg4" in reasons[1][1]
+    assert "or DALI on a GPU" not in reasons[1][1]  # DivX/XviD in AVI: no DALI reader takes it
+    # the torch backend (PyAV) reads every one of them
+    _, (batches,) = _load("torch", tmp_path / "videos.txt", tmp_path / "videos", **kw)
+    assert sorted(int(i) for b in batches for i in b["index"]) == [0, 1, 2, 3]
+
+
+def test_dali_codec_table_on_a_gpu():
+    from ccs_fast.dataloader.dali import check_dali_codec
+
+    for codec in ("h264", "hevc", "av1", "vp9", "mpeg4"):
+        check_dali_codec(Path("x.mp4"), codec, on_gpu=True)
+    with pytest.raises(CCSError, match=r"x.avi: codec mpeg4: DALI cannot decode it on a GPU; "
+                                       r"data.backend=torch reads it \(PyAV\)$"):
+        check_dali_codec(Path("x.avi"), "mpeg4", on_gpu=True)
+    with pytest.raises(CCSError, match="codec msmpeg4v3"):
+        check_dali_codec(Path("x.avi"), "msmpeg4v3", on_gpu=True)
