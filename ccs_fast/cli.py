@@ -34,7 +34,7 @@ def resolve_config_path(name: str | None) -> str | None:
 
 
 def cmd_synth(args) -> int:
-    from ccs_fast.dataloader.frames import naming_from_arguments
+    from ccs_fast.dataloader.rawframes import naming_from_arguments
     from ccs_fast.dataloader.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=synth_defaults["size"], help="frame width and height in pixels, even (default %(default)s)")
     p.add_argument("--flow", choices=("tvl1", "farneback"), default="tvl1", help="optical flow (default TV-L1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
-    from ccs_fast.dataloader.frames import add_naming_arguments
+    from ccs_fast.dataloader.rawframes import add_naming_arguments
     add_naming_arguments(p)
     p.set_defaults(func=cmd_synth)
 

@@ -154,7 +154,7 @@ class Config:
         names = self.model.class_names
         if names is not None and len(names) != self.model.num_classes:
             fail("model.class_names", names, f"must hold model.num_classes = {self.model.num_classes} names")
-        from ccs_fast.dataloader.frames import check_templates
+        from ccs_fast.dataloader.rawframes import check_templates
         try:
             check_templates(self.data.filename_tmpl, self.data.flow_tmpl, self.data.start_index)
         except ValueError as exc:

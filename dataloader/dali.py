@@ -9,7 +9,7 @@ A parallel batch-mode ``fn.external_source`` (``ClipSource``, run in DALI's Pyth
 processes) does everything that is not pixels: it takes the rank's batches of the epoch
 from the same samplers as the torch backend, plans every clip with ``plan_clip(seed, epoch,
 index)``, reads the encoded bytes of the chosen files, checks them with the torch
-backend's checks and messages (``frames.py``: missing frame, JPEG without SOI/SOF/EOI; then
+backend's checks and messages (``rawframes.py``: missing frame, JPEG without SOI/SOF/EOI; then
 a frame size that differs within a video, a video shorter than the flow stack) and passes the crop box, flip and flow normalisation as per-sample arguments. The
 graph then decodes (``device="mixed"`` on a GPU, CPU otherwise), cuts the crop with
 ``fn.slice`` (so the resize clamps at the crop's edges as cv2 does on the cropped patch),
@@ -44,7 +44,7 @@ from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.distributed import cores_per_process, dist_env
 
 from .formats import default_num_classes
-from .frames import checked_jpeg, frame_size, load_records, read_file_bytes
+from .rawframes import checked_jpeg, frame_size, load_records, read_file_bytes
 from .sampling import plan_clip
 from .samplers import batch_sampler_for
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD

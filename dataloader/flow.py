@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from .frames import FrameNaming
+from .rawframes import FrameNaming
 
 FLOW_BOUND = 20.0  # denseflow's default bound, in pixels per frame
 
@@ -262,7 +262,7 @@ def write_rawframes(frames_rgb: Sequence[np.ndarray], out_dir: str | os.PathLike
 
     ``out_dir`` receives ``img_00001.jpg`` … ``img_{n}.jpg`` (RGB JPEG) and ``flow_x_``/
     ``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from frame i to i+1 on the grey frames,
-    mapped by ``flow_to_uint8``), or the names ``naming`` (a ``frames.FrameNaming``: templates
+    mapped by ``flow_to_uint8``), or the names ``naming`` (a ``rawframes.FrameNaming``: templates
     and first number) gives. ``method`` is a method name for ``make_flow_estimator`` or an
     estimator callable. The folder appears only when complete (see ``atomic_dir``).
     """

@@ -39,7 +39,7 @@ from ccs_fast.errors import CCSError, bad_file
 
 from .flow import (FLOW_METHODS, default_flow_method, make_flow_estimator, resolve_flow_device,
                    write_rawframes)
-from .frames import FrameNaming, add_naming_arguments, naming_from_arguments
+from .rawframes import FrameNaming, add_naming_arguments, naming_from_arguments
 from .progress import VideoProgress
 from .formats import VideoRecord, read_hmdb51_split, read_ucf101_split, write_rawframe_list
 

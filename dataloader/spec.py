@@ -15,7 +15,7 @@ import torch
 
 from ccs_fast.errors import CCSError
 
-from .frames import FrameNaming
+from .rawframes import FrameNaming
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import numpy as np
 
 from ccs_fast.atomic import atomic_path, temporary_glob, write_text
 from ccs_fast.dataloader.flow import FLOW_BOUND, write_rawframes
-from ccs_fast.dataloader.frames import FrameNaming
+from ccs_fast.dataloader.rawframes import FrameNaming
 
 MOTIONS = ("up", "down", "sideways", "spin")  # motion m -> name; all invariant to h-flip
 MAX_CLASSES = len(MOTIONS)
@@ -347,7 +347,7 @@ def make_synthetic_dataset(
     ``size`` the square frame side (even, ≥ 16); ``flow`` ``"tvl1"`` (SPEC) or ``"farneback"``
     (fast, for tests); ``workers`` processes (default: every CPU core). Re-running with the
     same options resumes: finished videos are kept. Different options on an existing folder
-    raise ``CCSError``. ``naming``: the rawframes' file names (``frames.FrameNaming``,
+    raise ``CCSError``. ``naming``: the rawframes' file names (``rawframes.FrameNaming``,
     MMAction2's filename_tmpl, flow_tmpl and start_index; default img_00001.jpg,
     flow_x_00001.jpg), recorded in the options when not the default.
     """

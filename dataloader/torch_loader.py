@@ -1,6 +1,6 @@
 """The pure-PyTorch backend: cv2/PyAV decoding in DataLoader workers.
 
-Workers check (``frames.py``: the same checks and messages as the DALI backend, so a
+Workers check (``rawframes.py``: the same checks and messages as the DALI backend, so a
 truncated JPEG is an error, not a part-grey image) and decode JPEG rawframes with cv2 (or RGB from the video with PyAV), crop, resize and
 flip per ``plan_clip`` and return uint8 HWC arrays; the main process moves the uint8 batch to
 the device (pinned, non_blocking) and normalises there, which moves a quarter of the bytes
@@ -36,7 +36,7 @@ from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.distributed import cores_per_process
 
 from .formats import VideoRecord, default_num_classes
-from .frames import decode_jpeg, frame_size, load_records
+from .rawframes import decode_jpeg, frame_size, load_records
 from .sampling import plan_clip
 from .samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,

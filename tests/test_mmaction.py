@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
-from ccs_fast.dataloader.frames import FrameNaming
+from ccs_fast.dataloader.rawframes import FrameNaming
 from ccs_fast.dataloader.sampling import plan_clip
 from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ccs_fast.errors import CCSError

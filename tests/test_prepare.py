@@ -109,7 +109,7 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
     """Issue 12: prepare writes the names data.filename_tmpl / flow_tmpl / start_index give,
     and the loader reads them back with the same settings."""
     from ccs_fast.dataloader import LoaderSpec, build_loader
-    from ccs_fast.dataloader.frames import FrameNaming
+    from ccs_fast.dataloader.rawframes import FrameNaming
 
     videos, splits, out = ucf_tree
     naming = FrameNaming("img_{:05d}.jpg", "{}_{:05d}.jpg", start_index=0)

@@ -362,7 +362,7 @@ def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
     import os
     import re
 
-    from ccs_fast.dataloader import frames as frame_files
+    from ccs_fast.dataloader import rawframes as frame_files
 
     annotation, root = tree
     video = root / "v2"

@@ -1,4 +1,5 @@
-"""Rawframe files as both backends read them: names, bytes and JPEG checks.
+"""Rawframes on disk, as both loader backends, ``prepare`` and ``synth`` see them: file names,
+bytes and JPEG checks, frame counts and the annotation records resolved against the files.
 
 Names follow MMAction2's settings: ``filename_tmpl`` (RGB, ``img_{:05d}.jpg``), ``flow_tmpl``
 (``flow_{}_{:05d}.jpg``, the ``{}`` taking ``x`` / ``y``) and ``start_index`` (the number of
@@ -12,6 +13,10 @@ hands it to a decoder that would return a partly grey image with only a libjpeg 
 stderr. Both backends raise the same one-line messages, ``<file>: missing frame``,
 ``<file>: cannot decode (truncated JPEG: no end-of-image marker)``, etc. Corruption inside
 the entropy-coded data with intact markers is left to the decoder, which fails on it.
+
+Records (``load_records``): a list's lines become the videos a loader can use, with their
+RGB frame counts (a list may count flow frames instead: detected from the files or told by
+``data.flow_count``) and the one-line reasons of the videos skipped as bad.
 """
 from __future__ import annotations
 
