@@ -14,7 +14,7 @@ defaults and, where the description leaves a choice, OpenCV's:
   taps outside the image read 0), the data term linearised around the current flow, the dual
   variables kept from the previous warp (zeroed per level); then up to ``outerIterations``
   rounds of [``medianFiltering``×``medianFiltering`` median of the flow (replicated border),
-  up to ``innnerIterations`` primal-dual iterations (``ccs_fast.kernels.tvl1.tvl1_step``)];
+  up to ``innnerIterations`` primal-dual iterations (``ccs_fast.kernels.tvl1``)];
   a pair stops its warp as soon as Σ|u' − u|² ≤ ``epsilon``² · H · W after an iteration;
 - the flow resized bilinearly to the next finer level and divided by ``scaleStep``.
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ccs_fast.errors import CCSError
-from ccs_fast.kernels.tvl1 import tvl1_step
+from ccs_fast.kernels.tvl1 import make_iterations
 
 TVL1_PARAMS = ("tau", "lambda_", "theta", "nscales", "warps", "epsilon", "innnerIterations",
                "outerIterations", "scaleStep", "gamma", "medianFiltering")
@@ -226,22 +226,20 @@ def _one_scale(I0, I1, u1, u2, prm: TVL1Params, impl: str, sync_every: int):
         wx, wy = wx.contiguous(), wy.contiguous()
         grad = wx * wx + wy * wy
         rho_c = I1w - wx * u1 - wy * u2 - I0
-        active = torch.ones(P, dtype=torch.bool, device=I0.device)
+        loop = make_iterations(u1, u2, p, (wx, wy, grad, rho_c), l_t, theta, taut, scaled_eps,
+                               impl=impl)
         steps = 0
         for _outer in range(prm.outer):
-            if not bool(active.any()):
+            if not loop.any_active():
                 break
             if prm.median > 1:
-                keep = active.view(-1, 1, 1)
-                u1 = torch.where(keep, median_filter(u1, prm.median), u1)
-                u2 = torch.where(keep, median_filter(u2, prm.median), u2)
+                loop.median_(lambda u: median_filter(u, prm.median))
             for _inner in range(prm.inner):
-                if steps % sync_every == 0 and steps and not bool(active.any()):
+                if steps % sync_every == 0 and steps and not loop.any_active():
                     break
-                u1, u2, *p, err = tvl1_step(u1.contiguous(), u2.contiguous(), *p, wx, wy, grad,
-                                            rho_c, active, l_t, theta, taut, impl=impl)
-                active = active & (err > scaled_eps)
+                loop.step()
                 steps += 1
+        u1, u2, p = loop.result()
     return u1, u2
 
 

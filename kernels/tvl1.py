@@ -14,9 +14,10 @@ Meinhardt-Llopis and Facciolo; the update order of OpenCV's ``DualTVL1OpticalFlo
 left and upper neighbours: the kernel recomputes ``u'`` at those two neighbours from the old
 fields instead of synchronising, so each program reads the old fields (``u1, u2, p11, p12,
 p21, p22`` and the warped image terms) and writes the new ones to separate buffers
-(ping-pong), one launch per iteration. Pairs whose ``active`` flag is 0 (converged) copy their
-fields unchanged. ``err`` is written as one partial sum per program and summed in torch
-(no atomics: bit-identical run to run).
+(ping-pong). ``err`` is written as one partial sum per program; a second launch sums them per
+pair in a fixed order (no atomics: bit-identical run to run) and updates the pair's state:
+a converged pair is copied once into the other buffers and skipped from then on, so a batch
+costs what its unconverged pairs cost.
 
 Each program covers ``BLOCK_N`` pixels of one pair in row-major order; any H, W.
 The eager reference ``tvl1_step_ref`` is the definition and the CPU implementation.
@@ -111,11 +112,25 @@ if triton is not None:
 
     @triton.jit
     def _tvl1_step_kernel(u1_ptr, u2_ptr, p11_ptr, p12_ptr, p21_ptr, p22_ptr,
-                          wx_ptr, wy_ptr, grad_ptr, rho_ptr, active_ptr,
+                          wx_ptr, wy_ptr, grad_ptr, rho_ptr, state_ptr,
                           o_u1_ptr, o_u2_ptr, o_p11_ptr, o_p12_ptr, o_p21_ptr, o_p22_ptr, err_ptr,
                           H, W, l_t, theta, taut,
                           EPS: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_p = tl.program_id(0).to(tl.int64)
+        state = tl.load(state_ptr + pid_p)
+        # state 2: the pair converged two or more iterations ago, both buffers hold its fields
+        if state < 2:
+            _tvl1_step_block(pid_p, state, u1_ptr, u2_ptr, p11_ptr, p12_ptr, p21_ptr, p22_ptr,
+                             wx_ptr, wy_ptr, grad_ptr, rho_ptr, o_u1_ptr, o_u2_ptr, o_p11_ptr,
+                             o_p12_ptr, o_p21_ptr, o_p22_ptr, err_ptr, H, W, l_t, theta, taut,
+                             EPS, BLOCK_N)
+
+    @triton.jit
+    def _tvl1_step_block(pid_p, state, u1_ptr, u2_ptr, p11_ptr, p12_ptr, p21_ptr, p22_ptr,
+                         wx_ptr, wy_ptr, grad_ptr, rho_ptr,
+                         o_u1_ptr, o_u2_ptr, o_p11_ptr, o_p12_ptr, o_p21_ptr, o_p22_ptr, err_ptr,
+                         H, W, l_t, theta, taut, EPS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One block of one pair: state 0 computes the iteration, state 1 copies the fields."""
         pid_b = tl.program_id(1)
         HW = H * W
         base = pid_p * HW
@@ -146,8 +161,7 @@ if triton is not None:
         # p' = (p + taut ∇u') / (1 + taut |∇u'|)
         ng1 = 1.0 + taut * tl.sqrt(u1x * u1x + u1y * u1y)
         ng2 = 1.0 + taut * tl.sqrt(u2x * u2x + u2y * u2y)
-        active = tl.load(active_ptr + pid_p) != 0
-        keep = inside & active
+        keep = inside & (state == 0)
         n1 = tl.where(keep, n1, u1)
         n2 = tl.where(keep, n2, u2)
         tl.store(o_u1_ptr + base + q, n1, mask=inside)
@@ -160,25 +174,134 @@ if triton is not None:
         e = (n1 - u1) * (n1 - u1) + (n2 - u2) * (n2 - u2)
         tl.store(err_ptr + pid_p * tl.num_programs(1) + pid_b, tl.sum(tl.where(keep, e, 0.0), axis=0))
 
+    @triton.jit
+    def _tvl1_converge_kernel(partial_ptr, state_ptr, err_ptr, n_blocks, scaled_eps,
+                              BLOCK_B: tl.constexpr):
+        """Per pair: err = Σ of the step's block partials (fixed order); state 0 stays 0 while
+        err > ε and becomes 1 otherwise; 1 becomes 2 (the copy is done)."""
+        pid = tl.program_id(0).to(tl.int64)
+        state = tl.load(state_ptr + pid)
+        acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+        if state == 0:
+            for start in range(0, n_blocks, BLOCK_B):
+                offs = start + tl.arange(0, BLOCK_B)
+                acc += tl.load(partial_ptr + pid * n_blocks + offs, mask=offs < n_blocks, other=0.0)
+        err = tl.sum(acc, axis=0)
+        tl.store(err_ptr + pid, err)
+        converged = tl.where(err > scaled_eps, 0, 1)
+        tl.store(state_ptr + pid, tl.where(state == 0, converged, tl.minimum(state + 1, 2)))
 
-def tvl1_step_triton(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
-                     out=None, block: int = 256, num_warps: int = 4):
-    """The fused iteration. ``out``: six (P, H, W) buffers for the new fields (allocated when
-    None; must not alias the inputs). Returns them and err (P,)."""
-    fields = (u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c)
-    P, H, W = u1.shape
+
+def _check_fields(fields):
+    P, H, W = fields[0].shape
     for t in fields:
         if t.shape != (P, H, W) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"tvl1_step: fields must be contiguous float32 {(P, H, W)}, got "
                              f"{tuple(t.shape)} {t.dtype}")
-    if out is None:
-        out = tuple(torch.empty_like(u1) for _ in range(6))
+
+
+def tvl1_iterate_triton(fields, images, out, state, partial, err, l_t, theta, taut, scaled_eps,
+                        block: int = 256, num_warps: int = 4):
+    """One fused iteration from ``fields`` (u1, u2, p11, p12, p21, p22) into ``out`` (six
+    buffers, not aliasing them) with ``images`` (wx, wy, grad, rho_c), all (P, H, W) fp32;
+    ``state`` (P,) int32 (0 active, 1 just converged: copy, 2 skip) and ``err`` (P,) fp32
+    are updated in place; ``partial`` (P, ⌈HW/block⌉) fp32 is scratch. Two launches."""
+    P, H, W = fields[0].shape
     blocks = triton.cdiv(H * W, block)
-    partial = torch.empty((P, blocks), device=u1.device, dtype=torch.float32)
-    launch(_tvl1_step_kernel, (P, blocks), *fields, active.to(torch.int32), *out, partial,
+    launch(_tvl1_step_kernel, (P, blocks), *fields, *images, state, *out, partial,
            H, W, float(l_t), float(theta), float(taut), EPS=FLT_EPSILON, BLOCK_N=block,
            num_warps=num_warps)
-    return (*out, partial.sum(dim=1))
+    launch(_tvl1_converge_kernel, (P,), partial, state, err, blocks, float(scaled_eps),
+           BLOCK_B=128, num_warps=1)
+
+
+def tvl1_step_triton(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
+                     out=None, block: int = 256, num_warps: int = 4):
+    """``tvl1_step_ref`` with the fused kernels: ``out``, six (P, H, W) buffers for the new
+    fields (allocated when None; must not alias the inputs). Returns them and err (P,)."""
+    fields = (u1, u2, p11, p12, p21, p22)
+    images = (wx, wy, grad, rho_c)
+    _check_fields(fields + images)
+    P, H, W = u1.shape
+    if out is None:
+        out = tuple(torch.empty_like(u1) for _ in range(6))
+    state = torch.where(active, 0, 1).to(torch.int32)
+    partial = torch.empty((P, triton.cdiv(H * W, block)), device=u1.device, dtype=torch.float32)
+    err = torch.empty((P,), device=u1.device, dtype=torch.float32)
+    tvl1_iterate_triton(fields, images, out, state, partial, err, l_t, theta, taut, 0.0,
+                        block=block, num_warps=num_warps)
+    return (*out, err)
+
+
+class EagerIterations:
+    """The inner loop of one warp for a batch, in torch: ``step()`` runs ``tvl1_step_ref`` and
+    drops pairs whose err ≤ ``scaled_eps`` from ``active``."""
+
+    def __init__(self, u1, u2, p, images, l_t, theta, taut, scaled_eps):
+        self.fields = [u1, u2, *p]
+        self.images = images
+        self.consts = (l_t, theta, taut)
+        self.scaled_eps = scaled_eps
+        self.active = torch.ones(u1.shape[0], dtype=torch.bool, device=u1.device)
+
+    def any_active(self) -> bool:
+        return bool(self.active.any())
+
+    def median_(self, fn) -> None:
+        """u ← fn(u) for the active pairs."""
+        keep = self.active.view(-1, 1, 1)
+        for i in (0, 1):
+            self.fields[i] = torch.where(keep, fn(self.fields[i]), self.fields[i])
+
+    def step(self) -> None:
+        *self.fields, err = tvl1_step_ref(*self.fields, *self.images, self.active, *self.consts)
+        self.active = self.active & (err > self.scaled_eps)
+
+    def result(self):
+        """(u1, u2, [p11, p12, p21, p22])."""
+        return self.fields[0], self.fields[1], self.fields[2:]
+
+
+class TritonIterations(EagerIterations):
+    """The same loop with the fused kernels: the fields ping-pong between two sets of
+    buffers, and a converged pair is copied once into the other set and skipped after that
+    (``state`` 0 → 1 → 2), so a batch costs what its unconverged pairs cost. No host sync
+    but ``any_active``."""
+
+    def __init__(self, u1, u2, p, images, l_t, theta, taut, scaled_eps):
+        fields = [t.contiguous() for t in (u1, u2, *p)]
+        images = tuple(t.contiguous() for t in images)
+        _check_fields(fields + list(images))
+        P, H, W = u1.shape
+        self.buffers = [fields, [torch.empty_like(u1) for _ in range(6)]]
+        self.current = 0
+        self.images = images
+        self.consts = (l_t, theta, taut, scaled_eps)
+        self.block = 256
+        self.state = torch.zeros(P, dtype=torch.int32, device=u1.device)
+        self.partial = torch.empty((P, triton.cdiv(H * W, self.block)), device=u1.device,
+                                   dtype=torch.float32)
+        self.err = torch.empty((P,), device=u1.device, dtype=torch.float32)
+
+    @property
+    def active(self):
+        return self.state == 0
+
+    def median_(self, fn) -> None:
+        fields = self.buffers[self.current]
+        keep = self.active.view(-1, 1, 1)
+        for i in (0, 1):
+            fields[i].copy_(torch.where(keep, fn(fields[i]), fields[i]))
+
+    def step(self) -> None:
+        src, dst = self.buffers[self.current], self.buffers[1 - self.current]
+        tvl1_iterate_triton(src, self.images, dst, self.state, self.partial, self.err,
+                            *self.consts, block=self.block)
+        self.current = 1 - self.current
+
+    def result(self):
+        fields = self.buffers[self.current]
+        return fields[0], fields[1], fields[2:]
 
 
 def tvl1_step(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
@@ -189,3 +312,10 @@ def tvl1_step(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, thet
     if resolve_impl(impl, u1) == "triton":
         return tvl1_step_triton(*args)
     return tvl1_step_ref(*args)
+
+
+def make_iterations(u1, u2, p, images, l_t, theta, taut, scaled_eps, impl: str = "auto"):
+    """The inner loop's driver for one warp: ``TritonIterations`` on CUDA (``impl="auto"``),
+    ``EagerIterations`` elsewhere."""
+    cls = TritonIterations if resolve_impl(impl, u1) == "triton" else EagerIterations
+    return cls(u1, u2, p, images, l_t, theta, taut, scaled_eps)
