@@ -262,6 +262,8 @@ def tvl1_flow(frames0: torch.Tensor, frames1: torch.Tensor, *, impl: str = "auto
     I1 = frames1.to(torch.float32).contiguous()
     sync_every = sync_every or (10 if I0.is_cuda else 1)
     P, H, W = I0.shape
+    if P == 0:
+        return torch.zeros((0, H, W, 2), device=I0.device, dtype=torch.float32)
     sizes = pyramid_sizes(H, W, prm.nscales, prm.scale_step)
     I0s, I1s = [I0], [I1]
     for h, w in sizes[1:]:

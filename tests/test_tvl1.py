@@ -60,6 +60,7 @@ def test_batch_gives_each_pair_its_own_flow_bit_identically():
         alone = tvl1_flow(a[i:i + 1], b[i:i + 1], **params)
         assert torch.equal(alone[0], together[i])
     assert together.shape == (3, 32, 40, 2) and together.dtype == torch.float32
+    assert tvl1_flow(a[:0], b[:0], **params).shape == (0, 32, 40, 2)
 
 
 def test_estimator_callable_pickles_and_matches_batch():
