@@ -262,31 +262,6 @@ def video_codec(path: Path) -> str:
         raise bad_file(path, f"unreadable video ({exc.__class__.__name__})") from None
 
 
-def drop_undecodable_videos(records, rows, skipped: dict, spec):
-    """Check the codecs of a video list against DALI's decoder: without skip_bad the first
-    video only (a data set is seldom mixed; the rest are checked as they are read), with it
-    every video, the ones DALI cannot decode moving to ``skipped`` before any batch is
-    planned. Returns (records, rows, skipped)."""
-    on_gpu = torch.device(spec.device).type == "cuda"
-    keep_records, keep_rows = [], []
-    for position, (record, row) in enumerate(zip(records, rows)):
-        if spec.skip_bad or position == 0:
-            try:
-                path = Path(spec.data_root) / record.path
-                check_dali_codec(path, video_codec(path), on_gpu)
-            except CCSError as exc:
-                if not spec.skip_bad:
-                    raise
-                skipped[row] = str(exc)
-                continue
-        keep_records.append(record)
-        keep_rows.append(row)
-    if not keep_records:
-        raise bad_file(spec.annotation, "no usable videos (all skipped as bad), e.g. "
-                                        + next(iter(skipped.values())))
-    return keep_records, keep_rows, skipped
-
-
 def _video_geometry(path: Path):
     """(width, height, frame count, codec name) of a video, counting packets (no decoding)."""
     import av
@@ -561,9 +536,14 @@ def _resolve_device(device) -> torch.device:
 def build_dali_loader(spec) -> DALILoader:
     """``build_loader(spec)`` for ``spec.backend == "dali"``: ``device="cpu"`` runs a
     CPU-only pipeline, ``"cuda"`` decodes on ``cuda:LOCAL_RANK``."""
-    records, rows, skipped, flow_root, count = load_records(spec)
-    if spec.modality == "video":
-        records, rows, skipped = drop_undecodable_videos(records, rows, skipped, spec)
+    check = None
+    if spec.modality == "video":  # a codec DALI cannot decode: refused (or skipped) up front
+        on_gpu = torch.device(spec.device).type == "cuda"
+
+        def check(record):
+            path = Path(spec.data_root) / record.path
+            check_dali_codec(path, video_codec(path), on_gpu)
+    records, rows, skipped, flow_root, count = load_records(spec, check)
     labels = [record.label for record in records]
     source = ClipSource(records, rows, spec, flow_root, batch_sampler_for(spec, labels))
     num_threads = spec.num_workers or cores_per_process()

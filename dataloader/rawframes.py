@@ -247,10 +247,13 @@ class FrameCount:
 
 
 def resolve_records(records, annotation, data_root, *, modality, flow_root, flow_length,
-                    skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None):
+                    skip_bad, naming: FrameNaming = FrameNaming(), flow_count=None,
+                    check=None):
     """Fill in num_frames (RGB frames) of video lists from the flow folders, and of rawframe
     lists whose total_frames counts flow frames (``flow_count``; None: detected from the
-    files); check every video is long enough for the flow stack. Returns (good records,
+    files); check every video is long enough for the flow stack. ``check(record)``, a
+    backend's own check raising CCSError, runs on every video with ``skip_bad`` and on the
+    first good one without (the rest are checked as they are read). Returns (good records,
     their annotation rows, {row: message} of the videos skipped as bad, FrameCount)."""
     if modality == "video":
         count = FrameCount(True, "video: flow frames + 1")
@@ -280,6 +283,8 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
                     f"{max(num_flow_frames(record.num_frames), 0)} flow frames, "
                     f"fewer than the flow stack of {flow_length}",
                 )
+            if check is not None and (skip_bad or not good):
+                check(record)
         except CCSError as exc:
             if not skip_bad:
                 raise
@@ -288,16 +293,17 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
         good.append(record)
         rows.append(row)
     if not good:
-        raise bad_file(annotation, "no usable videos (all skipped as bad)")
+        example = f", e.g. {next(iter(skipped.values()))}" if skipped else ""
+        raise bad_file(annotation, f"no usable videos (all skipped as bad){example}")
     return good, rows, skipped, count
 
 
-def load_records(spec):
+def load_records(spec, check=None):
     """Read and check the annotation list of a ``LoaderSpec`` for either backend: (records,
     their annotation rows, {row: message} of the videos skipped as bad, flow root,
     FrameCount). Video lists take their flow from ``spec.flow_root`` (default: the
     ``rawframes`` folder beside the data root). ``spec.labels=False`` accepts label-less
-    lines (label None)."""
+    lines (label None). ``check``: see ``resolve_records``."""
     records = read_annotation(spec.annotation, spec.modality, spec.num_classes,
                               labels=spec.labels)
     flow_root = spec.flow_root
@@ -307,5 +313,5 @@ def load_records(spec):
     records, rows, skipped, count = resolve_records(
         records, spec.annotation, spec.data_root, modality=spec.modality, flow_root=flow_root,
         flow_length=spec.flow_length, skip_bad=spec.skip_bad, naming=spec.naming,
-        flow_count=spec.flow_count)
+        flow_count=spec.flow_count, check=check)
     return records, rows, skipped, Path(flow_root), count
