@@ -17,8 +17,8 @@ Measured on this project's 2-core CPU box (one thread, OpenCV 5.0): TV-L1 with O
 defaults takes ~0.07–0.08 CPU-s per 64×64 pair and ~0.16 s per 112×112 pair; with
 ``nscales=3, epsilon=0.05`` (what ``synth`` uses) ~0.012 s at 64×64; Farneback ~1 ms.
 At 340×256 (``bench/bench_flow.py``, OpenCV 5.1, 2 cores shared with other jobs): OpenCV
-2.33 pairs/s with a process per core, ``tvl1-torch`` on the CPU 0.70 pairs/s; GPU rates not
-yet measured.
+1.1–2.3 pairs/s with a process per core, ``tvl1-torch`` on the CPU 0.4–0.7 pairs/s (2.7–3.3×
+slower); GPU rates not yet measured.
 """
 from __future__ import annotations
 
