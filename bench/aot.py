@@ -102,8 +102,8 @@ def loss_calls(dtype):
 
 
 def tvl1_calls(dtype):
-    """(label, function, configs) of the TV-L1 iteration: fp32 only (the flow is fp32), one
-    launch per pair batch at 340×256 (the frame size ``prepare`` writes)."""
+    """(label, function, configs) of the TV-L1 kernels (iteration, convergence, median): fp32
+    only (the flow is fp32), at 340×256 (the frame size ``prepare`` writes)."""
     from ccs_fast.kernels import tvl1
 
     if dtype != torch.float32:
@@ -113,6 +113,9 @@ def tvl1_calls(dtype):
         active = _meta(P, dtype=torch.bool)
         yield (f"P={P} 340x256",
                lambda f=fields, a=active: tvl1.tvl1_step_triton(*f, a, 0.045, 0.3, 0.25 / 0.3), {})
+        state = _meta(P, dtype=torch.int32)
+        yield (f"P={P} 340x256 median 5x5",
+               lambda f=fields, s=state: tvl1.median_filter_triton(f[0], s, f[1], 5), {})
 
 
 def _ignore_line_numbers():

@@ -233,7 +233,7 @@ def _one_scale(I0, I1, u1, u2, prm: TVL1Params, impl: str, sync_every: int):
             if not loop.any_active():
                 break
             if prm.median > 1:
-                loop.median_(lambda u: median_filter(u, prm.median))
+                loop.median_(lambda u: median_filter(u, prm.median), prm.median)
             for _inner in range(prm.inner):
                 if steps % sync_every == 0 and steps and not loop.any_active():
                     break

@@ -20,6 +20,11 @@ a converged pair is copied once into the other buffers and skipped from then on,
 costs what its unconverged pairs cost.
 
 Each program covers ``BLOCK_N`` pixels of one pair in row-major order; any H, W.
+
+``_tvl1_median_kernel`` is the median filtering between outer iterations on CUDA: each
+pixel's k×k window (replicated border), padded to a power of two with −∞/+∞, sorted in
+registers (``tl.sort``), the middle taken; exact. Off CUDA (and in the interpreter, whose sort
+is slow) the drivers use ``dataloader.tvl1.median_filter``, a min/max selection network.
 The eager reference ``tvl1_step_ref`` is the definition and the CPU implementation.
 Not yet measured on a GPU; the kernel is compiled ahead of time for sm_90a and sm_80 by
 ``bench.aot`` and checked against the reference in the interpreter (tests/test_tvl1.py).
@@ -192,6 +197,49 @@ if triton is not None:
         tl.store(state_ptr + pid, tl.where(state == 0, converged, tl.minimum(state + 1, 2)))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tvl1_median_kernel(x_ptr, o_ptr, state_ptr, H, W, R: tl.constexpr, TAPS: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        """(2R+1)² median with a replicated border for the pairs whose state is 0; the others
+        are copied. Each pixel's window, padded to TAPS with −∞/+∞ (half each), is sorted
+        along the tile's second axis (a bitonic network in registers)."""
+        pid_p = tl.program_id(0).to(tl.int64)
+        state = tl.load(state_ptr + pid_p)
+        q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside = q < H * W
+        base = pid_p * H * W
+        if state == 0:
+            K: tl.constexpr = 2 * R + 1
+            LOW: tl.constexpr = (TAPS - K * K) // 2
+            y = q // W
+            x = q - y * W
+            t = tl.arange(0, TAPS)
+            real = t < K * K
+            # window taps, coordinates clamped to the image (replicated border)
+            yy = tl.minimum(tl.maximum(y[:, None] + (t // K - R)[None, :], 0), H - 1)
+            xx = tl.minimum(tl.maximum(x[:, None] + (t % K - R)[None, :], 0), W - 1)
+            v = tl.load(x_ptr + base + yy * W + xx, mask=real[None, :] & inside[:, None], other=0.0)
+            pad = tl.where(t < K * K + LOW, float("-inf"), float("inf"))
+            v = tl.where(real[None, :], v, pad[None, :])
+            # the median is the middle of the sorted real taps: sorted position K²//2 + LOW
+            med = tl.sum(tl.where((t == K * K // 2 + LOW)[None, :], tl.sort(v, dim=1), 0.0), axis=1)
+            tl.store(o_ptr + base + q, med, mask=inside)
+        else:
+            tl.store(o_ptr + base + q, tl.load(x_ptr + base + q, mask=inside, other=0.0), mask=inside)
+
+
+def median_filter_triton(x, state, out, k: int, block: int = 64, num_warps: int = 4):
+    """``out`` ← k×k median of ``x`` (P, H, W) fp32 (replicated border) for the pairs whose
+    ``state`` is 0, ``x`` for the others. Exact (sorting, no arithmetic)."""
+    P, H, W = x.shape
+    taps = 1 << (k * k - 1).bit_length()
+    launch(_tvl1_median_kernel, (P, triton.cdiv(H * W, block)), x, out, state, H, W,
+           R=k // 2, TAPS=taps, BLOCK_N=block, num_warps=num_warps)
+    return out
+
+
 def _check_fields(fields):
     P, H, W = fields[0].shape
     for t in fields:
@@ -247,8 +295,8 @@ class EagerIterations:
     def any_active(self) -> bool:
         return bool(self.active.any())
 
-    def median_(self, fn) -> None:
-        """u ← fn(u) for the active pairs."""
+    def median_(self, fn, k: int | None = None) -> None:
+        """u ← fn(u) for the active pairs (``k``, the window, is for the Triton driver)."""
         keep = self.active.view(-1, 1, 1)
         for i in (0, 1):
             self.fields[i] = torch.where(keep, fn(self.fields[i]), self.fields[i])
@@ -282,16 +330,24 @@ class TritonIterations(EagerIterations):
         self.partial = torch.empty((P, triton.cdiv(H * W, self.block)), device=u1.device,
                                    dtype=torch.float32)
         self.err = torch.empty((P,), device=u1.device, dtype=torch.float32)
+        self.scratch = torch.empty_like(u1)
 
     @property
     def active(self):
         return self.state == 0
 
-    def median_(self, fn) -> None:
+    def median_(self, fn, k: int | None = None) -> None:
+        """The median of the active pairs' u: with the Triton median kernel on CUDA (``k``),
+        ``fn`` elsewhere (the interpreter sorts slowly)."""
         fields = self.buffers[self.current]
-        keep = self.active.view(-1, 1, 1)
+        if k is None or not fields[0].is_cuda:
+            keep = self.active.view(-1, 1, 1)
+            for i in (0, 1):
+                fields[i].copy_(torch.where(keep, fn(fields[i]), fields[i]))
+            return
         for i in (0, 1):
-            fields[i].copy_(torch.where(keep, fn(fields[i]), fields[i]))
+            median_filter_triton(fields[i], self.state, self.scratch, k)
+            fields[i], self.scratch = self.scratch, fields[i]
 
     def step(self) -> None:
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
