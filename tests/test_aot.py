@@ -50,9 +50,10 @@ def kernel_names():
     import ccs_fast.kernels.normalize as normalize
     import ccs_fast.kernels.segments as segments
     import ccs_fast.kernels.triplet as triplet
+    import ccs_fast.kernels.tvl1 as tvl1
 
     jit_types = ("JITFunction", "InterpretedFunction")  # the interpreter wraps kernels in the latter
-    return {name for mod in (xa, triplet, center, normalize, segments) for name, obj in vars(mod).items()
+    return {name for mod in (xa, triplet, center, normalize, segments, tvl1) for name, obj in vars(mod).items()
             if name.endswith("_kernel") and type(obj).__name__ in jit_types}
 
 
