@@ -20,7 +20,8 @@ from ccs_fast.atomic import write_text
 from ccs_fast.errors import CCSError, bad_file
 
 VARIANTS = ("baseline", "cb", "cs", "all")
-CONSENSUS = ("avg", "max", "mul", "concat")
+CONSENSUS = ("avg", "max", "mul", "concat", "trn")
+TEST_CROPS = (1, 3, 10)  # TSN / MMAction2 test views: centre, three along the long side, TenCrop
 
 
 @dataclass
@@ -36,7 +37,9 @@ class ModelConfig:
     cb_heads: int = 1  # the paper uses a single head
     cb_scale: Optional[float] = None  # None: C_e ** -0.5; 1.0 is Eq. 2 literally
     cb_gamma_init: float = 0.0  # BN γ of the block's output: 0 = identity at init (paper); >0 helps from scratch
-    consensus: str = "avg"  # segment consensus, paper Fig. 5a: avg | max | mul | concat
+    consensus: str = "avg"  # segment consensus, paper Fig. 5a: avg | max | mul | concat; trn: multi-scale temporal relations (paper Table 2, TRN)
+    clip_len: int = 16  # 3-D backbones only: frames per clip T (MMAction2 SampleFrames; 16 frames at 224 give an 8x7x7 map)
+    frame_interval: int = 2  # 3-D backbones only: frames between sampled frames (MMAction2 i3d: 32x2, here 16x2)
     embed_dim: int = 512  # D_s of the shared projection
     dropout: float = 0.5  # before the classifier (TSN uses 0.8 for RGB, 0.7 for flow with BN-Inception)
     partial_bn: bool = True  # TSN: freeze BN statistics except the first layer's
@@ -70,7 +73,9 @@ class DataConfig:
     eval_batch_size: Optional[int] = None  # clips per evaluation batch (25 segments each); None: batch_size
     classes_per_batch: Optional[int] = None  # balanced batches of N classes x M videos (paper §4.1); None: shuffled
     input_size: int = 224  # paper §4.1
-    test_segments: int = 25  # TSN test protocol
+    test_segments: int = 25  # TSN test protocol (2-D backbones)
+    test_clips: int = 10  # 3-D backbones: clips per test video (MMAction2 I3D test: 10 clips)
+    test_crops: int = 1  # views per test clip: 1 centre | 3 along the long side | 10 (TenCrop); TSN tests with 10
     num_workers: Optional[int] = None  # torch backend workers; None: every core
     skip_bad: bool = False  # skip unreadable samples instead of stopping
     synthetic_batches: int = 50  # batches per epoch of the synthetic backend (benchmarks)
@@ -132,12 +137,12 @@ class Config:
             ("model.variant", VARIANTS), ("model.consensus", CONSENSUS),
             ("model.impl", ("auto", "triton", "eager")), ("train.precision", ("bf16", "fp16", "fp32")),
             ("data.backend", ("torch", "dali", "synthetic")), ("optim.name", ("sgd", "adamw")),
-            ("data.modality", ("rawframes", "video")),
+            ("data.modality", ("rawframes", "video")), ("data.test_crops", TEST_CROPS),
         )
         for name, allowed in choices:
             value = self.get(name)
             if value not in allowed:
-                fail(name, value, f"must be one of {', '.join(allowed)}")
+                fail(name, value, f"must be one of {', '.join(map(str, allowed))}")
         for name, allowed in NUMERIC_RANGES.items():
             value = self.get(name)
             values = value if isinstance(value, list) else [value]
@@ -213,6 +218,8 @@ NUMERIC_RANGES: dict[str, Range] = {
     "model.num_classes": Range(2),
     "model.num_segments": Range(1),
     "model.flow_length": Range(1),
+    "model.clip_len": Range(1),
+    "model.frame_interval": Range(1),
     "model.cb_reduction": Range(1),
     "model.cb_heads": Range(1),
     "model.cb_scale": Range(0, low_open=True, optional=True),
@@ -230,6 +237,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "data.classes_per_batch": Range(1, optional=True),
     "data.input_size": Range(1),
     "data.test_segments": Range(1),
+    "data.test_clips": Range(1),
     "data.num_workers": Range(0, optional=True),
     "data.synthetic_batches": Range(1),
     "data.start_index": Range(0),

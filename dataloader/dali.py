@@ -28,7 +28,10 @@ skip_bad the video is excluded and a new pipeline resumes at the same batch.
 
 Outputs are (B·K, S, S, C) per stream; they are copied into torch tensors (DALI owns its
 buffers until the next run) and viewed as (B, K, C, S, S), channels_last after
-``flatten(0, 1)``. Pixels agree with the torch backend up to resize rounding (±1 level before
+``flatten(0, 1)``. 3-D clips and test views need nothing else: a 3-D clip's N·T frames are
+its samples (one flow pair each), and with V test crops a clip's samples are its V views one
+after another, each with its own crop box and flip (``sampling.view_plans``), viewed as
+(B·V, P, C, S, S) at the end like the torch backend's batch. Pixels agree with the torch backend up to resize rounding (±1 level before
 normalisation; tests/test_dali.py).
 """
 from __future__ import annotations
@@ -45,7 +48,7 @@ from ccs_fast.distributed import cores_per_process, dist_env
 
 from .formats import default_num_classes
 from .rawframes import checked_jpeg, frame_size, load_records, read_file_bytes
-from .sampling import plan_clip
+from .sampling import plan_clip, view_plans
 from .samplers import batch_sampler_for
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -100,7 +103,8 @@ class ClipSource:
             plan = plan_clip(info["num_frames"], info["width"], info["height"],
                              num_segments=opts.num_segments, flow_length=opts.flow_length,
                              input_size=opts.input_size, train=opts.train, seed=opts.seed,
-                             epoch=epoch, index=self.rows[index])
+                             epoch=epoch, index=self.rows[index], clip_len=opts.clip_len,
+                             frame_interval=opts.frame_interval)
         except ValueError as exc:
             raise bad_file(info["name"], str(exc)) from None
         if info.get("video_frames") is not None:
@@ -159,7 +163,7 @@ class ClipSource:
             return None
 
     def placeholder_clip(self) -> list[tuple]:
-        """K samples of a black 16×16 JPEG with index −1 (dropped by the loader)."""
+        """A clip's samples of a black 16×16 JPEG with index −1 (dropped by the loader)."""
         import cv2
 
         opts = self.spec
@@ -168,14 +172,22 @@ class ClipSource:
         std = np.full(2 * opts.flow_length, FLOW_STD, dtype=np.float32)
         segment = (jpeg, *[jpeg] * (2 * opts.flow_length), *_crop_arguments((0, 0, 16, 16), False),
                    mean, std, np.array(-1, dtype=np.int64), np.array(-1, dtype=np.int64))
-        return [segment] * opts.num_segments
+        return [segment] * opts.samples_per_video
 
     def read_clip(self, index: int, epoch: int) -> list[tuple]:
-        """The K DALI samples of one clip (one tuple of outputs per segment)."""
+        """The DALI samples of one clip: one tuple of outputs per position (segment, or frame
+        of a 3-D clip), view after view (``spec.samples_per_video`` in all)."""
         opts = self.spec
         plan, info = self.plan(index, epoch)
-        folder = self.frames_dir(index)
         size = (info["width"], info["height"])
+        segments = []
+        for view in view_plans(plan, info["width"], info["height"], opts.views):
+            segments += self._read_view(index, view, info, size)
+        return segments
+
+    def _read_view(self, index: int, plan, info: dict, size) -> list[tuple]:
+        opts = self.spec
+        folder = self.frames_dir(index)
         crop_args = _crop_arguments(plan.crop, plan.flip)
         # flow_x → 255 − flow_x on flip, folded into the normalisation: (x − 127)/(−128)
         x_mean, x_std = (FLOW_MEAN - 1.0, -FLOW_STD) if plan.flip else (FLOW_MEAN, FLOW_STD)
@@ -187,7 +199,7 @@ class ClipSource:
         if opts.modality == "video":
             video_bytes = _read_video_bytes(info["video"])
         segments = []
-        for k in range(opts.num_segments):
+        for k in range(len(plan.frame_indices)):
             if opts.modality == "video":
                 rgb = (video_bytes, np.array([plan.frame_indices[k]], dtype=np.int32),
                        np.array([info["height"], info["width"]], dtype=np.float32))
@@ -302,7 +314,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
     # fork is only safe before the process holds a CUDA context (DALI's or torch's)
     start_method = "spawn" if on_gpu else "fork"
 
-    @pipeline_def(batch_size=batch_size * opts.num_segments, num_threads=num_threads,
+    @pipeline_def(batch_size=batch_size * opts.samples_per_video, num_threads=num_threads,
                   device_id=device_id, py_num_workers=py_num_workers,
                   py_start_method=start_method, prefetch_queue_depth=prefetch)
     def clip_pipeline():
@@ -461,19 +473,24 @@ class DALILoader:
         self._pipe, self._pipe_epoch = pipe, epoch
 
     def _to_torch(self, rgb, flow, label, index) -> dict:
-        k = self.source.spec.num_segments
+        spec = self.source.spec
+        k, views = spec.samples_per_video, spec.views
         rows = np.asarray(index.as_tensor())[::k]
         n = len(rows)
-        size = self.source.spec.input_size
-        rgb = self._copy(rgb).view(n, k, size, size, 3).permute(0, 1, 4, 2, 3)
+        size = spec.input_size
+        # (B·V·P, S, S, C) samples, views of a clip contiguous -> (B·V, P, C, S, S)
+        rgb = self._copy(rgb).view(n * views, spec.positions, size, size, 3).permute(0, 1, 4, 2, 3)
         flow = self._copy(flow)
-        flow = flow.view(n, k, size, size, flow.shape[-1]).permute(0, 1, 4, 2, 3)
+        flow = flow.view(n * views, spec.positions, size, size, flow.shape[-1]).permute(0, 1, 4, 2, 3)
         label = torch.from_numpy(np.asarray(label.as_tensor())[::k].copy())
         if rows[0] < 0:  # the placeholder of a batch whose clips were all skipped
             rgb, flow, label, rows = rgb[:0], flow[:0], label[:0], rows[:0]
-        return {"rgb": rgb, "flow": flow,
-                "label": label.to(self.device, non_blocking=True),
-                "index": torch.from_numpy(rows.copy()).to(self.device, non_blocking=True)}
+        batch = {"rgb": rgb, "flow": flow,
+                 "label": label.to(self.device, non_blocking=True),
+                 "index": torch.from_numpy(rows.copy()).to(self.device, non_blocking=True)}
+        if views > 1:
+            batch["views"] = views
+        return batch
 
     def _copy(self, tensor_list) -> torch.Tensor:
         """A torch copy of a DALI output (DALI reuses its buffers on the next run)."""
@@ -506,7 +523,7 @@ class DALILoader:
         segments = []  # (video position, segment) of every DALI sample of the batch
         for index in source.epoch_batches(epoch)[iteration]:
             if source.try_read_clip(index, epoch) is not None:
-                segments.extend((index, k) for k in range(opts.num_segments))
+                segments.extend((index, k % opts.positions) for k in range(opts.samples_per_video))
         if not 0 <= sample < len(segments):
             return CCSError(f"DALI failed to decode sample {sample} of batch {iteration} "
                             f"of epoch {epoch}"), None

@@ -5,12 +5,23 @@ torch and DALI backends, every worker and every rank draw exactly the same clip 
 video in the same epoch. The random draws come from ``clip_rng(seed, epoch, index)`` in a
 fixed order: K segment offsets, then the scale pair, then the crop position, then the flip.
 
+3-D base models (``clip_len`` > 0): the K segments become K clips of ``clip_len`` frames
+``frame_interval`` apart, MMAction2's ``SampleFrames`` over the flow frames
+(``clip_sampling.flow_clip_indices``: random offsets in training, evenly spaced at test),
+drawn before the crop; the RGB frame of each position is the first frame of its flow pair,
+and each position has a flow stack of one pair (``flow_length`` must be 1). ``frame_indices``
+then holds the K·T positions clip after clip.
+
+Multi-crop testing: ``view_plans(plan, width, height, num_crops)`` gives the plan once per
+view of ``multicrop.crop_views`` (same frames; the view's box and flip).
+
 Frames follow denseflow: a video of ``num_frames`` RGB frames has ``num_frames - 1`` flow
 frames (one per consecutive pair). Indices are 0-based; files are 1-based
 (``img_{i+1:05d}.jpg``, ``flow_x_{i+1:05d}.jpg``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +87,7 @@ def test_crop(width: int, height: int):
 
 
 def plan_clip(num_frames, width, height, *, num_segments, flow_length, input_size, train,
-              seed, epoch, index) -> ClipPlan:
+              seed, epoch, index, clip_len: int = 0, frame_interval: int = 1) -> ClipPlan:
     """The clip of video ``index`` in ``epoch``: frame and flow indices, crop and flip.
 
     Raises ValueError when the video has fewer flow frames than ``flow_length``; callers turn
@@ -89,6 +100,10 @@ def plan_clip(num_frames, width, height, *, num_segments, flow_length, input_siz
             f"{num_frames} frames give {max(num_flow, 0)} flow frames, "
             f"fewer than the flow stack of {flow_length}"
         )
+    if clip_len:
+        return _plan_3d(num_frames, width, height, num_clips=num_segments, clip_len=clip_len,
+                        frame_interval=frame_interval, flow_length=flow_length, train=train,
+                        rng=clip_rng(seed, epoch, index) if train else None)
     if train:
         rng = clip_rng(seed, epoch, index)
         starts = segment_starts(num_flow, num_segments, rng)
@@ -100,3 +115,26 @@ def plan_clip(num_frames, width, height, *, num_segments, flow_length, input_siz
     flow = np.minimum(starts[:, None] + np.arange(flow_length, dtype=np.int64), num_flow - 1)
     return ClipPlan(frame_indices=starts, flow_indices=flow, crop=tuple(int(c) for c in crop),
                     flip=flip)
+
+
+def _plan_3d(num_frames, width, height, *, num_clips, clip_len, frame_interval, flow_length, train, rng):
+    from .clip_sampling import flow_clip_indices
+
+    if flow_length != 1:
+        raise ValueError(f"3-D clips take one flow pair per frame (flow_length 1), got {flow_length}")
+    indices = flow_clip_indices(num_frames, clip_len, frame_interval, num_clips, train=train, rng=rng)
+    crop, flip = train_crop(width, height, rng) if train else (test_crop(width, height), False)
+    positions = indices.reshape(-1).astype(np.int64)
+    return ClipPlan(frame_indices=positions, flow_indices=positions[:, None].copy(),
+                    crop=tuple(int(c) for c in crop), flip=flip)
+
+
+def view_plans(plan: ClipPlan, width: int, height: int, num_crops: int) -> list[ClipPlan]:
+    """``plan`` once per test view (``multicrop.crop_views``): 1 view is ``plan`` itself
+    (the centre crop of ``test_crop``)."""
+    if num_crops == 1:
+        return [plan]
+    from .multicrop import crop_views
+
+    return [dataclasses.replace(plan, crop=view.box, flip=view.flip)
+            for view in crop_views(width, height, num_crops)]

@@ -29,6 +29,14 @@ class LoaderSpec:
     a rawframe list's total_frames counts flow frames (None: detected from the files).
     ``labels=False``: label-less list lines are read, with label −1. ``num_workers=None``:
     this machine's cores shared among the local ranks.
+
+    3-D clips (``clip_len`` > 0): ``num_segments`` clips of ``clip_len`` frames
+    ``frame_interval`` apart (MMAction2 SampleFrames, ``clip_sampling``) with one flow pair
+    per frame (``flow_length`` = 1); a batch carries each clip's frames on the segment axis,
+    ``rgb`` (B, N·T, 3, S, S) and ``flow`` (B, N·T, 2, S, S), which the model views as N clips
+    (C, T, S, S). ``test_crops`` (1, 3, 10; evaluation only): every clip is cut into that
+    many views (``multicrop.crop_views``); the batch's ``rgb``/``flow`` then hold B·V clips,
+    the V views of a video contiguous, ``label``/``index`` stay (B,) and ``views`` = V.
     """
     annotation: Optional[str]
     data_root: Optional[str]
@@ -53,6 +61,24 @@ class LoaderSpec:
     naming: FrameNaming = FrameNaming()
     flow_count: Optional[bool] = None
     labels: bool = True
+    clip_len: int = 0
+    frame_interval: int = 1
+    test_crops: int = 1
+
+    @property
+    def views(self) -> int:
+        """Views per video: ``test_crops`` when evaluating, 1 when training."""
+        return 1 if self.train else self.test_crops
+
+    @property
+    def positions(self) -> int:
+        """Frames per view on the segment axis: K segments, or N clips × T frames."""
+        return self.num_segments * self.clip_len if self.clip_len else self.num_segments
+
+    @property
+    def samples_per_video(self) -> int:
+        """RGB frames (each with its flow stack) read per video: views × positions."""
+        return self.views * self.positions
 
     def replace(self, **changes) -> "LoaderSpec":
         return dataclasses.replace(self, **changes)
@@ -62,19 +88,30 @@ class LoaderSpec:
                     annotation: Optional[str] = None, segments: Optional[int] = None,
                     labels: bool = True) -> "LoaderSpec":
         """The training split (K = model.num_segments) or the evaluation split (K =
-        ``segments`` or data.test_segments, data.eval_batch_size) of a validated Config.
+        ``segments`` or data.test_segments, data.eval_batch_size, data.test_crops views) of a
+        validated Config; with a 3-D backbone K counts clips (data.test_clips at test) of
+        model.clip_len frames.
         ``annotation`` replaces data.train_list / data.val_list."""
+        from ccs_fast.video_backbones import is_video_backbone
+
         data = cfg.data
         which = "train_list" if train else "val_list"
         annotation = annotation or getattr(data, which) or None
         if annotation is None and data.backend != "synthetic":
             raise CCSError(f"config: data.{which} is empty; set it to an annotation list "
                            "(or use data.backend=synthetic)")
+        video = is_video_backbone(cfg.model.backbone)
+        num_segments = cfg.model.num_segments if train else \
+            segments or (data.test_clips if video else data.test_segments)
+        clip_len, flow_length = (cfg.model.clip_len, 1) if video else (0, cfg.model.flow_length)
+        if video and data.backend == "synthetic":  # random tensors: the positions are all it needs
+            num_segments, clip_len = num_segments * clip_len, 0
         return cls(
             annotation=annotation, data_root=data.root, backend=data.backend, train=train,
             batch_size=data.batch_size if train else data.eval_batch_size or data.batch_size,
-            num_segments=cfg.model.num_segments if train else segments or data.test_segments,
-            flow_length=cfg.model.flow_length, input_size=data.input_size, device=str(device),
+            num_segments=num_segments, clip_len=clip_len, frame_interval=cfg.model.frame_interval,
+            test_crops=data.test_crops if data.backend != "synthetic" else 1,
+            flow_length=flow_length, input_size=data.input_size, device=str(device),
             seed=cfg.train.seed, rank=rank, world_size=world_size, modality=data.modality,
             num_workers=data.num_workers,
             classes_per_batch=data.classes_per_batch if train else None,

@@ -37,7 +37,7 @@ from ccs_fast.distributed import cores_per_process
 
 from .formats import VideoRecord, default_num_classes
 from .rawframes import decode_jpeg, frame_size, load_records
-from .sampling import plan_clip
+from .sampling import plan_clip, view_plans
 from .samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                          invert_flow_x, stack_flow)
@@ -80,7 +80,8 @@ def resize_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 class ClipDataset(Dataset):
     """Map-style dataset indexed by ``(epoch, position)``; returns a sample dict of uint8
-    arrays ``rgb`` (K, S, S, 3), ``flow`` (K, S, S, 2L), ints ``label``, ``index`` (the
+    arrays ``rgb`` (V·P, S, S, 3), ``flow`` (V·P, S, S, 2L) (P = ``spec.positions``: K
+    segments or N·T clip frames; V = ``spec.views`` test crops, view after view), ints ``label``, ``index`` (the
     annotation row, which also seeds the clip) and ``error`` (None, or the one-line CCSError
     message of a bad sample)."""
 
@@ -114,7 +115,8 @@ class ClipDataset(Dataset):
         try:
             return plan_clip(record.num_frames, width, height, num_segments=o.num_segments,
                              flow_length=o.flow_length, input_size=o.input_size, train=o.train,
-                             seed=o.seed, epoch=epoch, index=row)
+                             seed=o.seed, epoch=epoch, index=row, clip_len=o.clip_len,
+                             frame_interval=o.frame_interval)
         except ValueError as exc:
             raise bad_file(name, f"video too short: {exc}") from None
 
@@ -142,11 +144,19 @@ class ClipDataset(Dataset):
             frames = [(path, decode_jpeg(path, grey=False)) for path in paths]
 
         naming, offset = self.spec.naming, record.offset
+        decoded_flow = {}  # each flow frame decoded once, whatever the number of views
 
         def flow_pair(i):
-            return tuple((path, decode_jpeg(path, grey=True)) for path in naming.flow(frame_dir, offset + i))
+            if i not in decoded_flow:
+                decoded_flow[i] = tuple((path, decode_jpeg(path, grey=True))
+                                        for path in naming.flow(frame_dir, offset + i))
+            return decoded_flow[i]
 
-        return cut_clip(plan, width, height, size, frames, flow_pair)
+        views = [cut_clip(view, width, height, size, frames, flow_pair)
+                 for view in view_plans(plan, width, height, self.spec.views)]
+        if len(views) == 1:
+            return views[0]
+        return np.concatenate([rgb for rgb, _ in views]), np.concatenate([flow for _, flow in views])
 
 
 def cut_clip(plan, width: int, height: int, size: int, rgb_frames, flow_pair):
@@ -225,8 +235,9 @@ class TorchClipLoader:
     """One epoch of batch dicts per ``iter``; see the loader contract in docs/loader.md."""
 
     def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
-                 num_classes, skipped=None, generator=None):
+                 num_classes, skipped=None, generator=None, views: int = 1):
         self.dataset = dataset
+        self.views = views
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
         self.dtype = dtype
@@ -289,13 +300,18 @@ class TorchClipLoader:
                 continue
             rgb = batch["rgb"].to(self.device, non_blocking=True)
             flow = batch["flow"].to(self.device, non_blocking=True)
+            if self.views > 1:  # (B, V·P, ...) -> (B·V, P, ...): the views of a video contiguous
+                rgb, flow = (x.view(x.shape[0] * self.views, -1, *x.shape[2:]) for x in (rgb, flow))
             rgb, flow = normalize_on_device(rgb, flow, self.dtype)
-            yield {
+            out = {
                 "rgb": rgb,
                 "flow": flow,
                 "label": batch["label"].to(self.device, non_blocking=True),
                 "index": batch["index"].to(self.device, non_blocking=True),
             }
+            if self.views > 1:
+                out["views"] = self.views
+            yield out
 
 
 def loader_generator(seed: int, rank: int, train: bool) -> torch.Generator:
@@ -317,6 +333,7 @@ def build_torch_loader(spec) -> TorchClipLoader:
         else default_num_classes(labels),
         skipped=skipped,
         generator=loader_generator(spec.seed, spec.rank, spec.train),
+        views=spec.views,
     )
     loader.frame_count = count
     return loader

@@ -128,3 +128,39 @@ def test_every_plan_stays_inside_the_video_and_the_frame(num_frames, num_segment
     assert np.array_equal(again.frame_indices, plan.frame_indices)
     assert np.array_equal(again.flow_indices, plan.flow_indices)
     assert again.crop == plan.crop and again.flip == plan.flip
+
+
+def test_3d_plan_is_sample_frames_over_the_flow_frames():
+    """A 3-D plan: N clips of T frames from clip_sampling (offsets drawn before the crop),
+    one flow pair per frame, the RGB frame of each position the first of its pair."""
+    from ccs_fast.dataloader.clip_sampling import flow_clip_indices
+    from ccs_fast.dataloader.sampling import train_crop
+
+    for index in range(5):
+        p = plan_clip(40, 40, 32, num_segments=2, flow_length=1, input_size=16, train=True, seed=3,
+                      epoch=1, index=index, clip_len=4, frame_interval=3)
+        rng = clip_rng(3, 1, index)
+        expected = flow_clip_indices(40, 4, 3, 2, train=True, rng=rng)
+        assert (p.frame_indices == expected.reshape(-1)).all() and p.flow_indices.shape == (8, 1)
+        assert (p.flow_indices[:, 0] == p.frame_indices).all()
+        assert (p.crop, p.flip) == train_crop(40, 32, rng)  # the same generator, after the offsets
+    test = plan_clip(40, 40, 32, num_segments=3, flow_length=1, input_size=16, train=False, seed=0,
+                     epoch=0, index=0, clip_len=4, frame_interval=3)
+    assert (test.frame_indices == flow_clip_indices(40, 4, 3, 3, train=False).reshape(-1)).all()
+    assert not test.flip
+    with pytest.raises(ValueError, match="one flow pair per frame"):
+        plan_clip(40, 40, 32, num_segments=1, flow_length=5, input_size=16, train=False, seed=0,
+                  epoch=0, index=0, clip_len=4)
+
+
+@pytest.mark.parametrize("crops", [1, 3, 10])
+def test_view_plans_are_the_multicrop_views(crops):
+    from ccs_fast.dataloader.multicrop import crop_views
+    from ccs_fast.dataloader.sampling import view_plans
+
+    base = plan(train=False)
+    views = view_plans(base, 40, 32, crops)
+    assert [(v.crop, v.flip) for v in views] == [(c.box, c.flip) for c in crop_views(40, 32, crops)]
+    assert all((v.frame_indices == base.frame_indices).all() for v in views)
+    if crops == 1:
+        assert views == [base]

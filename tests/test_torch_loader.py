@@ -430,3 +430,45 @@ def test_workers_start_after_opencv_ran_its_thread_pool_here(tree):
     assert epoch_tensors(workers, 0)
     workers.close()
     assert cv2.getNumThreads() == 2  # restored
+
+
+def test_test_crops_are_the_multicrop_views(tree):
+    """data.test_crops: B·V clips per batch, a video's views contiguous, each view the
+    multicrop box resized (flipped views mirrored, flow_x inverted); 1 view = the centre crop."""
+    from ccs_fast.dataloader.multicrop import crop_views
+
+    annotation, root = tree
+    kw = dict(train=False, batch_size=2, num_segments=2, flow_length=2)
+    single = next(iter(loader(annotation, root, **kw)))
+    for crops in (3, 10):
+        batch = next(iter(loader(annotation, root, test_crops=crops, **kw)))
+        assert batch["rgb"].shape == (2 * crops, 2, 3, S, S) and batch["flow"].shape == (2 * crops, 2, 4, S, S)
+        assert batch["views"] == crops and batch["label"].shape == (2,)
+        plan = plan_clip(FRAMES, W, H, num_segments=2, flow_length=2, input_size=S, train=False,
+                         seed=0, epoch=0, index=1)
+        image = rgb_frame(int(plan.frame_indices[0]))  # video 1, segment 0
+        for v, view in enumerate(crop_views(W, H, crops)):
+            expected = crop_resize(image, view.box, S, view.flip).astype(np.float32)
+            got = denormalize_rgb(batch["rgb"][crops + v, 0])
+            assert np.abs(got - expected).max() < 3.0  # JPEG quality 100
+            flow_x = crop_resize(XGRAD, view.box, S, view.flip)
+            flow_x = invert_flow_x(flow_x) if view.flip else flow_x
+            assert np.abs(batch["flow"][crops + v, 0, 0].numpy() - normalize_flow(flow_x)).max() < 3 / 128
+    centre = next(iter(loader(annotation, root, test_crops=10, **kw)))
+    assert torch.equal(centre["rgb"][4::10], single["rgb"]) and torch.equal(centre["flow"][4::10], single["flow"])
+
+
+def test_3d_clips_follow_sample_frames(tmp_path):
+    """clip_len: a video gives N·T frames on the segment axis, frame t of clip n at position
+    n·T + t, each with its one flow pair, at the indices of clip_sampling."""
+    from ccs_fast.dataloader.clip_sampling import flow_clip_indices
+
+    annotation, root = make_rawframes(tmp_path, num_videos=3, flow_y_marks_index=True)
+    batch = next(iter(loader(annotation, root, train=False, batch_size=3, num_segments=2, flow_length=1,
+                             clip_len=4, frame_interval=2)))
+    assert batch["rgb"].shape == (3, 8, 3, S, S) and batch["flow"].shape == (3, 8, 2, S, S)
+    expected = flow_clip_indices(FRAMES, 4, 2, 2, train=False).reshape(-1)
+    blue = np.stack([denormalize_rgb(batch["rgb"][0, p])[..., 2].mean() for p in range(8)])
+    assert np.abs(blue - 20 * expected).max() < 3.0  # B channel marks the frame index
+    flow_y = batch["flow"][0, :, 1].mean(dim=(1, 2)).numpy() * 128 + 128
+    assert np.abs(flow_y - 20 * expected).max() < 3.0  # flow_y marks the flow index
