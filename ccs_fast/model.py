@@ -17,6 +17,20 @@ and the head:
   (after dropout), both shared by the streams and applied to the two streams stacked along the
   batch, so BatchNorm sees (and its running statistics mix) both modalities; z = P(feature).
 
+3-D base models (``model.backbone`` an I3D inflation or a torchvision video model,
+``video_backbones``): the batch carries N clips of T = ``clip_len`` frames on the segment
+axis, rgb (B, N·T, 3, H, W) and flow (B, N·T, 2, H, W) (one flow pair per frame, channel 0
+horizontal), viewed as B·N clips (C, T, H, W) — free for the loaders' channels_last frames,
+which give channels_last_3d clips. A connection block then attends within each clip over its
+T'·h·w positions, (B·N, T'·h·w, C) tokens (e.g. 8·7·7 = 392 for 16 frames at 224²); pooling is
+over (T', h, w), and the consensus runs over the N clips as over segments.
+
+``consensus: trn``: one ``TemporalRelationConsensus`` per stream (TRN's multi-scale relation
+MLPs over the K segment features, ``trn.py``) gives a ``TRN_FEATURES``-dimensional video
+feature that the heads above classify (the shared block projects it). Test clips with more
+segments than ``num_segments`` are averaged into ``num_segments`` sections first
+(``trn.pool_to_segments``), as below.
+
 Consensus with a test clip of K segments when training used K_train = ``num_segments``:
 ``avg`` and ``max`` reduce any K. ``concat`` and ``mul`` depend on the number of segments, so
 the K segments are first averaged within K_train equal temporal sections (segment i goes to
@@ -35,13 +49,18 @@ from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
 from ccs_fast.config import CONSENSUS, Config, ModelConfig
 from ccs_fast.connection import CrossStreamAttention
 from ccs_fast.errors import CCSError
+from ccs_fast.trn import TemporalRelationConsensus
+from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones, is_video_backbone,
+                                      tokens_to_video_maps, video_maps_to_tokens)
+
+TRN_FEATURES = 256  # video feature of the TRN consensus: TRN's bottleneck width
 
 class SegmentConsensus(nn.Module):
     """(B, K, C) segment features -> (B, C) video feature (``concat``: (B, K_train·C))."""
 
     def __init__(self, mode: str, num_segments: int):
         super().__init__()
-        if mode not in CONSENSUS:
+        if mode not in CONSENSUS or mode == "trn":
             raise ValueError(f"consensus must be one of {', '.join(CONSENSUS)}, got {mode!r}")
         self.mode, self.num_segments = mode, num_segments
 
@@ -83,7 +102,9 @@ class CCSModel(nn.Module):
         super().__init__()
         self.variant = cfg.variant
         self.num_classes = cfg.num_classes
-        self.flow_channels = 2 * cfg.flow_length
+        self.video = isinstance(rgb_backbone, VideoBackbone)
+        self.clip_len = cfg.clip_len if self.video else 1
+        self.flow_channels = 2 if self.video else 2 * cfg.flow_length
         self.partial_bn = cfg.partial_bn
         if rgb_backbone.in_chans != 3 or flow_backbone.in_chans != self.flow_channels:
             raise ValueError(
@@ -108,8 +129,15 @@ class CCSModel(nn.Module):
             }
         )
 
-        self.consensus = SegmentConsensus(cfg.consensus, cfg.num_segments)
-        self.feature_dim = self.consensus.out_features(rgb_backbone.channels[-1])
+        channels = rgb_backbone.channels[-1]
+        self.consensus_mode = cfg.consensus
+        if cfg.consensus == "trn":
+            self.consensus_rgb, self.consensus_flow = (
+                TemporalRelationConsensus(cfg.num_segments, channels, TRN_FEATURES) for _ in range(2))
+            self.feature_dim = TRN_FEATURES
+        else:
+            self.consensus = SegmentConsensus(cfg.consensus, cfg.num_segments)
+            self.feature_dim = self.consensus.out_features(channels)
         self.dropout = nn.Dropout(cfg.dropout)
         if self.uses_shared_block:
             self.embed_dim = cfg.embed_dim
@@ -135,21 +163,50 @@ class CCSModel(nn.Module):
         return self.variant in ("cs", "all")
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> dict[str, torch.Tensor]:
-        if rgb.dim() != 5 or flow.dim() != 5 or rgb.shape[:2] != flow.shape[:2]:
+        x_rgb, x_flow, B, K = self.feature_maps(rgb, flow)
+        return self.head_from_maps(x_rgb, x_flow, B, K)
+
+    def feature_maps(self, rgb: torch.Tensor, flow: torch.Tensor):
+        """(last stage's RGB maps, flow maps, B, K): maps (B·K, C, h, w), or (B·K, C, T', h, w)
+        for a 3-D model with K clips; connection blocks applied."""
+        what = "N·T" if self.video else "K"
+        if rgb.dim() != 5 or flow.dim() != 5 or rgb.shape[:2] != flow.shape[:2] or rgb.shape[2] != 3 \
+                or flow.shape[2] != self.flow_channels:
             raise ValueError(
-                f"expected rgb (B, K, 3, H, W) and flow (B, K, {self.flow_channels}, H, W), "
+                f"expected rgb (B, {what}, 3, H, W) and flow (B, {what}, {self.flow_channels}, H, W), "
                 f"got {tuple(rgb.shape)} and {tuple(flow.shape)}"
             )
-        B, K = rgb.shape[:2]
-        x_rgb, x_flow = rgb.flatten(0, 1), flow.flatten(0, 1)
+        B, P = rgb.shape[:2]
+        if self.video:
+            if P % self.clip_len:
+                raise ValueError(f"{P} frames per video are not whole clips of model.clip_len={self.clip_len}")
+            K = P // self.clip_len
+            x_rgb, x_flow = frames_to_clips(rgb, self.clip_len), frames_to_clips(flow, self.clip_len)
+        else:
+            K = P
+            x_rgb, x_flow = rgb.flatten(0, 1), flow.flatten(0, 1)
         for index in range(self.num_stages):
             x_rgb = self.backbone_rgb.stages[index](x_rgb)
             x_flow = self.backbone_flow.stages[index](x_flow)
             if str(index + 1) in self.connections:
-                x_rgb, x_flow = _connect(self.connections[str(index + 1)], x_rgb, x_flow, B)
-        v_rgb = self.consensus(x_rgb.mean(dim=(2, 3)).view(B, K, -1))
-        v_flow = self.consensus(x_flow.mean(dim=(2, 3)).view(B, K, -1))
+                block = self.connections[str(index + 1)]
+                if self.video:
+                    x_rgb, x_flow = _connect_clips(block, x_rgb, x_flow)
+                else:
+                    x_rgb, x_flow = _connect(block, x_rgb, x_flow, B)
+        return x_rgb, x_flow, B, K
+
+    def head_from_maps(self, x_rgb: torch.Tensor, x_flow: torch.Tensor, B: int, K: int) -> dict[str, torch.Tensor]:
+        """Pool the last maps over every position but the segment (clip), consensus, heads."""
+        v_rgb = self.segment_consensus("rgb", x_rgb.flatten(2).mean(dim=2).view(B, K, -1))
+        v_flow = self.segment_consensus("flow", x_flow.flatten(2).mean(dim=2).view(B, K, -1))
         return self._head(v_rgb, v_flow)
+
+    def segment_consensus(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, C) segment features of ``stream`` -> its video feature."""
+        if self.consensus_mode == "trn":
+            return (self.consensus_rgb if stream == "rgb" else self.consensus_flow)(x)
+        return self.consensus(x)
 
     def _head(self, v_rgb: torch.Tensor, v_flow: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.uses_shared_block:
@@ -176,6 +233,20 @@ def _connect(block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Ten
     """Run a connection block on (B·K, C, h, w) maps, attending over all K·h·w positions."""
     y_rgb, y_flow = block(maps_to_tokens(x_rgb, B), maps_to_tokens(x_flow, B))
     return tokens_to_maps(y_rgb, x_rgb.shape), tokens_to_maps(y_flow, x_flow.shape)
+
+
+def _connect_clips(block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Tensor):
+    """Run a connection block on (B·N, C, T, h, w) clip maps, attending within each clip over
+    its T·h·w positions."""
+    y_rgb, y_flow = block(video_maps_to_tokens(x_rgb), video_maps_to_tokens(x_flow))
+    return tokens_to_video_maps(y_rgb, x_rgb.shape), tokens_to_video_maps(y_flow, x_flow.shape)
+
+
+def frames_to_clips(x: torch.Tensor, clip_len: int) -> torch.Tensor:
+    """(B, N·T, C, H, W) frames -> (B·N, C, T, H, W) clips; no copy when each frame is
+    channels_last (the loaders' layout), which makes the clips channels_last_3d."""
+    B, P, C, H, W = x.shape
+    return x.view(B, P // clip_len, clip_len, C, H, W).permute(0, 1, 3, 2, 4, 5).flatten(0, 1)
 
 
 def maps_to_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -217,15 +288,20 @@ def _resolve_stages(cfg: ModelConfig, backbone: StagedBackbone) -> list[int]:
 
 
 def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -> CCSModel:
-    """Both backbones (flow: 2L input channels, TSN cross-modality init) and the CCS heads,
+    """Both backbones (flow: 2L input channels, or 2 per frame for a 3-D backbone; TSN
+    cross-modality init) and the CCS heads,
     on ``device`` (when given) with channels_last strides (when asked). The training run,
     ``eval`` and ``predict`` all build their network here. ``cfg`` is checked by the config's
     own validation (CCSError naming the field)."""
     Config(model=cfg).validate(source="model config")
-    rgb, flow = build_two_stream_backbones(cfg.backbone, 2 * cfg.flow_length, cfg.pretrained)
+    video = is_video_backbone(cfg.backbone)
+    if video:
+        rgb, flow = build_two_stream_video_backbones(cfg.backbone, 2, cfg.pretrained)
+    else:
+        rgb, flow = build_two_stream_backbones(cfg.backbone, 2 * cfg.flow_length, cfg.pretrained)
     model = CCSModel(cfg, rgb, flow)
     if device is not None:
         model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last_3d if video else torch.channels_last)
     return model

@@ -56,6 +56,11 @@ _EXAMPLES = "i3d_resnet18, i3d_resnet50, r3d_18, r2plus1d_18, s3d"
 S3D_STAGE_CHANNELS = (64, 192, 480, 832, 1024)  # torchvision s3d: features cut after each max-pool
 
 
+def is_video_backbone(name: str) -> bool:
+    """Whether ``model.backbone`` names a 3-D base model of this module (not a 2-D one)."""
+    return name.startswith(I3D_PREFIX) or name in TORCHVISION_VIDEO_MODELS
+
+
 class VideoBackbone(nn.Module):
     """A 3-D feature extractor as ``stages`` run one after another: (B, C_in, T, H, W) →
     (B, C, T', h, w). Attributes: ``name``, ``in_chans``, ``channels`` (per stage)."""

@@ -216,3 +216,96 @@ def test_unsplittable_backbone_allows_only_the_last_stage():
         CCSModel(ModelConfig(cb_stages=[3], **cfg), rgb, flow)
     model = CCSModel(ModelConfig(cb_stages=[-1], **cfg), rgb, flow)
     assert model.cb_stages == (1,) and model(*clip())["z_f"].shape == (B, 4)
+
+
+# ---------------------------------------------------------------------------- 3-D base models
+
+T3D = 4
+
+
+@pytest.fixture(scope="module")
+def video_backbones():
+    from ccs_fast.video_backbones import build_two_stream_video_backbones
+
+    torch.manual_seed(0)
+    return build_two_stream_video_backbones("i3d_resnet18", 2)
+
+
+def video_clip(clips=1, seed=0):
+    """Loader layout of 3-D clips: (B, N·T, C, S, S), channels_last per frame, flow 2 per frame."""
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.randn(B, clips * T3D, S, S, 3, generator=g).permute(0, 1, 4, 2, 3)
+    flow = torch.randn(B, clips * T3D, S, S, 2, generator=g).permute(0, 1, 4, 2, 3)
+    return rgb, flow
+
+
+def make_video_model(video_backbones, **overrides):
+    fields = dict(backbone="i3d_resnet18", num_classes=CLASSES, num_segments=1, clip_len=T3D, embed_dim=16,
+                  dropout=0.0, cb_gamma_init=1.0, impl="eager")
+    fields.update(overrides)
+    rgb, flow = video_backbones
+    return CCSModel(ModelConfig(**fields), copy.deepcopy(rgb), copy.deepcopy(flow)).eval()
+
+
+def test_frames_to_clips_is_a_channels_last_3d_view():
+    from ccs_fast.model import frames_to_clips
+
+    rgb, _ = video_clip(clips=2)
+    clips = frames_to_clips(rgb, T3D)
+    assert clips.shape == (B * 2, 3, T3D, S, S) and clips.data_ptr() == rgb.data_ptr()
+    assert clips.is_contiguous(memory_format=torch.channels_last_3d)
+    for b, n, t in ((0, 0, 0), (1, 1, 3), (1, 0, 2)):
+        assert torch.equal(clips[b * 2 + n, :, t], rgb[b, n * T3D + t])
+
+
+def test_3d_model_matches_its_parts(video_backbones):
+    """variant all on (B, T·h·w, C) tokens per clip: the forward equals backbones → block on
+    the clip's T'·h·w positions → pooling over (T', h, w) → consensus over clips → shared head."""
+    from ccs_fast.video_backbones import tokens_to_video_maps, video_maps_to_tokens
+
+    model = make_video_model(video_backbones, num_segments=2)
+    rgb, flow = video_clip(clips=2, seed=1)
+    seen = {}
+    block = model.connections["4"]
+    block.register_forward_pre_hook(lambda _m, args: seen.update(n=args[0].shape))
+    out = model(rgb, flow)
+    # reference: the clips as (B·N, C, T, H, W) through the two 3-D backbones by hand
+    x_f = rgb.reshape(B, 2, T3D, 3, S, S).transpose(2, 3).reshape(B * 2, 3, T3D, S, S)
+    x_o = flow.reshape(B, 2, T3D, 2, S, S).transpose(2, 3).reshape(B * 2, 2, T3D, S, S)
+    with torch.no_grad():
+        f, o = model.backbone_rgb(x_f), model.backbone_flow(x_o)
+        y_f, y_o = block(video_maps_to_tokens(f), video_maps_to_tokens(o))
+        f, o = tokens_to_video_maps(y_f, f.shape), tokens_to_video_maps(y_o, o.shape)
+        v = torch.cat([f.mean(dim=(2, 3, 4)).view(B, 2, -1).mean(1), o.mean(dim=(2, 3, 4)).view(B, 2, -1).mean(1)])
+        logits = model.classifier(model.projection(v))
+    assert seen["n"] == (B * 2, f.shape[2] * f.shape[3] * f.shape[4], 512)  # T'·h·w tokens per clip
+    torch.testing.assert_close(out["logits_f"], logits[:B], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logits_o"], logits[B:], rtol=1e-4, atol=1e-5)
+
+
+def test_3d_build_model_and_bad_clip(video_backbones):
+    model = build_model(ModelConfig(backbone="i3d_resnet18", num_classes=CLASSES, num_segments=1, clip_len=T3D,
+                                    variant="cb", impl="eager"), channels_last=True)
+    assert model.video and model.flow_channels == 2
+    out = model(*video_clip())
+    assert out["logits_f"].shape == (B, CLASSES) and out["logits_o"].isfinite().all()
+    with pytest.raises(ValueError, match="not whole clips of model.clip_len=4"):
+        model(*(x[:, :3] for x in video_clip()))
+
+
+# ---------------------------------------------------------------------------- TRN consensus
+
+def test_trn_consensus_per_stream(backbones):
+    """consensus=trn: one TemporalRelationConsensus per stream gives the video feature; the
+    output depends on the segments' order (avg does not); more test segments pool to K."""
+    from ccs_fast.model import TRN_FEATURES
+
+    model = make_model(backbones, consensus="trn", variant="all", num_segments=3).eval()
+    assert model.feature_dim == TRN_FEATURES and model.projection[0].in_features == TRN_FEATURES
+    rgb, flow = clip(segments=3, seed=2)
+    out = model(rgb, flow)
+    reversed_out = model(rgb.flip(1), flow.flip(1))
+    assert not torch.allclose(out["logits_f"], reversed_out["logits_f"])
+    assert model(*clip(segments=7))["logits_o"].shape == (B, CLASSES)
+    baseline = make_model(backbones, consensus="trn", variant="baseline", num_segments=3)
+    assert baseline.classifier_rgb.in_features == TRN_FEATURES
