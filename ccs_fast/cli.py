@@ -100,25 +100,66 @@ def _config_of_checkpoint(args):
 
 
 def cmd_eval(args) -> int:
-    from ccs_fast.evaluate import evaluate_checkpoint
+    """One checkpoint: accuracies, protocol, confusion matrix (eval.json, confusion.png) and
+    the optional pictures. Several (one per split, each with its --list): the paper's
+    Table 1 layout with the mean over splits."""
+    from ccs_fast.evaluate import evaluate_checkpoint, evaluate_checkpoints
 
-    cfg = _config_of_checkpoint(args)
+    checkpoints, lists = args.checkpoint, args.list or []
+    if lists and len(lists) != len(checkpoints):
+        raise CCSError(f"eval: {len(checkpoints)} --checkpoint but {len(lists)} --list; "
+                       "give one --list per --checkpoint (or none: each checkpoint's data.val_list)")
+    if (args.cam or args.attention) and not args.out:
+        raise CCSError("eval --cam/--attention: --out FOLDER is needed for the pictures")
+    cfgs = [_config_of_checkpoint(argparse.Namespace(**{**vars(args), "checkpoint": c})) for c in checkpoints]
     out = Path(args.out) if args.out else None
+    out_json, out_md = (out / "eval.json", out / "eval.md") if out else (None, None)
+    if len(checkpoints) > 1:
+        if args.no_labels or args.cam or args.attention:
+            raise CCSError("eval: --no-labels, --cam and --attention take one --checkpoint")
+        report = evaluate_checkpoints(cfgs, checkpoints, lists, out_json=out_json, out_md=out_md,
+                                      crops=args.crops)
+        for result in report["splits"].values():
+            _print_skipped(result, "[eval]")
+        print(f"[eval] protocol: {report['protocol']['text']}", flush=True)
+        print(report["table"], end="", flush=True)
+        return 0
+    cfg, checkpoint, annotation = cfgs[0], checkpoints[0], lists[0] if lists else None
     if args.no_labels:
         from ccs_fast.predict import predict_list
 
         where = out / "predictions.jsonl" if out else Path("predictions.jsonl")
-        summary = predict_list(cfg, args.checkpoint, args.list, where)
+        summary = predict_list(cfg, checkpoint, annotation, where)
         _print_skipped(summary, "[predict]")
         print(f"predicted {summary['num_videos']} videos (no labels, no accuracy) -> {where}")
         return 0
-    result = evaluate_checkpoint(
-        cfg, args.checkpoint, annotation=args.list,
-        out_json=out / "eval.json" if out else None, out_md=out / "eval.md" if out else None,
-    )
+    result = evaluate_checkpoint(cfg, checkpoint, annotation=annotation, out_json=out_json, out_md=out_md,
+                                 crops=args.crops, return_model=bool(args.cam or args.attention))
     _print_skipped(result, "[eval]")
+    print(f"[eval] protocol: {result['protocol']['text']}", flush=True)
     print(result["table"], end="", flush=True)
+    if out:
+        _eval_pictures(args, result, out, annotation)
     return 0
+
+
+def _eval_pictures(args, result: dict, out: Path, annotation) -> None:
+    from ccs_fast.pictures import (matplotlib_available, picture_loader, write_attention, write_cams,
+                                   write_confusion)
+
+    if not matplotlib_available():
+        print("[eval] pictures skipped: matplotlib is not installed (pip install 'ccs_fast[viz]')", flush=True)
+        return
+    names = None
+    if "cfg" in result:
+        names = result["cfg"].model.class_names
+    print(f"[eval] confusion matrix -> {write_confusion(result, out / 'confusion.png', names)}", flush=True)
+    for count, write, folder in ((args.cam, write_cams, "cams"), (args.attention, write_attention, "attention")):
+        if count:
+            cfg, device = result["cfg"], result["device"]
+            paths = write(result["model"], picture_loader(cfg, device, annotation), count, out / folder,
+                          device=device, precision=cfg.train.precision, class_names=names)
+            print(f"[eval] {len(paths)} {folder} pictures -> {out / folder}", flush=True)
 
 
 def _print_skipped(result: dict, what: str) -> None:
@@ -172,9 +213,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ccs_fast.demo import run_demo
+    from ccs_fast.demo import parse_variants, run_demo
 
-    run_demo(args.out, seed=args.seed, workers=args.workers)
+    run_demo(args.out, seed=args.seed, workers=args.workers, variants=parse_variants(args.variants))
     return 0
 
 
@@ -233,9 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="RGB, Flow and RGB+Flow top-1/top-5 of a checkpoint on a split")
     _config_arguments(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--list", help="annotation list to evaluate (default: the config's data.val_list)")
-    p.add_argument("--out", help="folder for eval.json and eval.md")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="checkpoint or run folder; repeat it (one per split, with one --list each) "
+                        "for the paper's Table 1 with the mean over splits")
+    p.add_argument("--list", action="append",
+                   help="annotation list to evaluate (default: the config's data.val_list); one per --checkpoint")
+    p.add_argument("--out", help="folder for eval.json, eval.md and the pictures")
+    p.add_argument("--crops", type=int, choices=(1, 3, 10), default=None,
+                   help="test views per clip: 1 centre, 3 along the long side, 10 (corners + centre, mirrored); "
+                        "view scores averaged (TSN). Default: data.test_crops (1)")
+    p.add_argument("--cam", type=int, default=0, metavar="N",
+                   help="class activation maps per stream for N test videos (OUT/cams/*.png; needs the [viz] extra)")
+    p.add_argument("--attention", type=int, default=0, metavar="N",
+                   help="connection-block attention for N test videos (OUT/attention/*.png; variants cb and all)")
     p.add_argument("--no-labels", action="store_true",
                    help="the list has no labels (none, or -1): write OUT/predictions.jsonl "
                         "(as predict does) instead of accuracies")
@@ -272,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     p.add_argument("--workers", type=int, default=None, help="loader and synth processes (default: every core)")
+    p.add_argument("--variants", default="baseline,all",
+                   help="comma-separated variants to train (baseline, cb, cs, all; default baseline,all); "
+                        "baseline,cb,cs,all gives the paper's Table 3")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -156,6 +156,9 @@ class Config:
                 fail(name, self.get(name), f"must hold {length} values")
         if not any(self.model.fusion_weights):
             fail("model.fusion_weights", self.model.fusion_weights, "must not all be 0")
+        if self.model.consensus == "trn" and self.model.num_segments < 2:
+            fail("model.consensus", "trn", f"relates segments and needs model.num_segments >= 2, "
+                                           f"got {self.model.num_segments}")
         names = self.model.class_names
         if names is not None and len(names) != self.model.num_classes:
             fail("model.class_names", names, f"must hold model.num_classes = {self.model.num_classes} names")

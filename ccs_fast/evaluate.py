@@ -3,8 +3,19 @@
 Prediction follows SPEC §2.2: per stream the softmax of its logits, fused score
 ``w_f·softmax(logits_f) + w_o·softmax(logits_o)``. The eval loader (``train=False``) gives
 every video exactly once over all ranks with the TSN test protocol (25 evenly spaced
-segments, centre crop); counts are summed across ranks, so the accuracies cover the whole
-split whatever the world size.
+segments, centre crop; a 3-D model: ``data.test_clips`` clips); counts are summed across
+ranks, so the accuracies cover the whole split whatever the world size.
+
+Multi-crop testing (``data.test_crops`` = 3 or 10, ``ccs-fast eval --crops``): the loader
+gives V views per video (batch key ``views``) and each stream's logits are averaged over the
+views before its softmax. That is TSN's score averaging and, for ``avg`` consensus, what
+MMAction2 computes (its head averages the segment × crop features before the linear layer,
+then takes the softmax); ``protocol`` says which test protocol a result used.
+
+Every evaluation also counts the confusion matrix of each stream (rows: true class,
+columns: predicted), summed across ranks like the accuracies; eval.json holds them.
+Several checkpoints (one per split, ``evaluate_checkpoints``) give the paper's Table 1:
+a row per split and the mean over splits (``paper_table.table1_markdown``).
 
 An evaluation is an error (one CCSError line) when no video was evaluated (e.g. every video
 skipped as bad with ``skip_bad``) or when the model's outputs are not finite, and a
@@ -26,6 +37,7 @@ from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
 from ccs_fast.metrics import topk_correct
+from ccs_fast.paper_table import mean_over_splits, table1_markdown
 
 STREAMS = ("rgb", "flow", "fused")
 STREAM_TITLES = {"rgb": "RGB", "flow": "Flow", "fused": "RGB+Flow"}
@@ -54,9 +66,43 @@ def fuse_scores(logits_f: torch.Tensor, logits_o: torch.Tensor, fusion_weights: 
 
 
 def forward_scores(model, batch, device, precision, fusion_weights) -> dict:
+    """Fused scores of one batch; a batch with ``views`` > 1 (B·V clips, a video's views
+    contiguous) has each stream's logits averaged over its views first (TSN)."""
+    from ccs_fast.dataloader.multicrop import average_view_scores
+
     with autocast_context(precision, device):
         out = model(batch["rgb"], batch["flow"])
-    return fuse_scores(out["logits_f"], out["logits_o"], fusion_weights)
+    logits_f, logits_o = out["logits_f"], out["logits_o"]
+    views = int(batch.get("views", 1))
+    if views > 1:
+        logits_f = average_view_scores(logits_f.float(), views)
+        logits_o = average_view_scores(logits_o.float(), views)
+    return fuse_scores(logits_f, logits_o, fusion_weights)
+
+
+CROP_NAMES = {1: "centre crop", 3: "3 crops (along the long side)", 10: "10 crops (4 corners + centre, mirrored too)"}
+
+
+def protocol(cfg: Config, segments: Optional[int] = None, crops: Optional[int] = None) -> dict:
+    """The test protocol of an evaluation of ``cfg``: segments (or clips of a 3-D model),
+    crops and how view scores are combined, with a one-line ``text``."""
+    from ccs_fast.video_backbones import is_video_backbone
+
+    crops = crops or cfg.data.test_crops
+    video = is_video_backbone(cfg.model.backbone)
+    result = {"crops": crops, "averaging": "mean of each stream's logits over the views, then softmax (TSN)"
+              if crops > 1 else "single view"}
+    if video:
+        result.update(clips=segments or cfg.data.test_clips, clip_len=cfg.model.clip_len,
+                      frame_interval=cfg.model.frame_interval)
+        what = f"{result['clips']} clips of {cfg.model.clip_len}x{cfg.model.frame_interval} frames"
+    else:
+        result["segments"] = segments or cfg.data.test_segments
+        what = f"{result['segments']} segments"
+    result["text"] = (f"{what} x {CROP_NAMES[crops]}, consensus {cfg.model.consensus}; "
+                      f"{result['averaging']}; RGB+Flow = {cfg.model.fusion_weights[0]:g}:"
+                      f"{cfg.model.fusion_weights[1]:g} sum of the stream softmaxes")
+    return result
 
 
 @torch.no_grad()
@@ -64,7 +110,9 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
              fusion_weights: Sequence[float] = (1.0, 1.0), source: Optional[str] = None) -> dict:
     """Top-1 and top-5 (top-min(5, C)) fractions for ``rgb``, ``flow`` and ``fused``.
 
-    Returns ``{"rgb": {"top1", "top5"}, "flow": {...}, "fused": {...}, "num_videos"}``.
+    Returns ``{"rgb": {"top1", "top5"}, "flow": {...}, "fused": {...}, "num_videos",
+    "confusion_matrix": {"rgb", "flow", "fused"}}`` (each a list of rows, true class by
+    predicted class).
     Under torch.distributed the counts are summed over ranks (every rank must call this).
     The model is put in eval mode and restored to its previous mode afterwards. CCSError
     naming ``source`` (the split evaluated) when no video was evaluated or an output logit
@@ -77,6 +125,8 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     counts = torch.zeros(len(STREAMS), 2, dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # videos whose scores are NaN
+    num_classes = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
+    confusion = None  # (streams, C, C) counts, made with the first batch's class count
     try:
         for batch in loader:
             labels = batch["label"].to(device, non_blocking=True)
@@ -84,16 +134,28 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
             # NaN or +inf logits make the softmax NaN (a -inf logit is a class with probability 0)
             probabilities = torch.cat([scores["rgb"], scores["flow"]], dim=-1)
             nonfinite += (~probabilities.isfinite()).any(dim=-1).sum()
+            C = scores["fused"].shape[-1]
+            if confusion is None:
+                num_classes = C
+                confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
+            known = (labels >= 0) & (labels < C)
             for row, stream in enumerate(STREAMS):
                 counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
+                cells = labels[known] * C + scores[stream][known].argmax(dim=-1)
+                confusion[row] += torch.bincount(cells, minlength=C * C).view(C, C).double()
             total += labels.numel()
     finally:
         model.train(was_training)
-    packed = torch.cat([counts.flatten(), total.view(1), nonfinite.view(1)])
+    if confusion is None:
+        C = int(num_classes or 1)
+        confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
+    packed = torch.cat([counts.flatten(), total.view(1), nonfinite.view(1), confusion.flatten()])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(packed)
     host = packed.tolist()  # host sync: once per evaluation
-    num_videos, num_nonfinite = int(host[-2]), int(host[-1])
+    head = 2 * len(STREAMS)
+    num_videos, num_nonfinite = int(host[head]), int(host[head + 1])
+    matrices = torch.tensor(host[head + 2:], dtype=torch.int64).view(confusion.shape)
     source = source or "evaluation"
     if num_videos == 0:
         skipped = getattr(loader, "num_skipped", 0)
@@ -108,6 +170,7 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     for row, stream in enumerate(STREAMS):
         result[stream] = {"top1": host[2 * row] / num_videos, "top5": host[2 * row + 1] / num_videos}
     result["num_videos"] = num_videos
+    result["confusion_matrix"] = {stream: matrices[row].tolist() for row, stream in enumerate(STREAMS)}
     return result
 
 
@@ -143,33 +206,80 @@ def load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
 
 
 def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,
-                        out_md=None, segments: Optional[int] = None) -> dict:
+                        out_md=None, segments: Optional[int] = None, crops: Optional[int] = None,
+                        return_model: bool = False) -> dict:
     """Evaluate ``checkpoint`` on ``annotation`` (default ``cfg.data.val_list``) with
-    ``segments`` test segments (default ``cfg.data.test_segments``, 25) and centre crops.
+    ``segments`` test segments or clips (default ``cfg.data.test_segments``, 25, or
+    ``data.test_clips`` for a 3-D model) and ``crops`` views (default ``data.test_crops``).
 
     ``cfg`` None: the config stored in the checkpoint. Writes the result as JSON to
-    ``out_json`` and as a markdown table to ``out_md`` when given; returns the dict of
-    ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments``, ``variant``,
-    ``skipped_videos`` (and ``skipped_reasons``) and ``table``; prints nothing.
+    ``out_json`` and as the paper's Table 1 layout (one split) to ``out_md`` when given;
+    returns the dict of ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments``,
+    ``crops``, ``protocol``, ``variant``, ``skipped_videos`` (and ``skipped_reasons``) and
+    ``table`` (and ``model``, ``cfg``, ``device`` with ``return_model``); prints nothing.
     """
     cfg = config_for(cfg, checkpoint)
+    if crops is not None and crops != cfg.data.test_crops:
+        cfg = config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "test_crops": crops}},
+                               source="--crops")
     device = select_device(cfg.train.device)
     model = load_model(cfg, checkpoint, device)
     loader = loader_from_config(cfg, train=False, device=device, annotation=annotation, segments=segments)
     result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
                       source=f"{checkpoint} on {annotation or cfg.data.val_list or 'the eval split'}")
+    test_protocol = protocol(cfg, segments)
     result.update(
         checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
-        segments=segments or cfg.data.test_segments, variant=cfg.model.variant,
+        segments=test_protocol.get("segments", test_protocol.get("clips")), crops=cfg.data.test_crops,
+        protocol=test_protocol, variant=cfg.model.variant,
     )
     result.update({"skipped_videos": 0, **skipped_report(loader)})
     table = format_table(result)
     if out_json:
         write_text(out_json, json.dumps(result, indent=2) + "\n")
     if out_md:
-        write_text(out_md, 
-            f"Checkpoint `{checkpoint}`, {result['num_videos']} videos, "
-            f"{result['segments']} segments, variant `{cfg.model.variant}`\n\n{table}"
-        )
+        write_text(out_md, table1_markdown(
+            {split_label(result): result}, title=f"Variant `{cfg.model.variant}`: checkpoint `{checkpoint}`",
+            protocol=test_protocol["text"], digits=2))
     result["table"] = table
+    if return_model:
+        result.update(model=model, cfg=cfg, device=device)
     return result
+
+
+def split_label(result: dict) -> str:
+    """A Table 1 row label: the annotation list's file name."""
+    from pathlib import Path
+
+    return Path(result["annotation"]).name or result["checkpoint"]
+
+
+def evaluate_checkpoints(cfgs: Sequence[Optional[Config]], checkpoints: Sequence, annotations: Sequence = (),
+                         out_json=None, out_md=None, segments: Optional[int] = None,
+                         crops: Optional[int] = None) -> dict:
+    """One checkpoint per split (``cfgs[i]`` its config, None: the checkpoint's own;
+    ``annotations[i]`` its list, none: each config's val_list):
+    ``{"splits": {label: result}, "mean": mean over splits, "protocol", "table"}``
+    with ``table`` in the paper's Table 1 layout (split rows and their unweighted mean),
+    written to ``out_md``; the whole dict to ``out_json``. Prints nothing."""
+    if len(cfgs) != len(checkpoints):
+        raise ValueError(f"{len(cfgs)} configs for {len(checkpoints)} checkpoints")
+    if annotations and len(annotations) != len(checkpoints):
+        raise CCSError(f"eval: {len(checkpoints)} --checkpoint but {len(annotations)} --list; "
+                       "give one list per checkpoint (or none)")
+    splits = {}
+    for i, checkpoint in enumerate(checkpoints):
+        result = evaluate_checkpoint(cfgs[i], checkpoint, annotation=annotations[i] if annotations else None,
+                                     segments=segments, crops=crops)
+        result.pop("table")
+        label = f"{i + 1}: {split_label(result)}"
+        splits[label] = result
+    first = next(iter(splits.values()))
+    text = table1_markdown(splits, title="RGB, Flow and RGB+Flow accuracy per split (paper Table 1 layout)",
+                           protocol=first["protocol"]["text"], digits=2)
+    report = {"splits": splits, "mean": mean_over_splits(splits), "protocol": first["protocol"], "table": text}
+    if out_json:
+        write_text(out_json, json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2) + "\n")
+    if out_md:
+        write_text(out_md, text)
+    return report

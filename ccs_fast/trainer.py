@@ -262,14 +262,26 @@ def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: 
             f"lr {values['lr']:.3g} {values['clips_per_s']:.1f} clips/s ETA {format_duration(eta_s)}")
 
 
-def _read_running(running: torch.Tensor, count: int, env: DistEnv) -> dict:
-    """Mean of the accumulated losses over ``count`` steps (and every rank)."""
+def _read_running(running: torch.Tensor, count: int, env: DistEnv, names=LOSS_NAMES + ("grad_norm",)) -> dict:
+    """Mean of the accumulated values (losses and gradient norm by default) over ``count``
+    steps (and every rank)."""
     if env.distributed:
         running = running.clone()
         dist.all_reduce(running)
         count *= env.world_size
     values = (running / max(count, 1)).tolist()  # syncs with the device: logging intervals only
-    return dict(zip(LOSS_NAMES + ("grad_norm",), values))
+    return dict(zip(names, values))
+
+
+TRAIN_ACCURACY_NAMES = ("train_rgb_top1", "train_flow_top1", "train_fused_top1")
+
+
+def _batch_hits(out: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 of the RGB, flow and fused (softmax sum) predictions on one training batch (on
+    the device; the augmented clips, train-mode model)."""
+    logits_f, logits_o = out["logits_f"].detach().float(), out["logits_o"].detach().float()
+    fused = logits_f.softmax(-1) + logits_o.softmax(-1)
+    return torch.stack([(x.argmax(-1) == labels).float().mean() for x in (logits_f, logits_o, fused)])
 
 
 # ---------------------------------------------------------------------------- train
@@ -380,6 +392,7 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
     run.forward_model.train()
     running = torch.zeros(len(LOSS_NAMES) + 1, device=device)
     epoch_sum = torch.zeros(len(LOSS_NAMES) + 1, device=device)
+    epoch_hits = torch.zeros(len(TRAIN_ACCURACY_NAMES), device=device)
     since_log = epoch_steps = 0
     throughput = Throughput()
     bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
@@ -393,6 +406,7 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
         stats = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
         running += stats
         epoch_sum += stats
+        epoch_hits += _batch_hits(out, batch["label"])
         since_log += 1
         epoch_steps += 1
         throughput.add(clips_per_step)
@@ -415,6 +429,7 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
     values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
     if not math.isfinite(values["loss"]):
         raise _nan_error("epoch end", values, epoch, run.step, run.last_path)
+    values.update(_read_running(epoch_hits, epoch_steps, env, TRAIN_ACCURACY_NAMES))
     skipped = skipped_report(loader)
     run.logger.log("train_epoch", run.step, values, epoch=epoch + 1, **skipped)
     if skipped and env.is_main:
@@ -430,7 +445,8 @@ def evaluate_epoch(run: _Run, model: torch.nn.Module, loader, epoch_done: int) -
     source = cfg.data.val_list or f"the {cfg.data.backend} eval split"
     result = evaluate(model, loader, run.device, cfg.train.precision, cfg.model.fusion_weights, source=source)
     skipped = skipped_report(loader)
-    run.logger.log("val", run.step, flatten_metrics(result), epoch=epoch_done, **skipped)
+    scalars = {key: value for key, value in result.items() if key != "confusion_matrix"}
+    run.logger.log("val", run.step, flatten_metrics(scalars), epoch=epoch_done, **skipped)
     if run.env.is_main:
         if skipped:
             print(skipped_line(skipped, f"[eval] epoch {epoch_done}"), flush=True)

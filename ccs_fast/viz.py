@@ -181,7 +181,8 @@ def _overlay(ax, image, heat, title):
 def plot_training_curves(metrics: Union[str, Path, Mapping[str, Union[str, Path]]], path, *,
                          dpi: int = DEFAULT_DPI, title: Optional[str] = None) -> Path:
     """Loss per epoch (``train_epoch`` records: total loss solid, CE dashed) and top-1 per epoch
-    (``val`` records: RGB+Flow solid, RGB dashed, Flow dotted) for one metrics.jsonl or for
+    (``val`` records: RGB+Flow solid, RGB dashed, Flow dotted; the training batches' RGB+Flow
+    top-1 of ``train_epoch`` records, ``train_fused_top1``, thin dash-dot) for one metrics.jsonl or for
     {label: metrics.jsonl} of several runs (e.g. the variants). A resumed run's repeated epoch
     keeps its last record. 1200 × 450 pixels at dpi 100."""
     runs = {"": metrics} if isinstance(metrics, (str, Path)) else dict(metrics)
@@ -201,6 +202,9 @@ def plot_training_curves(metrics: Union[str, Path, Mapping[str, Union[str, Path]
             ax_loss.plot(epochs, [train[e].get("loss") for e in epochs], "-o", color=color, ms=3, label=f"{prefix}loss")
             if any("ce" in train[e] for e in epochs):
                 ax_loss.plot(epochs, [train[e].get("ce") for e in epochs], "--", color=color, label=f"{prefix}CE")
+            if any("train_fused_top1" in train[e] for e in epochs):
+                ax_acc.plot(epochs, [train[e].get("train_fused_top1") for e in epochs], "-.", color=color, lw=1,
+                            label=f"{prefix}RGB+Flow (training batches)")
         if val:
             epochs = sorted(val)
             for key, style, name in (("fused_top1", "-o", "RGB+Flow"), ("rgb_top1", "--s", "RGB"),
@@ -209,7 +213,8 @@ def plot_training_curves(metrics: Union[str, Path, Mapping[str, Union[str, Path]
                     ax_acc.plot(epochs, [val[e].get(key) for e in epochs], style, color=color, ms=3,
                                 label=f"{prefix}{name}")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss per epoch")
-    ax_acc.set(xlabel="epoch", ylabel="top-1", title="evaluation top-1 per epoch", ylim=(-0.02, 1.02))
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="top-1 per epoch (test split; training batches dash-dot)",
+               ylim=(-0.02, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.lines:

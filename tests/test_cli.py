@@ -149,4 +149,5 @@ def test_demo_report_table():
               "variants": {"baseline": {"rgb": 0.3, "flow": 0.31, "fused": 0.32},
                            "all": {"rgb": 1.0, "flow": 0.99, "fused": 1.0}}}
     text = format_report(report)
-    assert "| all | 1.000 | 0.990 | 1.000 |" in text and "chance 0.333" in text
+    assert "| `all` | CCS: connection block + shared block, L1 + L2 + L3 | 100.0 | 99.0 | 100.0 | 0 | – |" in text
+    assert "| `baseline` |" in text.split("| `all` |")[0] and "chance 0.333" in text  # paper Table 3 order

@@ -112,7 +112,8 @@ def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
     result = evaluate_checkpoint(None, path, out_json=tmp_path / "eval.json", out_md=tmp_path / "eval.md")
     assert result["num_videos"] == 6 and result["segments"] == 2
     assert json.loads((tmp_path / "eval.json").read_text())["fused"] == result["fused"]
-    assert "| top-1 |" in (tmp_path / "eval.md").read_text()
+    md = (tmp_path / "eval.md").read_text()
+    assert "| RGB top-1 | RGB top-5 |" in md and "Protocol: 2 segments x centre crop" in md  # Table 1 layout
     assert "RGB+Flow" in result["table"] and capsys.readouterr().out == ""  # the CLI prints
 
     summary = predict_list(cfg, path, None, tmp_path / "pred.jsonl")
@@ -180,3 +181,95 @@ def test_set_applies_on_top_of_the_checkpoints_config(tiny_checkpoint, tmp_path,
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(path), "--set", "model.num_classes=7"]) == 2
     assert "checkpoint from another config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- multi-crop, confusion, Table 1
+
+def _view_loader(labels, views, batch_size):
+    """Batches of B·V clips (a video's views contiguous) whose first pixel is the clip's row."""
+    batches = []
+    for start in range(0, len(labels), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(labels)))
+        rows = (idx[:, None] * views + torch.arange(views)).flatten()
+        rgb = rows.float().view(-1, 1, 1, 1, 1).expand(-1, 2, 3, 4, 4).contiguous()
+        batches.append({"rgb": rgb, "flow": torch.zeros(len(rows), 2, 2, 4, 4), "label": labels[idx],
+                        "index": idx, "views": views})
+    return batches
+
+
+@pytest.mark.parametrize("views", [3, 10])
+def test_view_logits_are_averaged_before_the_softmax(views):
+    """TSN: each stream's logits are averaged over a video's views, then softmaxed and fused;
+    the confusion matrices count the resulting predictions (rows true, columns predicted)."""
+    torch.manual_seed(views)
+    labels = torch.randint(0, 4, (7,))
+    logits_f, logits_o = torch.randn(7 * views, 4) * 3, torch.randn(7 * views, 4) * 3
+    result = evaluate(FixedLogits(logits_f, logits_o), _view_loader(labels, views, 3), "cpu", "fp32")
+    mean_f, mean_o = logits_f.view(7, views, 4).mean(1), logits_o.view(7, views, 4).mean(1)
+    expected = fuse_scores(mean_f, mean_o)
+    for stream in ("rgb", "flow", "fused"):
+        predicted = expected[stream].argmax(-1)
+        assert result[stream]["top1"] == pytest.approx((predicted == labels).float().mean().item())
+        matrix = torch.zeros(4, 4, dtype=torch.int64)
+        for y, p in zip(labels.tolist(), predicted.tolist()):
+            matrix[y, p] += 1
+        assert result["confusion_matrix"][stream] == matrix.tolist()
+    assert result["num_videos"] == 7
+
+
+def test_table1_over_several_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    """eval with two --checkpoint: a row per split and their mean (paper Table 1 layout)."""
+    import shutil
+
+    from ccs_fast.cli import main
+
+    cfg, path = tiny_checkpoint
+    second = tmp_path / "split2.pt"
+    shutil.copy(path, second)
+    assert main(["eval", "--checkpoint", str(path), "--checkpoint", str(second), "--set", "data.test_segments=3",
+                 "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    splits = list(report["splits"].values())
+    assert len(splits) == 2 and report["protocol"]["segments"] == 3
+    for stream in ("rgb", "flow", "fused"):
+        assert report["mean"][stream]["top1"] == pytest.approx((splits[0][stream]["top1"] + splits[1][stream]["top1"]) / 2)
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "**Mean (2 splits)**" in md and md in printed and "Protocol: 3 segments x centre crop" in md
+    assert main(["eval", "--checkpoint", str(path), "--checkpoint", str(second), "--list", "a.txt"]) == 2
+    assert "2 --checkpoint but 1 --list" in capsys.readouterr().err
+
+
+def test_eval_crops_confusion_and_pictures_on_rawframes(tmp_path, capsys):
+    """ccs-fast eval --crops 3 --cam 2 --attention 1 on a rawframe list (torch backend):
+    the protocol and the confusion matrix in eval.json, the pictures beside it (or a line
+    saying they were skipped without matplotlib)."""
+    pytest.importorskip("timm")
+    from ccs_fast.cli import main
+    from ccs_fast.model import build_model
+    from test_torch_loader import make_rawframes
+
+    annotation, root = make_rawframes(tmp_path, num_videos=4)
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.num_classes, cfg.model.variant = 3, "all"
+    cfg.data.backend, cfg.data.root, cfg.data.val_list = "torch", str(root), str(annotation)
+    cfg.data.eval_batch_size = 2
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "last.pt", build_model(cfg.model), config=cfg.validate().to_dict())
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(path), "--crops", "3", "--cam", "2", "--attention", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())
+    assert result["crops"] == 3 and result["protocol"]["crops"] == 3 and result["num_videos"] == 4
+    assert "2 segments x 3 crops" in result["protocol"]["text"] and "[eval] protocol: 2 segments x 3 crops" in printed
+    assert sum(map(sum, result["confusion_matrix"]["fused"])) == 4
+    assert [sum(row) for row in result["confusion_matrix"]["rgb"]] == [2, 1, 1]  # labels v % 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "pictures skipped" in printed
+        return
+    assert (out / "confusion.png").is_file()
+    assert len(list((out / "cams").glob("cam_*.png"))) == 2
+    assert len(list((out / "attention").glob("attention_*.png"))) == 1
