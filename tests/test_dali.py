@@ -314,3 +314,20 @@ def test_dali_codec_table_on_a_gpu():
         check_dali_codec(Path("x.avi"), "mpeg4", on_gpu=True)
     with pytest.raises(CCSError, match="codec msmpeg4v3"):
         check_dali_codec(Path("x.avi"), "msmpeg4v3", on_gpu=True)
+
+
+def test_test_crops_and_3d_clips_agree_with_torch_backend(tree):
+    """Per-view crop arguments (10 crops: corners, centre, mirrored with flow_x inverted) and
+    3-D clips (2 clips of 4 frames, one flow pair each) give the torch backend's batches,
+    partial last batch included."""
+    annotation, root = tree / "train.txt", tree / "rawframes"
+    for options in (dict(train=False, num_segments=2, flow_length=2, test_crops=10),
+                    dict(train=True, num_segments=2, flow_length=1, clip_len=4, frame_interval=2)):
+        with deadline(90):
+            _, (dali_batches,) = _load("dali", annotation, root, **options)
+        _, (torch_batches,) = _load("torch", annotation, root, **options)
+        _assert_same_batches(dali_batches, torch_batches)
+        views = options.get("test_crops", 1)
+        positions = options["num_segments"] * options.get("clip_len", 1)
+        assert dali_batches[0]["rgb"].shape == (2 * views, positions, 3, SIZE, SIZE)
+        assert dali_batches[0].get("views", 1) == views
