@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test install install-dev clean gpu wheelhouse compat
 
@@ -24,8 +25,13 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
-	$(BIN)/ccs-fast demo --out $(DEMO_OUT)
+# The demo also draws its pictures: matplotlib comes with the [viz] extra.
+$(VENV)/.installed-viz: $(BIN)/python setup.py pyproject.toml
+	$(BIN)/pip install --quiet -e '.[viz]'
+	touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed-viz
+	$(BIN)/ccs-fast demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests bench -q --benchmark-disable $(PYTEST_ARGS)
