@@ -88,7 +88,7 @@ def protocol(cfg: Config, segments: Optional[int] = None, crops: Optional[int] =
     crops and how view scores are combined, with a one-line ``text``."""
     from ccs_fast.video_backbones import is_video_backbone
 
-    crops = crops or cfg.data.test_crops
+    crops = 1 if cfg.data.backend == "synthetic" else crops or cfg.data.test_crops  # random tensors: no views
     video = is_video_backbone(cfg.model.backbone)
     result = {"crops": crops, "averaging": "mean of each stream's logits over the views, then softmax (TSN)"
               if crops > 1 else "single view"}
@@ -230,7 +230,7 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     test_protocol = protocol(cfg, segments)
     result.update(
         checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
-        segments=test_protocol.get("segments", test_protocol.get("clips")), crops=cfg.data.test_crops,
+        segments=test_protocol.get("segments", test_protocol.get("clips")), crops=test_protocol["crops"],
         protocol=test_protocol, variant=cfg.model.variant,
     )
     result.update({"skipped_videos": 0, **skipped_report(loader)})
