@@ -20,7 +20,9 @@ point and resumed from ``last.pt`` ends with the same weights, bit for bit on CP
 that never stopped. A resume first cuts ``metrics.jsonl`` back to the checkpoint's step.
 
 Files in ``train.out_dir``: ``config.yaml``, ``metrics.jsonl`` (each record with the run
-id), ``tb/`` (TensorBoard), ``last.pt`` (every ``save_interval`` epochs and at the end),
+id; ``train_epoch`` records hold the epoch's mean losses and the top-1 of RGB, Flow and
+RGB+Flow on its training batches, accumulated on the device and read with the losses at the
+epoch's end), ``tb/`` (TensorBoard), ``last.pt`` (every ``save_interval`` epochs and at the end),
 ``best.pt`` (best RGB+Flow top-1 so far; model only, no optimizer state) and, while
 training, ``train.lock``.
 """
