@@ -94,7 +94,17 @@ def test_cams_written_for_distinct_classes_first(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
-def test_demo_report_has_table3_and_links_its_pictures(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: more intra-op threads only contend with the other processes of a shared
+    CPU (measured: this test took 20 s with 2 threads on a loaded 2-core machine, 2 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_report_has_table3_and_links_its_pictures(tmp_path, capsys, one_thread):
     """run_demo on a tiny data set (variant cb, 1 epoch, a 0.4 M-parameter backbone): the
     Table 3 layout with seed and wall time, and every linked picture exists (or, without
     matplotlib, the report says the pictures were skipped)."""
