@@ -42,6 +42,7 @@ from .flow import (FLOW_METHODS, default_flow_method, make_flow_estimator, resol
 from .rawframes import FrameNaming, add_naming_arguments, naming_from_arguments
 from .progress import VideoProgress
 from .formats import VideoRecord, read_hmdb51_split, read_ucf101_split, write_rawframe_list
+from .transforms import video_frame_rgb
 
 _UCF_TRAIN = re.compile(r"^trainlist(\d+)\.txt$")
 _HMDB_SPLIT = re.compile(r"_test_split(\d+)\.txt$")
@@ -98,7 +99,7 @@ def decode_resized(path, short_side: int, info: dict | None = None):
             info["declared"] = int(stream.frames or 0)
         size = None
         for frame in container.decode(stream):
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb = video_frame_rgb(frame)
             if size is None:
                 size = resized_shape(rgb.shape[1], rgb.shape[0], short_side)
             if (rgb.shape[1], rgb.shape[0]) != size:

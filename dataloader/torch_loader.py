@@ -40,7 +40,7 @@ from .rawframes import decode_jpeg, frame_size, load_records
 from .sampling import plan_clip, view_plans
 from .samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
-                         invert_flow_x, stack_flow)
+                         invert_flow_x, stack_flow, video_frame_rgb)
 
 
 def read_video_clip(path, make_plan):
@@ -62,7 +62,7 @@ def read_video_clip(path, make_plan):
             wanted = set(int(i) for i in plan.frame_indices)
             for count, frame in enumerate(container.decode(stream), start=1):
                 if count - 1 in wanted:
-                    frames[count - 1] = frame.to_ndarray(format="rgb24")
+                    frames[count - 1] = video_frame_rgb(frame)
                 if count > max(wanted):
                     break
     except av.FFmpegError as exc:

@@ -50,3 +50,15 @@ def stack_flow(fx_list, fy_list) -> np.ndarray:
         raise ValueError(f"{len(fx_list)} flow_x images but {len(fy_list)} flow_y images")
     interleaved = [img for pair in zip(fx_list, fy_list) for img in pair]
     return np.stack(interleaved, axis=-1)
+
+
+def video_frame_rgb(frame) -> np.ndarray:
+    """A decoded PyAV video frame as RGB uint8 (H, W, 3), converted by swscale on this
+    thread alone. From PyAV 17 the conversion defaults to a pool of threads sized to the CPUs
+    (``threads=0``), which stays in the process after the first conversion; a DataLoader
+    worker forked from that process then waits for ever in its own first conversion (seen
+    with PyAV 19). Earlier PyAV converts on one thread and has no ``threads`` argument."""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return frame.to_ndarray(format="rgb24")
