@@ -211,6 +211,20 @@ def _first_conv(model: nn.Module) -> nn.Conv2d:
     raise CCSError(f"model.backbone: {type(model).__name__} has no convolution to adapt to the flow input")
 
 
+def split_after(layers, kind) -> list[nn.Module]:
+    """``layers`` cut into stages, each ending after a layer of type ``kind`` (a pooling
+    layer: VGG's and S3D's stage boundaries); what follows the last one is a stage too."""
+    stages, current = [], []
+    for layer in layers:
+        current.append(layer)
+        if isinstance(layer, kind):
+            stages.append(nn.Sequential(*current))
+            current = []
+    if current:
+        stages.append(nn.Sequential(*current))
+    return stages
+
+
 def _split_stages(name: str, model: nn.Module) -> tuple[list[nn.Module], bool]:
     import torchvision
 
@@ -218,15 +232,7 @@ def _split_stages(name: str, model: nn.Module) -> tuple[list[nn.Module], bool]:
         stem = [model.conv1, model.bn1, model.relu, model.maxpool]
         return [nn.Sequential(*stem, model.layer1), model.layer2, model.layer3, model.layer4], True
     if isinstance(model, torchvision.models.VGG):
-        stages, current = [], []
-        for layer in model.features:
-            current.append(layer)
-            if isinstance(layer, nn.MaxPool2d):
-                stages.append(nn.Sequential(*current))
-                current = []
-        if current:
-            stages.append(nn.Sequential(*current))
-        return stages, True
+        return split_after(model.features, nn.MaxPool2d), True
     return _split_timm(name, model)
 
 

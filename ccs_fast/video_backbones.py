@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ccs_fast.backbones import load_pretrained
+from ccs_fast.backbones import load_pretrained, split_after
 from ccs_fast.errors import CCSError, bad_file
 
 TORCHVISION_VIDEO_MODELS = ("r3d_18", "r2plus1d_18", "s3d")
@@ -120,7 +120,7 @@ def build_video_backbone(name: str, in_chans: int = 3, pretrained: Optional[str]
         model = torchvision.models.get_model(name, weights=None)
         if pretrained is not None:
             load_pretrained(model, pretrained, ("classifier",) if name == "s3d" else ("fc",))
-        stages = _split_s3d(model) if name == "s3d" else [
+        stages = split_after(model.features, nn.MaxPool3d) if name == "s3d" else [
             nn.Sequential(model.stem, model.layer1), model.layer2, model.layer3, model.layer4]
     else:
         raise CCSError(f"model.backbone: unknown 3-D backbone {name!r} (examples: {_EXAMPLES})")
@@ -242,18 +242,6 @@ def _create_resnet2d(name: str) -> nn.Module:
     if not name.startswith("resnet") or name not in torchvision.models.list_models(module=torchvision.models):
         raise CCSError(f"model.backbone: I3D inflates torchvision ResNets (i3d_resnet18, i3d_resnet50, …), got {I3D_PREFIX}{name!r}")
     return torchvision.models.get_model(name, weights=None)
-
-
-def _split_s3d(model: nn.Module) -> list[nn.Module]:
-    stages, current = [], []
-    for layer in model.features:
-        current.append(layer)
-        if isinstance(layer, nn.MaxPool3d):
-            stages.append(nn.Sequential(*current))
-            current = []
-    if current:
-        stages.append(nn.Sequential(*current))
-    return stages
 
 
 def _first_conv3d(model: nn.Module) -> nn.Conv3d:

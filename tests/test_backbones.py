@@ -8,6 +8,7 @@ from torch import nn
 
 from ccs_fast.backbones import build_backbone, build_two_stream_backbones, load_pretrained
 from ccs_fast.errors import CCSError
+from tiny import resnet_features
 
 has_timm = importlib.util.find_spec("timm") is not None
 
@@ -22,10 +23,6 @@ def resnet18_file(tmp_path_factory):
     return reference, path
 
 
-def _torchvision_features(model, x):
-    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-        x = getattr(model, name)(x)
-    return x
 
 
 def test_resnet_stages_equal_torchvision_forward(resnet18_file):
@@ -34,7 +31,7 @@ def test_resnet_stages_equal_torchvision_forward(resnet18_file):
     assert backbone.num_stages == 4 and backbone.channels == (64, 128, 256, 512)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = _torchvision_features(reference, x)
+        expected = resnet_features(reference, x)
         got = backbone(x)
         stage_by_stage = x
         for stage in backbone.stages:

@@ -5,6 +5,7 @@ import torchvision
 from torch import nn
 
 from ccs_fast.errors import CCSError
+from tiny import resnet_features
 from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, flow_stack_to_clip,
                                       inflate_conv, tokens_to_video_maps, video_maps_to_tokens)
 
@@ -27,10 +28,6 @@ def resnet18_file(tmp_path_factory):
     return reference, path
 
 
-def _features_2d(model, x):
-    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-        x = getattr(model, name)(x)
-    return x
 
 
 def test_inflated_conv_weight_and_constant_clip():
@@ -61,7 +58,7 @@ def test_i3d_inflation_preserves_2d_output_on_constant_clip(resnet18_file):
     image = torch.randn(1, 3, 16, 16)
     clip = image.unsqueeze(2).expand(-1, -1, 32, -1, -1).contiguous()
     with torch.no_grad():
-        expected = _features_2d(reference, image)  # (1, 512, 1, 1)
+        expected = resnet_features(reference, image)  # (1, 512, 1, 1)
         out = backbone(clip)
     assert out.shape == (1, 512, 16, 1, 1)
     # Stem (k_t 5, stride 2) and five inflated 3-tap convolutions: frames 6..9 of 16 never see padding.

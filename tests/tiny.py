@@ -32,3 +32,10 @@ def tiny_config(out_dir, epochs=2, **train) -> Config:
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg.validate()
+
+
+def resnet_features(model, x):
+    """The feature map of a torchvision ResNet (stem and the four layers, no pooling)."""
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, name)(x)
+    return x
