@@ -117,8 +117,12 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
     or with ``skip_bad`` a skipped row reported like the loaders' (``skipped_reasons``)."""
     from ccs_fast.dataloader.flow import make_flow_estimator
     from ccs_fast.dataloader.torch_loader import normalize_on_device
+    from ccs_fast.video_backbones import is_video_backbone
 
     cfg = config_for(cfg, checkpoint)
+    if is_video_backbone(cfg.model.backbone):
+        raise CCSError(f"{checkpoint}: predict on video files samples 2-D TSN clips; a 3-D model "
+                       f"({cfg.model.backbone}) predicts from prepared rawframes with --list")
     device = select_device(cfg.train.device)
     model = load_model(cfg, checkpoint, device)
     names = class_names_of(cfg, class_ind)

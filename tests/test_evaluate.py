@@ -273,3 +273,17 @@ def test_eval_crops_confusion_and_pictures_on_rawframes(tmp_path, capsys):
     assert (out / "confusion.png").is_file()
     assert len(list((out / "cams").glob("cam_*.png"))) == 2
     assert len(list((out / "attention").glob("attention_*.png"))) == 1
+
+
+def test_predict_on_video_files_refuses_a_3d_model_in_one_line(tmp_path):
+    from ccs_fast.config import Config
+    from ccs_fast.predict import predict_videos
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.num_segments = "r3d_18", 1
+    cfg.validate()
+    path = tmp_path / "3d.pt"
+    torch.save({"model": {}, "config": cfg.to_dict()}, path)
+    with pytest.raises(CCSError, match=r"3d.pt: predict on video files samples 2-D TSN clips; a 3-D "
+                                       r"model \(r3d_18\) predicts from prepared rawframes with --list"):
+        predict_videos(None, path, [tmp_path / "v.mp4"])
