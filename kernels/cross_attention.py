@@ -111,6 +111,23 @@ if triton is not None:
     from ccs_fast.kernels._common import dot as _dot
 
     @triton.jit
+    def _abt_tile(a_base, stride_ar, stride_af, b_base, stride_bc, stride_bf, offs_m, offs_n, row_ok, col_ok, F,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        # a[rows] b[cols]ᵀ in fp32 over BLOCK_F-wide slices of the F features: q kᵀ (F = d),
+        # dy_f v_oᵀ or v_f dy_oᵀ (F = e)
+        ab = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start_f in range(0, F, BLOCK_F):
+            offs_f = start_f + tl.arange(0, BLOCK_F)
+            f_ok = offs_f < F
+            a = tl.load(a_base + offs_m[:, None] * stride_ar + offs_f[None, :] * stride_af,
+                        mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+            bt = tl.load(b_base + offs_n[None, :] * stride_bc + offs_f[:, None] * stride_bf,
+                         mask=f_ok[:, None] & col_ok[None, :], other=0.0)
+            ab += _dot(a, bt, DOT_PRECISION, DOT_FP32)
+        return ab
+
+    @triton.jit
     def _xattn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, y_ptr, lse_ptr,
         stride_qb, stride_qm, stride_qd,
@@ -142,15 +159,8 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
             # s = q kᵀ over BLOCK_D-wide feature slices
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_d in range(0, D, BLOCK_D):
-                offs_d = start_d + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < D
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                s += _dot(q, kt, DOT_PRECISION, DOT_FP32)
+            s = _abt_tile(q_base, stride_qm, stride_qd, k_base, stride_kn, stride_kd, offs_m, offs_n, row_ok,
+                          col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_FP32)
             # s₂ = scale·log2(e)·q kᵀ, padded keys -inf (each tile has ≥ 1 real key)
             s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
             # online softmax: m' = max(m, rowmax s₂); acc = acc·2^(m−m') + 2^(s₂−m') v
@@ -188,22 +198,6 @@ if triton is not None:
                         mask=m, other=0.0)
             acc += tl.sum(dy.to(tl.float32) * y.to(tl.float32), axis=1)
         tl.store(delta_ptr + pid_b * R + rows, acc, mask=row_ok)
-
-    @triton.jit
-    def _dp_tile(a_base, stride_ar, stride_ae, b_base, stride_bc, stride_be, offs_m, offs_n, row_ok, col_ok, E,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        # a[rows] b[cols]ᵀ over BLOCK_E-wide slices of e: dy_f v_oᵀ or v_f dy_oᵀ
-        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_e in range(0, E, BLOCK_E):
-            offs_e = start_e + tl.arange(0, BLOCK_E)
-            e_ok = offs_e < E
-            a = tl.load(a_base + offs_m[:, None] * stride_ar + offs_e[None, :] * stride_ae,
-                        mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            bt = tl.load(b_base + offs_n[None, :] * stride_bc + offs_e[:, None] * stride_be,
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0)
-            dp += _dot(a, bt, DOT_PRECISION, DOT_FP32)
-        return dp
 
     @triton.jit
     def _accumulate(acc_ptrs, out_ptrs, mask, contrib, first, last):
@@ -268,31 +262,23 @@ if triton is not None:
             lse_col = tl.load(lse_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
             delta_col = tl.load(delta_col_ptr + pid_b * N + offs_n, mask=col_ok, other=0.0)
             # s₂ = scale·log2(e)·q kᵀ
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_d in range(0, D, BLOCK_D):
-                offs_d = start_d + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < D
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                s += _dot(q, kt, DOT_PRECISION, DOT_FP32)
-            s = s * qk_scale
+            s = _abt_tile(q_base, stride_qm, stride_qd, k_base, stride_kn, stride_kd, offs_m, offs_n, row_ok,
+                          col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_FP32) * qk_scale
             # ds = P_row ⊙ (dy_f v_oᵀ − Δ_row) + P_col ⊙ (v_f dy_oᵀ − Δ_col). The term whose P the
             # outputs don't need comes first, so at most three tiles (s, ds, dP or P) are live.
             if OWN_ROWS:
-                dp = _dp_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
+                dp = _abt_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
                               offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
                 ds = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0) * (dp - delta_row[:, None])
-                dp = _dp_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
+                dp = _abt_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
                               offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
                 p = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0)  # P_col, for dv_f
                 ds += p * (dp - delta_col[None, :])
             else:
-                dp = _dp_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
+                dp = _abt_tile(vf_base, stride_vfm, stride_vfe, dyo_base, stride_dyon, stride_dyoe,
                               offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
                 ds = tl.where(valid, tl.exp2(s - lse_col[None, :]), 0.0) * (dp - delta_col[None, :])
-                dp = _dp_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
+                dp = _abt_tile(dyf_base, stride_dyfm, stride_dyfe, vo_base, stride_von, stride_voe,
                               offs_m, offs_n, row_ok, col_ok, E, BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION, DOT_FP32)
                 p = tl.where(valid, tl.exp2(s - lse_row[:, None]), 0.0)  # P_row, for dv_o
                 ds += p * (dp - delta_row[:, None])
