@@ -6,7 +6,7 @@
 builds it, installs it apart from the source tree and runs the README's drop-in example.
 
 Extras: ``dev`` (the test suite's tools), ``dali`` (the GPU loader, CUDA 13 wheels),
-``timm`` (timm backbones).
+``timm`` (timm backbones), ``viz`` (matplotlib: the demo's and ``eval``'s pictures).
 """
 from pathlib import Path
 
@@ -64,6 +64,7 @@ setup(
             "hypothesis>=6",
             "pytorch-metric-learning>=2.5",
             "timm>=1.0",  # tiny test backbones (timm:test_resnet)
+            "matplotlib>=3.8",  # the picture tests (the [viz] extra)
         ],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "timm": ["timm>=1.0"],
