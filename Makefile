@@ -82,7 +82,7 @@ compat: $(COMPAT_VENV)/.installed
 	@failed=""; \
 	$(COMPAT_VENV)/bin/python -m pytest -q --benchmark-disable tests/test_cross_attention.py \
 		tests/test_triplet.py tests/test_center.py tests/test_losses.py tests/test_determinism.py \
-		tests/test_ops.py tests/test_connection.py || failed="$$failed kernel-tests"; \
+		tests/test_ops.py tests/test_connection.py tests/test_tvl1.py tests/test_torch_loader.py || failed="$$failed kernel-tests"; \
 	$(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; \
 	$(COMPAT_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
 	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"
