@@ -50,9 +50,9 @@ from ccs_fast.checkpoint import (BEST, LAST, checkpoint_tensors, describe_names,
 from ccs_fast.config import RESUME_CHANGEABLE, Config, resume_differences, save_config
 from ccs_fast.distributed import DistEnv, dist_env
 from ccs_fast.errors import CCSError, bad_file
-from ccs_fast.evaluate import evaluate, select_device
+from ccs_fast.evaluate import STREAMS, evaluate, fuse_scores, select_device
 from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
-from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, truncate_metrics
+from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, topk_correct, truncate_metrics
 from ccs_fast.model import build_model
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
 
@@ -278,12 +278,11 @@ def _read_running(running: torch.Tensor, count: int, env: DistEnv, names=LOSS_NA
 TRAIN_ACCURACY_NAMES = ("train_rgb_top1", "train_flow_top1", "train_fused_top1")
 
 
-def _batch_hits(out: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Top-1 of the RGB, flow and fused (softmax sum) predictions on one training batch (on
-    the device; the augmented clips, train-mode model)."""
-    logits_f, logits_o = out["logits_f"].detach().float(), out["logits_o"].detach().float()
-    fused = logits_f.softmax(-1) + logits_o.softmax(-1)
-    return torch.stack([(x.argmax(-1) == labels).float().mean() for x in (logits_f, logits_o, fused)])
+def _batch_hits(out: dict, labels: torch.Tensor, fusion_weights) -> torch.Tensor:
+    """Top-1 of the RGB, flow and fused predictions (``evaluate.fuse_scores``) on one training
+    batch, on the device (the augmented clips, train-mode model)."""
+    scores = fuse_scores(out["logits_f"].detach(), out["logits_o"].detach(), fusion_weights)
+    return torch.cat([topk_correct(scores[s], labels, (1,)) for s in STREAMS]) / labels.numel()
 
 
 # ---------------------------------------------------------------------------- train
@@ -408,7 +407,7 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
         stats = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] + [grad_norm.float()])
         running += stats
         epoch_sum += stats
-        epoch_hits += _batch_hits(out, batch["label"])
+        epoch_hits += _batch_hits(out, batch["label"], cfg.model.fusion_weights)
         since_log += 1
         epoch_steps += 1
         throughput.add(clips_per_step)

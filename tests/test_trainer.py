@@ -603,3 +603,13 @@ def test_3d_model_with_trn_trains_and_evaluates_on_rawframes(rawframes, tmp_path
     assert result["num_videos"] == 4 and result["crops"] == 3
     assert (result["protocol"]["clips"], result["protocol"]["clip_len"]) == (2, 4)
     assert "2 clips of 4x1 frames x 3 crops (along the long side), consensus trn" in capsys.readouterr().out
+
+
+def test_training_batch_top1_per_stream_and_fused():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    logits_f, logits_o = torch.randn(64, 5, generator=g), torch.randn(64, 5, generator=g)
+    labels = torch.randint(0, 5, (64,), generator=g)
+    hits = trainer._batch_hits({"logits_f": logits_f, "logits_o": logits_o}, labels, (1.0, 2.0))
+    fused = logits_f.softmax(-1) + 2.0 * logits_o.softmax(-1)
+    want = [(x.argmax(-1) == labels).float().mean().item() for x in (logits_f, logits_o, fused)]
+    assert hits.tolist() == pytest.approx(want)
