@@ -144,8 +144,8 @@ def cmd_eval(args) -> int:
 
 
 def _eval_pictures(args, result: dict, out: Path, annotation) -> None:
-    from ccs_fast.pictures import (matplotlib_available, picture_loader, write_attention, write_cams,
-                                   write_confusion)
+    from ccs_fast.pictures import picture_loader, write_attention, write_cams, write_confusion
+    from ccs_fast.viz import matplotlib_available
 
     if not matplotlib_available():
         print("[eval] pictures skipped: matplotlib is not installed (pip install 'ccs_fast[viz]')", flush=True)
@@ -157,8 +157,9 @@ def _eval_pictures(args, result: dict, out: Path, annotation) -> None:
     for count, write, folder in ((args.cam, write_cams, "cams"), (args.attention, write_attention, "attention")):
         if count:
             cfg, device = result["cfg"], result["device"]
+            extra = {"fusion_weights": cfg.model.fusion_weights} if write is write_cams else {}
             paths = write(result["model"], picture_loader(cfg, device, annotation), count, out / folder,
-                          device=device, precision=cfg.train.precision, class_names=names)
+                          device=device, precision=cfg.train.precision, class_names=names, **extra)
             print(f"[eval] {len(paths)} {folder} pictures -> {out / folder}", flush=True)
 
 

@@ -102,9 +102,8 @@ def format_report(report: dict) -> str:
 
 def _pictures(out: Path, runs: dict, data: dict, variants) -> dict:
     """Write the demo's pictures; paths relative to ``out`` (report.md's folder)."""
-    from ccs_fast.pictures import (matplotlib_available, picture_loader, write_attention, write_cams,
-                                   write_confusion)
-    from ccs_fast.viz import plot_training_curves
+    from ccs_fast.pictures import picture_loader, write_attention, write_cams, write_confusion
+    from ccs_fast.viz import matplotlib_available, plot_training_curves
 
     if not matplotlib_available():
         return {"skipped": "matplotlib is not installed (pip install 'ccs_fast[viz]'; make demo installs it)"}
@@ -123,7 +122,8 @@ def _pictures(out: Path, runs: dict, data: dict, variants) -> dict:
     pictures["picture_variant"] = chosen
     kwargs = dict(device=device, precision=cfg.train.precision, class_names=names)
     pictures["cams"] = [str(p.relative_to(out)) for p in
-                        write_cams(model, picture_loader(cfg, device), PICTURE_VIDEOS, out / "cams", **kwargs)]
+                        write_cams(model, picture_loader(cfg, device), PICTURE_VIDEOS, out / "cams",
+                                   fusion_weights=cfg.model.fusion_weights, **kwargs)]
     if with_block:
         pictures["attention"] = [str(p.relative_to(out)) for p in write_attention(
             model, picture_loader(cfg, device), PICTURE_VIDEOS, out / "attention", **kwargs)]

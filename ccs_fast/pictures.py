@@ -34,14 +34,6 @@ from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ccs_fast.errors import CCSError
 
 
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def rgb_frame(x: torch.Tensor) -> np.ndarray:
     """Normalised (3, H, W) → uint8 (H, W, 3)."""
     image = x.detach().float().cpu().permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
@@ -98,9 +90,11 @@ def _middle(model, K: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "fp32",
-               class_names=None) -> list[Path]:
+               class_names=None, fusion_weights=(1.0, 1.0)) -> list[Path]:
     """``cam_<index>.png`` in ``out_dir`` for ``count`` videos: frame, flow magnitude, CAM of
-    each stream. Returns the paths."""
+    each stream; the title names the RGB+Flow prediction (``fusion_weights``, SPEC §2.2).
+    Returns the paths."""
+    from ccs_fast.evaluate import fuse_scores
     from ccs_fast.viz import class_activation_maps, plot_cams
 
     weights = {stream: head_weights(model, stream) for stream in ("rgb", "flow")}
@@ -111,7 +105,7 @@ def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "
         with autocast_context(precision, device):
             x_rgb, x_flow, B, K = model.feature_maps(video["rgb"], video["flow"])
             out = model.head_from_maps(x_rgb, x_flow, B, K)
-        predicted = int((out["logits_f"].float().softmax(-1) + out["logits_o"].float().softmax(-1)).argmax())
+        predicted = int(fuse_scores(out["logits_f"], out["logits_o"], fusion_weights)["fused"].argmax())
         target = video["label"] if video["label"] >= 0 else predicted
         k, position = _middle(model, K)
         cams = {}

@@ -42,6 +42,15 @@ DEFAULT_DPI = 100
 OVERLAY_ALPHA = 0.5
 
 
+def matplotlib_available() -> bool:
+    """Whether the pictures can be drawn (the ``[viz]`` extra is installed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _figure(figsize):
     try:
         from matplotlib.figure import Figure
