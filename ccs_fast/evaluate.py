@@ -36,7 +36,7 @@ from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, resolve_checkp
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
-from ccs_fast.metrics import topk_correct
+from ccs_fast.metrics import confusion_counts, topk_correct
 from ccs_fast.paper_table import mean_over_splits, table1_markdown
 
 STREAMS = ("rgb", "flow", "fused")
@@ -138,11 +138,9 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
             if confusion is None:
                 num_classes = C
                 confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
-            known = (labels >= 0) & (labels < C)
             for row, stream in enumerate(STREAMS):
                 counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
-                cells = labels[known] * C + scores[stream][known].argmax(dim=-1)
-                confusion[row] += torch.bincount(cells, minlength=C * C).view(C, C).double()
+                confusion[row] += confusion_counts(scores[stream], labels)
             total += labels.numel()
     finally:
         model.train(was_training)

@@ -216,3 +216,16 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] =
     top = scores.topk(kmax, dim=-1).indices  # (B, kmax)
     hit = top.eq(labels.view(-1, 1))
     return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).float()
+
+
+def confusion_counts(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(C, C) float64 counts[true class, argmax of ``scores``] of a (B, C) batch, on the
+    device with no host sync (a scatter-add, not ``bincount``, which reads its maximum);
+    rows whose label lies outside [0, C) (a label-less video, −1) are not counted."""
+    C = scores.shape[-1]
+    labels = labels.to(scores.device).long()
+    known = (labels >= 0) & (labels < C)
+    cells = torch.where(known, labels * C + scores.argmax(dim=-1), C * C)  # C·C: the discard cell
+    flat = torch.zeros(C * C + 1, dtype=torch.float64, device=scores.device)
+    flat.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
+    return flat[:-1].view(C, C)

@@ -3,8 +3,6 @@ activation maps (the paper's Fig. 6). Each ``plot_*`` function writes one PNG an
 
 Numbers (no matplotlib needed):
 
-- ``confusion_matrix(predictions, labels, num_classes) -> list[list[int]]``: row = true class,
-  column = predicted class (the layout eval.json stores).
 - ``class_activation_maps(features, weight, classes, bias=None)``: CAM (Zhou et al. 2016),
   M_k(x) = Σ_c w_{k,c} F_c(x) (+ b_k), for (N, C, h, w) or (N, C, T, h, w) maps → (N, h, w) or
   (N, T, h, w). Its mean over positions is the logit of a linear head on average-pooled
@@ -70,19 +68,6 @@ def _save(fig, path, dpi: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- numbers
-
-def confusion_matrix(predictions, labels, num_classes: int) -> list[list[int]]:
-    """Counts[true][predicted] as a list of lists of ints (JSON-ready)."""
-    predictions = torch.as_tensor(predictions).long().flatten().cpu()
-    labels = torch.as_tensor(labels).long().flatten().cpu()
-    if predictions.shape != labels.shape:
-        raise ValueError(f"{predictions.numel()} predictions but {labels.numel()} labels")
-    if predictions.numel() and (min(predictions.min(), labels.min()) < 0
-                                or max(predictions.max(), labels.max()) >= num_classes):
-        raise ValueError(f"class indices must lie in [0, {num_classes})")
-    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes).tolist()
-
 
 def row_normalised(matrix) -> np.ndarray:
     """Each row divided by its sum (recall per true class); empty rows stay 0."""

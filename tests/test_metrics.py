@@ -4,12 +4,13 @@ import errno
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from ccs_fast.metrics import (DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
                               MetricsWriteError, Progress, Throughput, flatten_metrics, read_metrics,
-                              topk_correct, truncate_metrics)
+                              confusion_counts, topk_correct, truncate_metrics)
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -94,3 +95,14 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
         logger.log("train", 1, {"loss": 1.0})
     assert str(info.value) == f"{tmp_path / METRICS_FILE}: disk full (no space left on device) while writing metrics"
     logger.close()
+
+
+def test_confusion_counts_by_hand():
+    scores, labels = torch.randn(200, 5), torch.randint(-1, 5, (200,))  # -1: a label-less video
+    expected = np.zeros((5, 5))
+    for t, p in zip(labels.tolist(), scores.argmax(-1).tolist()):
+        if t >= 0:
+            expected[t, p] += 1
+    counts = confusion_counts(scores, labels)
+    assert counts.dtype == torch.float64
+    np.testing.assert_array_equal(counts.numpy(), expected)
