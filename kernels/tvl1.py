@@ -360,16 +360,6 @@ class TritonIterations(EagerIterations):
         return fields[0], fields[1], fields[2:]
 
 
-def tvl1_step(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
-              impl: str = "auto"):
-    """One Dual TV-L1 iteration: the fused Triton kernel on CUDA (``impl="auto"``), the eager
-    reference elsewhere. Returns (u1, u2, p11, p12, p21, p22, err)."""
-    args = (u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut)
-    if resolve_impl(impl, u1) == "triton":
-        return tvl1_step_triton(*args)
-    return tvl1_step_ref(*args)
-
-
 def make_iterations(u1, u2, p, images, l_t, theta, taut, scaled_eps, impl: str = "auto"):
     """The inner loop's driver for one warp: ``TritonIterations`` on CUDA (``impl="auto"``),
     ``EagerIterations`` elsewhere."""
