@@ -34,8 +34,8 @@ Names:
 Flow stream: 2 channels per time step, input (B, 2, T, H, W) with channel 0 the horizontal and
 channel 1 the vertical flow of each frame pair, as MMAction2's 3-D flow models read it
 (``RawFrameDecode`` stacks x and y per frame, ``FormatShape('NCTHW')`` puts them on the channel
-axis) and as I3D's flow stream is fed. ``flow_stack_to_clip`` converts the TSN stack
-(…, 2L, H, W) ordered x1, y1, x2, y2, … into that layout (…, 2, L, H, W). The first convolution
+axis) and as I3D's flow stream is fed (the loaders put one flow pair per frame on the segment
+axis and the model views them as (…, 2, T, H, W) clips). The first convolution
 gets ``in_chans`` input channels, each weighted by the mean of its RGB weights over the three
 colour channels (TSN's cross-modality initialisation), after the weights are loaded.
 """
@@ -226,14 +226,6 @@ def tokens_to_video_maps(tokens: torch.Tensor, shape) -> torch.Tensor:
     """(B, T·h·w, C) → (B, C, T, h, w) of ``shape`` (the inverse of ``video_maps_to_tokens``)."""
     B, C, T, h, w = shape
     return tokens.transpose(1, 2).reshape(B, C, T, h, w)
-
-
-def flow_stack_to_clip(flow: torch.Tensor) -> torch.Tensor:
-    """TSN flow stack (…, 2L, H, W) ordered x1, y1, x2, y2, … → 3-D flow clip (…, 2, L, H, W)."""
-    *lead, channels, H, W = flow.shape
-    if channels % 2:
-        raise ValueError(f"a flow stack has an even number of channels (x, y per frame), got {channels}")
-    return flow.reshape(*lead, channels // 2, 2, H, W).transpose(-4, -3)
 
 
 def _create_resnet2d(name: str) -> nn.Module:

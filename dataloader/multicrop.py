@@ -13,17 +13,9 @@ pixels, with ``short = min(width, height)``:
   ``sampling.train_crop`` use (corners at 0 and 4·step, centre at 2·step), then the same five
   mirrored.
 
-Pixels (``multi_crop(frames, num_crops, crop_size=None, *, flow_x_channels=None,
-channel_axis=-3)``): frames are numpy arrays or torch tensors laid out (…, H, W), i.e. the
-channels-first layout of a batch after ``normalize_on_device`` (B, K, C, H, W), or grey flow
-images (H, W). The views are stacked on a new leading axis: (V, …, crop, crop). A mirrored view
-of optical flow must also negate its horizontal component: ``flow_x_channels`` indexes the
-flow_x channels along ``channel_axis`` (``slice(0, None, 2)`` for the x1, y1, x2, y2, … stack of
-2L channels; ``0`` with ``channel_axis=-4`` for a 3-D clip (…, 2, T, H, W)). Those channels
-become ``255 − v`` for uint8 (denseflow's mapping, ``transforms.invert_flow_x``) and ``−v`` for
-floating point flow normalised as (v − 128)/128. The two differ by 1/128 (uint8 zero motion is
-127.5 after inversion, 128 before), the same as inverting before or after normalising in the
-training flip.
+Pixels: the loaders cut each view with ``transforms.crop_resize(frame, view.box, size,
+view.flip)``, and a mirrored view's flow_x becomes ``255 − v`` (``transforms.invert_flow_x``),
+as in the training flip.
 
 ``average_view_scores(scores, num_views, mode="score")``: (B·V, C) video-major or (B, V, C) →
 (B, C), averaging raw scores (TSN) or softmax probabilities (MMAction2 ``average_clips="prob"``).
@@ -33,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 CROP_COUNTS = (1, 3, 10)
@@ -75,40 +66,6 @@ def crop_views(width: int, height: int, num_crops: int, crop_size: Optional[int]
     ws, hs = (width - s) // 4, (height - s) // 4
     positions = ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs))
     return [CropView(x0, y0, s, s, flip) for flip in (False, True) for x0, y0 in positions]
-
-
-def _flip_last(x):
-    return torch.flip(x, dims=(-1,)) if isinstance(x, torch.Tensor) else x[..., ::-1]
-
-
-def _invert_flow(x):
-    if x.dtype in (np.uint8, torch.uint8):
-        return 255 - x
-    return -x
-
-
-def apply_view(frames, view: CropView, *, flow_x_channels=None, channel_axis: int = -3):
-    """Crop (…, H, W) ``frames`` to ``view``, mirror if it flips, and then invert the flow_x
-    channels (``flow_x_channels`` along ``channel_axis``; None for RGB). Returns a new array."""
-    out = frames[..., view.y0:view.y0 + view.h, view.x0:view.x0 + view.w]
-    if not view.flip:
-        return out.clone() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
-    out = _flip_last(out)
-    out = out.clone() if isinstance(out, torch.Tensor) else np.array(out)
-    if flow_x_channels is not None:
-        axis = channel_axis % out.ndim
-        index = (slice(None),) * axis + (flow_x_channels,)
-        out[index] = _invert_flow(out[index])
-    return out
-
-
-def multi_crop(frames, num_crops: int, crop_size: Optional[int] = None, *, flow_x_channels=None,
-               channel_axis: int = -3):
-    """(…, H, W) → (V, …, crop, crop): the ``num_crops`` views of ``frames`` stacked first."""
-    height, width = frames.shape[-2:]
-    views = [apply_view(frames, v, flow_x_channels=flow_x_channels, channel_axis=channel_axis)
-             for v in crop_views(width, height, num_crops, crop_size)]
-    return torch.stack(views) if isinstance(frames, torch.Tensor) else np.stack(views)
 
 
 def average_view_scores(scores: torch.Tensor, num_views: Optional[int] = None, mode: str = "score") -> torch.Tensor:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ccs_fast.errors import CCSError
 from tiny import resnet_features
-from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, flow_stack_to_clip,
+from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, 
                                       inflate_conv, tokens_to_video_maps, video_maps_to_tokens)
 
 
@@ -100,14 +100,6 @@ def test_tokens_round_trip_and_order():
     assert tokens.shape == (2, 3 * 4 * 5, 6)
     torch.testing.assert_close(tokens[:, 1 * 20 + 2 * 5 + 3], x[:, :, 1, 2, 3])
     torch.testing.assert_close(tokens_to_video_maps(tokens, x.shape), x)
-
-
-def test_flow_stack_to_clip():
-    stack = torch.randn(2, 3, 10, 8, 8)  # (B, K, 2L, H, W), x1, y1, x2, y2, ...
-    clip = flow_stack_to_clip(stack)
-    assert clip.shape == (2, 3, 2, 5, 8, 8)
-    torch.testing.assert_close(clip[:, :, 0], stack[:, :, 0::2])
-    torch.testing.assert_close(clip[:, :, 1], stack[:, :, 1::2])
 
 
 def test_bad_names_and_files(tmp_path):
