@@ -3,7 +3,9 @@
 A checkpoint holds the state dict of the unwrapped, uncompiled model (no ``module.`` or
 ``_orig_mod.`` prefixes), the optimizer, LR scheduler and loss-scaler states, the epoch
 (completed epochs, i.e. the next one to run), the global step, the RNG states of every
-rank, ``Config.to_dict()`` and the best metric so far. It loads with
+rank, ``Config.to_dict()``, the best metric so far and, for a run stopped between two steps
+of an epoch, ``mid_epoch``: the loader's position in that epoch (batches consumed) and the
+epoch's running sums per rank. It loads with
 ``torch.load(weights_only=True)``: nothing but tensors and plain Python values inside.
 
 Saving writes a temporary file ``.<name>.<pid>.<random>.tmp`` in the destination folder
@@ -198,9 +200,11 @@ def build_checkpoint(
     best_metric: Optional[float] = None,
     rng_states: Optional[list] = None,
     run_id: Optional[str] = None,
+    mid_epoch: Optional[dict] = None,
 ) -> dict:
     """The checkpoint dict (``rng_states``: one entry per rank; default: this process's;
-    ``run_id``: the training run that wrote it)."""
+    ``run_id``: the training run that wrote it; ``mid_epoch``: where in epoch ``epoch`` a
+    run stopped between steps, see ``trainer``; None at an epoch's end)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": unwrap_model(model).state_dict(),
@@ -213,6 +217,7 @@ def build_checkpoint(
         "config": config,
         "best_metric": None if best_metric is None else float(best_metric),
         "run_id": run_id,
+        "mid_epoch": mid_epoch,
         "torch_version": str(torch.__version__),
     }
 
@@ -263,7 +268,8 @@ EXPORTED_FIELDS = ("model", "config", "epoch", "step", "run_id", "best_metric")
 def export_checkpoint(checkpoint, out) -> tuple[Path, int]:
     """Write the weights and config of ``checkpoint`` (or of a run folder's last.pt) to
     ``out``: no optimizer, scheduler, scaler or RNG state, parameter names current. The file
-    is a checkpoint ``eval`` and ``predict`` read. Returns (out, its size in bytes)."""
+    is a checkpoint ``eval`` and ``predict`` read; a model holding NaN or inf is refused (CCSError,
+nothing written). Returns (out, its size in bytes)."""
     source = resolve_checkpoint_path(checkpoint)
     state = read_checkpoint(source)
     if not state.get("config"):
@@ -271,6 +277,10 @@ def export_checkpoint(checkpoint, out) -> tuple[Path, int]:
     out = Path(out)
     if out.resolve() == source.resolve():
         raise bad_file(out, "is the checkpoint being exported; write the export elsewhere")
+    bad = nonfinite_names(state["model"].items())
+    if bad:
+        raise bad_file(source, f"not exported: the model holds NaN or inf in {describe_names(bad)}; "
+                               "it was saved from a diverged model and cannot be shared")
     exported = {key: state[key] for key in EXPORTED_FIELDS if key in state}
     exported["model"] = _current_names(state["model"])
     exported["exported_from"] = str(source)

@@ -56,7 +56,10 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     """``--resume`` without ``--config``: the checkpoint's own config is the base, and
     ``--set`` changes only what a resumed run may change (the trainer refuses the rest).
-    Without ``--out`` a resumed run writes where the checkpoint's run wrote."""
+    A resumed run writes into the folder of the checkpoint it resumes from (the out_dir
+    recorded in the checkpoint is where the run was, not an order): another target needs
+    ``--out`` (or ``--set train.out_dir=``). Returns the trainer's exit code: 0, or 128 + the
+    signal's number after a stop signal (a resumable checkpoint is written)."""
     from ccs_fast.checkpoint import read_checkpoint, resolve_checkpoint_path
     from ccs_fast.config import load_config
     from ccs_fast.trainer import train
@@ -74,10 +77,9 @@ def cmd_train(args) -> int:
                       base_source=str(args.resume))
     if args.out:
         cfg.train.out_dir = args.out
-    elif saved and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
-        cfg.train.out_dir = saved["train"]["out_dir"]
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
-    return 0
+    elif args.resume and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
+        cfg.train.out_dir = str(checkpoint.parent)
+    return train(cfg, resume=args.resume, overwrite=args.overwrite).get("exit_code", 0)
 
 
 def _config_of_checkpoint(args):
@@ -339,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except CCSError as exc:
         print(f"ccs-fast: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ccs-fast: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # signals.SignalExit carries its own line and code
+        print(f"ccs-fast: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class TrainConfig:
     log_interval: int = 20  # steps between host syncs for logging
     eval_interval: int = 5  # epochs between evaluations (and at the end)
     save_interval: int = 1  # epochs between checkpoints
+    save_every_steps: int = 0  # also a mid-epoch last.pt every N steps (0: off), for jobs killed without a signal
+    stop_timeout_s: float = 20.0  # after SIGTERM/SIGINT/SIGUSR1: longest wait for a step boundary (below Slurm's and Kubernetes' 30 s grace)
     progress: bool = True  # progress bar with clips/s
     tensorboard: bool = True
 
@@ -159,6 +161,12 @@ class Config:
         if self.model.consensus == "trn" and self.model.num_segments < 2:
             fail("model.consensus", "trn", f"relates segments and needs model.num_segments >= 2, "
                                            f"got {self.model.num_segments}")
+        if self.model.consensus == "trn":
+            from ccs_fast.video_backbones import is_video_backbone
+            name = "data.test_clips" if is_video_backbone(self.model.backbone) else "data.test_segments"
+            if self.get(name) < 2:
+                fail(name, self.get(name), "model.consensus=trn relates the segments a video is tested on "
+                                           "and needs at least 2")
         names = self.model.class_names
         if names is not None and len(names) != self.model.num_classes:
             fail("model.class_names", names, f"must hold model.num_classes = {self.model.num_classes} names")
@@ -257,6 +265,8 @@ NUMERIC_RANGES: dict[str, Range] = {
     "train.log_interval": Range(1),
     "train.eval_interval": Range(1),
     "train.save_interval": Range(1),
+    "train.save_every_steps": Range(0),
+    "train.stop_timeout_s": Range(0, low_open=True),
 }
 
 # Settings a resumed run may change: the schedule's length and base learning rate, how
@@ -264,7 +274,8 @@ NUMERIC_RANGES: dict[str, Range] = {
 # live (model.pretrained is unused on resume: the weights come from the checkpoint).
 # Every other setting defines the run being continued and must equal the checkpoint's.
 RESUME_CHANGEABLE = (
-    "optim.lr", "optim.epochs", "train.eval_interval", "train.save_interval", "data.num_workers",
+    "optim.lr", "optim.epochs", "train.eval_interval", "train.save_interval", "train.save_every_steps",
+    "train.stop_timeout_s", "data.num_workers",
     "train.log_interval", "train.progress", "train.tensorboard", "train.out_dir", "data.root",
     "data.flow_root", "model.pretrained", "model.class_names",
 )
@@ -367,9 +378,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise bad_file(path, "config file not found") from None
+        except IsADirectoryError:
+            raise bad_file(path, "is a folder, not a config file; name a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise bad_file(path, f"not a text file (byte {exc.start} is not UTF-8); a config is YAML text") from None
+        except OSError as exc:
+            raise bad_file(path, f"cannot read the config file ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

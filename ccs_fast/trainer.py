@@ -32,6 +32,7 @@ import contextlib
 import math
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -55,6 +56,7 @@ from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, topk_correct, truncate_metrics
 from ccs_fast.model import build_model
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
+from ccs_fast.signals import GracefulStop, exit_code, signal_name
 
 LOSS_NAMES = ("loss", "ce", "triplet", "center")
 
@@ -350,13 +352,24 @@ def _train(cfg: Config, resume: Optional[str], overwrite: bool, env: DistEnv, de
     resume_path, resume_state, changed = None, None, {}
     if resume:
         resume_path, resume_state, changed = _read_resume(resume, cfg)
-    folder = _on_main_rank(env, lambda: claim_run_folder(out_dir, resume=bool(resume), overwrite=overwrite,
-                                                         run_id=run_id))
-    try:
-        return _train_in_folder(cfg, env, device, folder, run_id, resume_path, resume_state, changed)
-    finally:
+    with GracefulStop(cfg.train.stop_timeout_s) as stop:
+        folder = _on_main_rank(env, lambda: claim_run_folder(out_dir, resume=bool(resume), overwrite=overwrite,
+                                                             run_id=run_id))
         if folder is not None:
-            folder.release()
+            stop.on_hard_exit(lambda: _clean_up_now(folder, out_dir))
+        try:
+            return _train_in_folder(cfg, env, device, folder, run_id, resume_path, resume_state, changed, stop)
+        finally:
+            if folder is not None:
+                folder.release()
+
+
+def _clean_up_now(folder, out_dir: Path) -> None:
+    """What a process that must exit at once (``GracefulStop``'s hard exit) leaves in order:
+    its temporary files gone, the lock released."""
+    for tmp in out_dir.glob(f".*.{os.getpid()}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    folder.release()
 
 
 @dataclass
@@ -377,26 +390,75 @@ class _Run:
     last_train: dict = field(default_factory=dict)  # the last logged losses
     started: float = field(default_factory=time.perf_counter)
     start_step: int = 0
+    stop: Optional[GracefulStop] = None
+    save_mid_epoch: Optional[object] = None  # (epoch, EpochProgress) -> None: a mid-epoch last.pt
 
 
-def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict:
+@dataclass
+class EpochProgress:
+    """Where one epoch stands: the loader's position (``batches``: its batches consumed, the
+    ones a resume skips) and the running sums the epoch's records are made of. A mid-epoch
+    checkpoint keeps it, so a resumed epoch logs what an uninterrupted one would."""
+    running: torch.Tensor  # losses and gradient norm since the last log line
+    epoch_sum: torch.Tensor  # the same over the epoch
+    epoch_hits: torch.Tensor  # training-batch top-1 of RGB, Flow, RGB+Flow over the epoch
+    since_log: int = 0
+    steps: int = 0
+    batches: int = 0
+
+    @classmethod
+    def start(cls, device) -> "EpochProgress":
+        return cls(torch.zeros(len(LOSS_NAMES) + 1, device=device), torch.zeros(len(LOSS_NAMES) + 1, device=device),
+                   torch.zeros(len(TRAIN_ACCURACY_NAMES), device=device))
+
+    def state(self) -> dict:
+        return {"running": self.running.cpu(), "epoch_sum": self.epoch_sum.cpu(), "epoch_hits": self.epoch_hits.cpu(),
+                "since_log": self.since_log, "steps": self.steps, "batches": self.batches}
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> "EpochProgress":
+        return cls(*(state[k].to(device) for k in ("running", "epoch_sum", "epoch_hits")),
+                   since_log=int(state["since_log"]), steps=int(state["steps"]), batches=int(state["batches"]))
+
+
+def _stop_now(run: "_Run", synced: bool) -> bool:
+    """Whether a stop signal asks every rank to stop at this step boundary. One process: read
+    every step. Several: agreed (a MAX all-reduce, a host sync) only where the loop syncs
+    anyway (``synced``: a log interval), so the ranks stop at the same step."""
+    if run.stop is None:
+        return False
+    if not run.env.distributed:
+        return run.stop.requested
+    if not synced:
+        return False
+    flag = torch.tensor([float(run.stop.requested)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int,
+                    progress: Optional[EpochProgress] = None) -> Optional[dict]:
     """One pass over ``loader``: forward, losses, AMP step, LR step per batch; the losses
     are read every ``train.log_interval`` steps (logged, shown, and printed as a line where
-    no bar is drawn). Returns the epoch's mean losses and gradient norm (all ranks)."""
+    no bar is drawn). Returns the epoch's mean losses and gradient norm (all ranks), or None
+    when a stop signal ended the epoch at a step boundary (``progress`` then says where).
+
+    ``progress``: the epoch so far (a run resumed mid-epoch: the loader starts after the
+    ``progress.batches`` batches already trained on); filled in as the epoch goes."""
     cfg, env, device = run.cfg, run.env, run.device
     epochs = cfg.optim.epochs
     params = [p for p in run.model.parameters() if p.requires_grad]
     clips_per_step = cfg.data.batch_size * env.world_size
     # one line per log interval where no bar is drawn (a log file); the bar on a terminal
     log_lines = env.is_main and not (cfg.train.progress and sys.stderr.isatty())
-    loader.set_epoch(epoch)
+    progress = progress if progress is not None else EpochProgress.start(device)
+    loader.set_epoch(epoch, first_batch=progress.batches) if progress.batches else loader.set_epoch(epoch)
     run.forward_model.train()
-    running = torch.zeros(len(LOSS_NAMES) + 1, device=device)
-    epoch_sum = torch.zeros(len(LOSS_NAMES) + 1, device=device)
-    epoch_hits = torch.zeros(len(TRAIN_ACCURACY_NAMES), device=device)
-    since_log = epoch_steps = 0
+    running, epoch_sum, epoch_hits = progress.running, progress.epoch_sum, progress.epoch_hits
+    save_every = cfg.train.save_every_steps
     throughput = Throughput()
     bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
+    bar.update(progress.batches)
     for batch in loader:
         with autocast_context(cfg.train.precision, device):
             out = run.forward_model(batch["rgb"], batch["flow"])
@@ -408,14 +470,16 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
         running += stats
         epoch_sum += stats
         epoch_hits += _batch_hits(out, batch["label"], cfg.model.fusion_weights)
-        since_log += 1
-        epoch_steps += 1
+        progress.since_log += 1
+        progress.steps += 1
+        progress.batches = getattr(loader, "batches_done", progress.batches + 1)
         throughput.add(clips_per_step)
         bar.update()
-        if run.step % cfg.train.log_interval == 0:
-            values = _read_running(running, since_log, env)  # host sync
+        log_now = run.step % cfg.train.log_interval == 0
+        if log_now:
+            values = _read_running(running, progress.since_log, env)  # host sync
             running.zero_()
-            since_log = 0
+            progress.since_log = 0
             if not math.isfinite(values["loss"]):
                 raise _nan_error("log interval", values, epoch, run.step, run.last_path)
             values.update(lr=run.scheduler.get_last_lr()[0], clips_per_s=throughput.rate())
@@ -423,14 +487,19 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int) -> dict
             bar.show(loss=values["loss"], clips_s=values["clips_per_s"])
             if log_lines:
                 per_step = (time.perf_counter() - run.started) / max(run.step - run.start_step, 1)
-                eta = per_step * ((epochs - epoch) * iters_per_epoch - epoch_steps)
-                print(interval_line(epoch + 1, epochs, epoch_steps, iters_per_epoch, values, eta), flush=True)
+                eta = per_step * ((epochs - epoch) * iters_per_epoch - progress.steps)
+                print(interval_line(epoch + 1, epochs, progress.steps, iters_per_epoch, values, eta), flush=True)
             run.last_train = values
+        if _stop_now(run, log_now):
+            bar.close()
+            return None
+        if save_every and run.step % save_every == 0 and progress.batches < iters_per_epoch:
+            run.save_mid_epoch(epoch, progress)
     bar.close()
-    values = _read_running(epoch_sum, epoch_steps, env)  # host sync: epoch end
+    values = _read_running(epoch_sum, progress.steps, env)  # host sync: epoch end
     if not math.isfinite(values["loss"]):
         raise _nan_error("epoch end", values, epoch, run.step, run.last_path)
-    values.update(_read_running(epoch_hits, epoch_steps, env, TRAIN_ACCURACY_NAMES))
+    values.update(_read_running(epoch_hits, progress.steps, env, TRAIN_ACCURACY_NAMES))
     skipped = skipped_report(loader)
     run.logger.log("train_epoch", run.step, values, epoch=epoch + 1, **skipped)
     if skipped and env.is_main:
@@ -458,7 +527,8 @@ def evaluate_epoch(run: _Run, model: torch.nn.Module, loader, epoch_done: int) -
 
 
 def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, train_loader,
-                resume_path: Optional[Path], resumed_run: Optional[str], changed: dict, moved: int) -> None:
+                resume_path: Optional[Path], resumed_run: Optional[str], changed: dict, moved: int,
+                resumed_progress: Optional[EpochProgress] = None) -> None:
     """The start record of metrics.jsonl and the start line (rank 0)."""
     cfg, optimizer = run.cfg, run.optimizer
     n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
@@ -467,15 +537,21 @@ def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, 
                    iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
                    weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
                    resumed_from=str(resume_path) if resume_path else None,
+                   resumed_mid_epoch_batches=resumed_progress.batches if resumed_progress else None,
                    resumed_run_id=resumed_run,
                    changed_on_resume={name: [old, new] for name, (old, new) in changed.items()},
                    total_frames=str(frame_count) if frame_count is not None else None)
     resumed = ""
     if resume_path is not None:
-        resumed = f"; resumed from {resume_path} (epoch {start_epoch}, step {run.step})"
-        if changed:
+        where = (f"epoch {start_epoch + 1} after batch {resumed_progress.batches}/{iters_per_epoch}"
+                 if resumed_progress is not None else f"epoch {start_epoch}")
+        resumed = f"; resumed from {resume_path} ({where}, step {run.step})"
+        if Path(resume_path).parent.resolve() != Path(cfg.train.out_dir).resolve():
+            resumed += f", writing to {cfg.train.out_dir} (--out), not to {Path(resume_path).parent}"
+        shown = {name: values for name, values in changed.items() if name != "train.out_dir"}  # the "->" says it
+        if shown:
             resumed += ", changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}"
-                                                           for name, (old, new) in changed.items())
+                                                           for name, (old, new) in shown.items())
         if moved:
             resumed += f"; {moved} metrics record(s) after step {run.step} moved to metrics.dropped.jsonl"
     data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
@@ -486,7 +562,8 @@ def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, 
 
 
 def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, run_id: str,
-                     resume_path: Optional[Path], resume_state: Optional[dict], changed: dict) -> dict:
+                     resume_path: Optional[Path], resume_state: Optional[dict], changed: dict,
+                     stop: Optional[GracefulStop] = None) -> dict:
     out_dir = Path(cfg.train.out_dir)
     last_path, best_path = out_dir / LAST, out_dir / BEST
     if device.type == "cuda":
@@ -510,12 +587,13 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     checkpoint_bytes = estimate_checkpoint_bytes(model, optimizer)
     _on_main_rank(env, lambda: folder.check_room(checkpoint_bytes))
 
-    start_epoch, step, best_metric, resumed_run = 0, 0, None, None
+    start_epoch, step, best_metric, resumed_run, resumed_progress = 0, 0, None, None, None
     if resume_state is not None:
         restore_checkpoint(resume_path, resume_state, model, optimizer, scheduler, scaler,
                            restore_rng=True, rank=env.rank)
         start_epoch, step, best_metric = resume_state["epoch"], resume_state["step"], resume_state.get("best_metric")
         resumed_run = resume_state.get("run_id")
+        resumed_progress = _resumed_progress(resume_path, resume_state, env, device, iters_per_epoch)
         _apply_resume_changes(cfg, changed, optimizer, scheduler)
         resume_state = None  # the tensors now live in the model and optimizer
 
@@ -529,17 +607,23 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     opened = _on_main_rank(env, open_outputs)
     logger, moved = opened if env.is_main else (MetricsLogger(out_dir, enabled=False), 0)
     run = _Run(cfg, env, device, model, wrap_model(model, cfg, env, device), objective, optimizer,
-               scheduler, scaler, logger, last_path, step=step, start_step=step)
+               scheduler, scaler, logger, last_path, step=step, start_step=step, stop=stop)
     if env.is_main:
         _start_line(run, run_id, iters_per_epoch, start_epoch, train_loader, resume_path, resumed_run,
-                    changed, moved)
+                    changed, moved, resumed_progress)
 
-    def save(path: Path, epoch_done: int, with_optimizer: bool) -> None:
+    def save(path: Path, epoch_done: int, with_optimizer: bool, progress: Optional[EpochProgress] = None) -> None:
+        """``progress``: a mid-epoch checkpoint of epoch ``epoch_done`` (0-based) stopped there."""
         rngs = _gather_rng_states(env)  # collective: every rank calls save()
+        mid_epoch = None
+        if progress is not None:
+            mid_epoch = {"batches": progress.batches, "progress": _gather_objects(env, progress.state())}
         if env.is_main:
             state = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler) if with_optimizer else {}
             save_checkpoint(path, model, epoch=epoch_done, step=run.step, config=cfg.to_dict(),
-                            best_metric=best_metric, rng_states=rngs, run_id=run_id, **state)
+                            best_metric=best_metric, rng_states=rngs, run_id=run_id, mid_epoch=mid_epoch, **state)
+
+    run.save_mid_epoch = lambda epoch_now, progress: save(last_path, epoch_now, True, progress)
 
     # Never evaluate through DDP: ranks may get different numbers of eval batches, and DDP's
     # per-forward buffer broadcast would then wait forever.
@@ -547,9 +631,14 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
     last_eval: dict = {}
     epochs = cfg.optim.epochs
     epoch = start_epoch
+    stopped = None
     try:
         for epoch in range(start_epoch, epochs):
-            train_one_epoch(run, train_loader, epoch, iters_per_epoch)
+            progress = resumed_progress if epoch == start_epoch else None
+            progress = progress or EpochProgress.start(device)
+            if train_one_epoch(run, train_loader, epoch, iters_per_epoch, progress) is None:
+                stopped = _stop_mid_epoch(run, save, train_loader, epoch, progress, iters_per_epoch)
+                break
             epoch_done = epoch + 1
             final = epoch_done == epochs
             evaluate_now = eval_loader is not None and (final or epoch_done % cfg.train.eval_interval == 0)
@@ -564,6 +653,9 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
             if save_now:
                 save(last_path, epoch_done, with_optimizer=True)
             logger.flush()
+            if not final and _stop_now(run, synced=True):  # a signal during the epoch's end
+                stopped = _stop_at_epoch_end(run, save, train_loader, epoch_done, saved=save_now)
+                break
     except TrainingStopped:
         raise
     except CCSError as exc:
@@ -581,4 +673,79 @@ def _train_in_folder(cfg: Config, env: DistEnv, device: torch.device, folder, ru
         "best_metric": best_metric,
         "train": run.last_train,
         "eval": last_eval,
+        **(stopped or {}),
     }
+
+
+def _gather_objects(env: DistEnv, value) -> list:
+    """``value`` of every rank, in rank order (a collective under DDP)."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _resumed_progress(path: Path, state: dict, env: DistEnv, device, iters_per_epoch: int) -> Optional[EpochProgress]:
+    """The epoch progress of a mid-epoch checkpoint (this rank's; None at an epoch's end)."""
+    mid = state.get("mid_epoch")
+    if not mid:
+        return None
+    ranks = mid["progress"]
+    if len(ranks) != env.world_size:
+        raise bad_file(path, f"stopped mid-epoch with {len(ranks)} process(es), resumed with {env.world_size}: "
+                             "the loader's position in the epoch depends on it; resume with the same number, "
+                             "or from a checkpoint written at an epoch's end")
+    progress = EpochProgress.from_state(ranks[env.rank], device)
+    if progress.batches > iters_per_epoch:
+        raise bad_file(path, f"stopped after batch {progress.batches} of an epoch that now has {iters_per_epoch}: "
+                             "the training list or batch size changed")
+    return progress
+
+
+def _resume_hint(out_dir: Path) -> str:
+    return f"resume with: ccs-fast train --resume {out_dir}"
+
+
+def _stopped_summary(signum: int) -> dict:
+    return {"stopped_by": signal_name(signum), "exit_code": exit_code(signum)}
+
+
+def _signum(run: _Run) -> int:
+    """The signal that stopped the run (SIGTERM on a rank told to stop by another)."""
+    return run.stop.signum or signal.SIGTERM
+
+
+def _stop_mid_epoch(run: _Run, save, loader, epoch: int, progress: EpochProgress, iters_per_epoch: int) -> dict:
+    """A stop signal ended epoch ``epoch`` at a step boundary: a resumable last.pt there, the
+    loader's workers stopped, one line saying how to resume."""
+    run.stop.boundary_reached()
+    saved_at = time.perf_counter()
+    save(run.last_path, epoch, True, progress)
+    _close_loader(loader)
+    if run.env.is_main:
+        print(f"[train] {signal_name(_signum(run))} received: stopped in epoch {epoch + 1} after batch "
+              f"{progress.batches}/{iters_per_epoch} (step {run.step}), {run.stop.elapsed():.1f} s after the signal; "
+              f"checkpoint {run.last_path} written in {time.perf_counter() - saved_at:.1f} s; "
+              f"{_resume_hint(run.last_path.parent)}", flush=True)
+    return _stopped_summary(_signum(run))
+
+
+def _stop_at_epoch_end(run: _Run, save, loader, epoch_done: int, saved: bool) -> dict:
+    """A stop signal came while an epoch ended (evaluation, saving): last.pt of that epoch
+    (written now unless it just was), one line saying how to resume."""
+    run.stop.boundary_reached()
+    if not saved:
+        save(run.last_path, epoch_done, with_optimizer=True)
+    _close_loader(loader)
+    if run.env.is_main:
+        print(f"[train] {signal_name(_signum(run))} received: stopped after epoch {epoch_done} (step {run.step}), "
+              f"{run.stop.elapsed():.1f} s after the signal; checkpoint {run.last_path}; "
+              f"{_resume_hint(run.last_path.parent)}", flush=True)
+    return _stopped_summary(_signum(run))
+
+
+def _close_loader(loader) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()

@@ -381,11 +381,15 @@ class DALILoader:
         self.num_skipped = 0
         self.skipped_errors: dict[int, str] = {}
         self.epoch = 0
+        self.first_batch = self.batches_done = 0
         self._pipe = None
         self._pipe_epoch = None  # the epoch the pipeline's next DALI epoch will produce
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Epoch ``epoch``'s batches from its batch ``first_batch`` on (a mid-epoch resume:
+        the pipeline starts at that batch)."""
         self.epoch = int(epoch)
+        self.first_batch = self.batches_done = int(first_batch)
 
     def __len__(self) -> int:
         return len(self.source.sampler)
@@ -395,10 +399,11 @@ class DALILoader:
         batches = self.source.epoch_batches(epoch)
         if not batches:
             return
-        self._ensure_pipeline(epoch)
+        first, self.first_batch = self.first_batch, 0
+        self._ensure_pipeline(epoch, first_batch=first)
         finished = False
         try:
-            iteration = 0
+            iteration = self.batches_done = first
             while iteration < len(batches):
                 try:
                     outputs = self._pipe.run()
@@ -421,6 +426,7 @@ class DALILoader:
                 if len(batches[iteration]) > len(batch["index"]):
                     self._note_skipped(batches[iteration], batch["index"], epoch)
                 iteration += 1
+                self.batches_done = iteration
                 if len(batch["index"]):
                     yield batch
             try:

@@ -28,9 +28,13 @@ class SyntheticLoader:
         self.num_classes, self.num_videos = num_classes, num_videos
         self.num_batches = num_batches
         self.epoch = 0
+        self.first_batch = self.batches_done = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Epoch ``epoch``'s batches from its batch ``first_batch`` on (a mid-epoch resume)."""
         self.epoch = epoch
+        self.first_batch = first_batch
+        self.batches_done = first_batch
 
     def __len__(self):
         return self.num_batches
@@ -42,7 +46,8 @@ class SyntheticLoader:
         return x.to(self.dtype).permute(0, 1, 4, 2, 3)
 
     def __iter__(self):
-        for i in range(self.num_batches):
+        for i in range(self.first_batch, self.num_batches):
+            self.batches_done = i + 1
             generator = _generator(self.device, self.seed, self.epoch, self.rank, i)
             start = (self.rank * self.num_batches + i) * self.batch_size
             yield {

@@ -23,6 +23,7 @@ Videos the annotation already shows too short are dropped when the list is read.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ccs_fast.errors import CCSError, bad_file
 
 from ccs_fast.distributed import cores_per_process
+from ccs_fast.signals import end_with_parent, ignore_stop_signals
 
 from .formats import VideoRecord, default_num_classes
 from .rawframes import decode_jpeg, frame_size, load_records
@@ -213,22 +215,29 @@ def normalize_on_device(rgb_u8, flow_u8, dtype):
 
 
 class _EpochTaggedBatches:
-    """Turns a batch sampler's rows into ``(epoch, row)`` keys for the dataset."""
+    """Turns a batch sampler's rows into ``(epoch, row)`` keys for the dataset, leaving out
+    the epoch's first ``first_batch`` batches (a run resumed mid-epoch)."""
 
     def __init__(self, batch_sampler):
         self.batch_sampler = batch_sampler
+        self.first_batch = 0
 
     def __len__(self):
         return len(self.batch_sampler)
 
     def __iter__(self):
         epoch = self.batch_sampler.epoch
-        for batch in self.batch_sampler:
-            yield [(epoch, row) for row in batch]
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= self.first_batch:
+                yield [(epoch, row) for row in batch]
 
 
-def _worker_init(_worker_id):
+def _worker_init(_worker_id, parent_pid=None):
     cv2.setNumThreads(1)  # one decode thread per worker: the workers already use every core
+    # a signal to the process group is the trainer's to handle (it stops the workers in
+    # order); a trainer killed outright takes its workers with it
+    ignore_stop_signals()
+    end_with_parent(parent_pid)
 
 
 class TorchClipLoader:
@@ -238,6 +247,7 @@ class TorchClipLoader:
                  num_classes, skipped=None, generator=None, views: int = 1):
         self.dataset = dataset
         self.views = views
+        self.batches_done = 0
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
         self.dtype = dtype
@@ -255,12 +265,16 @@ class TorchClipLoader:
             collate_fn=collate_clips,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()) if num_workers > 0 else None,
             generator=generator,
         )
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Draw epoch ``epoch``'s batches, from its batch ``first_batch`` on (the earlier
+        ones are not loaded: a run resumed mid-epoch)."""
         self.batch_sampler.set_epoch(epoch)
+        self.loader.batch_sampler.first_batch = first_batch
+        self.batches_done = first_batch
 
     def __len__(self):
         return len(self.batch_sampler)
@@ -289,7 +303,11 @@ class TorchClipLoader:
             cv2.setNumThreads(threads)
 
     def __iter__(self):
+        """The epoch's batches; ``batches_done`` counts the sampler's batches consumed so far
+        (those skipped as wholly bad included), the position a mid-epoch checkpoint keeps."""
+        self.batches_done = self.loader.batch_sampler.first_batch
         for batch in self._batches():
+            self.batches_done += 1
             if batch["errors"]:
                 if not self.skip_bad:
                     self.close()

@@ -269,3 +269,24 @@ def test_checkpoints_with_the_older_stream_names_load(tmp_path):
     ckpt.load_model_state(tmp_path / "old.pt", target, old)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_export_refuses_a_nonfinite_model(tmp_path, capsys, bad):
+    """Issue 23 #2: a checkpoint holding NaN or inf exported with exit 0."""
+    from ccs_fast.cli import main
+
+    model, opt, sched, scaler = _setup(seed=int(torch.randint(0, 1000, ())))
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, model, optimizer=opt, config=Config().to_dict())
+    state = torch.load(path, weights_only=True)
+    index = int(torch.randint(0, state["model"]["2.weight"].numel(), ()))
+    state["model"]["2.weight"].view(-1)[index] = bad  # as torch.save of a diverged model writes it
+    torch.save(state, path)
+    out = tmp_path / "shared.pt"
+    with pytest.raises(CCSError, match=r"not exported: the model holds NaN or inf in 1 tensor \(e.g. 2.weight\)"):
+        ckpt.export_checkpoint(path, out)
+    assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ccs-fast: error: {path}: not exported") and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))

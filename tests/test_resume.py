@@ -1,0 +1,68 @@
+"""Where a resumed run writes (issue 23 #1): into the folder it was resumed from, whatever
+out_dir the checkpoint recorded; elsewhere only with --out, said in the start line."""
+import shutil
+
+import pytest
+import torch
+
+from ccs_fast import trainer
+from ccs_fast.checkpoint import read_checkpoint
+from ccs_fast.cli import main
+from tiny import tiny_config
+
+pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def run_x(tmp_path_factory):
+    x = tmp_path_factory.mktemp("runs") / "X"
+    trainer.train(tiny_config(x, epochs=1))
+    return x
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _start_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("[train] run ")]
+    return line
+
+
+def test_resume_of_a_copied_folder_writes_into_the_copy(run_x, tmp_path, capsys):
+    """Before: the copy's resume wrote into X (recorded out_dir): X's metrics were cut back and
+    its last.pt replaced."""
+    y = tmp_path / "Y"
+    shutil.copytree(run_x, y)
+    before = _snapshot(run_x)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(y), "--set", "optim.epochs=2"]) == 0
+    line = _start_line(capsys.readouterr().out)
+    assert f"-> {y};" in line and str(run_x) not in line.replace(str(y), "")
+    assert _snapshot(run_x) == before
+    assert read_checkpoint(y / "last.pt")["epoch"] == 2
+    assert read_checkpoint(y / "last.pt")["config"]["train"]["out_dir"] == str(y)
+
+
+def test_resume_of_a_moved_folder_does_not_recreate_the_old_one(run_x, tmp_path, capsys):
+    z = tmp_path / "Z"
+    shutil.copytree(run_x, tmp_path / "old")
+    shutil.move(tmp_path / "old", z)  # a run folder whose checkpoint records another out_dir
+    assert read_checkpoint(z / "last.pt")["config"]["train"]["out_dir"] == str(run_x)
+    shutil.rmtree(run_x.parent / "gone", ignore_errors=True)
+    state = read_checkpoint(z / "last.pt")
+    state["config"]["train"]["out_dir"] = str(run_x.parent / "gone")  # as after `mv gone Z`
+    torch.save(state, z / "last.pt")
+    assert main(["train", "--resume", str(z / "last.pt"), "--set", "optim.epochs=2"]) == 0
+    assert not (run_x.parent / "gone").exists()
+    assert read_checkpoint(z / "last.pt")["epoch"] == 2
+
+
+def test_resume_elsewhere_needs_out_and_says_so(run_x, tmp_path, capsys):
+    w = tmp_path / "W"
+    before = _snapshot(run_x)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_x), "--out", str(w), "--set", "optim.epochs=2"]) == 0
+    line = _start_line(capsys.readouterr().out)
+    assert f"-> {w};" in line and f"writing to {w} (--out), not to {run_x}" in line
+    assert _snapshot(run_x) == before and read_checkpoint(w / "last.pt")["epoch"] == 2
