@@ -216,6 +216,10 @@ def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
         return sum(1 for name in os.listdir(frame_dir) if pattern.match(name))
     except FileNotFoundError:
         raise bad_file(frame_dir, "flow frame folder not found") from None
+    except PermissionError:
+        raise bad_file(frame_dir, "cannot read the flow frame folder (permission denied)") from None
+    except OSError as exc:
+        raise bad_file(frame_dir, f"cannot read the flow frame folder ({exc.strerror or exc})") from None
 
 
 def default_flow_root(data_root) -> Path:
@@ -227,12 +231,16 @@ def lists_count_flow_frames(records, data_root, naming: FrameNaming) -> bool | N
     from the files of its first folder that exists: with n RGB frames there are n − 1 flow
     frames (denseflow), so a flow file numbered like the last RGB frame exists only when
     the list counts flow frames. Where lines with offsets share a folder, the line that
-    reaches furthest into it decides. None when no listed folder exists."""
+    reaches furthest into it decides. None when no listed folder exists. A folder that
+    cannot be read decides nothing (reading its frames later says so, or skips it)."""
     for record in records:
         folder = Path(data_root) / record.path
-        if folder.is_dir():
-            last = max(r.offset + r.num_frames for r in records if r.path == record.path)
-            return naming.flow(folder, last - 1)[0].is_file()
+        try:
+            if folder.is_dir():
+                last = max(r.offset + r.num_frames for r in records if r.path == record.path)
+                return naming.flow(folder, last - 1)[0].is_file()
+        except OSError:  # PermissionError: a mode-000 folder
+            continue
     return None
 
 
