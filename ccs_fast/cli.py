@@ -1,6 +1,6 @@
 """``ccs-fast``: the command-line entry point.
 
-Subcommands: synth, prepare, train, eval, predict, export, bench, demo. Bad input ends with one
+Subcommands: synth, prepare, train, eval, predict, config, export, bench, demo. Bad input ends with one
 line on stderr (``ccs-fast: error: ...``) and exit status 2, never a traceback (SPEC §9).
 """
 from __future__ import annotations
@@ -13,6 +13,9 @@ from pathlib import Path
 from ccs_fast.errors import CCSError
 
 BENCHMARKS = ("cross_attention", "losses", "loader", "e2e")
+DESCRIPTION = ("Two-stream (RGB + optical flow) action recognition with the Cooperative Cross-Stream "
+               "network: prepare data, train, evaluate, predict. 'ccs-fast COMMAND --help' describes "
+               "each command.")
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +78,12 @@ def cmd_train(args) -> int:
     config_path = resolve_config_path(args.config)
     cfg = load_config(config_path, args.overrides, base=None if args.config else saved,
                       base_source=str(args.resume))
+    if not args.resume:
+        from ccs_fast.config import settle_num_classes
+
+        taken = settle_num_classes(cfg)
+        if taken:
+            print(f"[train] {taken}", flush=True)
     if args.out:
         cfg.train.out_dir = args.out
     elif args.resume and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
@@ -120,7 +129,7 @@ def cmd_eval(args) -> int:
         if args.no_labels or args.cam or args.attention:
             raise CCSError("eval: --no-labels, --cam and --attention take one --checkpoint")
         report = evaluate_checkpoints(cfgs, checkpoints, lists, out_json=out_json, out_md=out_md,
-                                      crops=args.crops)
+                                      crops=args.crops, progress=True)
         for result in report["splits"].values():
             _print_skipped(result, "[eval]")
         print(f"[eval] protocol: {report['protocol']['text']}", flush=True)
@@ -131,12 +140,13 @@ def cmd_eval(args) -> int:
         from ccs_fast.predict import predict_list
 
         where = out / "predictions.jsonl" if out else Path("predictions.jsonl")
-        summary = predict_list(cfg, checkpoint, annotation, where)
+        summary = predict_list(cfg, checkpoint, annotation, where, progress=True)
         _print_skipped(summary, "[predict]")
         print(f"predicted {summary['num_videos']} videos (no labels, no accuracy) -> {where}")
         return 0
     result = evaluate_checkpoint(cfg, checkpoint, annotation=annotation, out_json=out_json, out_md=out_md,
-                                 crops=args.crops, return_model=bool(args.cam or args.attention))
+                                 crops=args.crops, return_model=bool(args.cam or args.attention),
+                                 progress=True)
     _print_skipped(result, "[eval]")
     print(f"[eval] protocol: {result['protocol']['text']}", flush=True)
     print(result["table"], end="", flush=True)
@@ -146,22 +156,21 @@ def cmd_eval(args) -> int:
 
 
 def _eval_pictures(args, result: dict, out: Path, annotation) -> None:
-    from ccs_fast.pictures import picture_loader, write_attention, write_cams, write_confusion
+    from ccs_fast.pictures import picture_loader, video_names, write_attention, write_cams, write_confusion
     from ccs_fast.viz import matplotlib_available
 
     if not matplotlib_available():
         print("[eval] pictures skipped: matplotlib is not installed (pip install 'ccs_fast[viz]')", flush=True)
         return
-    names = None
-    if "cfg" in result:
-        names = result["cfg"].model.class_names
+    names = result["class_names"]
     print(f"[eval] confusion matrix -> {write_confusion(result, out / 'confusion.png', names)}", flush=True)
     for count, write, folder in ((args.cam, write_cams, "cams"), (args.attention, write_attention, "attention")):
         if count:
             cfg, device = result["cfg"], result["device"]
             extra = {"fusion_weights": cfg.model.fusion_weights} if write is write_cams else {}
             paths = write(result["model"], picture_loader(cfg, device, annotation), count, out / folder,
-                          device=device, precision=cfg.train.precision, class_names=names, **extra)
+                          device=device, precision=cfg.train.precision, class_names=names,
+                          videos=video_names(cfg, annotation), **extra)
             print(f"[eval] {len(paths)} {folder} pictures -> {out / folder}", flush=True)
 
 
@@ -182,18 +191,39 @@ def cmd_predict(args) -> int:
     if args.list is not None:
         if not args.out:
             raise CCSError("predict --list: --out FILE.jsonl is needed for the predictions")
-        summary = predict_list(cfg, args.checkpoint, args.list, args.out, class_ind=args.class_ind)
+        summary = predict_list(cfg, args.checkpoint, args.list, args.out, class_ind=args.class_ind,
+                               topk=args.topk, progress=True)
         _print_skipped(summary, "[predict]")
         print(f"predicted {summary['num_videos']} videos -> {args.out}")
         return 0
     report = predict_videos(cfg, args.checkpoint, args.videos, flow=args.flow, topk=args.topk,
                             class_ind=args.class_ind, short_side=args.short_side,
-                            skip_bad=cfg.data.skip_bad)
+                            skip_bad=cfg.data.skip_bad, progress=True)
     _print_skipped({**report, "annotation": f"{len(args.videos)} video(s)"}, "[predict]")
     print(format_predictions(report["rows"]), end="", flush=True)
     if args.out:
         write_json_lines(report["rows"], args.out)
         print(f"predictions of {len(report['rows'])} video(s) -> {args.out}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The effective config: the defaults, the YAML file (or a checkpoint's config) and the
+    ``--set`` overrides, validated, as YAML on stdout."""
+    import yaml
+
+    from ccs_fast.checkpoint import read_checkpoint, resolve_checkpoint_path
+    from ccs_fast.config import load_config
+
+    saved = None
+    if args.checkpoint:
+        checkpoint = resolve_checkpoint_path(args.checkpoint)
+        saved = read_checkpoint(checkpoint, mmap=True).get("config")
+        if not saved:
+            raise CCSError(f"{checkpoint}: checkpoint holds no config")
+    cfg = load_config(resolve_config_path(args.config), args.overrides, base=None if args.config else saved,
+                      base_source=str(args.checkpoint))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", flush=True)
     return 0
 
 
@@ -239,7 +269,11 @@ def flow_methods() -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     synth_defaults = _synth_defaults()
-    parser = argparse.ArgumentParser(prog="ccs-fast", description=__doc__.splitlines()[0])
+    from ccs_fast import __version__
+
+    parser = argparse.ArgumentParser(prog="ccs-fast", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"ccs-fast {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the embedded default data set (videos, rawframes, TV-L1 flow, lists, splits)")
@@ -297,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of video files (or of an annotation list's videos)")
     _config_arguments(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint (last.pt, best.pt, an exported file) or run folder to predict with")
     p.add_argument("videos", nargs="*", metavar="VIDEO",
                    help="video files: decoded with PyAV, flow computed on the fly, TSN test sampling")
     p.add_argument("--list", help="annotation list of rawframes (or of videos with data.modality=video) "
@@ -312,13 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames are resized to this short side before the flow, as prepare does (default 256)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("config", help="print the effective config (defaults, --config or a checkpoint's, --set) as YAML")
+    _config_arguments(p)
+    p.add_argument("--checkpoint", help="start from this checkpoint's config instead of the defaults "
+                                        "(when no --config is given)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("export", help="a weights-only file of a checkpoint (model and config; for sharing)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt, best.pt) or a run folder")
     p.add_argument("--out", required=True, help="the file to write")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="run a benchmark from the source checkout: " + ", ".join(BENCHMARKS))
-    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("name", choices=BENCHMARKS, help="the benchmark to run")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,6 +124,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # ``section.key`` -> where its value came from (YAML file, --set, checkpoint), filled by
+    # load_config; a setting not in it holds its default. Not a field: not saved or compared.
+    sources: typing.ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,6 +300,25 @@ def resume_differences(saved: dict, cfg: "Config") -> tuple[dict, dict]:
     return changeable, refused
 
 
+# Settings that name a file or folder: ``~`` and environment variables are expanded in them
+# wherever the value comes from (YAML, ``--set``, a checkpoint's config), since a shell
+# expands no ``~`` after ``=`` (``--set model.pretrained=~/w.pth``).
+PATH_SETTINGS = (
+    "model.pretrained", "data.root", "data.train_list", "data.val_list", "data.flow_root", "train.out_dir",
+)
+
+_ENV_REFERENCE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value: str, where: str) -> str:
+    """``value`` with a leading ``~`` (or ``~user``) and ``$NAME`` / ``${NAME}`` expanded;
+    CCSError naming ``where`` when a referenced environment variable is not set."""
+    missing = [m.strip("{}") for m in _ENV_REFERENCE.findall(value) if m.strip("{}") not in os.environ]
+    if missing:
+        raise CCSError(f"{where} = {value!r}: environment variable ${missing[0]} is not set")
+    return os.path.expanduser(os.path.expandvars(value)) if value else value
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -360,7 +384,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
     types_ = _field_types(type(sub))
     if key not in types_:
         raise CCSError(f"{source}: unknown config key {section}.{key} (keys of {section}: {', '.join(types_)})")
-    setattr(sub, key, _coerce(value, types_[key], f"{source}: {section}.{key}"))
+    value = _coerce(value, types_[key], f"{source}: {section}.{key}")
+    if f"{section}.{key}" in PATH_SETTINGS and isinstance(value, str):
+        value = expand_path(value, f"{source}: {section}.{key}")
+    setattr(sub, key, value)
     if sources is not None:
         sources[f"{section}.{key}"] = source
 
@@ -412,7 +439,48 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             except yaml.YAMLError:
                 raise CCSError(f"--set {item!r}: the value is not valid YAML") from None
         _apply(cfg, section.strip(), key.strip(), parsed, "--set", sources)
-    return cfg.validate(str(path) if path else "config", sources)
+    cfg.validate(str(path) if path else "config", sources)
+    cfg.sources = dict(sources)
+    return cfg
+
+
+def data_class_count(cfg: Config) -> Optional[tuple[int, str]]:
+    """How many classes the data of ``cfg`` has and where that was read: the nearest
+    ``classInd.txt`` of the training list (``formats.class_ind_files``), else 1 + the largest
+    label of the training and validation lists. None without a training list file."""
+    from ccs_fast.dataloader.formats import class_ind_files, default_num_classes, read_annotation, read_ucf101_classes
+
+    train_list = cfg.data.train_list
+    if not train_list or not Path(train_list).is_file():
+        return None
+    found = class_ind_files(train_list, cfg.data.root)
+    if found:
+        return len(read_ucf101_classes(found[0])), str(found[0])
+    lists = [name for name in (train_list, cfg.data.val_list) if name and Path(name).is_file()]
+    labels = [r.label for name in lists for r in read_annotation(name, cfg.data.modality, labels=False)]
+    return default_num_classes(labels), " and ".join(f"the labels of {name}" for name in lists)
+
+
+def settle_num_classes(cfg: Config) -> Optional[str]:
+    """Match ``model.num_classes`` to the data's class count (``data_class_count``) before
+    training. Set explicitly (YAML, ``--set`` or a checkpoint) and different: CCSError naming
+    both numbers and the setting to change. Left at its default: the data's count is taken
+    and a line saying so is returned (None when nothing changed)."""
+    found = data_class_count(cfg)
+    if found is None or found[0] == cfg.model.num_classes:
+        return None
+    count, where = found
+    source = cfg.sources.get("model.num_classes")
+    if source is not None:
+        raise CCSError(f"{where}: the data has {count} classes but model.num_classes = "
+                       f"{cfg.model.num_classes} (from {source}); set model.num_classes to {count} "
+                       f"(--set model.num_classes={count}) or train on data with {cfg.model.num_classes} classes")
+    if count < 2:
+        raise CCSError(f"{where}: the data has {count} class; training needs at least 2")
+    cfg.model.num_classes = count
+    if cfg.model.class_names is not None and len(cfg.model.class_names) != count:
+        cfg.model.class_names = None
+    return f"model.num_classes = {count}, from {where} (the config leaves it unset)"
 
 
 def config_from_dict(data: dict, source: str = "checkpoint") -> Config:

@@ -25,6 +25,7 @@ never gets accuracies printed as if it were a model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,7 @@ from ccs_fast.amp import autocast_context
 from ccs_fast.atomic import write_text
 from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, resolve_checkpoint_path
 from ccs_fast.config import Config, config_from_dict
+from ccs_fast.dataloader.progress import Progress
 from ccs_fast.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
 from ccs_fast.metrics import confusion_counts, topk_correct
@@ -58,11 +60,13 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def fuse_scores(logits_f: torch.Tensor, logits_o: torch.Tensor, fusion_weights: Sequence[float] = (1.0, 1.0)) -> dict:
-    """Per-stream softmax probabilities (fp32) and their weighted sum (SPEC §2.2)."""
+    """Per-stream softmax probabilities (fp32) and their fusion (SPEC §2.2), the weighted sum
+    ``w_f·p_rgb + w_o·p_flow`` divided by ``w_f + w_o``: a distribution (each row sums to 1)
+    that ranks the classes exactly as the plain sum does."""
     w_f, w_o = (float(w) for w in fusion_weights)
     rgb = torch.softmax(logits_f.float(), dim=-1)
     flow = torch.softmax(logits_o.float(), dim=-1)
-    return {"rgb": rgb, "flow": flow, "fused": w_f * rgb + w_o * flow}
+    return {"rgb": rgb, "flow": flow, "fused": (w_f * rgb + w_o * flow) / (w_f + w_o)}
 
 
 def forward_scores(model, batch, device, precision, fusion_weights) -> dict:
@@ -101,18 +105,22 @@ def protocol(cfg: Config, segments: Optional[int] = None, crops: Optional[int] =
         what = f"{result['segments']} segments"
     result["text"] = (f"{what} x {CROP_NAMES[crops]}, consensus {cfg.model.consensus}; "
                       f"{result['averaging']}; RGB+Flow = {cfg.model.fusion_weights[0]:g}:"
-                      f"{cfg.model.fusion_weights[1]:g} sum of the stream softmaxes")
+                      f"{cfg.model.fusion_weights[1]:g} weighted mean of the stream softmaxes")
     return result
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
-             fusion_weights: Sequence[float] = (1.0, 1.0), source: Optional[str] = None) -> dict:
-    """Top-1 and top-5 (top-min(5, C)) fractions for ``rgb``, ``flow`` and ``fused``.
+             fusion_weights: Sequence[float] = (1.0, 1.0), source: Optional[str] = None,
+             progress=None) -> dict:
+    """Top-1, top-5 (top-min(5, C)) and mean class accuracy (the mean over the classes
+    present of each class's top-1 recall, which UCF-101 papers report beside top-1) for
+    ``rgb``, ``flow`` and ``fused``.
 
-    Returns ``{"rgb": {"top1", "top5"}, "flow": {...}, "fused": {...}, "num_videos",
-    "confusion_matrix": {"rgb", "flow", "fused"}}`` (each a list of rows, true class by
-    predicted class).
+    Returns ``{"rgb": {"top1", "top5", "mean_class"}, "flow": {...}, "fused": {...},
+    "num_videos", "num_classes", "confusion_matrix": {"rgb", "flow", "fused"}}`` (each a list
+    of rows, true class by predicted class). ``progress``: a ``dataloader.progress.Progress``
+    updated with each batch's video count (one host read of the batch size, no sync).
     Under torch.distributed the counts are summed over ranks (every rank must call this).
     The model is put in eval mode and restored to its previous mode afterwards. CCSError
     naming ``source`` (the split evaluated) when no video was evaluated or an output logit
@@ -142,6 +150,8 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
                 counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
                 confusion[row] += confusion_counts(scores[stream], labels)
             total += labels.numel()
+            if progress is not None:
+                progress.update(int(labels.shape[0]))
     finally:
         model.train(was_training)
     if confusion is None:
@@ -166,21 +176,73 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
                        "the model has diverged and its accuracy would be meaningless")
     result = {}
     for row, stream in enumerate(STREAMS):
-        result[stream] = {"top1": host[2 * row] / num_videos, "top5": host[2 * row + 1] / num_videos}
+        result[stream] = {"top1": host[2 * row] / num_videos, "top5": host[2 * row + 1] / num_videos,
+                          "mean_class": mean_class_accuracy(matrices[row])}
     result["num_videos"] = num_videos
+    result["num_classes"] = int(matrices.shape[-1])
     result["confusion_matrix"] = {stream: matrices[row].tolist() for row, stream in enumerate(STREAMS)}
     return result
 
 
+def mean_class_accuracy(confusion: torch.Tensor) -> float:
+    """The mean over the classes with at least one video of each class's recall (diagonal
+    over row sum) of a (C, C) confusion matrix, rows the true class."""
+    confusion = confusion.double()
+    videos = confusion.sum(dim=1)
+    present = videos > 0
+    return float((confusion.diagonal()[present] / videos[present]).mean()) if present.any() else 0.0
+
+
+ROW_TITLES = {"top1": "top-1", "mean_class": "mean class accuracy", "top5": "top-5"}
+
+
+def accuracy_keys(num_classes: Optional[int]) -> tuple[str, ...]:
+    """The accuracies shown for ``num_classes`` classes: top-1, mean class accuracy and,
+    only with more than 5 classes (where it differs from certainty), top-5."""
+    return ("top1", "mean_class") + (("top5",) if num_classes is None or num_classes > 5 else ())
+
+
 def format_table(result: dict) -> str:
-    """Markdown table like the paper's Table 1: columns RGB | Flow | RGB+Flow, in percent."""
+    """Markdown table like the paper's Table 1: columns RGB | Flow | RGB+Flow, in percent;
+    rows top-1, mean class accuracy and (more than 5 classes) top-5."""
     header = "| | " + " | ".join(STREAM_TITLES[s] for s in STREAMS) + " |"
     rule = "|---|" + "---:|" * len(STREAMS)
     rows = [
-        f"| top-{k} | " + " | ".join(f"{100 * result[s][f'top{k}']:.2f}" for s in STREAMS) + " |"
-        for k in (1, 5)
+        f"| {ROW_TITLES[k]} | " + " | ".join(f"{100 * result[s][k]:.2f}" for s in STREAMS) + " |"
+        for k in accuracy_keys(result.get("num_classes")) if all(k in result[s] for s in STREAMS)
     ]
     return "\n".join([header, rule, *rows]) + "\n"
+
+
+def most_confused_pairs(confusion, class_names: Optional[Sequence[str]] = None, count: int = 10) -> list[dict]:
+    """The ``count`` largest off-diagonal cells of a confusion matrix (rows: true class), largest
+    first: ``{"true", "predicted", "videos", "share"}`` with ``share`` the fraction of the
+    true class's videos predicted as that class. Empty cells are left out."""
+    matrix = torch.as_tensor(confusion, dtype=torch.float64)
+    C = matrix.shape[0]
+    names = list(class_names) if class_names else [str(i) for i in range(C)]
+    off = matrix.clone()
+    off.fill_diagonal_(0)
+    values, cells = off.flatten().sort(descending=True, stable=True)
+    rows = matrix.sum(dim=1)
+    pairs = []
+    for value, cell in zip(values.tolist()[:count], cells.tolist()[:count]):
+        if value <= 0:
+            break
+        true, predicted = divmod(cell, C)
+        pairs.append({"true": names[true], "predicted": names[predicted], "videos": int(value),
+                      "share": value / float(rows[true])})
+    return pairs
+
+
+def most_confused_markdown(pairs: Sequence[dict], stream: str = "fused") -> str:
+    """A Markdown section listing ``most_confused_pairs``."""
+    lines = ["", f"#### Most confused pairs ({STREAM_TITLES[stream]})", ""]
+    if not pairs:
+        return "\n".join(lines + ["No video was misclassified.", ""])
+    lines += ["| true class | predicted as | videos | share of the true class |", "|---|---|---:|---:|"]
+    lines += [f"| {p['true']} | {p['predicted']} | {p['videos']} | {100 * p['share']:.1f} % |" for p in pairs]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- from a checkpoint
@@ -205,7 +267,7 @@ def load_model(cfg: Config, checkpoint, device) -> torch.nn.Module:
 
 def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_json=None,
                         out_md=None, segments: Optional[int] = None, crops: Optional[int] = None,
-                        return_model: bool = False) -> dict:
+                        return_model: bool = False, progress: bool = False) -> dict:
     """Evaluate ``checkpoint`` on ``annotation`` (default ``cfg.data.val_list``) with
     ``segments`` test segments or clips (default ``cfg.data.test_segments``, 25, or
     ``data.test_clips`` for a 3-D model) and ``crops`` views (default ``data.test_crops``).
@@ -214,7 +276,10 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     ``out_json`` and as the paper's Table 1 layout (one split) to ``out_md`` when given;
     returns the dict of ``evaluate`` plus ``checkpoint``, ``annotation``, ``segments``,
     ``crops``, ``protocol``, ``variant``, ``skipped_videos`` (and ``skipped_reasons``) and
-    ``table`` (and ``model``, ``cfg``, ``device`` with ``return_model``); prints nothing.
+    ``table``, ``class_names``, ``most_confused`` (``most_confused_pairs`` of RGB+Flow) (and
+    ``model``, ``cfg``, ``device`` with ``return_model``). Prints nothing but, with
+    ``progress``, the videos done (``dataloader.progress``: a bar on a terminal, a line at
+    least every 30 s elsewhere) on stderr.
     """
     cfg = config_for(cfg, checkpoint)
     if crops is not None and crops != cfg.data.test_crops:
@@ -223,13 +288,17 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     device = select_device(cfg.train.device)
     model = load_model(cfg, checkpoint, device)
     loader = loader_from_config(cfg, train=False, device=device, annotation=annotation, segments=segments)
-    result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
-                      source=f"{checkpoint} on {annotation or cfg.data.val_list or 'the eval split'}")
+    split = annotation or cfg.data.val_list or "the eval split"
+    with Progress(getattr(loader, "num_videos", 0) or 0, f"eval {Path(str(split)).name}", enabled=progress) as bar:
+        result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
+                          source=f"{checkpoint} on {split}", progress=bar)
     test_protocol = protocol(cfg, segments)
+    names = list(cfg.model.class_names or [str(i) for i in range(cfg.model.num_classes)])
     result.update(
         checkpoint=str(checkpoint), annotation=str(annotation or cfg.data.val_list),
         segments=test_protocol.get("segments", test_protocol.get("clips")), crops=test_protocol["crops"],
-        protocol=test_protocol, variant=cfg.model.variant,
+        protocol=test_protocol, variant=cfg.model.variant, class_names=names,
+        most_confused=most_confused_pairs(result["confusion_matrix"]["fused"], names),
     )
     result.update({"skipped_videos": 0, **skipped_report(loader)})
     table = format_table(result)
@@ -238,7 +307,7 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     if out_md:
         write_text(out_md, table1_markdown(
             {split_label(result): result}, title=f"Variant `{cfg.model.variant}`: checkpoint `{checkpoint}`",
-            protocol=test_protocol["text"], digits=2))
+            protocol=test_protocol["text"], digits=2) + most_confused_markdown(result["most_confused"]))
     result["table"] = table
     if return_model:
         result.update(model=model, cfg=cfg, device=device)
@@ -247,14 +316,12 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
 
 def split_label(result: dict) -> str:
     """A Table 1 row label: the annotation list's file name."""
-    from pathlib import Path
-
     return Path(result["annotation"]).name or result["checkpoint"]
 
 
 def evaluate_checkpoints(cfgs: Sequence[Optional[Config]], checkpoints: Sequence, annotations: Sequence = (),
                          out_json=None, out_md=None, segments: Optional[int] = None,
-                         crops: Optional[int] = None) -> dict:
+                         crops: Optional[int] = None, progress: bool = False) -> dict:
     """One checkpoint per split (``cfgs[i]`` its config, None: the checkpoint's own;
     ``annotations[i]`` its list, none: each config's val_list):
     ``{"splits": {label: result}, "mean": mean over splits, "protocol", "table"}``
@@ -268,7 +335,7 @@ def evaluate_checkpoints(cfgs: Sequence[Optional[Config]], checkpoints: Sequence
     splits = {}
     for i, checkpoint in enumerate(checkpoints):
         result = evaluate_checkpoint(cfgs[i], checkpoint, annotation=annotations[i] if annotations else None,
-                                     segments=segments, crops=crops)
+                                     segments=segments, crops=crops, progress=progress)
         result.pop("table")
         label = f"{i + 1}: {split_label(result)}"
         splits[label] = result

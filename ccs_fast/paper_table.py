@@ -1,7 +1,8 @@
 """Results in the layout of the paper's tables, as Markdown.
 
 - ``table1_markdown(splits)`` (paper Table 1): one row per split (e.g. one checkpoint per
-  UCF-101 split) with RGB, Flow and RGB+Flow top-1 and top-5 in percent, and, with more than one
+  UCF-101 split) with RGB, Flow and RGB+Flow top-1, mean class accuracy and top-5 (only with
+  more than 5 classes) in percent, and, with more than one
   split, their unweighted mean over splits, the figure UCF-101 and HMDB-51 papers report.
 - ``table3_markdown(variants)`` (paper Table 3): one row per variant (``baseline``, ``cb``,
   ``cs``, ``all`` first, in that order, then any others as given) with RGB, Flow and RGB+Flow
@@ -40,28 +41,47 @@ def _percent(value: Optional[float], digits: int) -> str:
     return MISSING if value is None else f"{100.0 * value:.{digits}f}"
 
 
+ACCURACIES = (("top1", "top-1"), ("mean_class", "mean class"), ("top5", "top-5"))
+
+
+def _shown_accuracies(results) -> list[tuple[str, str]]:
+    """The accuracy columns: top-1; mean class accuracy when a result has it; top-5 unless
+    every result that states its class count has at most 5 classes (top-5 is then 100 %)."""
+    results = list(results)
+    counts = [r["num_classes"] for r in results if r.get("num_classes") is not None]
+    has_mean = any(_accuracy(r, s, "mean_class") is not None for r in results for s, _ in STREAMS)
+    return [(k, name) for k, name in ACCURACIES
+            if k == "top1" or (k == "mean_class" and has_mean) or (k == "top5" and (not counts or max(counts) > 5))]
+
+
 def mean_over_splits(splits: Mapping[str, Mapping]) -> dict:
-    """{stream: {"top1", "top5"}} averaged over the splits that have the value (unweighted)."""
+    """{stream: {"top1", "mean_class", "top5"}} averaged over the splits that have the value
+    (unweighted)."""
     mean = {}
     for stream, _ in STREAMS:
         entry = {}
-        for k in ("top1", "top5"):
+        for k, _ in ACCURACIES:
             values = [v for v in (_accuracy(r, stream, k) for r in splits.values()) if v is not None]
             if values:
                 entry[k] = sum(values) / len(values)
         mean[stream] = entry
     mean["num_splits"] = len(splits)
+    counts = [r["num_classes"] for r in splits.values() if r.get("num_classes") is not None]
+    if counts:
+        mean["num_classes"] = max(counts)
     return mean
 
 
 def table1_markdown(splits: Mapping[str, Mapping], *, title: Optional[str] = None,
                     protocol: Optional[str] = None, digits: int = 1) -> str:
-    """Paper Table 1 layout: split rows × (RGB, Flow, RGB+Flow) × (top-1, top-5) in percent, and
-    the mean over splits when there are several. ``protocol`` (e.g. "25 segments × 10 crops")
-    is written under the title."""
+    """Paper Table 1 layout: split rows × (RGB, Flow, RGB+Flow) × (top-1, mean class accuracy
+    where the results have it, top-5 with more than 5 classes) in percent, and the mean over
+    splits when there are several. ``protocol`` (e.g. "25 segments × 10 crops") is written
+    under the title."""
     if not splits:
         raise ValueError("no split results to tabulate")
-    header = ["Split"] + [f"{name} {k}" for _, name in STREAMS for k in ("top-1", "top-5")] + ["Videos"]
+    shown = _shown_accuracies(splits.values())
+    header = ["Split"] + [f"{name} {title}" for _, name in STREAMS for _, title in shown] + ["Videos"]
     lines = []
     if title:
         lines += [f"### {title}", ""]
@@ -70,7 +90,7 @@ def table1_markdown(splits: Mapping[str, Mapping], *, title: Optional[str] = Non
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
 
     def row(label: str, result: Mapping) -> str:
-        cells = [_percent(_accuracy(result, s, k), digits) for s, _ in STREAMS for k in ("top1", "top5")]
+        cells = [_percent(_accuracy(result, s, k), digits) for s, _ in STREAMS for k, _ in shown]
         videos = result.get("num_videos")
         return "| " + " | ".join([label] + cells + [MISSING if videos is None else str(videos)]) + " |"
 

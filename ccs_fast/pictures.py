@@ -23,6 +23,7 @@ the next ones; the loader should give one view per video (``data.test_crops`` = 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +56,35 @@ def head_weights(model, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def class_name(names, label: int) -> str:
     return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+def video_name(names, index: int) -> Optional[str]:
+    """The annotation list's path of video ``index`` (``names`` from ``video_names``), or None."""
+    return names[index] if names and 0 <= index < len(names) else None
+
+
+def picture_file(prefix: str, index: int, name: Optional[str]) -> str:
+    """``<prefix>_<index>_<video name>.png`` (the name's folders joined by ``_`` and any
+    character outside letters, digits, ``.-_`` replaced), ``<prefix>_<index>.png`` without a name."""
+    if not name:
+        return f"{prefix}_{index}.png"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).with_suffix("").as_posix().strip("/").replace("/", "_"))
+    return f"{prefix}_{index}_{safe[:120]}.png"
+
+
+def video_names(cfg, annotation=None) -> Optional[list[str]]:
+    """The paths of the annotation list's videos (default ``data.val_list``), by row; None
+    for the synthetic backend or without a list file."""
+    from ccs_fast.dataloader.formats import read_annotation
+
+    path = annotation or cfg.data.val_list
+    if cfg.data.backend == "synthetic" or not path or not Path(path).is_file():
+        return None
+    return [r.path for r in read_annotation(path, cfg.data.modality, labels=False)]
+
+
+def _describe(names, video: dict) -> str:
+    return video_name(names, video["index"]) or f"video {video['index']} of the list"
 
 
 def _choose(loader, count: int, max_batches_for_variety: int = 4):
@@ -90,10 +120,11 @@ def _middle(model, K: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "fp32",
-               class_names=None, fusion_weights=(1.0, 1.0)) -> list[Path]:
-    """``cam_<index>.png`` in ``out_dir`` for ``count`` videos: frame, flow magnitude, CAM of
-    each stream; the title names the RGB+Flow prediction (``fusion_weights``, SPEC §2.2).
-    Returns the paths."""
+               class_names=None, fusion_weights=(1.0, 1.0), videos=None) -> list[Path]:
+    """``cam_<index>_<video>.png`` in ``out_dir`` for ``count`` videos (``picture_file``;
+    ``videos``: the list's paths by row, ``video_names``): frame, flow magnitude, CAM of each
+    stream; the title names the video, the segment shown, the class mapped and the RGB+Flow
+    prediction (``fusion_weights``, SPEC §2.2). Returns the paths."""
     from ccs_fast.evaluate import fuse_scores
     from ccs_fast.viz import class_activation_maps, plot_cams
 
@@ -118,19 +149,23 @@ def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "
                                                  b.to(selected.device))[0].cpu().numpy()
         flow = video["flow"][0, position, :2].float().permute(1, 2, 0).cpu().numpy()
         h, w = cams["RGB"].shape
-        title = (f"video {video['index']}: CAM of class {class_name(class_names, target)}"
-                 f"{' (true)' if video['label'] >= 0 else ' (predicted)'} on the {h}x{w} last-stage map; "
-                 f"RGB+Flow predicts {class_name(class_names, predicted)}")
+        where = f"clip {k + 1} of {K}" if model.video else f"segment {k + 1} of {K}"
+        title = (f"{_describe(videos, video)}, {where}: where each stream finds the class "
+                 f"{class_name(class_names, target)}{' (true class)' if video['label'] >= 0 else ' (predicted)'}\n"
+                 f"(class activation maps on the {h}x{w} last-stage grid); RGB+Flow predicts "
+                 f"{class_name(class_names, predicted)}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams, out_dir / f"cam_{video['index']}.png",
+        name = picture_file("cam", video["index"], video_name(videos, video["index"]))
+        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams, out_dir / name,
                                flow_image=flow, title=title))
     return paths
 
 
 @torch.no_grad()
 def write_attention(model, loader, count: int, out_dir, *, device, precision: str = "fp32",
-                    class_names=None) -> list[Path]:
-    """``attention_<index>.png`` in ``out_dir`` for ``count`` videos (module docstring).
+                    class_names=None, videos=None) -> list[Path]:
+    """``attention_<index>_<video>.png`` in ``out_dir`` for ``count`` videos (module
+    docstring; ``videos`` as in ``write_cams``).
     CCSError when the model has no connection block (variants ``baseline``, ``cs``)."""
     from ccs_fast.viz import attention_maps, plot_attention
 
@@ -163,13 +198,16 @@ def write_attention(model, loader, count: int, out_dir, *, device, precision: st
             h, w = grid[1:]
             centre = shown * h * w + (h // 2) * w + w // 2
             to_flow, to_rgb = attention_maps(q, key, centre, centre, grid, scale=block.scale)
-            title = (f"video {video['index']} ({class_name(class_names, video['label'])}), "
-                     f"{'time step' if model.video else 'segment'} {shown}: "
-                     f"{to_flow[shown].sum():.0%} / {to_rgb[shown].sum():.0%} of the attention "
-                     f"falls in it")
+            where = (f"clip {k + 1}, time step {shown + 1} of {grid[0]}" if model.video
+                     else f"segment {shown + 1} of {K}")
+            title = (f"{_describe(videos, video)} (class {class_name(class_names, video['label'])}), {where}: "
+                     f"the connection block's attention at the centre position\n"
+                     f"{to_flow[shown].sum():.0%} (left) and {to_rgb[shown].sum():.0%} (right) of the attention "
+                     f"falls in this {'time step' if model.video else 'segment'}, the rest in the others")
             out_dir.mkdir(parents=True, exist_ok=True)
+            name = picture_file("attention", video["index"], video_name(videos, video["index"]))
             paths.append(plot_attention(rgb_frame(video["rgb"][0, position]), to_flow[shown], to_rgb[shown],
-                                        out_dir / f"attention_{video['index']}.png",
+                                        out_dir / name,
                                         query_rgb=(h // 2, w // 2), query_flow=(h // 2, w // 2), title=title))
     finally:
         for hook in hooks:
@@ -177,13 +215,34 @@ def write_attention(model, loader, count: int, out_dir, *, device, precision: st
     return paths
 
 
+def confusion_title(result: dict, stream: str = "fused") -> str:
+    """What a confusion picture shows: the stream, the split, the test views, the checkpoint
+    and the accuracies of an ``evaluate_checkpoint`` result."""
+    from ccs_fast.evaluate import CROP_NAMES, STREAM_TITLES
+
+    acc = result.get(stream, {})
+    views = f"{result['segments']} segments x {CROP_NAMES.get(result.get('crops'), 'centre crop')}" \
+        if result.get("segments") else ""
+    what = (f"{STREAM_TITLES[stream]} confusion matrix of {result.get('num_videos', '?')} videos"
+            + (f" of {Path(result['annotation']).name}" if result.get("annotation") else "")
+            + (f", {views}" if views else ""))
+    scores = [f"top-1 {100 * acc['top1']:.1f} %" if "top1" in acc else "",
+              f"mean class accuracy {100 * acc['mean_class']:.1f} %" if "mean_class" in acc else ""]
+    lines = [what, f"checkpoint {result['checkpoint']}" if result.get("checkpoint") else "",
+             ", ".join(p for p in scores if p)]
+    return "\n".join(line for line in lines if line)
+
+
 def write_confusion(result: dict, path, class_names: Optional[list] = None, title: Optional[str] = None) -> Path:
-    """The RGB+Flow confusion matrix of an evaluation result as a PNG."""
+    """The RGB+Flow confusion matrix of an evaluation result as a PNG, with the class names
+    (``class_names``, else the result's ``class_names``, else the indices) and a title
+    (``confusion_title`` unless given)."""
     from ccs_fast.viz import plot_confusion_matrix
 
     matrix = result["confusion_matrix"]["fused"]
-    names = class_names if class_names and len(class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
-    return plot_confusion_matrix(matrix, names, path, title=title)
+    names = class_names or result.get("class_names")
+    names = names if names and len(names) == len(matrix) else [str(i) for i in range(len(matrix))]
+    return plot_confusion_matrix(matrix, names, path, title=title or confusion_title(result))
 
 
 def picture_loader(cfg, device, annotation=None):

@@ -11,10 +11,23 @@ Two kinds of input:
   plan the loaders use. Only the flow pairs the clip needs are computed.
 - **An annotation list** (``predict_list``): the loaders read it, label-less lines allowed.
 
-Scores follow SPEC §2.2 (per-stream softmax, fused ``w_f·p_rgb + w_o·p_flow``). Class names
-come from ``model.class_names`` in the checkpoint's config (found at training time from
-classInd.txt or the list's class folders) or from a ``classInd.txt`` given here; without
-either, a class is named by its index.
+Scores are computed exactly as ``eval`` computes them (``evaluate.forward_scores``): each
+stream's softmax, and RGB+Flow the weighted mean ``(w_f·p_rgb + w_o·p_flow) / (w_f + w_o)``,
+so every stream's ``probability`` values over all classes sum to 1. Both kinds of input
+give the same JSON line per video: ``video`` (the file, or the list's frame folder),
+``label`` (``{"class", "index"}`` of the list's label; null for video files and label-less
+lines) and ``rgb``, ``flow``, ``fused``: the top-k ``{"class", "index", "probability"}``,
+best first. Class names come from ``model.class_names`` in the checkpoint's config (found at
+training time from classInd.txt or the list's class folders) or from a ``classInd.txt``
+given here; without either, a class is named by its index.
+
+A 3-D checkpoint predicts from prepared rawframes (``--list``), not from video files: its
+test clips (``data.test_clips`` × ``model.clip_len`` frames, 160 at the defaults) need a flow
+pair per frame, 160 TV-L1 pairs per video against the 2-D model's at most 125, and the
+on-the-fly path samples TSN segments only.
+
+Long steps show progress (``dataloader.progress``): per video file, the flow pairs computed;
+for a list, the videos done.
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ import torch
 
 from ccs_fast.atomic import write_text
 from ccs_fast.config import Config
+from ccs_fast.dataloader.progress import Progress
 from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import STREAM_TITLES, STREAMS, config_for, forward_scores, load_model, select_device
 from ccs_fast.loaders import loader_from_config, skipped_report
@@ -51,17 +65,27 @@ def class_names_of(cfg: Config, class_ind=None) -> list[str]:
 
 def _top(probabilities: torch.Tensor, names: Sequence[str], k: int) -> list[dict]:
     values, indices = probabilities.topk(min(k, probabilities.numel()))
-    return [{"class": names[i], "index": i, "p": round(v, 6)}
+    return [{"class": names[i], "index": i, "probability": round(v, 6)}
             for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def prediction_row(video: str, label: Optional[int], scores: dict, row: int, names: Sequence[str],
+                   k: int) -> dict:
+    """One JSON line: ``video``, ``label`` (``{"class", "index"}`` or None) and the top-``k`` of
+    each stream of ``scores`` (row ``row`` of each (B, C) probability tensor)."""
+    out = {"video": video, "label": None if label is None or label < 0 else {"class": names[label], "index": label}}
+    out.update({stream: _top(scores[stream][row].cpu(), names, k) for stream in STREAMS})
+    return out
 
 
 # ---------------------------------------------------------------------------- video files
 
 def video_clip(path, cfg: Config, estimator, short_side: int = DEFAULT_SHORT_SIDE,
-               segments: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+               segments: Optional[int] = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The TSN test clip of a video file: uint8 RGB (K, S, S, 3) and flow (K, S, S, 2L),
     K = ``segments`` or data.test_segments; CCSError naming the file for a missing,
-    undecodable or too short video."""
+    undecodable or too short video. ``progress``: count the flow pairs computed
+    (``dataloader.progress``)."""
     import cv2
 
     from ccs_fast.dataloader.flow import FLOW_BOUND, flow_to_uint8
@@ -99,22 +123,25 @@ def video_clip(path, cfg: Config, estimator, short_side: int = DEFAULT_SHORT_SID
         if i not in flows:
             fx, fy = flow_to_uint8(estimator(grey_frame(i), grey_frame(i + 1)), FLOW_BOUND)
             flows[i] = ((f"{path} flow_x {i}", fx), (f"{path} flow_y {i}", fy))
+            bar.update()
         return flows[i]
 
     rgb_frames = [(path, frames[int(i)]) for i in plan.frame_indices]
-    return cut_clip(plan, width, height, cfg.data.input_size, rgb_frames, flow_pair)
+    pairs = len(np.unique(plan.flow_indices))
+    with Progress(pairs, f"flow of {path.name}", unit="pairs", enabled=progress) as bar:
+        return cut_clip(plan, width, height, cfg.data.input_size, rgb_frames, flow_pair)
 
 
 @torch.no_grad()
 def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow: str = "tvl1",
                    flow_params: Optional[dict] = None, topk: int = 5, class_ind=None,
                    short_side: int = DEFAULT_SHORT_SIDE, segments: Optional[int] = None,
-                   skip_bad: bool = False) -> dict:
+                   skip_bad: bool = False, progress: bool = False) -> dict:
     """Top-``topk`` classes with probabilities per stream for each video file.
 
-    Returns ``{"rows": [{"video", "rgb", "flow", "fused"}], "skipped_videos", ...}``; each
-    stream is a list of ``{"class", "index", "p"}``, best first. A bad video is a CCSError,
-    or with ``skip_bad`` a skipped row reported like the loaders' (``skipped_reasons``)."""
+    Returns ``{"rows": [prediction_row], "skipped_videos", ...}`` (``label`` None). A bad
+    video is a CCSError, or with ``skip_bad`` a skipped row reported like the loaders'
+    (``skipped_reasons``). ``progress``: the flow pairs of each video on stderr."""
     from ccs_fast.dataloader.flow import make_flow_estimator
     from ccs_fast.dataloader.torch_loader import normalize_on_device
     from ccs_fast.video_backbones import is_video_backbone
@@ -130,7 +157,7 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
     rows, skipped = [], []
     for video in videos:
         try:
-            rgb, flo = video_clip(video, cfg, estimator, short_side, segments)
+            rgb, flo = video_clip(video, cfg, estimator, short_side, segments, progress=progress)
         except CCSError as exc:
             if not skip_bad:
                 raise
@@ -140,9 +167,7 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
                                             torch.from_numpy(flo[None]).to(device), torch.float32)
         scores = forward_scores(model, {"rgb": rgb_t, "flow": flow_t}, device,
                                 cfg.train.precision, cfg.model.fusion_weights)
-        row = {"video": str(video)}
-        row.update({stream: _top(scores[stream][0].cpu(), names, topk) for stream in STREAMS})
-        rows.append(row)
+        rows.append(prediction_row(str(video), None, scores, 0, names, topk))
     report = {"rows": rows, "skipped_videos": len(skipped)}
     if skipped:
         report["skipped_reasons"] = skipped[:3]
@@ -154,9 +179,10 @@ def format_predictions(rows: Sequence[dict]) -> str:
     lines = [f"| video | {STREAM_TITLES['fused']} | {STREAM_TITLES['rgb']} top-1 | {STREAM_TITLES['flow']} top-1 |",
              "|---|---|---|---|"]
     for row in rows:
-        fused = ", ".join(f"{c['class']} {c['p']:.3f}" for c in row["fused"])
+        fused = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in row["fused"])
         rgb, flow = row["rgb"][0], row["flow"][0]
-        lines.append(f"| {row['video']} | {fused} | {rgb['class']} {rgb['p']:.3f} | {flow['class']} {flow['p']:.3f} |")
+        lines.append(f"| {row['video']} | {fused} | {rgb['class']} {rgb['probability']:.3f} "
+                     f"| {flow['class']} {flow['probability']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,35 +194,37 @@ def write_json_lines(rows: Sequence[dict], out_path) -> Path:
 
 @torch.no_grad()
 def predict_list(cfg: Optional[Config], checkpoint, annotation, out_path, segments: Optional[int] = None,
-                 class_ind=None) -> dict:
-    """Write one JSON line per video of ``annotation`` to ``out_path``, in annotation order:
-    ``index``, ``label`` (null in a label-less list), ``rgb``, ``flow``, ``fused`` (predicted
-    classes), ``class`` (the fused prediction's name) and ``score`` (its fused score).
-    Single process. Returns a summary; ``fused_top1`` covers the labelled videos (None if
-    none is)."""
+                 class_ind=None, topk: int = 5, progress: bool = False) -> dict:
+    """Write one JSON line per video of ``annotation`` to ``out_path``, in annotation order,
+    in the layout of ``predict_videos``' rows (``prediction_row``: ``video`` is the list's
+    path, ``label`` its label or null in a label-less list). Single process. Returns a
+    summary; ``fused_top1`` covers the labelled videos (None if none is). ``progress``: the
+    videos done on stderr."""
+    from ccs_fast.dataloader.formats import read_annotation
+
     cfg = config_for(cfg, checkpoint)
     device = select_device(cfg.train.device)
     model = load_model(cfg, checkpoint, device)
     names = class_names_of(cfg, class_ind)
+    annotation_path = annotation or cfg.data.val_list
     loader = loader_from_config(cfg, train=False, device=device, annotation=annotation,
                                 segments=segments, labels=False)
+    paths = [r.path for r in read_annotation(annotation_path, cfg.data.modality, labels=False)] \
+        if annotation_path and Path(annotation_path).is_file() else []
     rows = []
-    for batch in loader:
-        scores = forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
-        fused_score, fused_class = scores["fused"].max(dim=-1)
-        columns = {
-            "index": batch["index"], "label": batch["label"], "rgb": scores["rgb"].argmax(-1),
-            "flow": scores["flow"].argmax(-1), "fused": fused_class, "score": fused_score,
-        }
-        host = {k: v.cpu().tolist() for k, v in columns.items()}  # one copy per batch
-        rows.extend(dict(zip(host, values)) for values in zip(*host.values()))
-    rows.sort(key=lambda r: r["index"])
-    for row in rows:
-        row["label"] = None if row["label"] < 0 else row["label"]
-        row["class"] = names[row["fused"]]
+    with Progress(getattr(loader, "num_videos", 0) or 0, f"predict {Path(str(annotation_path)).name}",
+                  enabled=progress) as bar:
+        for batch in loader:
+            scores = forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
+            indices, labels = batch["index"].tolist(), batch["label"].tolist()  # one copy per batch
+            for row, (index, label) in enumerate(zip(indices, labels)):
+                video = paths[index] if index < len(paths) else str(index)
+                rows.append((index, prediction_row(video, label, scores, row, names, topk)))
+            bar.update(len(indices))
+    rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
     write_json_lines(rows, out_path)
     labelled = [r for r in rows if r["label"] is not None]
-    top1 = sum(r["fused"] == r["label"] for r in labelled) / len(labelled) if labelled else None
-    return {"num_videos": len(rows), "fused_top1": top1, "out_path": str(out_path),
-            "annotation": str(annotation or cfg.data.val_list), "skipped_videos": 0,
+    hits = sum(r["fused"][0]["index"] == r["label"]["index"] for r in labelled)
+    return {"num_videos": len(rows), "fused_top1": hits / len(labelled) if labelled else None,
+            "out_path": str(out_path), "annotation": str(annotation_path), "skipped_videos": 0,
             **skipped_report(loader)}

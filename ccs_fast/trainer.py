@@ -555,6 +555,13 @@ def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, 
         if moved:
             resumed += f"; {moved} metrics record(s) after step {run.step} moved to metrics.dropped.jsonl"
     data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
+    if resume_path is not None:
+        weights = f"weights from {resume_path}"
+    elif cfg.model.pretrained:
+        weights = f"{cfg.model.backbone} streams from {cfg.model.pretrained}"
+    else:
+        weights = f"{cfg.model.backbone} streams from scratch (no model.pretrained)"
+    data_note = f"; {cfg.model.num_classes} classes, {cfg.data.backend} loader, {weights}{data_note}"
     print(f"[train] run {run_id}: {cfg.model.variant} on {run.device} x{run.env.world_size}, {cfg.train.precision}, "
           f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
           f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "

@@ -163,11 +163,22 @@ def _as_rgb_image(frame) -> np.ndarray:
     return np.clip(image.astype(np.float32), 0.0, 1.0)
 
 
-def _overlay(ax, image, heat, title):
+def _overlay(ax, image, values, title, colorbar_label: Optional[str] = None):
+    """``values`` (h, w) upsampled over ``image`` (H, W, 3); with ``colorbar_label`` a colour
+    bar in the map's own units (its minimum to its maximum)."""
+    H, W = image.shape[:2]
+    values = np.asarray(values, dtype=np.float32)
     ax.imshow(image)
-    ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
+    heat = cv2.resize(values, (W, H), interpolation=cv2.INTER_LINEAR)
+    low, high = float(values.min()), float(values.max())
+    mappable = ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=low, vmax=high if high > low else low + 1e-12)
     ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if colorbar_label:
+        bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(colorbar_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -226,25 +237,62 @@ def _per_epoch(records, split: str) -> dict:
     return by_epoch
 
 
+CELL_NUMBERS_UP_TO = 20  # classes up to which the counts are written in the cells
+LABEL_SPACING_PT = 7.0  # tick labels (6 pt type) at least this far apart; every k-th class otherwise
+
+
+def confusion_figsize(n: int) -> tuple[float, float]:
+    """Inches of the two-panel confusion picture of ``n`` classes: 12 × 5.5 up to 20 classes,
+    then 0.12 inch per class and panel (101 classes: 2 panels of 12.1 inches + labels), at
+    most 16 inches a panel (133 classes; beyond, every k-th class is named)."""
+    if n <= CELL_NUMBERS_UP_TO:
+        return 12.0, 5.5
+    side = min(0.12 * n, 16.0)
+    return 2 * side + 5.0, side + 2.5
+
+
+def label_step(n: int, panel_inches: float) -> int:
+    """Label every k-th class so that tick labels stay ``LABEL_SPACING_PT`` apart."""
+    spacing = panel_inches * 72.0 / max(n, 1)
+    return max(1, int(np.ceil(LABEL_SPACING_PT / spacing)))
+
+
 def plot_confusion_matrix(matrix, class_names: Sequence[str], path, *, dpi: int = DEFAULT_DPI,
                           title: Optional[str] = None) -> Path:
-    """Counts (left) and row-normalised recall (right) of ``matrix`` [true][predicted], with
-    class names on the axes and the numbers written in the cells up to 20 classes.
-    1200 × 550 pixels at dpi 100."""
+    """Counts (left, integer ticks on its colour bar) and row-normalised recall (right) of
+    ``matrix`` [true][predicted], with class names on the axes (every k-th where they would
+    overprint, ``label_step``) and the numbers written in the cells up to 20 classes.
+    1200 × 550 pixels at dpi 100 up to 20 classes, larger beyond (``confusion_figsize``:
+    2924 × 1462 at 101 classes)."""
+    from matplotlib.ticker import MaxNLocator
+
     counts = np.asarray(matrix)
     n = counts.shape[0]
     if counts.shape != (n, n) or len(class_names) != n:
         raise ValueError(f"a {counts.shape} matrix needs {counts.shape[0]} class names, got {len(class_names)}")
-    fig = _figure((12, 5.5))
+    figsize = confusion_figsize(n)
+    fig = _figure(figsize)
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, 2)
-    for ax, values, name, fmt in ((axes[0], counts, "counts", "{:d}"),
-                                  (axes[1], row_normalised(counts), "row-normalised (recall)", "{:.2f}")):
-        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=None if values is counts else 1.0)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        ax.set(title=name, xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
-        ax.set_xticklabels(class_names, rotation=90, fontsize=7)
-        ax.set_yticklabels(class_names, fontsize=7)
-        if n <= 20:
+    step = label_step(n, figsize[1] - 2.5) if n > CELL_NUMBERS_UP_TO else 1
+    ticks = list(range(0, n, step))
+    labels = [class_names[i] for i in ticks]
+    fontsize = 7 if n <= CELL_NUMBERS_UP_TO else 6
+    every = "" if step == 1 else f" (every {step}th class named)"
+    for ax, values, name, fmt in ((axes[0], counts, "videos (count)", "{:d}"),
+                                  (axes[1], row_normalised(counts), "share of the true class (recall)", "{:.2f}")):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=None if values is counts else 1.0,
+                          interpolation="nearest")
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+        if values is counts:
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
+        ax.set(title=name, xlabel=f"predicted class{every}", ylabel=f"true class{every}")
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+        ax.set_yticklabels(labels, fontsize=fontsize)
+        if n <= CELL_NUMBERS_UP_TO:
             limit = (values.max() if values is counts else 1.0) / 2  # half the colour scale
             for i in range(n):
                 for j in range(n):
@@ -252,56 +300,67 @@ def plot_confusion_matrix(matrix, class_names: Sequence[str], path, *, dpi: int 
                     ax.text(j, i, text, ha="center", va="center", fontsize=6,
                             color="white" if values[i, j] > limit else "black")
     if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(bottom=0.25, wspace=0.35)
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path, dpi)
 
 
 def plot_attention(frame, to_flow: np.ndarray, to_rgb: np.ndarray, path, *, query_rgb: tuple[int, int],
                    query_flow: tuple[int, int], dpi: int = DEFAULT_DPI, title: Optional[str] = None) -> Path:
-    """Two panels on the RGB frame: the attention of RGB position ``query_rgb`` (row, col of the
-    h × w grid, marked ×) over the flow positions, and of flow position ``query_flow`` (marked +)
-    over the RGB positions; each (h, w) map upsampled to the frame. Pass one segment's slice of
-    ``attention_maps``. 900 × 450 pixels at dpi 100."""
+    """Two panels on the RGB frame: how the RGB position ``query_rgb`` (row, col of the h × w
+    grid, marked × where it is) spreads its attention over the flow positions, and how the
+    flow position ``query_flow`` (marked +) spreads its attention over the RGB positions;
+    each (h, w) map upsampled to the frame, with a colour bar of the softmax weight. Pass one
+    segment's slice of ``attention_maps``. 1000 × 480 pixels at dpi 100."""
     image = _as_rgb_image(frame)
     H, W = image.shape[:2]
-    fig = _figure((9, 4.5))
+    fig = _figure((10, 4.8))
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, 2)
-    for ax, values, (r, c), marker, name in ((axes[0], to_flow, query_rgb, "x", "RGB position → flow positions"),
-                                             (axes[1], to_rgb, query_flow, "+", "flow position → RGB positions")):
+    panels = ((axes[0], to_flow, query_rgb, "×", "RGB", "flow"),
+              (axes[1], to_rgb, query_flow, "+", "flow", "RGB"))
+    for ax, values, (r, c), marker, query, keys in panels:
         values = np.asarray(values)
         h, w = values.shape
-        _overlay(ax, image, upsample_map(values, H, W), f"{name}\n(max {values.max():.3f})")
-        ax.plot([(c + 0.5) * W / w], [(r + 0.5) * H / h], marker, color="white", ms=12, mew=3)
+        _overlay(ax, image, values, f"where the {query} stream's position (marked {marker}) looks in the {keys} stream\n"
+                                    f"(its attention over the {h}x{w} {keys} positions)", "attention weight")
+        ax.plot([(c + 0.5) * W / w - 0.5], [(r + 0.5) * H / h - 0.5], "x" if marker == "×" else marker,
+                color="white", ms=14, mew=3,
+                label=f"query: {query} position (row {r}, col {c})")
+        ax.set_xlim(-0.5, W - 0.5)
+        ax.set_ylim(H - 0.5, -0.5)
+        ax.legend(loc="lower left", fontsize=7, framealpha=0.7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path, dpi)
 
 
 def plot_cams(frame, cams: Mapping[str, np.ndarray], path, *, flow_image=None, dpi: int = DEFAULT_DPI,
               title: Optional[str] = None) -> Path:
     """One panel per stream (e.g. {"RGB": cam_f, "Flow": cam_o}, each an (h, w) CAM) over the RGB
-    frame, as in the paper's Fig. 6, after a panel of the frame itself; ``flow_image`` (H, W) or
-    (H, W, 2) adds a panel of the flow magnitude. Panels 3.5 × 3.5 inches (350 px at dpi 100)."""
+    frame, as in the paper's Fig. 6, with a colour bar of the map's values, after a panel of
+    the frame itself; ``flow_image`` (H, W) or (H, W, 2) adds a panel of the flow magnitude.
+    Panels 3.5 inches wide (plus 0.6 per colour bar) and 3.8 high (at dpi 100: 350 px each)."""
     image = _as_rgb_image(frame)
     H, W = image.shape[:2]
     panels = 1 + len(cams) + (flow_image is not None)
-    fig = _figure((3.5 * panels, 3.5))
+    fig = _figure((3.5 * panels + 0.6 * len(cams), 3.8))
+    fig.set_layout_engine("constrained")
     axes = np.atleast_1d(fig.subplots(1, panels))
     axes[0].imshow(image)
-    axes[0].set_title("frame", fontsize=9)
+    axes[0].set_title("the frame shown", fontsize=9)
     axes[0].set_axis_off()
     i = 1
     if flow_image is not None:
         flow = np.asarray(flow_image, dtype=np.float32)
         magnitude = np.sqrt((flow ** 2).sum(axis=-1)) if flow.ndim == 3 else np.abs(flow)
         axes[i].imshow(magnitude, cmap="gray")
-        axes[i].set_title("flow magnitude", fontsize=9)
+        axes[i].set_title("motion: flow magnitude\n(brighter = faster)", fontsize=9)
         axes[i].set_axis_off()
         i += 1
     for name, cam in cams.items():
         cam = cam.detach().cpu().float().numpy() if torch.is_tensor(cam) else np.asarray(cam)
-        _overlay(axes[i], image, upsample_map(cam, H, W), f"CAM {name}")
+        _overlay(axes[i], image, cam, f"where the {name} stream sees the class\n(class activation map)",
+                 "contribution to the class logit")
         i += 1
     if title:
         fig.suptitle(title)

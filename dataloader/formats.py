@@ -135,20 +135,25 @@ def read_ucf101_classes(class_ind) -> dict[str, int]:
     return classes
 
 
+def class_ind_files(annotation, data_root) -> list[Path]:
+    """The ``classInd.txt`` files that name an annotation list's classes, nearest first:
+    beside the list, in its parent folder, beside the data root."""
+    annotation = Path(annotation)
+    folders = dict.fromkeys([annotation.parent, annotation.parent.parent,
+                             Path(data_root).parent if data_root else annotation.parent])
+    return [folder / "classInd.txt" for folder in folders if (folder / "classInd.txt").is_file()]
+
+
 def find_class_names(annotation, data_root, num_classes: int,
                      modality: str = "rawframes") -> list[str] | None:
     """Names of labels 0..num_classes−1 for an annotation list, or None when none are found:
     a ``classInd.txt`` beside the list, in its parent or beside the data root (UCF-101's
     file), else the class folders of the list's paths (``Class/video``: MMAction2's and
     ``prepare``'s layout) when every label has one folder of its own."""
-    annotation = Path(annotation)
-    for folder in dict.fromkeys([annotation.parent, annotation.parent.parent,
-                                 Path(data_root).parent if data_root else annotation.parent]):
-        class_ind = folder / "classInd.txt"
-        if class_ind.is_file():
-            by_label = {label: name for name, label in read_ucf101_classes(class_ind).items()}
-            if sorted(by_label) == list(range(num_classes)):
-                return [by_label[i] for i in range(num_classes)]
+    for class_ind in class_ind_files(annotation, data_root):
+        by_label = {label: name for name, label in read_ucf101_classes(class_ind).items()}
+        if sorted(by_label) == list(range(num_classes)):
+            return [by_label[i] for i in range(num_classes)]
     folders: dict[int, set[str]] = {}
     for record in read_annotation(annotation, modality, num_classes):
         if record.label is not None and "/" in record.path.strip("/"):

@@ -117,3 +117,73 @@ def test_resume_differences():
     changeable, refused = resume_differences(saved, cfg)
     assert changeable == {"optim.lr": (1e-3, 0.1), "optim.epochs": (80, 90), "data.num_workers": (None, 2)}
     assert refused == {"optim.momentum": (0.9, 0.5)}
+
+
+# ---------------------------------------------------------------------------- issue 22
+
+def test_path_settings_expand_home_and_environment(tmp_path, monkeypatch):
+    """Issue 22 #1: a shell expands no ``~`` after ``=``; every path setting expands ``~`` and
+    environment variables, from YAML and from --set; an unset variable is one line."""
+    import secrets
+
+    from ccs_fast.config import PATH_SETTINGS
+
+    home, var = tmp_path / "home", f"CCS_TEST_{secrets.token_hex(4).upper()}"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv(var, str(tmp_path / "data"))
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(yaml.safe_dump({"data": {"root": f"${{{var}}}/rawframes", "val_list": "~/val.txt"}}))
+    cfg = load_config(yaml_file, ["model.pretrained=~/weights/resnet50.pth", f"data.train_list=${var}/train.txt",
+                                  "train.out_dir=~/runs/a", f"data.flow_root=${var}/flow"])
+    assert cfg.model.pretrained == str(home / "weights" / "resnet50.pth")
+    assert cfg.data.root == str(tmp_path / "data" / "rawframes") and cfg.data.val_list == str(home / "val.txt")
+    assert cfg.data.train_list == str(tmp_path / "data" / "train.txt")
+    assert cfg.train.out_dir == str(home / "runs" / "a") and cfg.data.flow_root == str(tmp_path / "data" / "flow")
+    assert set(PATH_SETTINGS) >= {"model.pretrained", "data.root", "data.train_list", "data.val_list",
+                                  "data.flow_root", "train.out_dir"}
+    assert load_config(None, ["data.filename_tmpl=img_{:05d}.jpg"]).data.filename_tmpl == "img_{:05d}.jpg"
+    monkeypatch.delenv(var)
+    with pytest.raises(CCSError, match=rf"--set: data.root = '\${var}/x': environment variable \${var} is not set"):
+        load_config(None, [f"data.root=${var}/x"])
+
+
+def _rawframe_tree(tmp_path, classes: int, class_ind: bool):
+    """Lists of a ``classes``-class data set (2 videos per class), optionally a classInd.txt."""
+    data = tmp_path / f"data{classes}{class_ind}"
+    data.mkdir()
+    lines = [f"Class{c}/v_{c}_{i} 10 {c}" for c in range(classes) for i in range(2)]
+    (data / "train_rawframes_split1.txt").write_text("\n".join(lines) + "\n")
+    (data / "val_rawframes_split1.txt").write_text("\n".join(lines[::2]) + "\n")
+    if class_ind:
+        (data / "classInd.txt").write_text("".join(f"{c + 1} Class{c}\n" for c in range(classes)))
+    return [f"data.train_list={data / 'train_rawframes_split1.txt'}",
+            f"data.val_list={data / 'val_rawframes_split1.txt'}", f"data.root={data / 'rawframes'}"]
+
+
+@pytest.mark.parametrize("class_ind", [True, False])
+def test_class_count_mismatch_is_refused_or_taken_from_the_data(tmp_path, class_ind):
+    """Issue 22 #3: ``--config ucf101`` (num_classes 101) on a 3-class tree is one line naming
+    both numbers and the setting; with num_classes left unset the data's count is taken."""
+    import random
+
+    from ccs_fast.config import settle_num_classes
+
+    classes = random.randint(3, 7)
+    sets = _rawframe_tree(tmp_path, classes, class_ind)
+    cfg = load_config("ccs_fast/configs/ucf101.yaml", sets)
+    with pytest.raises(CCSError) as info:
+        settle_num_classes(cfg)
+    message = str(info.value)
+    assert "\n" not in message and f"the data has {classes} classes" in message
+    assert "model.num_classes = 101" in message and f"--set model.num_classes={classes}" in message
+    assert ("classInd.txt" in message) == class_ind
+    # explicit and equal: nothing to say
+    assert settle_num_classes(load_config("ccs_fast/configs/ucf101.yaml", [*sets, f"model.num_classes={classes}"])) is None
+    # left at its default: the data's count, and a line saying so
+    cfg = load_config(None, sets)
+    note = settle_num_classes(cfg)
+    assert cfg.model.num_classes == classes and note.startswith(f"model.num_classes = {classes}, from ")
+    # from a checkpoint's config (resume, eval): explicit
+    cfg = load_config(None, sets[:2], base={"model": {"num_classes": 101}}, base_source="ckpt.pt")
+    with pytest.raises(CCSError, match="from ckpt.pt"):
+        settle_num_classes(cfg)

@@ -53,9 +53,11 @@ def test_topk_by_hand():
     model = FixedLogits(logits_with_rank(rank_f), logits_with_rank(rank_o))
     result = evaluate(model, _loader(labels, 3), "cpu", "fp32", (1.0, 0.0))
     assert result["num_videos"] == 7
-    assert result["rgb"] == pytest.approx({"top1": 3 / 7, "top5": 6 / 7})
-    assert result["flow"] == pytest.approx({"top1": 3 / 7, "top5": 5 / 7})
+    # mean class accuracy: per-class recall averaged over the 6 classes (class 0 has 2 videos)
+    assert result["rgb"] == pytest.approx({"top1": 3 / 7, "top5": 6 / 7, "mean_class": (0.5 + 1 + 0 + 0 + 0 + 1) / 6})
+    assert result["flow"] == pytest.approx({"top1": 3 / 7, "top5": 5 / 7, "mean_class": (0 + 1 + 1 + 1 + 0 + 0) / 6})
     assert result["fused"] == result["rgb"]  # weights 1:0 is the RGB stream alone
+    assert result["num_classes"] == 6
 
 
 def test_top5_is_top_c_with_few_classes():
@@ -69,8 +71,9 @@ def test_fused_is_weighted_softmax_sum():
     torch.manual_seed(0)
     logits_f, logits_o = torch.randn(5, 4), torch.randn(5, 4) * 3
     scores = fuse_scores(logits_f, logits_o, (0.3, 1.7))
-    expected = 0.3 * torch.softmax(logits_f, -1) + 1.7 * torch.softmax(logits_o, -1)
+    expected = (0.3 * torch.softmax(logits_f, -1) + 1.7 * torch.softmax(logits_o, -1)) / 2.0
     torch.testing.assert_close(scores["fused"], expected)
+    torch.testing.assert_close(scores["fused"].sum(-1), torch.ones(5))  # a distribution (issue 22 #4)
     torch.testing.assert_close(scores["rgb"], torch.softmax(logits_f, -1))
     # A case where the fusion picks a class neither stream ranks first.
     lf = torch.tensor([[2.0, 0.0, 1.9]]).log()
@@ -88,10 +91,33 @@ def test_evaluate_restores_training_mode():
 
 
 def test_format_table():
-    result = {s: {"top1": 0.5, "top5": 0.875} for s in ("rgb", "flow", "fused")}
-    lines = format_table(result).splitlines()
+    result = {s: {"top1": 0.5, "top5": 0.875, "mean_class": 0.25} for s in ("rgb", "flow", "fused")}
+    lines = format_table({**result, "num_classes": 6}).splitlines()
     assert lines[0] == "| | RGB | Flow | RGB+Flow |"
-    assert lines[2] == "| top-1 | 50.00 | 50.00 | 50.00 |" and lines[3].startswith("| top-5 | 87.50")
+    assert lines[2] == "| top-1 | 50.00 | 50.00 | 50.00 |"
+    assert lines[3].startswith("| mean class accuracy | 25.00") and lines[4].startswith("| top-5 | 87.50")
+    # issue 22 #9: with at most 5 classes top-5 is 100 % by construction and not shown
+    assert [line.split("|")[1].strip() for line in format_table({**result, "num_classes": 5}).splitlines()[2:]] == [
+        "top-1", "mean class accuracy"]
+
+
+def test_most_confused_pairs():
+    from ccs_fast.evaluate import most_confused_markdown, most_confused_pairs
+
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    C = 7
+    matrix = torch.randint(0, 3, (C, C), generator=rng)
+    matrix.fill_diagonal_(20)
+    matrix[4, 2], matrix[1, 6] = 9, 8  # the two largest off-diagonal cells
+    names = [f"class_{i}" for i in range(C)]
+    pairs = most_confused_pairs(matrix.tolist(), names, count=3)
+    assert [(p["true"], p["predicted"], p["videos"]) for p in pairs[:2]] == [("class_4", "class_2", 9),
+                                                                           ("class_1", "class_6", 8)]
+    assert pairs[0]["share"] == pytest.approx(9 / matrix[4].sum().item())
+    assert len(pairs) == 3 and all(p["true"] != p["predicted"] for p in pairs)
+    text = most_confused_markdown(pairs)
+    assert "| class_4 | class_2 | 9 |" in text
+    assert most_confused_pairs(torch.eye(3).tolist()) == []
 
 
 @pytest.fixture
@@ -113,16 +139,22 @@ def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
     assert result["num_videos"] == 6 and result["segments"] == 2
     assert json.loads((tmp_path / "eval.json").read_text())["fused"] == result["fused"]
     md = (tmp_path / "eval.md").read_text()
-    assert "| RGB top-1 | RGB top-5 |" in md and "Protocol: 2 segments x centre crop" in md  # Table 1 layout
+    # Table 1 layout; 5 classes: top-1 and mean class accuracy, no top-5 column (issue 22 #9)
+    assert "| RGB top-1 | RGB mean class | Flow top-1 |" in md and "top-5" not in md
+    assert "Protocol: 2 segments x centre crop" in md and "Most confused pairs (RGB+Flow)" in md
+    assert result["class_names"] == ["0", "1", "2", "3", "4"]
     assert "RGB+Flow" in result["table"] and capsys.readouterr().out == ""  # the CLI prints
 
-    summary = predict_list(cfg, path, None, tmp_path / "pred.jsonl")
+    summary = predict_list(cfg, path, None, tmp_path / "pred.jsonl", topk=3)
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert summary["num_videos"] == len(rows) == 6
-    assert set(rows[0]) == {"index", "label", "rgb", "flow", "fused", "class", "score"}
-    assert all(r["class"] == str(r["fused"]) for r in rows)  # no class names: the index
-    assert all(0 <= r["fused"] < 5 and 0.0 < r["score"] <= 2.0 for r in rows)
-    assert summary["fused_top1"] == pytest.approx(sum(r["fused"] == r["label"] for r in rows) / 6)
+    assert set(rows[0]) == {"video", "label", "rgb", "flow", "fused"}  # predict_videos' layout
+    for row in rows:
+        for stream in ("rgb", "flow", "fused"):
+            assert len(row[stream]) == 3 and all(c["class"] == str(c["index"]) for c in row[stream])
+            assert row[stream][0]["probability"] >= row[stream][1]["probability"]
+    assert summary["fused_top1"] == pytest.approx(
+        sum(r["fused"][0]["index"] == r["label"]["index"] for r in rows) / 6)
 
 
 class _NothingLeft(list):

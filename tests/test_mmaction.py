@@ -124,4 +124,4 @@ def test_mmaction_test_data_layout_trains_evaluates_and_predicts(tmp_path, capsy
                  "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["label"] for r in rows] == [None, None, None]
-    assert all(0 <= r["fused"] < 2 for r in rows)
+    assert all(0 <= c["index"] < 2 for r in rows for c in r["fused"])

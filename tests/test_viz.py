@@ -105,11 +105,11 @@ def test_pictures_written_at_their_size(tmp_path):
     to_flow, to_rgb = attention_maps(torch.randn(2 * 4 * 5, 8), torch.randn(2 * 4 * 5, 8), 3, 17, (2, 4, 5))
     attention = plot_attention(frame, to_flow[0], to_rgb[0], tmp_path / "sub" / "attention.png",
                                query_rgb=(0, 3), query_flow=(3, 2))
-    assert _png_size(attention) == (900, 450)
+    assert _png_size(attention) == (1000, 480)
 
     cams = {"RGB": torch.randn(4, 5), "Flow": rng.random((4, 5))}
     cam = plot_cams(torch.rand(3, 64, 80), cams, tmp_path / "cam.png", flow_image=rng.normal(size=(64, 80, 2)))
-    assert _png_size(cam) == (350 * 4, 350)
+    assert _png_size(cam) == (350 * 4 + 2 * 60, 380)
     assert not list(tmp_path.rglob(".*.tmp"))  # written through temporary files, none left
 
 
@@ -123,3 +123,87 @@ def test_missing_matplotlib_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(CCSError, match=r"pip install 'ccs_fast\[viz\]'"):
         plot_cams(np.zeros((8, 8, 3), np.uint8), {"RGB": np.random.rand(2, 2)}, tmp_path / "cam.png")
     assert not (tmp_path / "cam.png").exists()
+
+
+def _axes_of(monkeypatch):
+    """Record every figure ``viz`` saves (instead of reading pixels back)."""
+    import ccs_fast.viz as viz
+
+    saved = []
+    real = viz._save
+    monkeypatch.setattr(viz, "_save", lambda fig, path, dpi: saved.append(fig) or real(fig, path, dpi))
+    return saved
+
+
+def test_confusion_matrix_readable_at_101_classes(tmp_path, monkeypatch):
+    """Issue 22 #7: at UCF-101's 101 classes the canvas grows with the classes, every tick
+    label keeps its own room (no overprinted band), the counts' colour bar has integer ticks
+    and the picture has a title."""
+    pytest.importorskip("matplotlib")
+    from ccs_fast.viz import plot_confusion_matrix
+
+    saved = _axes_of(monkeypatch)
+    rng = np.random.default_rng()
+    n = 101
+    matrix = rng.integers(0, 3, (n, n)) * (rng.random((n, n)) < 0.05)
+    matrix[np.arange(n), np.arange(n)] = rng.integers(20, 45, n)
+    names = [f"Class{i:03d}With{'Long' * int(rng.integers(1, 4))}Name" for i in range(n)]
+    path = plot_confusion_matrix(matrix, names, tmp_path / "c.png", title="RGB+Flow, 101 classes")
+    width, height = _png_size(path)
+    assert width >= 2800 and height >= 1400
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = saved[-1]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    counts_ax, recall_ax = fig.axes[:2]
+    for ax in (counts_ax, recall_ax):
+        labels = [t for t in ax.get_yticklabels() if t.get_text()]
+        assert [t.get_text() for t in labels] == names  # every class named at 101 classes
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.y0)
+        assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:]))  # no two labels overlap
+    bar = fig.axes[2]  # the counts' colour bar
+    ticks = [t for t in bar.get_yticks() if bar.get_ylim()[0] <= t <= bar.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert fig._suptitle is not None and fig._suptitle.get_text() == "RGB+Flow, 101 classes"
+
+
+def test_confusion_counts_bar_has_integer_ticks_with_few_videos(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from ccs_fast.viz import plot_confusion_matrix
+
+    saved = _axes_of(monkeypatch)
+    matrix = np.random.default_rng().integers(0, 3, (3, 3))
+    matrix[0, 0] = 3
+    plot_confusion_matrix(matrix, ["HandstandPushups", "Archery", "Basketball"], tmp_path / "c.png")
+    bar = saved[-1].axes[2]
+    low, high = bar.get_ylim()
+    assert all(float(t).is_integer() for t in bar.get_yticks() if low <= t <= high)
+    assert [t.get_text() for t in saved[-1].axes[0].get_xticklabels()] == ["HandstandPushups", "Archery", "Basketball"]
+
+
+def test_attention_and_cam_pictures_explain_themselves(tmp_path, monkeypatch):
+    """Issue 22 #8: plain-word panel titles, a colour bar per map in the map's own units, the
+    query marker at the query's cell centre."""
+    pytest.importorskip("matplotlib")
+    from ccs_fast.viz import plot_attention, plot_cams
+
+    saved = _axes_of(monkeypatch)
+    rng = np.random.default_rng()
+    frame = rng.integers(0, 256, (70, 98, 3), dtype=np.uint8)
+    to_flow, to_rgb = rng.random((5, 7)), rng.random((5, 7))
+    plot_attention(frame, to_flow, to_rgb, tmp_path / "a.png", query_rgb=(1, 5), query_flow=(4, 0))
+    fig = saved[-1]
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(panels) == 2 and len(fig.axes) == 4  # two maps, two colour bars
+    assert "RGB stream's position" in panels[0].get_title() and "flow stream" in panels[0].get_title()
+    assert "flow stream's position" in panels[1].get_title()
+    for ax, values, (r, c) in ((panels[0], to_flow, (1, 5)), (panels[1], to_rgb, (4, 0))):
+        x, y = ax.lines[0].get_data()
+        assert (x[0], y[0]) == pytest.approx(((c + 0.5) * 98 / 7 - 0.5, (r + 0.5) * 70 / 5 - 0.5))
+        assert ax.get_images()[1].get_clim() == pytest.approx((values.min(), values.max()), rel=1e-6)
+    plot_cams(frame, {"RGB": rng.normal(size=(5, 7)), "Flow": rng.normal(size=(5, 7))}, tmp_path / "c.png")
+    titles = [ax.get_title() for ax in saved[-1].axes]
+    assert sum("where the RGB stream" in t or "where the Flow stream" in t for t in titles) == 2
+    assert sum(ax.get_ylabel() == "contribution to the class logit" for ax in saved[-1].axes) == 2
