@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test install install-dev clean gpu wheelhouse compat
+.PHONY: demo test install install-dev clean gpu wheelhouse compat gpu-kit compat-bare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,20 @@ wheelhouse:
 	@$(PYTHON) -c "import pathlib; w = list(pathlib.Path('$(WHEELHOUSE)').glob('*.whl')); \
 		print(f'{len(w)} wheels, {sum(p.stat().st_size for p in w) / 2**20:.0f} MiB in $(WHEELHOUSE)/')"
 
+# The kit for the bare GPU machines (README, "Taking the GPU figures"): the wheels their image
+# lacks (PyAV; DALI with the dependencies it has and the image lacks; opencv-contrib, for
+# cv2.optflow), cut into parts of at most KIT_PART_MIB with a manifest of sizes and SHA-256
+# sums, in KIT_DIR (git-ignored). `python -m bench.gpu --kit KIT_DIR` installs what arrived.
+KIT_DIR      ?= .device_wheels
+KIT_DOWNLOAD ?= runs/gpu-kit-download
+KIT_PART_MIB ?= 60
+
+gpu-kit:
+	rm -rf $(KIT_DOWNLOAD)
+	$(PYTHON) -m pip download --quiet --dest $(KIT_DOWNLOAD) $(WHEEL_PLATFORM) av nvidia-dali-cuda130
+	$(PYTHON) -m pip download --quiet --no-deps --dest $(KIT_DOWNLOAD) $(WHEEL_PLATFORM) opencv-contrib-python-headless
+	$(PYTHON) -m bench.kit make $(KIT_DOWNLOAD) --out $(KIT_DIR) --part-mib $(KIT_PART_MIB)
+
 # --- The GPU machines' older pair on CPU: Python 3.12, torch 2.11, triton 3.6 -----------
 # Triton 3.6's interpreter calls int() on one-element arrays, an error from numpy 2.4 on;
 # torch 2.11 requires setuptools < 82 (so the GPU machines build the editable install with it).
@@ -86,3 +100,34 @@ compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; \
 	$(COMPAT_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
 	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"
+
+# --- The bare GPU image on CPU: exactly its packages, the checkout --no-deps ------------
+# No PyAV, no DALI, no opencv-contrib (numpy < 2.4 only for Triton 3.6's interpreter on CPU).
+# Runs the dry run of `make gpu` and the tests that need neither PyAV nor DALI; `make test`
+# checks the same in its own venv with bench/bare_image hiding what the image lacks.
+BARE_PYTHON ?= python3.12
+BARE_VENV   ?= .venv-bare
+BARE_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' timm opencv-python-headless 'numpy<2.4' \
+	pytest pytest-benchmark matplotlib tensorboard tqdm pyyaml 'setuptools<82' wheel
+BARE_TESTS  := tests/test_cross_attention.py tests/test_triplet.py tests/test_center.py tests/test_losses.py \
+	tests/test_determinism.py tests/test_ops.py tests/test_connection.py tests/test_tvl1.py \
+	bench/test_gpu.py bench/test_kit.py
+
+$(BARE_VENV)/.installed: setup.py pyproject.toml
+	$(BARE_PYTHON) -m venv $(BARE_VENV)
+	$(BARE_VENV)/bin/pip install --quiet --upgrade pip
+	$(BARE_VENV)/bin/pip install --quiet $(BARE_PINS)
+	$(BARE_VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+compat-bare: $(BARE_VENV)/.installed
+	$(BARE_VENV)/bin/python -c 'import sys, importlib.util as u, cv2, torch, triton, numpy; \
+		print("compat-bare:", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, \
+		      "numpy", numpy.__version__, "cv2", cv2.__version__); \
+		extra = [n for n in ("av", "nvidia.dali") if u.find_spec(n.split(".")[0]) and u.find_spec(n)]; \
+		extra += ["cv2.optflow"] * hasattr(cv2, "optflow"); \
+		sys.exit(f"compat-bare: {extra} installed; the bare image has none of them" if extra else 0)'
+	@failed=""; \
+	$(BARE_VENV)/bin/python -m pytest -q --benchmark-disable -p no:cacheprovider $(BARE_TESTS) || failed="$$failed tests"; \
+	$(BARE_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
+	if [ -n "$$failed" ]; then echo "compat-bare: failed:$$failed"; exit 1; fi; echo "compat-bare: all green"

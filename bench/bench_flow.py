@@ -1,21 +1,36 @@
-"""TV-L1 optical flow: ``tvl1-torch`` against OpenCV's DualTVL1OpticalFlow, accuracy and speed.
+"""TV-L1 optical flow: ``tvl1-torch`` against OpenCV's DualTVL1OpticalFlow and against its own
+CPU path, accuracy and speed.
 
     python -m bench.bench_flow                        # 340×256, CPU rows (+ CUDA rows on a GPU)
     python -m bench.bench_flow --height 48 --width 64 --pairs 4   # a quick look
 
-Accuracy (rows ``"kind": "agreement"``), OpenCV's default parameters, on
-- synthetic pairs with known motion (``synthetic_pairs``): integer and sub-pixel translations,
-  a rotation (1°), a zoom (2 %) and an occlusion edge (a square moving over a still background), each
-  with its ground-truth flow: mean end-point error (EPE) of ours and of OpenCV's;
-- frames of the videos ``ccs-fast synth`` writes (``synth_pairs``), with no ground truth;
-and on both, ours against OpenCV's: mean EPE and the share of pixels whose denseflow uint8
-levels (``flow_to_uint8``, bound 20) differ by at most 2 in x and y.
-Targets (issue 15): EPE ≤ 1.1 × OpenCV's on the ground-truth pairs; ≥ 95 % within ±2 levels.
+The parts, in this order (the target first: a run stopped by a time limit keeps what it took;
+each part's rows are appended as soon as they exist, and a part that fails does not stop the
+next one, though the exit status is then 1):
 
-Speed (rows ``"kind": "speed"``): pairs/s over the same ``--pairs`` pairs of synthetic frames
-of ``--height``×``--width``: OpenCV with one process per core (``cv2.setNumThreads(1)`` in
-each), ``tvl1-torch`` on CPU (all cores to torch's threads, batches of ``--batch``), and on a
-GPU ``tvl1-torch`` with the eager inner iteration and with the Triton kernel. Rows go to
+1. Speed (rows ``"kind": "speed"``): pairs/s over ``--pairs`` pairs of synthetic frames of
+   ``--height``×``--width``: ``tvl1-torch`` on a GPU with the Triton inner iteration, then
+   the eager one, in batches of ``--batch``; on CPU (all cores to torch's threads) the eager one.
+2. Device agreement (rows ``"kind": "device-agreement"``): the GPU's flow of each accuracy pair
+   (below), with the Triton and with the eager iteration, against ``tvl1-torch`` eager on the
+   CPU for the same pairs: whether bit-identical, the largest difference in pixels, and the
+   share of pixels whose denseflow uint8 levels (``flow_to_uint8``, bound 20) are equal and
+   within ±1; with the ground truth's EPE where the pair has one. Without CUDA, under
+   ``TRITON_INTERPRET=1`` (the dry run of ``bench.gpu``), the Triton iteration in the
+   interpreter stands in for the GPU; otherwise this part is skipped.
+3. OpenCV agreement (rows ``"kind": "agreement"``), OpenCV's default parameters, on synthetic
+   pairs with known motion (``synthetic_pairs``: integer and sub-pixel translations, a
+   rotation (1°), a zoom (2 %) and an occlusion edge, each with its ground-truth flow) and
+   frames of the videos ``ccs-fast synth`` writes (``synth_pairs``): mean end-point error
+   (EPE) of ours and of OpenCV's against the truth, ours against OpenCV's (mean EPE, share
+   within ±2 uint8 levels). Targets (issue 15): EPE ≤ 1.1 × OpenCV's on the ground-truth
+   pairs; ≥ 95 % within ±2 levels.
+4. OpenCV's speed: pairs/s with one process per core (``cv2.setNumThreads(1)`` in each).
+
+Parts 3 and 4 need ``cv2.optflow`` (opencv-contrib-python-headless); where it is missing (the
+bare GPU image) they are skipped with a ``skip <part>: …`` line naming the package, and the
+rest runs. ``--params`` overrides OpenCV's TV-L1 parameters for every part (the dry run uses
+few iterations); rows record the parameters that differ from the defaults. Rows go to
 ``bench/results/flow-<device>.json`` with device, versions, date and command.
 
 torch is imported inside the functions that use it: the OpenCV worker processes (spawned)
@@ -27,10 +42,23 @@ import argparse
 import multiprocessing
 import os
 import time
+import traceback
 
 import numpy as np
 
 AGREEMENT_LEVELS = 2  # ±2 uint8 levels of the denseflow mapping
+OPENCV_CONTRIB = "opencv-contrib-python-headless"
+
+
+def opencv_tvl1_missing() -> str | None:
+    """Why OpenCV's TV-L1 cannot run here (naming the package that brings it), or None."""
+    try:
+        import cv2
+    except ImportError as e:
+        return f"cv2 does not import ({e}); needs {OPENCV_CONTRIB}"
+    if not hasattr(getattr(cv2, "optflow", None), "DualTVL1OpticalFlow_create"):
+        return f"cv2 {cv2.__version__} has no cv2.optflow; needs {OPENCV_CONTRIB}"
+    return None
 
 
 def _texture(h: int, w: int, seed: int) -> np.ndarray:
@@ -168,8 +196,7 @@ def torch_flow(pairs, device: str = "cpu", params=None) -> list[np.ndarray]:
 def agreement_rows(h: int, w: int, device: str = "cpu", synth_size: int | None = None,
                    params=None, processes: int = 1) -> list[dict]:
     """One row per pair: EPE against ground truth (ours, OpenCV) and ours against OpenCV."""
-    cases = [(n, a, b, g) for n, a, b, g in synthetic_pairs(h, w)]
-    cases += [(n, a, b, None) for n, a, b in synth_pairs(synth_size or min(h, w))]
+    cases = accuracy_cases(h, w, synth_size)
     theirs = opencv_flow([(a, b) for _, a, b, _ in cases], params, processes)
     ours = torch_flow([(a, b) for _, a, b, _ in cases], device, params)
     rows = []
@@ -181,6 +208,63 @@ def agreement_rows(h: int, w: int, device: str = "cpu", synth_size: int | None =
             row.update(epe_ours=epe(mine, gt), epe_opencv=epe(cv, gt))
             row["epe_ratio"] = row["epe_ours"] / max(row["epe_opencv"], 1e-9)
         rows.append(row)
+    return rows
+
+
+def accuracy_cases(h: int, w: int, synth_size: int | None = None):
+    """[(name, I0, I1, ground truth or None)]: the synthetic pairs, then ``synth`` frames."""
+    cases = [(n, a, b, g) for n, a, b, g in synthetic_pairs(h, w)]
+    return cases + [(n, a, b, None) for n, a, b in synth_pairs(synth_size or min(h, w))]
+
+
+def level_shares(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Shares of pixels whose denseflow uint8 levels equal those of ``ref`` in x and y, and
+    whose levels are within ±1."""
+    from ccs_fast.dataloader.flow import flow_to_uint8
+
+    a, b = flow_to_uint8(ours), flow_to_uint8(ref)
+    diff = np.maximum(np.abs(a[0].astype(int) - b[0]), np.abs(a[1].astype(int) - b[1]))
+    return float(np.mean(diff == 0)), float(np.mean(diff <= 1))
+
+
+def device_agreement_rows(h: int, w: int, device: str, impls=("triton", "eager"), params=None,
+                          synth_size: int | None = None) -> list[dict]:
+    """One row per pair and ``impl``: tvl1-torch on ``device`` with that inner iteration against
+    tvl1-torch eager on the CPU, the same pairs in one batch each."""
+    import torch
+
+    from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
+    from ccs_fast.dataloader.tvl1 import tvl1_flow
+
+    prm = {**_TVL1_DEFAULTS, **(params or {})}
+    cases = accuracy_cases(h, w, synth_size)
+    by_size: dict = {}
+    for i, (_, a, _, _) in enumerate(cases):
+        by_size.setdefault(a.shape, []).append(i)
+
+    def flows(dev, impl):
+        out = [None] * len(cases)
+        for idx in by_size.values():
+            a = torch.from_numpy(np.stack([cases[i][1] for i in idx])).to(dev)
+            b = torch.from_numpy(np.stack([cases[i][2] for i in idx])).to(dev)
+            for i, f in zip(idx, tvl1_flow(a, b, impl=impl, **prm).cpu().numpy()):
+                out[i] = f
+        return out
+
+    rows = []
+    results = {impl: flows(device, impl) for impl in impls}  # the device first, then the CPU's reference
+    reference = flows("cpu", "eager")
+    for impl, ours in results.items():
+        for (name, a, _, gt), mine, ref in zip(cases, ours, reference):
+            same, within_1 = level_shares(mine, ref)
+            row = {"kind": "device-agreement", "pair": name, "height": a.shape[0], "width": a.shape[1],
+                   "flow_device": device, "impl": impl, "reference": "tvl1-torch eager cpu",
+                   "identical": bool(np.array_equal(mine, ref)),
+                   "max_abs_diff_px": float(np.abs(mine - ref).max()), "epe_vs_cpu": epe(mine, ref),
+                   "same_levels": same, "within_1_level": within_1}
+            if gt is not None:
+                row.update(epe_ours=epe(mine, gt))
+            rows.append(row)
     return rows
 
 
@@ -212,12 +296,16 @@ def opencv_speed_row(h: int, w: int, pairs: int, processes: int | None = None) -
             "height": h, "width": w, "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt}
 
 
-def torch_speed_rows(h: int, w: int, pairs: int, batch: int, device: str) -> list[dict]:
-    """pairs/s of tvl1-torch on ``device``: on CUDA the Triton iteration, then the eager one."""
+def torch_speed_rows(h: int, w: int, pairs: int, batch: int, device: str, params=None,
+                     save=None) -> list[dict]:
+    """pairs/s of tvl1-torch on ``device``: on CUDA the Triton iteration, then the eager one;
+    ``save(rows)`` is called with each row as soon as it is measured."""
     import torch
 
     from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
     from ccs_fast.dataloader.tvl1 import tvl1_flow
+
+    prm = {**_TVL1_DEFAULTS, **(params or {})}
 
     data = speed_pairs(h, w, pairs)
     a = torch.from_numpy(np.stack([d[0] for d in data]))
@@ -225,18 +313,33 @@ def torch_speed_rows(h: int, w: int, pairs: int, batch: int, device: str) -> lis
     rows = []
     for impl in ("triton", "eager") if device.startswith("cuda") else ("eager",):  # the target first
         a_d, b_d = a.to(device), b.to(device)
-        tvl1_flow(a_d[:1], b_d[:1], impl=impl, **_TVL1_DEFAULTS)  # Triton's compile, allocator warm-up
+        tvl1_flow(a_d[:1], b_d[:1], impl=impl, **prm)  # Triton's compile, allocator warm-up
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for s in range(0, pairs, batch):
-            tvl1_flow(a_d[s:s + batch], b_d[s:s + batch], impl=impl, **_TVL1_DEFAULTS).cpu()
+            tvl1_flow(a_d[s:s + batch], b_d[s:s + batch], impl=impl, **prm).cpu()
         dt = time.perf_counter() - t0
         threads = torch.get_num_threads() if device == "cpu" else None
         rows.append({"kind": "speed", "provider": f"tvl1-torch {impl}", "flow_device": device,
                      "torch_threads": threads, "batch": batch, "height": h, "width": w,
                      "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt})
+        if save:
+            save(rows[-1:])
     return rows
+
+
+def parse_params(text: str) -> dict:
+    """``"nscales=1,warps=2"`` → TV-L1 parameters over OpenCV's defaults (ValueError on an unknown name)."""
+    from ccs_fast.dataloader.flow import _TVL1_DEFAULTS
+
+    params = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _TVL1_DEFAULTS:
+            raise ValueError(f"--params: unknown TV-L1 parameter {key!r}; known: {', '.join(_TVL1_DEFAULTS)}")
+        params[key] = type(_TVL1_DEFAULTS[key])(value)
+    return params
 
 
 def main(argv=None):
@@ -247,9 +350,16 @@ def main(argv=None):
     p.add_argument("--opencv-pairs", type=int, default=None, help="pairs timed for OpenCV (default --pairs)")
     p.add_argument("--batch", type=int, default=None, help="tvl1-torch pairs per call (default: 8 CPU, 64 CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, with CPU rows too)")
-    p.add_argument("--skip", default="", help="comma list of parts to leave out: agreement, speed, opencv, cpu")
+    p.add_argument("--skip", default="",
+                   help="comma list of parts to leave out: speed, device (device agreement), agreement "
+                        "(OpenCV's), opencv (OpenCV's speed), cpu (tvl1-torch's CPU speed)")
+    p.add_argument("--params", default="", help="TV-L1 parameters over OpenCV's defaults, e.g. nscales=1,warps=1")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
+    try:
+        params = parse_params(args.params)
+    except ValueError as e:
+        p.error(str(e))
     import torch
 
     from bench.common import append_rows, env_info, print_table, result_path
@@ -258,29 +368,67 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda" if cuda else "cpu"
     info = env_info(device)
-    import cv2
+    no_opencv = opencv_tvl1_missing()
+    if no_opencv is None:
+        import cv2
 
-    info["opencv"] = cv2.__version__
+        info["opencv"] = cv2.__version__
+    info["opencv_tvl1"] = no_opencv is None
     info["cpu_cores"] = os.cpu_count()
     info["load_avg_1min_at_start"] = round(os.getloadavg()[0], 2)  # other jobs on the machine
+    if params:
+        info["tvl1_params"] = params
     path = result_path("flow", device, args.out)
     cores = os.cpu_count() or 1
+    failed = []
 
-    def save(rows, columns):  # each part's rows as soon as they exist (a stage may be stopped)
-        print_table(rows, columns)
+    def save(rows, columns=None):  # each part's rows as soon as they exist (a stage may be stopped)
+        if columns:
+            print_table(rows, columns)
         append_rows(path, [{**r, **info} for r in rows])
         print(f"appended {len(rows)} rows to {path}", flush=True)
 
-    if "agreement" not in skip:
-        save(agreement_rows(args.height, args.width, device=device, processes=cores),
-             ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv", "within_2_levels"])
+    def part(name, run):
+        """One part; a failure is reported and the next part still runs."""
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - any failure of one part: the others still run
+            traceback.print_exc()
+            print(f"failed {name}", flush=True)
+            failed.append(name)
+
+    speed_columns = ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"]
     if "speed" not in skip:
-        columns = ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"]
-        if "opencv" not in skip:
-            save([opencv_speed_row(args.height, args.width, args.opencv_pairs or args.pairs)], columns)
-        for d in ([] if "cpu" in skip else ["cpu"]) + (["cuda"] if cuda else []):
+        for d in (["cuda"] if cuda else []) + ([] if "cpu" in skip else ["cpu"]):
             batch = args.batch or (64 if d == "cuda" else 8)
-            save(torch_speed_rows(args.height, args.width, args.pairs, batch, d), columns)
+            part(f"speed {d}", lambda d=d, batch=batch: print_table(
+                torch_speed_rows(args.height, args.width, args.pairs, batch, d, params, save), speed_columns))
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if "device" in skip:
+        pass
+    elif not cuda and not interpret:
+        print("skip device: no CUDA device (the Triton iteration on CPU needs TRITON_INTERPRET=1)", flush=True)
+    else:
+        impls = ("triton", "eager") if cuda else ("triton",)
+        part("device", lambda: save(device_agreement_rows(args.height, args.width, device, impls, params),
+                                    ["pair", "impl", "identical", "max_abs_diff_px", "epe_vs_cpu",
+                                     "same_levels", "within_1_level", "epe_ours"]))
+
+    for name in ("agreement", "opencv"):
+        if name not in skip and no_opencv:
+            print(f"skip {name}: OpenCV's TV-L1 ({no_opencv})", flush=True)
+    if "agreement" not in skip and not no_opencv:
+        part("agreement", lambda: save(agreement_rows(args.height, args.width, device=device, params=params,
+                                                      processes=cores),
+                                       ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv",
+                                        "within_2_levels"]))
+    if "speed" not in skip and "opencv" not in skip and not no_opencv:
+        part("opencv", lambda: save([opencv_speed_row(args.height, args.width, args.opencv_pairs or args.pairs)],
+                                    speed_columns))
+    if failed:
+        print(f"bench_flow: failed parts: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

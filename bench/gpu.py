@@ -149,82 +149,108 @@ class Stage:
     kind: str = "bench"  # "setup" | "tests" | "bench"
     fill: bool = False  # may run until the run's deadline, using time earlier stages left
     skip: Callable[["Run"], str | None] = lambda run: None  # a reason to skip, asked when the stage starts
+    opencv: bool = False  # compares with OpenCV's TV-L1: the kit's opencv-contrib goes first on its path
 
 
 def _needs_dali(run: "Run") -> str | None:
     if run.dry_run:
         return "dry run: no DALI stage"
     try:
-        probe = subprocess.run([run.python, "-c", "import nvidia.dali"], cwd=REPO, capture_output=True, timeout=60)
+        probe = subprocess.run([run.python, "-c", "import nvidia.dali"], cwd=REPO, capture_output=True, text=True,
+                               timeout=60, env=run.env())
     except subprocess.TimeoutExpired:
-        return "import nvidia.dali took over 60 s"
-    return None if probe.returncode == 0 else "nvidia-dali does not import (no wheel in wheelhouse/?)"
+        return "needs nvidia-dali-cuda130: import nvidia.dali took over 60 s"
+    if probe.returncode == 0:
+        return None
+    err = (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return f"needs nvidia-dali-cuda130 (`make gpu-kit`, then --kit): import nvidia.dali failed: {err}"
+
+
+def _needs_kit(run: "Run") -> str | None:
+    return None if run.kit_dir else "no --kit given"
 
 
 PY = "{python}"
 RAWFRAMES = ("--data", "{work}/rawframes", "--annotation", "{work}/rawframes/train_list.txt")
+MAKE_RAWFRAMES = (PY, "-m", "bench.bench_loader", "--out", "{out}", "--make-into", "{work}/rawframes")
+MAKE_GPU = ("--make", "256")  # 340×256 rawframe videos, 24 frames each
+MAKE_DRY = ("--make", "4", "--frames", "8")
 E2E_DRY = ("--device", "cpu", "--backbone", "timm:test_resnet", "--classes", "4", "--input-size", "32",
            "--batch-size", "4", "--steps", "2", "--log-interval", "1", "--warmup-logs", "0", "--workers", "1",
            "--test-segments", "1")
 PYTEST = (PY, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider")
+FLOW_DRY_PARAMS = "nscales=1,warps=1,outerIterations=1,innnerIterations=2"  # the interpreter: ~0.5 s per iteration
 
+# In order of value: a run cut short keeps the first stages' figures (the summary is rewritten
+# after every stage). `kit` and `setup` come first because the rest needs them.
 PLAN: tuple[Stage, ...] = (
+    Stage("kit", "--kit DIR: check the parts that arrived, join the complete wheels, install them into a "
+          "temporary folder on the stages' PYTHONPATH (bench.kit)", budget_s=25, dry_budget_s=3, kind="setup",
+          skip=_needs_kit, steps=(
+              Step((PY, "-m", "bench.kit", "install", "{kit}", "--target", "{kit_target}")),
+          )),
     Stage("setup", "the wheelhouse's missing wheels, then the checkout, into the machine's Python",
-          budget_s=30, dry_budget_s=6, kind="setup", steps=(
+          budget_s=20, dry_budget_s=3, kind="setup", steps=(
               Step((PY, "-m", "pip", "install", "--no-index", "--no-deps", "{wheels}"), dry=("--dry-run",)),
               Step((PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."),
                    dry=("--dry-run",)),
           )),
     Stage("cuda-tests", "pytest -m cuda: the autotuned and autocast cases on the device",
-          budget_s=50, dry_budget_s=18, kind="tests", steps=(
+          budget_s=45, dry_budget_s=18, kind="tests", steps=(
               Step((*PYTEST, "-m", "cuda", "tests", "bench")),
           )),
     Stage("kernel-tests", "the kernel test files on the device: Triton vs eager, fwd and bwd, fp32/fp16/bf16",
-          budget_s=50, dry_budget_s=10, kind="tests", steps=(
+          budget_s=45, dry_budget_s=8, kind="tests", opencv=True, steps=(
               Step((*PYTEST, "-m", "not cuda", *KERNEL_TESTS), dry=("--collect-only", "-q")),
           )),
     Stage("attention-targets", "cross_stream_attention fwd+bwd at B=32, N ∈ {588, 1225}, d=e=512, bf16; "
-          "eager, compile, triton, sdpa", budget_s=80, dry_budget_s=15, steps=(
+          "eager, compile, triton, sdpa", budget_s=80, dry_budget_s=12, steps=(
               Step((PY, "-m", "bench.bench_cross_attention", "--out", "{out}", "--modes", "full"),
                    gpu=_attention_args(GPU_POINTS),
                    dry=(*_attention_args(DRY_POINTS), "--providers", "eager,triton,sdpa", "--rep", "1")),
           )),
     Stage("loss-targets", "cross-modal triplet and center loss fwd+bwd at B=8192, D=512, bf16; eager, compile, triton",
-          budget_s=40, dry_budget_s=10, steps=(
+          budget_s=40, dry_budget_s=8, steps=(
               Step((PY, "-m", "bench.bench_losses", "--out", "{out}", "--modes", "full",
                     "--ops", "cross_modal_triplet_loss,discriminative_embedding_loss"),
                    gpu=(*_loss_args(GPU_POINTS), "--providers", "eager,compile,triton"),
                    dry=(*_loss_args(DRY_POINTS), "--providers", "eager,triton", "--rep", "1")),
           )),
-    Stage("loader", "256 rawframe videos at 340×256 (kept for e2e), then clips/s of the torch DataLoader "
-          "(every core) and of DALI where it imports", budget_s=40, dry_budget_s=10, steps=(
-              Step((PY, "-m", "bench.bench_loader", "--out", "{out}", "--make-into", "{work}/rawframes"),
-                   gpu=("--make", "256", "--batch-size", "32", "--batches", "20"),
-                   dry=("--make", "4", "--frames", "8", "--backends", "torch", "--batch-size", "2",
-                        "--batches", "2", "--warmup", "1", "--workers", "1")),
-          )),
-    Stage("e2e", "trainer clips/s, ResNet-50 at 224 px, batch 32: (b) CCS on synthetic tensors, "
-          "(c) the backbones alone, (d) eager fp32 with the torch DataLoader", budget_s=110, dry_budget_s=22, steps=(
+    Stage("e2e", "256 rawframe videos at 340×256 (kept for loader and dali), then trainer clips/s, ResNet-50 at "
+          "224 px, batch 32: (b) CCS on synthetic tensors, (c) the backbones alone, (d) eager fp32 with the "
+          "torch DataLoader", budget_s=110, dry_budget_s=25, steps=(
+              Step((*MAKE_RAWFRAMES, "--backends="), gpu=MAKE_GPU, dry=MAKE_DRY),
               Step((PY, "-m", "bench.bench_e2e", "--out", "{out}", *RAWFRAMES,
                     "--cases", "ccs-synthetic,backbones-synthetic,eager-fp32-torch"),
                    gpu=("--device", "cuda", "--test-segments", "1"), dry=E2E_DRY),
           )),
-    Stage("e2e-dali", "(a) CCS with the DALI loader, ResNet-50 at 224 px", budget_s=35, dry_budget_s=0,
-          skip=_needs_dali, steps=(
-              Step((PY, "-m", "bench.bench_e2e", "--out", "{out}", *RAWFRAMES, "--cases", "ccs-dali"),
-                   gpu=("--device", "cuda")),
-          )),
-    Stage("flow", "tvl1-torch at 340×256 with OpenCV's defaults: agreement with OpenCV and the ground truth, "
-          "then pairs/s of OpenCV (one process per core, 32 pairs) and of tvl1-torch on CUDA, eager and Triton "
-          "iteration, 128 pairs in batches of 64", budget_s=20, dry_budget_s=10, steps=(
+    Stage("flow", "tvl1-torch at 340×256 with OpenCV's defaults: pairs/s on CUDA with the Triton and the eager "
+          "iteration (128 pairs in batches of 64), agreement of the CUDA flow with the CPU path on the same pairs; "
+          "where cv2.optflow imports (opencv-contrib: the kit) also agreement with OpenCV and the ground truth, "
+          "and OpenCV's pairs/s (one process per core, 32 pairs)", budget_s=30, dry_budget_s=15, opencv=True,
+          steps=(
               Step((PY, "-m", "bench.bench_flow", "--out", "{out}"),
                    gpu=("--skip", "cpu", "--pairs", "128", "--opencv-pairs", "32", "--batch", "64"),
                    dry=("--device", "cpu", "--height", "24", "--width", "32", "--pairs", "2",
-                        "--batch", "2")),
+                        "--batch", "2", "--params", FLOW_DRY_PARAMS)),
+          )),
+    Stage("loader", "clips/s of the torch DataLoader (every core) on the e2e stage's rawframes",
+          budget_s=15, dry_budget_s=10, steps=(
+              Step((*MAKE_RAWFRAMES, "--backends", "torch"),
+                   gpu=(*MAKE_GPU, "--batch-size", "32", "--batches", "20"),
+                   dry=(*MAKE_DRY, "--batch-size", "2", "--batches", "2", "--warmup", "1", "--workers", "1")),
+          )),
+    Stage("dali", "where nvidia.dali imports (nvidia-dali-cuda130: the kit): clips/s of the DALI loader "
+          "(dali-gpu, dali-cpu), then (a) CCS with the DALI loader, ResNet-50 at 224 px", budget_s=45,
+          dry_budget_s=0, skip=_needs_dali, steps=(
+              Step((*MAKE_RAWFRAMES, "--backends", "dali-gpu,dali-cpu"),
+                   gpu=(*MAKE_GPU, "--batch-size", "32", "--batches", "20")),
+              Step((PY, "-m", "bench.bench_e2e", "--out", "{out}", *RAWFRAMES, "--cases", "ccs-dali"),
+                   gpu=("--device", "cuda")),
           )),
     Stage("grid", "the wider sweeps: losses at B ∈ {512, 2048, 8192} × D ∈ {256, 2048}; attention bf16 at "
           "N ∈ {147, 588, 1225, 2352} × d=e ∈ {256, 1024}, fwd/bwd/full (no torch.compile: a compile per shape)",
-          budget_s=10, dry_budget_s=4, fill=True, steps=(
+          budget_s=10, dry_budget_s=3, fill=True, steps=(
               Step((PY, "-m", "bench.bench_losses", "--out", "{out}", "--modes", "full", "--providers", "eager,triton"),
                    gpu=("--device", "cuda", "--dtype", "bfloat16", "--B", "512,2048,8192", "--D", "256,2048"),
                    dry=("--device", "cpu", "--B", "24", "--D", "8", "--ops", "batch_hard_triplet_loss",
@@ -285,9 +311,31 @@ class Run:
     wheelhouse: Path
     deadline: float  # time.monotonic() by which every stage has stopped
     stretch: float = 1.0  # dry run on a busy machine: every budget times this (dry_run_stretch)
+    kit_dir: Path | None = None  # --kit: the parts of `make gpu-kit`
+    kit_target: Path | None = None  # where the kit stage installs them (a temporary folder)
+    kit: dict | None = None  # the kit stage's report (bench.kit's kit.json), once it ran
 
     def budget(self, stage: Stage) -> float:
         return (stage.dry_budget_s if self.dry_run else stage.budget_s) * self.stretch
+
+    def load_kit(self) -> None:
+        """Read what the kit stage installed (nothing when it did not run or wrote no report)."""
+        if self.kit_target is not None:
+            try:
+                self.kit = json.loads((self.kit_target / "kit.json").read_text())
+            except (OSError, ValueError):
+                self.kit = None
+
+    def env(self, stage: Stage | None = None) -> dict:
+        """The stages' environment: the kit's folder first on PYTHONPATH, and for a stage that
+        compares with OpenCV's TV-L1 (``stage.opencv``) the kit's opencv-contrib before it."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        paths = list((self.kit or {}).get("pythonpath") or [])
+        if stage is not None and stage.opencv and (self.kit or {}).get("cv2_path"):
+            paths.insert(0, self.kit["cv2_path"])
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+        return env
 
     def wheels_to_install(self) -> list[str]:
         """Wheels in the wheelhouse whose distribution is not installed in this Python (any
@@ -313,7 +361,8 @@ class Run:
                     return None
                 argv += wheels
             else:
-                for key, value in (("{python}", self.python), ("{out}", self.out), ("{work}", self.work)):
+                for key, value in (("{python}", self.python), ("{out}", self.out), ("{work}", self.work),
+                                   ("{kit}", self.kit_dir), ("{kit_target}", self.kit_target)):
                     arg = arg.replace(key, str(value))
                 argv.append(arg)
         return argv
@@ -330,6 +379,7 @@ class StageResult:
     rows: dict[str, int] = field(default_factory=dict)  # result file name -> rows appended
     tests: dict | None = None
     log: str | None = None
+    skipped: list[str] = field(default_factory=list)  # "part: why" of each `skip <part>: <why>` line of its log
 
 
 def count_rows(out: Path) -> dict[str, int]:
@@ -342,9 +392,9 @@ def count_rows(out: Path) -> dict[str, int]:
     return counts
 
 
-def run_logged(argv: list[str], log: Path, timeout: float) -> tuple[int | None, bool]:
+def run_logged(argv: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int | None, bool]:
     """Run ``argv`` in its own process group, output appended to ``log``. (exit status, timed out)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = env or dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(argv)}\n")
         f.flush()
@@ -372,6 +422,19 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+SKIP_LINE = re.compile(r"^skip ([\w.-]+): (.+)$", re.M)  # what a benchmark left out, and why
+
+
+def parse_skips(text: str) -> list[str]:
+    """``"part: why"`` of each ``skip <part>: <why>`` line a benchmark printed (bench_flow names
+    the missing package; bench_loader "skip dali-gpu: nvidia-dali is not installed")."""
+    found = []
+    for part, why in SKIP_LINE.findall(text):
+        if f"{part}: {why}" not in found:
+            found.append(f"{part}: {why.strip()}")
+    return found
 
 
 TEST_LINE = re.compile(r"^(\S+::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -419,7 +482,7 @@ def run_stage(stage: Stage, run: Run) -> StageResult:
         if left <= 1:
             result.status, result.note = "timeout", "no time left for its remaining commands"
             break
-        rc, timed_out = run_logged(argv, log, left)
+        rc, timed_out = run_logged(argv, log, left, run.env(stage))
         ran += 1
         if timed_out:
             result.status = "timeout"
@@ -430,8 +493,12 @@ def run_stage(stage: Stage, run: Run) -> StageResult:
     result.wall_s = round(time.monotonic() - start, 1)
     after = count_rows(run.out)
     result.rows = {name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
+    text = log.read_text(errors="replace")
+    result.skipped = parse_skips(text)
+    if result.skipped and not result.note:
+        result.note = "skipped " + "; ".join(result.skipped)
     if stage.kind == "tests":
-        result.tests = parse_pytest_log(log.read_text(errors="replace"))
+        result.tests = parse_pytest_log(text)
         if result.tests["failed"] or result.tests["error"]:
             result.status = "failed" if result.status != "timeout" else result.status
     if not ran and result.status == "ok":
@@ -601,10 +668,15 @@ def evaluate_targets(points: Points, attention, losses, loader, e2e, peak) -> li
     return out
 
 
+DEVICE_AGREEMENT = 0.99  # share of pixels within ±1 uint8 level of the CPU path, on every pair
+
+
 def flow_targets(flow: list[dict]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) of issue 15 from ``bench_flow`` rows: pairs/s of the Triton
     path on CUDA, EPE against the ground truth within 1.1× OpenCV's on every pair, ≥ 95 % of
-    pixels within ±2 uint8 levels of OpenCV on every pair."""
+    pixels within ±2 uint8 levels of OpenCV on every pair (these two need cv2.optflow); and,
+    with or without OpenCV, the GPU's flow (Triton and eager iteration) against the CPU path on
+    the same pairs: ≥ ``DEVICE_AGREEMENT`` of pixels within ±1 uint8 level on every pair."""
     def verdict(ok):
         return "pass" if ok else "**fail**"
 
@@ -634,6 +706,23 @@ def flow_targets(flow: list[dict]) -> list[tuple[str, str, str]]:
                     verdict(worst["within_2_levels"] >= 0.95)))
     else:
         out.append((name, "not measured", "—"))
+    device = [r for r in flow if r.get("kind") == "device-agreement"]
+    for impl in ("triton", "eager"):
+        rows = [r for r in device if r.get("impl") == impl]
+        name = (f"tvl1-torch on the GPU ({impl} iteration) against its CPU path on the same pairs: "
+                f"≥ {100 * DEVICE_AGREEMENT:g} % of pixels within ±1 uint8 level on every pair")
+        if not rows:
+            out.append((name, "not measured", "—"))
+            continue
+        worst = min(rows, key=lambda r: r["within_1_level"])
+        same = min(r["same_levels"] for r in rows)
+        identical = sum(bool(r["identical"]) for r in rows)
+        truth = [r["epe_ours"] for r in rows if r.get("epe_ours") is not None]
+        out.append((name, f"min {100 * worst['within_1_level']:.2f} % ({worst['pair']}, {len(rows)} pairs, "
+                          f"{rows[0]['flow_device']}); equal levels ≥ {100 * same:.2f} %; {identical} pairs "
+                          f"bit-identical; largest difference {max(r['max_abs_diff_px'] for r in rows):.2g} px"
+                          + (f"; EPE against the truth ≤ {max(truth):.3g} px" if truth else ""),
+                    verdict(worst["within_1_level"] >= DEVICE_AGREEMENT)))
     return out
 
 
@@ -652,7 +741,9 @@ def _show(path: Path) -> str:
 
 
 def write_summary(run: Run, results: list[StageResult], points: Points, start_counts: dict[str, int],
-                  env: dict, wall_s: float, path: Path) -> str:
+                  env: dict, wall_s: float, path: Path, not_run: list[str] = ()) -> str:
+    """The summary of every stage run so far (``not_run``: the plan's stages still to come, listed
+    as such: a run cut off after any stage leaves the figures it took). Written atomically."""
     peak = device_peak(env["device"])
     attention = new_rows(run.out, start_counts, "cross_attention")
     losses = new_rows(run.out, start_counts, "losses")
@@ -682,6 +773,15 @@ def write_summary(run: Run, results: list[StageResult], points: Points, start_co
         if r.rc not in (None, 0):
             note = f"exit status {r.rc}" + (f"; {note}" if note else "")
         lines.append(f"| `{r.name}` | {r.status} | {r.wall_s:.0f} | {r.budget_s:.0f} | {rows} | {note} |")
+    for name in not_run:
+        lines.append(f"| `{name}` | not run yet | | | — | the run had not reached it when this summary was written |")
+    missing = [f"`{r.name}`: {why}" for r in results for why in r.skipped]
+    missing += [f"`{r.name}`: {r.note}" for r in results if r.status == "skipped" and "needs" in r.note]
+    if missing:
+        lines += ["", "Not measured for a missing package (`make gpu-kit` carries it; README, \"Taking the GPU "
+                  "figures\"):", ""] + [f"- {m}" for m in missing]
+    if run.kit:
+        lines += ["", "Kit (`--kit`):", ""] + [f"- {line}" for line in run.kit.get("lines", [])]
     failing = [f for r in results if r.tests for f in r.tests["failing"]]
     if failing:
         lines += ["", "Failing tests:", ""] + [f"- `{f}`" for f in failing]
@@ -709,9 +809,16 @@ def write_summary(run: Run, results: list[StageResult], points: Points, start_co
         lines += [f"| loader | {r['backend']} ({r['device']}) | {_fmt(r['clips_per_s'])} |" for r in loader]
         lines += [f"| e2e | {r['case']} ({r['backbone']}, {r['input_size']} px, batch {r['batch_size']}) "
                   f"| {_fmt(r['clips_per_s'])} |" for r in e2e if "clips_per_s" in r]
+    speed = [r for r in new_rows(run.out, start_counts, "flow") if r.get("kind") == "speed"]
+    if speed:
+        lines += ["", "## Optical flow", "", "| provider | device | frame | batch | pairs | pairs/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['provider']} | {r['flow_device']} | {r['width']}×{r['height']} | {r.get('batch') or '—'} "
+                  f"| {r['pairs']} | {_fmt(r['pairs_per_s'])} |" for r in speed]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return text
 
 
@@ -729,6 +836,9 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None,
                    help="logs and generated rawframes (default runs/gpu/; <out>/work with --dry-run)")
     p.add_argument("--wheelhouse", type=Path, default=REPO / "wheelhouse")
+    p.add_argument("--kit", type=Path, default=None,
+                   help="a folder of `make gpu-kit` parts (README, \"Taking the GPU figures\"): the complete "
+                        "wheels are installed into a temporary folder on the stages' PYTHONPATH")
     return p.parse_args(argv)
 
 
@@ -749,7 +859,10 @@ def main(argv=None) -> int:
         if unknown:
             print(f"bench.gpu: unknown stages {unknown}; the plan has {[s.name for s in PLAN]}", file=sys.stderr)
             return 2
-        stages = [s for s in PLAN if s.name in names]
+        stages = [s for s in PLAN if s.name in names or (s.name == "kit" and args.kit is not None)]
+    if args.kit is not None and not (args.kit / "manifest.json").is_file():
+        print(f"bench.gpu: --kit {args.kit}: no manifest.json there (make it with `make gpu-kit`)", file=sys.stderr)
+        return 2
 
     started = time.monotonic()
     import torch
@@ -778,18 +891,27 @@ def main(argv=None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     run = Run(dry_run=args.dry_run, python=sys.executable, out=out.resolve(), work=work.resolve(),
               logs=logs.resolve(), wheelhouse=args.wheelhouse.resolve(),
-              deadline=started + (total - OVERHEAD_S) * stretch, stretch=stretch)
+              deadline=started + (total - OVERHEAD_S) * stretch, stretch=stretch,
+              kit_dir=args.kit.resolve() if args.kit else None,
+              kit_target=Path(tempfile.mkdtemp(prefix="ccs-gpu-kit-")) if args.kit else None)
     env = {**common.env_info(device), "command": shlex.join(["python", "-m", "bench.gpu", *(argv or sys.argv[1:])])}
     start_counts = count_rows(run.out)
     print(f"bench.gpu: {env['device']}{' (dry run)' if run.dry_run else ''}; results in {run.out}, logs in {run.logs}"
           + (f"; budgets stretched ×{stretch:.2f} for the machine's load" if stretch > 1 else ""), flush=True)
 
-    results = []
+    slug = common.slug(env["device"])
+    summary = run.out / f"gpu-summary-{slug}.md"
+    results: list[StageResult] = []
     for i, stage in enumerate(stages, 1):
         print(f"[{i}/{len(stages)}] {stage.name} (budget {run.budget(stage):.0f} s"
               f"{' + time left' if stage.fill else ''}) ...", end=" ", flush=True)
-        result = run_stage(stage, run)
+        try:
+            result = run_stage(stage, run)
+        except Exception as e:  # noqa: BLE001 - the harness's own failure in one stage: the next stages still run
+            result = StageResult(stage.name, "failed", note=f"bench.gpu: {type(e).__name__}: {e}")
         results.append(result)
+        if stage.name == "kit":
+            run.load_kit()
         detail = ", ".join(f"{n} rows to {name}" for name, n in result.rows.items())
         if result.tests:
             t = result.tests
@@ -797,14 +919,14 @@ def main(argv=None) -> int:
                 f", {t['collected']} collected" if "collected" in t else "")
         print(f"{result.status} in {result.wall_s:.0f} s" + (f": {detail}" if detail else "")
               + (f" ({result.note})" if result.note else ""), flush=True)
-
-    wall = time.monotonic() - started
-    slug = common.slug(env["device"])
-    common.append_rows(run.out / f"gpu-{slug}.json", [
-        {**dataclasses.asdict(r), "dry_run": run.dry_run, "stretch": round(stretch, 2), "run_wall_s": round(wall, 1), **env}
-        for r in results])
-    summary = run.out / f"gpu-summary-{slug}.md"
-    text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary)
+        # after every stage: its row, and the summary of every figure so far (a run cut off keeps them)
+        common.append_rows(run.out / f"gpu-{slug}.json", [
+            {**dataclasses.asdict(result), "dry_run": run.dry_run, "stretch": round(stretch, 2),
+             "run_wall_s": round(time.monotonic() - started, 1), **env}])
+        text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary,
+                             not_run=[s.name for s in stages[i:]])
+    if not stages:
+        text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary)
     print("\n" + text)
     print(f"summary: {summary}")
     failed = failed_stages(results, run.dry_run)

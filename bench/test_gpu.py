@@ -1,6 +1,7 @@
 """bench.gpu: the plan fits 8 minutes, its dry run writes a summary and rows, a stage that
 overruns keeps what it measured, and the summary's arithmetic."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ def test_plan_budgets_fit_eight_minutes_with_setup():
     gpu.check_budgets()
     assert sum(s.budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 480
     assert sum(s.dry_budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 120
-    assert gpu.PLAN[0].name == "setup" and gpu.PLAN[0].budget_s > 0
+    assert [s.name for s in gpu.PLAN[:2]] == ["kit", "setup"] and all(s.budget_s > 0 for s in gpu.PLAN[:2])
     assert [s.name for s in gpu.PLAN if s.kind == "tests"] == ["cuda-tests", "kernel-tests"]
     with pytest.raises(ValueError, match="GPU budgets"):
         gpu.check_budgets(gpu.PLAN + (gpu.Stage("extra", "", 60, 0, ()),))
@@ -34,23 +35,67 @@ def test_plan_reads_the_targets_where_its_benchmarks_measure_them():
     assert gpu.GPU_POINTS.attention_N == (588, 1225) and gpu.GPU_POINTS.loss_B == 8192
 
 
+def test_plan_runs_in_order_of_value():
+    assert [s.name for s in gpu.PLAN] == ["kit", "setup", "cuda-tests", "kernel-tests", "attention-targets",
+                                         "loss-targets", "e2e", "flow", "loader", "dali", "grid"]
+    stage = {s.name: s for s in gpu.PLAN}
+    # e2e comes before loader and dali: it makes the rawframes they read
+    assert "--make-into" in stage["e2e"].steps[0].argv and "bench.bench_e2e" in stage["e2e"].steps[1].argv
+    assert [s.name for s in gpu.PLAN if s.opencv] == ["kernel-tests", "flow"]
+
+
+BARE = REPO / "bench" / "bare_image"
+
+
+def bare_env(**extra):
+    """The environment of a Python that lacks what the bare GPU image lacks (bench/bare_image)."""
+    return dict(os.environ, PYTHONPATH=str(BARE), **extra)
+
+
+def test_bare_image_blocker_hides_what_the_gpu_machines_lack():
+    probe = ("import importlib.util, cv2, torch\n"
+             "print(importlib.util.find_spec('av'), importlib.util.find_spec('nvidia.dali'), hasattr(cv2, 'optflow'))\n"
+             "for name in ('av', 'nvidia.dali', 'cv2.optflow', 'pytorch_metric_learning'):\n"
+             "    try:\n"
+             "        __import__(name)\n"
+             "        print('imported', name)\n"
+             "    except ModuleNotFoundError:\n"
+             "        pass\n"
+             "print('resize' in dir(cv2), torch.zeros(2).sum().item())\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=bare_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["None", "None", "False", "True", "0.0"], proc.stdout
+
+
 @pytest.mark.slow
 def test_dry_run_writes_summary_and_rows(tmp_path):
+    """The dry run on the bare GPU image's package set (bench/bare_image hides PyAV, DALI and
+    cv2.optflow): a stage that imports one of them without a skip fails here."""
     results = REPO / "bench" / "results"
     before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=bare_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summaries = list(tmp_path.glob("gpu-summary-*.md"))
     assert len(summaries) == 1
     text = summaries[0].read_text()
-    assert "## SPEC §8 targets" in text and "## Kernel rows" in text
+    assert "## SPEC §8 targets" in text and "## Kernel rows" in text and "## Optical flow" in text
     for name in ("cross_attention", "losses", "loader", "e2e", "flow", "gpu"):
         files = list(tmp_path.glob(f"{name}-*.json"))
         assert len(files) == 1 and json.loads(files[0].read_text()), name
     stages = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     status = {r["name"]: r["status"] for r in stages}
-    assert status == {s.name: "skipped" if s.name == "e2e-dali" else "ok" for s in gpu.PLAN}, status
+    assert status == {s.name: "skipped" if s.name in ("kit", "dali") else "ok" for s in gpu.PLAN}, status
+    # flow without cv2.optflow: tvl1-torch's figures taken, OpenCV's parts skipped naming the package
+    flow = {r["name"]: r for r in stages}["flow"]
+    assert [s.split(":")[0] for s in flow["skipped"]] == ["agreement", "opencv"]
+    assert all("opencv-contrib-python-headless" in s for s in flow["skipped"])
+    assert "Not measured for a missing package" in text and "opencv-contrib-python-headless" in text
+    rows = json.loads(next(tmp_path.glob("flow-*.json")).read_text())
+    kinds = [r["kind"] for r in rows]
+    assert "speed" in kinds and kinds.count("device-agreement") == 8 and "agreement" not in kinds
+    assert all(r["opencv_tvl1"] is False for r in rows)
     # nothing of the dry run's (files named after this CPU) went into bench/results/
     slug = summaries[0].stem.removeprefix("gpu-summary-")
     touched = [p.name for p in results.iterdir() if p.stem.endswith(slug) and before.get(p.name) != p.stat().st_mtime_ns]
@@ -90,11 +135,12 @@ def test_wheels_already_installed_are_left_alone(tmp_path):
     run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=0)
     assert [Path(w).name for w in run.wheels_to_install()] == ["not_a_real_distribution-1.0-py3-none-any.whl"]
-    assert run.resolve(gpu.PLAN[0].steps[0])[-2:] == [str(tmp_path / "not_a_real_distribution-1.0-py3-none-any.whl"),
+    setup = {s.name: s for s in gpu.PLAN}["setup"]
+    assert run.resolve(setup.steps[0])[-2:] == [str(tmp_path / "not_a_real_distribution-1.0-py3-none-any.whl"),
                                                        "--dry-run"]
     empty = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                     wheelhouse=tmp_path / "missing", deadline=0)
-    assert empty.resolve(gpu.PLAN[0].steps[0]) is None  # no wheelhouse: the step is left out
+    assert empty.resolve(setup.steps[0]) is None  # no wheelhouse: the step is left out
 
 
 def test_pytest_log_counts_a_run_cut_short():
@@ -184,4 +230,83 @@ def test_flow_stage_and_targets_from_rows():
     assert verdicts["tvl1-torch EPE against the ground truth ≤ 1.1× OpenCV's on every synthetic pair"][1] == "pass"
     within = verdicts["tvl1-torch ≥ 95 % of pixels within ±2 uint8 levels of OpenCV (bound 20) on every pair"]
     assert within == ("min 97.0 % (synth-a, 2 pairs)", "pass")
-    assert [v for _, _, v in gpu.flow_targets([])] == ["—"] * 3
+    assert [v for _, _, v in gpu.flow_targets([])] == ["—"] * 5
+
+
+def test_device_agreement_target_from_rows():
+    def row(pair, impl, within, same=1.0, identical=False):
+        return dict(kind="device-agreement", pair=pair, impl=impl, flow_device="cuda", within_1_level=within,
+                    same_levels=same, identical=identical, max_abs_diff_px=0.01, epe_ours=0.05)
+
+    rows = [row("translate-int", "triton", 1.0, identical=True), row("zoom-1.02", "triton", 0.995, 0.97),
+            row("translate-int", "eager", 0.97)]
+    verdicts = {t.split(" against")[0]: (m, v) for t, m, v in gpu.flow_targets(rows)}
+    triton = verdicts["tvl1-torch on the GPU (triton iteration)"]
+    assert triton[1] == "pass" and "min 99.50 % (zoom-1.02, 2 pairs, cuda)" in triton[0]
+    assert "equal levels ≥ 97.00 %" in triton[0] and "1 pairs bit-identical" in triton[0]
+    assert verdicts["tvl1-torch on the GPU (eager iteration)"][1] == "**fail**"
+
+
+def test_skip_lines_name_what_a_stage_left_out(tmp_path):
+    log = ("appended 2 rows\nskip agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)\n"
+           "skip dali-gpu: nvidia-dali is not installed\n"
+           "skip agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)\n"
+           "  skip this: indented lines are not skip lines\n")
+    assert gpu.parse_skips(log) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
+                                    "dali-gpu: nvidia-dali is not installed"]
+    stage = gpu.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
+        gpu.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib-python-headless')")),))
+    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                  wheelhouse=tmp_path, deadline=time.monotonic() + 60)
+    result = gpu.run_stage(stage, run)
+    assert result.status == "ok" and result.skipped == ["opencv: needs opencv-contrib-python-headless"]
+    assert "opencv-contrib-python-headless" in result.note
+
+
+def test_kit_paths_reach_the_stages_that_need_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+                  wheelhouse=tmp_path, deadline=0, kit_target=tmp_path / "kit")
+    stage = {s.name: s for s in gpu.PLAN}
+    run.load_kit()  # the kit stage wrote no report: nothing added
+    assert "PYTHONPATH" not in run.env(stage["flow"])
+    (tmp_path / "kit").mkdir()
+    (tmp_path / "kit" / "kit.json").write_text(json.dumps({"pythonpath": ["/k/site"], "cv2_path": "/k/cv2",
+                                                           "installed": [], "lines": []}))
+    run.load_kit()
+    assert run.env(stage["flow"])["PYTHONPATH"] == "/k/cv2:/k/site"
+    assert run.env(stage["kernel-tests"])["PYTHONPATH"] == "/k/cv2:/k/site"
+    assert run.env(stage["e2e"])["PYTHONPATH"] == "/k/site"  # the loader figures keep the machine's OpenCV
+    monkeypatch.setenv("PYTHONPATH", "/mine")
+    assert run.env(stage["e2e"])["PYTHONPATH"] == "/k/site:/mine"
+
+
+def test_summary_is_written_after_every_stage(tmp_path, monkeypatch):
+    """A run cut off in its third stage leaves a summary with the figures of the first two."""
+    def writer(name, clips):
+        src = tmp_path / f"{name}.json"
+        src.write_text(json.dumps([{"backend": "torch", "clips_per_s": clips, "device": "cpu"}]))
+        return gpu.Step(("{python}", "-c", "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])",
+                         str(src), "{out}/loader-toy.json"))
+
+    out = tmp_path / "out"
+    plan = (gpu.Stage("first", "", 10, 10, (writer("first", 12.5),)),
+            gpu.Stage("second", "", 10, 10, (gpu.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib')")),)),
+            gpu.Stage("third", "", 10, 10, (writer("third", 99.0),)))
+    monkeypatch.setattr(gpu, "PLAN", plan)
+    real_run_stage = gpu.run_stage
+
+    def cut_off_at_third(stage, run):
+        if stage.name == "third":
+            raise KeyboardInterrupt  # the machine taken back, the session's time spent
+        return real_run_stage(stage, run)
+
+    monkeypatch.setattr(gpu, "run_stage", cut_off_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--dry-run", "--out", str(out)])
+    text = next(out.glob("gpu-summary-*.md")).read_text()
+    assert "| `first` | ok |" in text and "| `second` | ok |" in text and "| `third` | not run yet |" in text
+    assert "torch DataLoader 12.5 clips/s" in text and "99.0" not in text
+    assert "`second`: opencv: needs opencv-contrib" in text
+    stages = json.loads(next(out.glob("gpu-*.json")).read_text())
+    assert [r["name"] for r in stages] == ["first", "second"]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.bench_flow import epe, opencv_flow, synth_pairs, synthetic_pairs, torch_flow, within_levels
+from bench.bench_flow import (epe, opencv_flow, opencv_tvl1_missing, synth_pairs, synthetic_pairs, torch_flow,
+                              within_levels)
 from ccs_fast.dataloader.flow import _TVL1_DEFAULTS, make_flow_estimator
 from ccs_fast.dataloader.tvl1 import pyramid_sizes, tvl1_flow
 from ccs_fast.errors import CCSError
@@ -19,6 +20,8 @@ from ccs_fast.kernels.tvl1 import tvl1_step_ref, tvl1_step_triton
 H, W = 48, 64
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: the interpreter on CPU
+# OpenCV's TV-L1 (cv2.optflow) comes with opencv-contrib, which the bare GPU image lacks
+requires_opencv_tvl1 = pytest.mark.skipif(opencv_tvl1_missing() is not None, reason=str(opencv_tvl1_missing()))
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,7 @@ def flows():
     return cases, ours, theirs
 
 
+@requires_opencv_tvl1
 def test_epe_against_ground_truth_within_1_1x_opencv(flows):
     cases, ours, theirs = flows
     ratios = {name: epe(o, gt) / epe(t, gt) for (name, _, _, gt), o, t in zip(cases, ours, theirs)
@@ -41,6 +45,7 @@ def test_epe_against_ground_truth_within_1_1x_opencv(flows):
     assert all(epe(o, gt) < 0.3 for (_, _, _, gt), o in zip(cases, ours) if gt is not None)
 
 
+@requires_opencv_tvl1
 def test_95_percent_within_2_uint8_levels_of_opencv(flows):
     cases, ours, theirs = flows
     shares = {name: within_levels(o, t) for (name, *_), o, t in zip(cases, ours, theirs)}
@@ -100,6 +105,7 @@ def test_bad_input_is_one_clear_line():
         make_flow_estimator("tvl1-torch", gamma=0.1).batch(torch.zeros(1, 32, 32), torch.zeros(1, 32, 32))
 
 
+@requires_opencv_tvl1
 def test_constant_frames_give_zero_flow_like_opencv():
     a = np.full((32, 32), 90, np.uint8)
     b = np.full((32, 32), 140, np.uint8)
@@ -153,6 +159,7 @@ def test_flow_with_the_triton_iteration_matches_eager():
 
 
 @requires_cuda
+@requires_opencv_tvl1
 def test_cuda_triton_and_eager_agree_with_opencv():
     cases = synthetic_pairs(64, 96)
     a = torch.from_numpy(np.stack([c[1] for c in cases])).cuda()
