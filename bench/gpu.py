@@ -4,6 +4,7 @@
     python -m bench.gpu --dry-run        # the same plan on CPU at toy sizes (part of `make test`)
     python -m bench.gpu --plan           # print the plan and its time budgets
     python -m bench.gpu --stages e2e,grid   # rerun some stages
+    python -m bench.gpu --kit .device_wheels   # with the parts of `make gpu-kit` that arrived
 
 The plan (``PLAN``) is data: a list of stages, each a few commands with the arguments they
 take on the GPU and in the dry run, a GPU time budget and a dry-run budget. Each command runs
@@ -11,23 +12,38 @@ as a subprocess of the machine's own Python, its output appended to
 ``<work>/<UTC time>/<stage>.log``;
 when a stage's budget runs out its process group is stopped, the stage is recorded as
 ``timeout`` with the JSON rows it had appended so far (the benchmarks append row by row), and
-the next stage starts. The stages, in order:
+the next stage starts. A stage that fails (or the harness failing in it) never stops the next
+ones. The stages, in order of value, so that a run cut short keeps the most useful figures:
 
-1. ``setup``: installs the wheels of ``wheelhouse/`` whose distributions are not installed yet
+1. ``kit`` (only with ``--kit DIR``): ``bench.kit`` checks the parts of ``make gpu-kit`` that
+   arrived (SHA-256), joins the complete wheels and installs them with ``pip install --no-deps
+   --no-index --target`` into a temporary folder that goes on ``PYTHONPATH`` of every later
+   stage; opencv-contrib into a folder of its own, first on the path of ``kernel-tests`` and
+   ``flow`` only (``Stage.opencv``), where the machine's cv2 lacks ``cv2.optflow``.
+2. ``setup``: installs the wheels of ``wheelhouse/`` whose distributions are not installed yet
    (``pip install --no-index --no-deps``: the machine's torch, numpy and OpenCV stay as they
    are), then the checkout (``pip install --no-deps --no-build-isolation --no-index -e .``).
-2. ``cuda-tests`` (``pytest -m cuda``) and ``kernel-tests`` (the kernel test files, which run on
+3. ``cuda-tests`` (``pytest -m cuda``) and ``kernel-tests`` (the kernel test files, which run on
    the CUDA device when there is one): Triton against the eager references, forward and
    backward, fp32/fp16/bf16. A failure makes the command exit non-zero; the benchmarks still run.
-3. ``attention-targets``, ``loss-targets``: the kernel benchmarks at the §8 target points.
-4. ``loader`` (generates the 340×256 rawframes the next stages share, then the loader
-   benchmark: torch DataLoader, and DALI where it imports), ``e2e`` (b, c, d: ResNet-50 at
-   224 px), ``e2e-dali`` (a: only where DALI imports).
-5. ``flow``: ``bench.bench_flow`` at 340×256, tvl1-torch against OpenCV (agreement, pairs/s).
-6. ``grid``: the wider kernel and loss sweeps, for whatever time the earlier stages left.
-7. The summary, ``<out>/gpu-summary-<device>.md``: each §8 target with the measured value and
-   pass/fail, the tests, and every kernel row with its TFLOP/s or GB/s and the fraction of the
-   device's datasheet peak (``PEAKS``). One row per stage goes to ``<out>/gpu-<device>.json``.
+4. ``attention-targets``, ``loss-targets``: the kernel benchmarks at the §8 target points.
+5. ``e2e``: generates the 340×256 rawframes the later stages share, then (b), (c), (d) at
+   ResNet-50, 224 px.
+6. ``flow``: ``bench.bench_flow`` at 340×256: tvl1-torch pairs/s on CUDA with the Triton and
+   the eager iteration, the CUDA flow against the CPU path on the same pairs, and where
+   ``cv2.optflow`` imports, agreement with OpenCV and OpenCV's pairs/s.
+7. ``loader``: the torch DataLoader on the rawframes.
+8. ``dali`` (only where ``nvidia.dali`` imports): the DALI loader rows and e2e (a).
+9. ``grid``: the wider kernel and loss sweeps, for whatever time the earlier stages left.
+
+What a stage leaves out for a missing package is a ``skip <part>: <why>`` line in its log
+(bench_flow names ``opencv-contrib-python-headless``); those lines, and a stage skipped for a
+missing package, go into its row and the summary. The summary,
+``<out>/gpu-summary-<device>.md``, is rewritten after every stage (the stages not reached yet
+listed as such): each §8 target with the measured value and pass/fail, the tests, every kernel
+row with its TFLOP/s or GB/s and the fraction of the device's datasheet peak (``PEAKS``), what
+was not measured for a missing package, and what the kit installed. One row per stage goes to
+``<out>/gpu-<device>.json`` as each stage ends.
 
 On the GPU, ``<out>`` is ``bench/results/`` and ``<work>`` is ``runs/gpu/`` (git-ignored:
 logs and the generated rawframes, reused by the next run). The budgets add up to at most
@@ -38,13 +54,19 @@ stages left unused. The GPU budgets are estimates that no GPU run has checked ye
 
 ``--dry-run`` runs the same stages on CPU: the kernels in the Triton interpreter at toy sizes,
 e2e with timm's ``test_resnet`` at 32 px, the kernel tests collected but not run (``make
-test`` runs them itself), no DALI stage, pip with ``--dry-run``. Its results go to a
+test`` runs them itself), the flow's Triton iteration in the interpreter against the CPU path
+with few iterations, no DALI stage, pip with ``--dry-run``. Its results go to a
 temporary folder (never ``bench/results/``), and it fails if any stage fails or overruns its
 dry budget, so that the command cannot rot between GPU visits. On a machine other jobs keep
 busy the dry budgets stretch by the load average per core (``dry_run_stretch``). Measured on the 2-core CPU
 machine: 46 s with torch 2.14 / triton 3.8 (Python 3.11), 52 s with torch 2.11 / triton 3.6
-(Python 3.12, ``make compat``); every stage took at most half its dry budget. The ``flow``
-stage, added later, took 4 s of its 10 s dry budget with either Python, other jobs sharing the machine.
+(Python 3.12, ``make compat``). With the present plan, under ``bench/bare_image`` (no PyAV,
+DALI or cv2.optflow) and a load average of 2.6–4.5 from other jobs: 73 s (stretch ×1.31;
+e2e 18 s, flow 9 s, loader 5 s, cuda-tests 12 s, grid 12 s).
+
+``python -m bench.gpu --dry-run`` under ``PYTHONPATH=bench/bare_image`` is what ``make test``
+runs (``bench/test_gpu.py``): a stage that imports what the bare GPU image lacks without a
+skip fails there.
 
 Exit status: 0; 1 when a test failed or a stage crashed (and, in the dry run, overran); 2 for
 bad arguments or a GPU run without a CUDA device.
@@ -58,6 +80,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -927,6 +950,8 @@ def main(argv=None) -> int:
                              not_run=[s.name for s in stages[i:]])
     if not stages:
         text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary)
+    if run.kit_target is not None:
+        shutil.rmtree(run.kit_target, ignore_errors=True)
     print("\n" + text)
     print(f"summary: {summary}")
     failed = failed_stages(results, run.dry_run)

@@ -65,7 +65,8 @@ IMAGE_HAS = frozenset({
 
 # What each kit wheel adds on the bare machine (README, "Taking the GPU figures").
 ADDS = {
-    "av": "PyAV: the CUDA test cases that write or read videos (test_dali's)",
+    "av": "PyAV: no stage of `make gpu` needs it; the video paths (ccs-fast synth, prepare and predict, "
+          "the torch loader's video modality) then run on the machine",
     "nvidia-dali-cuda130": "DALI: the `dali` stage (dali-gpu and dali-cpu loader rows, e2e case (a))",
     "opencv-contrib-python-headless": "cv2.optflow: OpenCV's TV-L1 in the `flow` stage (agreement, "
                                       "EPE ratio, OpenCV pairs/s) and test_tvl1's OpenCV cases",
