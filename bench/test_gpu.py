@@ -233,6 +233,28 @@ def test_flow_stage_and_targets_from_rows():
     assert [v for _, _, v in gpu.flow_targets([])] == ["—"] * 5
 
 
+def test_flow_part_that_fails_keeps_the_next_parts_rows(tmp_path, monkeypatch, capsys):
+    """bench_flow: the speed part failing (first) leaves the device agreement's rows, exit 1;
+    without cv2.optflow OpenCV's parts are skipped naming the package."""
+    from bench import bench_flow
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("speed part broken on purpose")
+
+    monkeypatch.setattr(bench_flow, "torch_speed_rows", broken)
+    monkeypatch.setattr(bench_flow, "opencv_tvl1_missing", lambda: "needs opencv-contrib-python-headless")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rc = bench_flow.main(["--device", "cpu", "--height", "24", "--width", "32", "--pairs", "1", "--batch", "1",
+                          "--params", gpu.FLOW_DRY_PARAMS, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "failed speed cpu" in out and "failed parts: speed cpu" in out
+    rows = json.loads(next(tmp_path.glob("flow-*.json")).read_text())
+    assert [r["kind"] for r in rows] == ["device-agreement"] * 8
+    assert rows[0]["tvl1_params"] == {"nscales": 1, "warps": 1, "outerIterations": 1, "innnerIterations": 2}
+    assert gpu.parse_skips(out) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
+                                    "opencv: OpenCV's TV-L1 (needs opencv-contrib-python-headless)"]
+
+
 def test_device_agreement_target_from_rows():
     def row(pair, impl, within, same=1.0, identical=False):
         return dict(kind="device-agreement", pair=pair, impl=impl, flow_device="cuda", within_1_level=within,
