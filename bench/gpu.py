@@ -18,7 +18,7 @@ ones. The stages, in order of value, so that a run cut short keeps the most usef
 1. ``kit`` (only with ``--kit DIR``): ``bench.kit`` checks the parts of ``make gpu-kit`` that
    arrived (SHA-256), joins the complete wheels and installs them with ``pip install --no-deps
    --no-index --target`` into a temporary folder that goes on ``PYTHONPATH`` of every later
-   stage; opencv-contrib into a folder of its own, first on the path of ``kernel-tests`` and
+   stage; opencv-contrib into a folder of its own, first on the path of the two test stages and
    ``flow`` only (``Stage.opencv``), where the machine's cv2 lacks ``cv2.optflow``.
 2. ``setup``: installs the wheels of ``wheelhouse/`` whose distributions are not installed yet
    (``pip install --no-index --no-deps``: the machine's torch, numpy and OpenCV stay as they
@@ -219,7 +219,7 @@ PLAN: tuple[Stage, ...] = (
                    dry=("--dry-run",)),
           )),
     Stage("cuda-tests", "pytest -m cuda: the autotuned and autocast cases on the device",
-          budget_s=45, dry_budget_s=18, kind="tests", steps=(
+          budget_s=45, dry_budget_s=18, kind="tests", opencv=True, steps=(
               Step((*PYTEST, "-m", "cuda", "tests", "bench")),
           )),
     Stage("kernel-tests", "the kernel test files on the device: Triton vs eager, fwd and bwd, fp32/fp16/bf16",

@@ -26,7 +26,7 @@ stays out), joins the complete wheels, checks each whole wheel's SHA-256 and ins
   where the wheel's numpy requirement holds for the machine's numpy, and only after a child
   Python with that folder first on its path imported it from there and ran one TV-L1; ``bench.gpu``
   puts that folder first on the path of the stages that compare with OpenCV's TV-L1
-  (``flow``, ``kernel-tests``) and of no other, so that the loader and end-to-end figures keep
+  (``flow`` and the two test stages) and of no other, so that the loader and end-to-end figures keep
   the machine's own OpenCV.
 
 It writes ``<target>/kit.json`` (the folders for ``PYTHONPATH`` and one line per wheel), the

@@ -41,7 +41,7 @@ def test_plan_runs_in_order_of_value():
     stage = {s.name: s for s in gpu.PLAN}
     # e2e comes before loader and dali: it makes the rawframes they read
     assert "--make-into" in stage["e2e"].steps[0].argv and "bench.bench_e2e" in stage["e2e"].steps[1].argv
-    assert [s.name for s in gpu.PLAN if s.opencv] == ["kernel-tests", "flow"]
+    assert [s.name for s in gpu.PLAN if s.opencv] == ["cuda-tests", "kernel-tests", "flow"]
 
 
 BARE = REPO / "bench" / "bare_image"
