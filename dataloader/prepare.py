@@ -22,11 +22,32 @@ written to a temporary name and renamed when complete, so a rerun skips finished
 redoes interrupted ones. A video that fails is reported on one line, counted and left out of
 the lists; the run goes on. A video that decodes to fewer frames than its container declares
 (a truncated file) is prepared with the frames it has and listed in the summary as short.
+
+Faults. A full disk (ENOSPC or EDQUOT, or a JPEG write that fails with under 1 MiB free)
+stops the run at the first video it hits: one CCSError line naming the folder, no annotation
+list written (finished videos stay and a rerun goes on from them). The hidden temporary
+folders (``.<video>.tmp-*``, ``.<video>.old-*``) of a killed run are removed at the next start;
+one prepare per output folder at a time. Pool workers ignore SIGINT (the main process stops
+them) and end with the main process (``signals.end_with_parent``), so a killed prepare
+leaves no workers behind.
+
+Flow manifest. ``flow_manifest.jsonl`` in the output folder gets one line per finished video:
+the estimator that made its flow and the settings its frames depend on (``flow_settings``).
+A rerun compares each existing video with the settings asked for: a video made by another
+estimator family (TV-L1 — ``tvl1`` and ``tvl1-torch`` are the same algorithm — or
+Farnebäck) or with another short side, bound or file naming is refused in one line naming
+both and ``--redo`` (which recomputes every video); a folder with no line (the run was killed
+between its rename and its line) is redone. Output written before manifests existed (folders,
+no manifest) is kept as it is, with a note that its estimator is unknown.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import shutil
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +57,9 @@ from pathlib import Path
 import numpy as np
 
 from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.signals import end_with_parent
 
-from .flow import (FLOW_METHODS, default_flow_method, make_flow_estimator, resolve_flow_device,
+from .flow import (FLOW_BOUND, FLOW_METHODS, default_flow_method, make_flow_estimator, resolve_flow_device,
                    write_rawframes)
 from .rawframes import FrameNaming, add_naming_arguments, naming_from_arguments
 from .progress import VideoProgress
@@ -112,6 +134,85 @@ def count_frames(frames_dir: Path, naming: FrameNaming = FrameNaming()) -> int:
     return sum(1 for name in os.listdir(frames_dir) if pattern.match(name))
 
 
+FLOW_MANIFEST = "flow_manifest.jsonl"
+_HIDDEN_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")  # flow.atomic_dir's folders
+_FLOW_FAMILY = {"tvl1": "TV-L1", "tvl1-torch": "TV-L1", "farneback": "Farneback"}
+FULL_DISK_FREE = 2**20  # a failed JPEG write (OpenCV gives no errno) with less free is a full disk
+
+
+def flow_settings(flow: str, short_side: int, naming: FrameNaming) -> dict:
+    """What a video's flow and frames were made with, as the manifest records it."""
+    return {"flow": flow, "family": _FLOW_FAMILY[flow], "bound": FLOW_BOUND, "short_side": short_side,
+            "filename_tmpl": naming.filename_tmpl, "flow_tmpl": naming.flow_tmpl,
+            "start_index": naming.start_index}
+
+
+_COMPARED = ("family", "bound", "short_side", "filename_tmpl", "flow_tmpl", "start_index")
+
+
+def _describe_settings(settings: dict) -> str:
+    return f"{settings['flow']}, short side {settings['short_side']}, bound {settings['bound']:g}"
+
+
+def read_flow_manifest(out_dir) -> dict | None:
+    """{frames folder: settings} from ``flow_manifest.jsonl`` (the last line of a video
+    wins; a half-written last line is ignored); None when there is no manifest."""
+    path = Path(out_dir) / FLOW_MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise bad_file(path, f"cannot read the flow manifest ({getattr(exc, 'strerror', None) or exc})") from None
+    manifest = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            manifest[entry["video"]] = entry
+        except (ValueError, KeyError, TypeError):
+            continue
+    return manifest
+
+
+def remove_hidden_temporaries(folders) -> list[Path]:
+    """Remove the hidden temporary folders an interrupted run left in ``folders`` (the parents
+    of the frames folders); returns what was removed."""
+    removed = []
+    for folder in sorted(set(folders)):
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if _HIDDEN_TEMPORARY.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+class DiskFull(CCSError):
+    """No space left where prepare writes: the run stops (see the module docstring)."""
+
+
+def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, OSError) and code is None and "could not write" in str(exc):
+        try:
+            return shutil.disk_usage(folder).free < FULL_DISK_FREE
+        except OSError:
+            return False
+    return False
+
+
+def _failed(video_path, source, target, exc: BaseException):
+    """The result tuple of a video that failed; a full disk is marked as such."""
+    if _is_disk_full(exc, Path(target).parent):
+        return video_path, None, f"{Path(target).parent}: disk full (no space left on device)", None, True
+    return video_path, None, _problem(source, exc), None, False
+
+
 def _problem(source, exc: BaseException) -> str:
     # an OSError's (or PyAV error's) text repeats the path after "[Errno N]": the reason
     # alone, the path once
@@ -127,8 +228,8 @@ def _short(source, n: int, declared: int) -> str | None:
 
 
 def _prepare_one(task):
-    """Worker: (video path, frames, None, short line or None) when done, (video path, None,
-    message, None) on failure."""
+    """Worker: (video path, frames, None, short line or None, False) when done, (video path,
+    None, message, None, disk full?) on failure."""
     video_path, source, target, flow, short_side, overwrite, naming = task
     try:
         if not source.is_file():
@@ -136,9 +237,9 @@ def _prepare_one(task):
         info = {}
         n = write_rawframes(decode_resized(source, short_side, info), target, method=flow,
                             overwrite=overwrite, naming=naming)
-        return video_path, n, None, _short(source, n, info.get("declared", 0))
+        return video_path, n, None, _short(source, n, info.get("declared", 0)), False
     except Exception as exc:  # one bad video must not stop the run; it is reported and counted
-        return video_path, None, _problem(source, exc), None
+        return _failed(video_path, source, target, exc)
 
 
 class _Precomputed:
@@ -175,7 +276,7 @@ def _decode_task(task):
             raise ValueError("no frames decoded")
         return _Video(task, frames, info.get("declared", 0)), None
     except Exception as exc:  # reported per video, like _prepare_one
-        return None, (video_path, None, _problem(source, exc), None)
+        return None, _failed(video_path, source, target, exc)
 
 
 def _write_task(video: _Video):
@@ -183,9 +284,9 @@ def _write_task(video: _Video):
     try:
         n = write_rawframes(video.frames, target, method=_Precomputed(video.flows),
                             overwrite=overwrite, naming=naming)
-        return video_path, n, None, _short(source, n, video.declared)
+        return video_path, n, None, _short(source, n, video.declared), False
     except Exception as exc:
-        return video_path, None, _problem(source, exc), None
+        return _failed(video_path, source, target, exc)
 
 
 def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
@@ -215,7 +316,7 @@ def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
                 failed = {id(v): v for v, _ in batch if not v.failed}
                 for v in failed.values():
                     v.failed = True
-                return [(v.task[0], None, _problem(v.task[1], exc), None) for v in failed.values()]
+                return [(v.task[0], None, _problem(v.task[1], exc), None, False) for v in failed.values()]
             for (video, i), flow in zip(batch, flows):
                 if video.failed:
                     continue
@@ -235,7 +336,7 @@ def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
             h, w = video.grey[0].shape
             if video.remaining and (h < MIN_SIDE or w < MIN_SIDE):
                 yield (video.task[0], None, f"{video.task[1]}: frames of {w}x{h} are too small "
-                       f"for TV-L1's pyramid (each side needs at least {MIN_SIDE} pixels)", None)
+                       f"for TV-L1's pyramid (each side needs at least {MIN_SIDE} pixels)", None, False)
                 continue
             if not video.remaining:
                 writing.append(pool.submit(_write_task, video))
@@ -251,10 +352,14 @@ def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
             yield future.result()
 
 
-def _worker_init():
+def _worker_init(parent_pid=None):
     import cv2
 
     cv2.setNumThreads(1)  # the pool already uses every core
+    # Ctrl-C reaches the whole process group: the main process stops the pool (SIGTERM, which
+    # a worker keeps: Pool.terminate relies on it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent(parent_pid)
 
 
 def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
@@ -270,8 +375,17 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
     Returns a summary: ``videos`` (in the splits), ``done`` (written now), ``existing``
     (skipped, already complete), ``failed`` and ``failures`` (one line each), ``short`` (one
     line per video that decoded to fewer frames than its container declares), ``flow`` (the
-    estimator that ran, with its device), ``lists`` (paths written) and ``seconds``.
+    estimator that ran, with its device), ``lists`` (paths written), ``removed_temporaries``
+    (hidden folders of an interrupted run removed), ``unrecorded`` (existing videos whose
+    estimator is unknown: prepared before flow manifests) and ``seconds``.
+
+    CCSError before anything is written for a short side below 1 and for existing videos
+    made with other flow settings (unless ``skip_existing`` is False: ``--redo``); a full
+    disk stops the run with ``DiskFull``, no list written.
     """
+    if not isinstance(short_side, int) or short_side < 1:
+        raise CCSError(f"--short-side {short_side}: must be a positive number of pixels "
+                       "(the frames' short side after resizing; default 256)")
     flow = flow or default_flow_method()
     if flow not in FLOW_METHODS:
         raise CCSError(f"unknown flow method {flow!r}; expected one of {', '.join(FLOW_METHODS)}")
@@ -294,30 +408,59 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
     videos = sorted({r.path for train, val in splits.values() for r in train + val})
     naming = naming or FrameNaming()
 
-    num_frames, tasks = {}, []
+    removed = remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
+    settings = flow_settings(flow, short_side, naming)
+    manifest = read_flow_manifest(out_dir)
+    num_frames, tasks, unrecorded, mismatched = {}, [], [], []
     for video in videos:
         target = frames_root / frames_dir_name(video)
         if skip_existing and target.is_dir():
+            entry = (manifest or {}).get(frames_dir_name(video))
+            if manifest is None or (entry or {}).get("unrecorded"):
+                unrecorded.append(video)  # prepared before flow manifests: kept as it is
+            elif entry is None:  # finished just before a kill wrote its manifest line: redone
+                tasks.append((video, videos_dir / video, target, flow, short_side, True, naming))
+                continue
+            elif any(entry.get(key) != settings[key] for key in _COMPARED):
+                mismatched.append((video, entry))
+                continue
             num_frames[video] = count_frames(target, naming)
         else:
             tasks.append((video, videos_dir / video, target, flow, short_side, not skip_existing,
                           naming))
+    if mismatched:
+        video, entry = mismatched[0]
+        raise bad_file(out_dir, f"{len(mismatched)} prepared video(s) (e.g. {frames_dir_name(video)}) have flow and "
+                                f"frames made with {_describe_settings(entry)}, this run asks for "
+                                f"{_describe_settings(settings)}; pass --redo to recompute every video with "
+                                f"{flow}, or --flow {entry.get('flow')} --short-side {entry.get('short_side')} "
+                                "to go on as before; nothing was written")
     existing = len(num_frames)
 
     failures, short = [], []
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     bar = VideoProgress(len(tasks), "prepare", enabled=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _ManifestWriter(out_dir / FLOW_MANIFEST, settings)
+    if manifest is None:
+        for video in unrecorded:  # so that a later run keeps them too
+            record.add(video, unrecorded=True)
     try:
         if flow == "tvl1-torch":
             results = _prepare_batched(tasks, estimator, batch_pairs, min(workers, 8))
-            _consume(results, num_frames, failures, short, bar)
+            _consume(results, num_frames, failures, short, bar, record, len(tasks))
         elif workers == 1:
-            _consume(map(_prepare_one, tasks), num_frames, failures, short, bar)
+            _consume(map(_prepare_one, tasks), num_frames, failures, short, bar, record, len(tasks))
         else:
-            with get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+            with get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
                 _consume(pool.imap_unordered(_prepare_one, tasks), num_frames, failures, short,
-                         bar)
+                         bar, record, len(tasks))
+    except DiskFull:
+        # the pool is stopped; what its workers were writing is left as hidden folders
+        remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
+        raise
     finally:
+        record.close()
         bar.close()
 
     lists = []
@@ -335,14 +478,45 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
     return {
         "videos": len(videos), "done": len(num_frames) - existing, "existing": existing,
         "failed": len(failures), "failures": failures, "short": sorted(short), "flow": flow_label,
-        "lists": lists, "seconds": round(time.perf_counter() - start, 2),
+        "lists": lists, "removed_temporaries": [str(p) for p in removed], "unrecorded": len(unrecorded),
+        "seconds": round(time.perf_counter() - start, 2),
     }
 
 
-def _consume(results, num_frames, failures, short, bar):
-    for video, n, problem, short_line in results:
+class _ManifestWriter:
+    """Appends one ``flow_manifest.jsonl`` line per finished video (flushed at once)."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings, self._file = path, settings, None
+        self.done = 0
+
+    def add(self, video: str, unrecorded: bool = False) -> None:
+        """A finished video's line; ``unrecorded``: one found prepared, made by an unknown estimator."""
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        entry = {"video": frames_dir_name(video), "unrecorded": True} if unrecorded else \
+            {"video": frames_dir_name(video), **self.settings}
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        self.done += not unrecorded
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _consume(results, num_frames, failures, short, bar, record, total):
+    for video, n, problem, short_line, disk_full in results:
+        if disk_full:
+            if hasattr(results, "close"):  # the batched path: its threads finish what they hold
+                results.close()
+            raise DiskFull(f"{problem} while writing the frames of {video}; prepare stopped after "
+                           f"{record.done} of {total} videos, no annotation list written (the finished videos "
+                           "are kept: free some space and run the same command again)")
         if problem is None:
             num_frames[video] = n
+            record.add(video)
             if short_line:
                 short.append(short_line)
         else:
@@ -369,7 +543,8 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument("--short-side", type=int, default=256,
                         help="resize frames so the short side is this (default 256: 340x256)")
     parser.add_argument("--redo", action="store_true",
-                        help="rewrite videos whose frames exist (default: skip them)")
+                        help="recompute every video, also those already prepared (default: skip them; "
+                             "needed to change --flow or --short-side of a prepared folder)")
     add_naming_arguments(parser)
 
 
@@ -380,6 +555,12 @@ def run_prepare(args) -> int:
                               batch_pairs=args.flow_batch, short_side=args.short_side,
                               skip_existing=not args.redo,
                               naming=naming_from_arguments(args))
+    if summary["removed_temporaries"]:
+        print(f"removed {len(summary['removed_temporaries'])} unfinished folder(s) of an interrupted prepare, e.g. "
+              f"{summary['removed_temporaries'][0]}")
+    if summary["unrecorded"]:
+        print(f"{summary['unrecorded']} videos already in {args.out} were prepared before flow manifests: their "
+              f"flow estimator is unknown and they are kept as they are (--redo recomputes every video)")
     print(f"prepared {summary['done']} videos, {summary['existing']} already done, "
           f"{summary['failed']} failed of {summary['videos']} in {summary['seconds']} s "
           f"(flow: {summary['flow']})")

@@ -207,3 +207,196 @@ def test_truncated_video_is_reported_short(ucf_tree, capsys):
     assert f"{path}: decoded {decoded} of the 20 frames its container declares" in text
     val = read_rawframe_list(out / "val_rawframes_split1.txt")
     assert [r.num_frames for r in val if r.path.endswith("v_Run_g02_c01")] == [decoded]
+
+
+# ------------------------------------------------------------------ faults (issue 23 #5)
+
+def _prepare_args(videos, splits, out, *extra):
+    from ccs_fast.dataloader.prepare import add_prepare_arguments
+
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    return parser.parse_args(["--videos", str(videos), "--splits", str(splits), "--out", str(out),
+                              "--workers", "1", "--flow", "farneback", *extra])
+
+
+@pytest.mark.parametrize("short_side", [0, -int(np.random.default_rng().integers(1, 500))])
+def test_short_side_below_one_is_refused_up_front(ucf_tree, capsys, short_side):
+    """Before: OpenCV's resize assertion, once per video."""
+    from ccs_fast.cli import main
+
+    videos, splits, out = ucf_tree
+    with pytest.raises(CCSError, match=rf"^--short-side {short_side}: must be a positive number of pixels"):
+        prepare_dataset(videos, splits, out, workers=1, flow="farneback", short_side=short_side, progress=False)
+    assert main(["prepare", "--videos", str(videos), "--splits", str(splits), "--out", str(out),
+                 "--flow", "farneback", "--short-side", str(short_side)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ccs-fast: error: --short-side {short_side}: ")
+    assert not out.exists()
+
+
+def test_hidden_folders_of_an_interrupted_prepare_are_removed(ucf_tree, capsys):
+    from ccs_fast.dataloader.prepare import run_prepare
+
+    videos, splits, out = ucf_tree
+    stale = [out / "rawframes" / "Jump" / f".v_Jump_g01_c01.tmp-{np.random.default_rng().bytes(4).hex()}",
+             out / "rawframes" / "Run" / ".v_Run_g02_c01.old-0123abcd"]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "img_00001.jpg").write_bytes(b"half")
+    keep = out / "rawframes" / "Run" / ".notes"  # not a name prepare writes
+    keep.mkdir()
+    assert run_prepare(_prepare_args(videos, splits, out, "--short-side", "32")) == 0
+    assert not any(folder.exists() for folder in stale) and keep.is_dir()
+    assert "removed 2 unfinished folder(s) of an interrupted prepare" in capsys.readouterr().out
+
+
+def test_full_disk_stops_at_once_with_one_line_and_no_list(ucf_tree, monkeypatch, capsys):
+    """Before: one 'could not write JPEG' line per frame, the run went on and wrote lists of
+    the videos that fit."""
+    import errno
+
+    from ccs_fast.cli import main
+    from ccs_fast.dataloader import flow as flow_module
+
+    videos, splits, out = ucf_tree
+    real_imwrite, writes = flow_module._imwrite, []
+    fail_at = 3 * FRAMES - 2 + int(np.random.default_rng().integers(1, 3 * FRAMES - 2))  # in the 2nd video
+
+    def imwrite(path, image, quality):
+        writes.append(path)
+        if len(writes) >= fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_imwrite(path, image, quality)
+
+    monkeypatch.setattr(flow_module, "_imwrite", imwrite)
+    code = main(["prepare", "--videos", str(videos), "--splits", str(splits), "--out", str(out),
+                 "--workers", "1", "--flow", "farneback", "--short-side", "32"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line or "could not write" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert len(writes) == fail_at  # stopped at the first ENOSPC
+    assert errors[0].startswith(f"ccs-fast: error: {out / 'rawframes' / 'Jump'}: disk full (no space left on device) "
+                          "while writing the frames of Jump/v_Jump_g02_c01.avi; prepare stopped after 1 of 4 videos, "
+                          "no annotation list written")
+    assert not list(out.glob("*_rawframes_split*.txt"))
+    assert not [p for p in (out / "rawframes").rglob(".*") if p.is_dir()]
+    assert (out / "rawframes" / "Jump" / "v_Jump_g01_c01").is_dir()
+
+
+WORKER_DRIVER = """
+import os, sys, time
+from multiprocessing import get_context
+from ccs_fast.dataloader.prepare import _worker_init
+
+if __name__ == "__main__":
+    with get_context("spawn").Pool(2, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        print(" ".join(str(p.pid) for p in pool._pool), flush=True)
+        pool.map(abs, range(8))
+        print("READY", flush=True)
+        time.sleep(120)
+"""
+
+
+def test_pool_workers_end_with_a_killed_prepare_and_ignore_ctrl_c(tmp_path):
+    """Before: the spawned workers of a killed prepare stayed, waiting on their queue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(WORKER_DRIVER)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(driver)], stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "READY" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert "READY" in log.read_text(), log.read_text()[-2000:]
+        pids = [int(p) for p in log.read_text().splitlines()[0].split()]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGINT)  # Ctrl-C reaches every process of the group
+        time.sleep(0.5)
+        assert _alive(pids[0])  # still there: the main process decides
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if _alive(p)]
+            time.sleep(0.1)
+        assert not alive, f"workers {alive} outlived the killed prepare"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pid in pids if "pids" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid) -> bool:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+# ------------------------------------------------------- flow manifest (issue 22 #6)
+
+def test_rerun_with_another_flow_is_refused_then_redone(ucf_tree, capsys):
+    """Before: a rerun with --flow tvl1 kept the Farneback flow and reported tvl1."""
+    import json
+
+    from ccs_fast.cli import main
+    from ccs_fast.dataloader.prepare import read_flow_manifest
+
+    videos, splits, out = ucf_tree
+    prepare_dataset(videos, splits, out, workers=1, flow="farneback", short_side=32, progress=False)
+    manifest = read_flow_manifest(out)
+    assert sorted(manifest) == ["Jump/v_Jump_g01_c01", "Jump/v_Jump_g02_c01", "Run/v_Run_g01_c01", "Run/v_Run_g02_c01"]
+    assert {(e["flow"], e["short_side"]) for e in manifest.values()} == {("farneback", 32)}
+    flow_file = out / "rawframes" / "Run" / "v_Run_g01_c01" / "flow_x_00001.jpg"
+    farneback_bytes = flow_file.read_bytes()
+    lists_before = (out / "train_rawframes_split1.txt").read_bytes()
+
+    args = ["prepare", "--videos", str(videos), "--splits", str(splits), "--out", str(out), "--workers", "1",
+            "--short-side", "32"]
+    assert main([*args, "--flow", "tvl1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"ccs-fast: error: {out}: 4 prepared video(s) (e.g. Jump/v_Jump_g01_c01) have flow and frames made with "
+        "farneback, short side 32, bound 20, this run asks for tvl1, short side 32, bound 20; pass --redo")
+    assert flow_file.read_bytes() == farneback_bytes and (out / "train_rawframes_split1.txt").read_bytes() == lists_before
+    assert main([*args, "--flow", "farneback", "--short-side", "48"]) == 2  # other frame sizes: refused too
+    assert "short side 48" in capsys.readouterr().err
+
+    assert main([*args, "--flow", "tvl1", "--redo"]) == 0
+    assert "prepared 4 videos, 0 already done" in capsys.readouterr().out
+    assert flow_file.read_bytes() != farneback_bytes
+    assert {e["flow"] for e in read_flow_manifest(out).values()} == {"tvl1"}
+    assert main([*args, "--flow", "tvl1-torch", "--flow-device", "cpu"]) == 0  # the same algorithm: kept
+    assert "prepared 0 videos, 4 already done" in capsys.readouterr().out
+
+    # a video whose line is missing (killed between its rename and its line) is redone;
+    # output from before manifests is kept as it is, with a note
+    lines = (out / "flow_manifest.jsonl").read_text().splitlines()
+    (out / "flow_manifest.jsonl").write_text("\n".join(l for l in lines if "v_Run_g01_c01" not in l) + "\n")
+    assert main([*args, "--flow", "tvl1"]) == 0
+    assert "prepared 1 videos, 3 already done" in capsys.readouterr().out
+    assert json.loads((out / "flow_manifest.jsonl").read_text().splitlines()[-1])["video"] == "Run/v_Run_g01_c01"
+    (out / "flow_manifest.jsonl").unlink()
+    assert main([*args, "--flow", "farneback"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 videos already in" in printed and "flow estimator is unknown" in printed
+    (out / "rawframes" / "Run" / "v_Run_g02_c01" / "img_00001.jpg").parent.rename(out / "moved")
+    assert main([*args, "--flow", "farneback"]) == 0  # the unknown ones stay kept, the new one is recorded
+    printed = capsys.readouterr().out
+    assert "3 videos already in" in printed and "prepared 1 videos, 3 already done" in printed
+    assert read_flow_manifest(out)["Run/v_Run_g02_c01"]["flow"] == "farneback"
