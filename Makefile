@@ -102,18 +102,20 @@ compat: $(COMPAT_VENV)/.installed
 	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"
 
 # --- The bare GPU image on CPU: exactly its packages, the checkout --no-deps ------------
-# No PyAV, no DALI, no opencv-contrib (numpy < 2.4 only for Triton 3.6's interpreter on CPU).
+# No PyAV, no DALI, no opencv-contrib (numpy < 2.4 only for Triton 3.6's interpreter on CPU);
+# hypothesis, pytest-timeout (the suite uses them) and six (DALI from the kit does) are in the
+# image's package list too.
 # Runs the dry run of `make gpu` and the tests that need neither PyAV nor DALI; `make test`
 # checks the same in its own venv with bench/bare_image hiding what the image lacks.
 BARE_PYTHON ?= python3.12
 BARE_VENV   ?= .venv-bare
 BARE_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' timm opencv-python-headless 'numpy<2.4' \
-	pytest pytest-benchmark matplotlib tensorboard tqdm pyyaml 'setuptools<82' wheel
+	pytest pytest-benchmark pytest-timeout hypothesis matplotlib tensorboard tqdm pyyaml six 'setuptools<82' wheel
 BARE_TESTS  := tests/test_cross_attention.py tests/test_triplet.py tests/test_center.py tests/test_losses.py \
 	tests/test_determinism.py tests/test_ops.py tests/test_connection.py tests/test_tvl1.py \
 	bench/test_gpu.py bench/test_kit.py
 
-$(BARE_VENV)/.installed: setup.py pyproject.toml
+$(BARE_VENV)/.installed: setup.py pyproject.toml Makefile
 	$(BARE_PYTHON) -m venv $(BARE_VENV)
 	$(BARE_VENV)/bin/pip install --quiet --upgrade pip
 	$(BARE_VENV)/bin/pip install --quiet $(BARE_PINS)

@@ -478,7 +478,9 @@ def parse_pytest_log(text: str) -> dict:
     if collected:
         counts["collected"] = collected[-1]
     errors = re.findall(r"^ERROR (\S+)", text, re.M)  # collection errors: no per-test line
-    failing += [e for e in errors if e not in failing]
+    new = [e for e in errors if e not in failing]
+    counts["error"] += len(new)
+    failing += new
     return {**counts, "failing": failing}
 
 

@@ -154,6 +154,9 @@ def test_pytest_log_counts_a_run_cut_short():
     assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
     assert counts["failing"] == ["tests/test_a.py::test_two"]
     assert gpu.parse_pytest_log("=== 115/127 tests collected (12 deselected) in 1.2s ===")["collected"] == 115
+    # a test file that does not import (a package the machine lacks) is an error of its stage
+    collection = gpu.parse_pytest_log("ERROR tests/test_sampling.py\n!!! Interrupted: 1 error during collection !!!")
+    assert collection["error"] == 1 and collection["failing"] == ["tests/test_sampling.py"]
 
 
 def test_device_peaks_by_name():
