@@ -171,12 +171,19 @@ def _overlay(ax, image, values, title, colorbar_label: Optional[str] = None):
     ax.imshow(image)
     heat = cv2.resize(values, (W, H), interpolation=cv2.INTER_LINEAR)
     low, high = float(values.min()), float(values.max())
-    mappable = ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=low, vmax=high if high > low else low + 1e-12)
+    if high - low <= 1e-6 * max(abs(low), abs(high), 1e-30):  # a flat map: its value mid-scale
+        half = 0.05 * max(abs(low), 1e-6)
+        low, high = low - half, high + half
+    mappable = ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=low, vmax=high)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     if colorbar_label:
+        from matplotlib.ticker import ScalarFormatter
+
         bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+        bar.formatter = ScalarFormatter(useOffset=False)  # plain values, no "1e-13+0.5" offset
+        bar.update_ticks()
         bar.set_label(colorbar_label, fontsize=8)
         bar.ax.tick_params(labelsize=7)
 
@@ -321,7 +328,7 @@ def plot_attention(frame, to_flow: np.ndarray, to_rgb: np.ndarray, path, *, quer
     for ax, values, (r, c), marker, query, keys in panels:
         values = np.asarray(values)
         h, w = values.shape
-        _overlay(ax, image, values, f"where the {query} stream's position (marked {marker}) looks in the {keys} stream\n"
+        _overlay(ax, image, values, f"where the {query} position {marker} looks in the {keys} stream\n"
                                     f"(its attention over the {h}x{w} {keys} positions)", "attention weight")
         ax.plot([(c + 0.5) * W / w - 0.5], [(r + 0.5) * H / h - 0.5], "x" if marker == "×" else marker,
                 color="white", ms=14, mew=3,

@@ -197,13 +197,17 @@ def test_attention_and_cam_pictures_explain_themselves(tmp_path, monkeypatch):
     fig = saved[-1]
     panels = [ax for ax in fig.axes if ax.get_images()]
     assert len(panels) == 2 and len(fig.axes) == 4  # two maps, two colour bars
-    assert "RGB stream's position" in panels[0].get_title() and "flow stream" in panels[0].get_title()
-    assert "flow stream's position" in panels[1].get_title()
+    assert "the RGB position ×" in panels[0].get_title() and "in the flow stream" in panels[0].get_title()
+    assert "the flow position +" in panels[1].get_title() and "in the RGB stream" in panels[1].get_title()
     for ax, values, (r, c) in ((panels[0], to_flow, (1, 5)), (panels[1], to_rgb, (4, 0))):
         x, y = ax.lines[0].get_data()
         assert (x[0], y[0]) == pytest.approx(((c + 0.5) * 98 / 7 - 0.5, (r + 0.5) * 70 / 5 - 0.5))
         assert ax.get_images()[1].get_clim() == pytest.approx((values.min(), values.max()), rel=1e-6)
-    plot_cams(frame, {"RGB": rng.normal(size=(5, 7)), "Flow": rng.normal(size=(5, 7))}, tmp_path / "c.png")
+    plot_cams(frame, {"RGB": rng.normal(size=(5, 7)), "Flow": np.full((1, 1), rng.normal())}, tmp_path / "c.png")
     titles = [ax.get_title() for ax in saved[-1].axes]
     assert sum("where the RGB stream" in t or "where the Flow stream" in t for t in titles) == 2
     assert sum(ax.get_ylabel() == "contribution to the class logit" for ax in saved[-1].axes) == 2
+    # a flat map (a 1x1 grid) gets a readable scale around its value, not an offset of 1e-13
+    flat_bar = saved[-1].axes[-1]
+    low, high = flat_bar.get_ylim()
+    assert high - low > 1e-7 and not flat_bar.yaxis.get_offset_text().get_text()
