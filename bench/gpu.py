@@ -62,7 +62,9 @@ busy the dry budgets stretch by the load average per core (``dry_run_stretch``).
 machine: 46 s with torch 2.14 / triton 3.8 (Python 3.11), 52 s with torch 2.11 / triton 3.6
 (Python 3.12, ``make compat``). With the present plan, under ``bench/bare_image`` (no PyAV,
 DALI or cv2.optflow) and a load average of 2.6–4.5 from other jobs: 73 s (stretch ×1.31;
-e2e 18 s, flow 9 s, loader 5 s, cuda-tests 12 s, grid 12 s).
+e2e 18 s, flow 9 s, loader 5 s, cuda-tests 12 s, grid 12 s); in ``make compat-bare``'s venv
+(Python 3.12, torch 2.11, triton 3.6, no PyAV, DALI or opencv-contrib installed) 92 s at a
+load average of 8 (stretch ×4.0).
 
 ``python -m bench.gpu --dry-run`` under ``PYTHONPATH=bench/bare_image`` is what ``make test``
 runs (``bench/test_gpu.py``): a stage that imports what the bare GPU image lacks without a
