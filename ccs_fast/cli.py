@@ -248,7 +248,10 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from ccs_fast.demo import parse_variants, run_demo
 
-    run_demo(args.out, seed=args.seed, workers=args.workers, variants=parse_variants(args.variants))
+    if args.threads is not None and args.threads < 1:
+        raise CCSError(f"--threads must be at least 1, got {args.threads}")
+    run_demo(args.out, seed=args.seed, workers=args.workers, variants=parse_variants(args.variants),
+             threads=args.threads, data_dir=args.data)
     return 0
 
 
@@ -366,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth the embedded data set, train baseline and CCS, evaluate, write a report")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
-    p.add_argument("--workers", type=int, default=None, help="loader and synth processes (default: every core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="synth processes and loader workers per variant (default: the CPU plan, from the cores "
+                        "available to the process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per variant (default: the CPU plan, one per variant trained side by side; "
+                        "with N, as many variants train at once as the cores hold N threads each)")
+    p.add_argument("--data", default=None, help="the data set's folder (default OUT/data); one data set serves many runs")
     p.add_argument("--variants", default="baseline,all",
                    help="comma-separated variants to train (baseline, cb, cs, all; default baseline,all); "
                         "baseline,cb,cs,all gives the paper's Table 3")

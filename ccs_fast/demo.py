@@ -18,14 +18,17 @@ by default) ``cams/`` (class activation maps per stream, paper Fig. 6) and ``att
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from ccs_fast.atomic import write_text
-from ccs_fast.config import Config, load_config
-
-from ccs_fast.config import VARIANTS
+from ccs_fast.config import VARIANTS, Config, load_config
+from ccs_fast.distributed import CpuPlan
 from ccs_fast.errors import CCSError
+from ccs_fast.evaluate import protocol
+from ccs_fast.trainer import format_duration
 
 DEMO_VARIANTS = ("baseline", "all")
 PICTURE_VIDEOS = 3
@@ -100,25 +103,26 @@ def format_report(report: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _pictures(out: Path, runs: dict, data: dict, variants) -> dict:
+def _pictures(out: Path, cfgs: dict, results: dict, data: dict, variants, device) -> dict:
     """Write the demo's pictures; paths relative to ``out`` (report.md's folder)."""
+    from ccs_fast.evaluate import load_model
     from ccs_fast.pictures import picture_loader, write_attention, write_cams, write_confusion
     from ccs_fast.viz import matplotlib_available, plot_training_curves
 
     if not matplotlib_available():
         return {"skipped": "matplotlib is not installed (pip install 'ccs_fast[viz]'; make demo installs it)"}
     pictures = {}
-    curves = {v: Path(runs[v]["cfg"].train.out_dir) / "metrics.jsonl" for v in variants}
+    curves = {v: Path(cfgs[v].train.out_dir) / "metrics.jsonl" for v in variants}
     pictures["training_curves"] = str(plot_training_curves(curves, out / "training_curves.png").relative_to(out))
     names = data.get("class_names")
     pictures["confusion"] = {
-        v: str(write_confusion(runs[v]["result"], Path(runs[v]["cfg"].train.out_dir) / "confusion.png", names,
+        v: str(write_confusion(results[v], Path(cfgs[v].train.out_dir) / "confusion.png", names,
                                title=f"{v}: RGB+Flow on the test split").relative_to(out))
         for v in variants}
     with_block = [v for v in variants if v in ("cb", "all")]
     chosen = "all" if "all" in with_block else (with_block[-1] if with_block else variants[-1])
-    run = runs[chosen]
-    cfg, model, device = run["cfg"], run["result"]["model"], run["result"]["device"]
+    cfg = cfgs[chosen]
+    model = load_model(cfg, Path(cfg.train.out_dir) / "last.pt", device)
     pictures["picture_variant"] = chosen
     kwargs = dict(device=device, precision=cfg.train.precision, class_names=names)
     pictures["cams"] = [str(p.relative_to(out)) for p in
@@ -130,57 +134,178 @@ def _pictures(out: Path, runs: dict, data: dict, variants) -> dict:
     return pictures
 
 
-def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variants=DEMO_VARIANTS,
-             pictures: bool = True, dataset=None, config_overrides: dict | None = None) -> dict:
-    """Train and evaluate ``variants``, write report.json, report.md and the pictures.
+class _LinePrefix:
+    """A text stream that writes whole lines, each with ``prefix``: the lines of variants
+    trained in parallel processes stay whole and say whose they are."""
 
-    ``dataset``: keyword arguments of ``make_synthetic_dataset`` (sizes; tests use tiny ones);
-    ``config_overrides``: ``{"section.key": value}`` applied to the demo config (tests)."""
-    from ccs_fast.evaluate import evaluate_checkpoint, protocol
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        if lines:
+            self.stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _steps_per_epoch(cfg: Config) -> int:
+    with open(cfg.data.train_list) as lines:
+        videos = sum(1 for line in lines if line.strip())
+    return max(1, videos // cfg.data.batch_size)
+
+
+def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[str] = None) -> dict:
+    """Train and evaluate one variant of the demo (in this process or in a worker of
+    ``run_demo``'s pool): ``threads`` intra-op threads; every printed line starts with
+    ``prefix``. Returns the evaluation result without the model, plus ``train_s`` and ``eval_s``."""
+    import torch
+
+    from ccs_fast.evaluate import evaluate_checkpoint
     from ccs_fast.trainer import train
 
-    start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = out / "data"
-    print(f"[demo] data set -> {data_dir}", flush=True)
-    data = ensure_dataset(data_dir, seed, workers, **(dataset or {}))
-    timings = {"synth_s": time.perf_counter() - start}
-
-    results, runs = {}, {}
-    for variant in variants:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    stdout = sys.stdout
+    if prefix:
+        sys.stdout = _LinePrefix(stdout, prefix)
+    try:
+        # one line per epoch, with the loss and the ETA of this variant's training
+        cfg.train.log_interval = _steps_per_epoch(cfg)
         t0 = time.perf_counter()
+        train(cfg, overwrite=True)  # a demo rerun retrains its variants from scratch
+        t1 = time.perf_counter()
+        print(f"[eval] {cfg.model.variant}: {protocol(cfg)['text']} of the test split", flush=True)
+        result = evaluate_checkpoint(cfg, Path(cfg.train.out_dir) / "last.pt",
+                                     out_json=Path(cfg.train.out_dir) / "eval.json",
+                                     out_md=Path(cfg.train.out_dir) / "eval.md")
+        result.update(train_s=t1 - t0, eval_s=time.perf_counter() - t1)
+        print(f"[eval] {cfg.model.variant}: top-1 RGB {result['rgb']['top1']:.3f} Flow {result['flow']['top1']:.3f} "
+              f"RGB+Flow {result['fused']['top1']:.3f} (train {format_duration(result['train_s'])}, "
+              f"eval {format_duration(result['eval_s'])})", flush=True)
+        return result
+    finally:
+        sys.stdout = stdout
+
+
+def _variant_configs(out: Path, data_dir: Path, variants, seed: int, workers, config_overrides) -> dict:
+    cfgs = {}
+    for variant in variants:
         cfg = demo_config(data_dir, out, variant, seed, workers)
         for dotted, value in (config_overrides or {}).items():
             section, key = dotted.split(".", 1)
             setattr(getattr(cfg, section), key, value)
-        cfg.validate("demo config")
-        print(f"[demo] training {variant} -> {cfg.train.out_dir}", flush=True)
-        train(cfg, overwrite=True)  # a demo rerun retrains its variants from scratch
-        result = evaluate_checkpoint(cfg, Path(cfg.train.out_dir) / "last.pt",
-                                     out_json=Path(cfg.train.out_dir) / "eval.json",
-                                     out_md=Path(cfg.train.out_dir) / "eval.md", return_model=pictures)
-        print(result["table"], end="", flush=True)
-        results[variant] = {stream: result[stream]["top1"] for stream in ("rgb", "flow", "fused")}
-        timings[f"{variant}_s"] = time.perf_counter() - t0
-        runs[variant] = {"cfg": cfg, "result": result}
+        cfg.train.progress = False  # lines, not bars: variants may share the terminal
+        cfgs[variant] = cfg.validate("demo config")
+    return cfgs
+
+
+def _train_variants(cfgs: dict, plan) -> dict:
+    """Every variant trained and evaluated: ``plan.processes`` at a time in processes of their
+    own with ``plan.threads`` intra-op threads each, or one after the other in this process."""
+    if plan.processes == 1:
+        return {variant: train_variant(cfg, plan.threads, prefix=f"[{variant}] ") for variant, cfg in cfgs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a forked child of a process whose OpenMP pool already ran waits for ever in
+    # libgomp; the workers import torch afresh (about 2 s).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=end_with_parent) as pool:
+        futures = {variant: pool.submit(train_variant, cfg, plan.threads, f"[{variant}] ")
+                   for variant, cfg in cfgs.items()}
+        return {variant: future.result() for variant, future in futures.items()}
+
+
+def end_with_parent() -> None:
+    """In a pool worker: exit when the demo's process dies (Linux: the parent-death signal),
+    so that an interrupted demo leaves no training behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def summary_line(report: dict, out: Path) -> str:
+    rows = "; ".join(f"{variant} RGB {r['rgb']:.3f} Flow {r['flow']:.3f} RGB+Flow {r['fused']:.3f}"
+                     for variant, r in report["variants"].items())
+    return (f"[demo] done in {format_duration(report['wall_s'])} (chance {report['chance']:.3f}): {rows}; "
+            f"report: {out / 'report.md'}")
+
+
+def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variants=DEMO_VARIANTS,
+             pictures: bool = True, dataset=None, config_overrides: dict | None = None,
+             threads: Optional[int] = None, data_dir: str | Path | None = None) -> dict:
+    """Train and evaluate ``variants``, write report.json, report.md and the pictures.
+
+    On a CPU the variants train side by side, one process per core with one intra-op thread
+    each (``distributed.plan_cpu``; ``threads`` intra-op threads per variant instead, and then
+    as many variants at once as the cores hold); on a GPU one after the other.
+    ``dataset``: keyword arguments of ``make_synthetic_dataset`` (sizes; tests use tiny ones);
+    ``config_overrides``: ``{"section.key": value}`` applied to the demo config (tests);
+    ``data_dir``: where the data set is (default ``out/data``; one data set serves many runs)."""
+    from ccs_fast.distributed import available_cores, plan_cpu
+    from ccs_fast.evaluate import select_device
+
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir) if data_dir is not None else out / "data"
+    cfgs = _variant_configs(out, data_dir, variants, seed, workers, config_overrides)
+    first = cfgs[variants[0]]
+    device = select_device(first.train.device)
+    if device.type == "cpu":
+        plan = plan_cpu(processes=len(variants), threads=threads)
+        where = plan.describe()
+        for cfg in cfgs.values():
+            if cfg.data.num_workers is None:
+                cfg.data.num_workers = plan.loader_workers
+    else:
+        plan = CpuPlan(cores=available_cores(), processes=1, threads=threads, loader_workers=0)
+        where = f"on {device}, one variant after the other"
+    print(f"[demo] variants {', '.join(variants)}, seed {seed}; {where}", flush=True)
+    print(f"[demo] data set -> {data_dir}", flush=True)
+    data = ensure_dataset(data_dir, seed, workers or available_cores(), **(dataset or {}))
+    timings = {"synth_s": time.perf_counter() - start}
+    print(f"[demo] data set ready ({format_duration(timings['synth_s'])}); training "
+          f"{', '.join(variants)}, {first.optim.epochs} epochs each", flush=True)
+
+    t0 = time.perf_counter()
+    results = _train_variants(cfgs, plan)
+    timings["variants_s"] = time.perf_counter() - t0
+    for variant, result in results.items():
+        timings[f"{variant}_s"] = result["train_s"] + result["eval_s"]
 
     picture_paths = {}
     if pictures:
         t0 = time.perf_counter()
-        picture_paths = _pictures(out, runs, data, list(variants))
+        picture_paths = _pictures(out, cfgs, results, data, list(variants), device)
         timings["pictures_s"] = time.perf_counter() - t0
         if picture_paths.get("skipped"):
             print(f"[demo] pictures skipped: {picture_paths['skipped']}", flush=True)
 
     report = {
         "chance": data["chance"],
-        "variants": results,
+        "variants": {v: {stream: results[v][stream]["top1"] for stream in ("rgb", "flow", "fused")}
+                     for v in variants},
         "variant_wall_s": {v: timings[f"{v}_s"] for v in variants},
         "classes": data["classes"],
         "test_videos": data["val_videos"],
         "seed": seed,
-        "protocol": protocol(runs[variants[0]]["cfg"])["text"],
+        "threads": plan.threads,
+        "plan": where,
+        "protocol": protocol(first)["text"],
         "wall_s": time.perf_counter() - start,
         "timings_s": timings,
         "pictures": picture_paths,
@@ -189,4 +314,5 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     text = format_report(report)
     write_text(out / "report.md", text)
     print(text, flush=True)
+    print(summary_line(report, out), flush=True)
     return report

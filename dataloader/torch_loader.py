@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccs_fast.errors import CCSError, bad_file
 
-from ccs_fast.distributed import cores_per_process
+from ccs_fast.distributed import default_loader_workers
 from ccs_fast.signals import end_with_parent, ignore_stop_signals
 
 from .formats import VideoRecord, default_num_classes
@@ -345,7 +345,7 @@ def build_torch_loader(spec) -> TorchClipLoader:
     loader = TorchClipLoader(
         ClipDataset(records, rows, spec, flow_root), batch_sampler_for(spec, labels),
         device=spec.device, dtype=spec.dtype,
-        num_workers=cores_per_process() if spec.num_workers is None else spec.num_workers,
+        num_workers=default_loader_workers(spec.device) if spec.num_workers is None else spec.num_workers,
         skip_bad=spec.skip_bad,
         num_classes=spec.num_classes if spec.num_classes is not None
         else default_num_classes(labels),

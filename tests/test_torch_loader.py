@@ -347,13 +347,16 @@ def test_unknown_backend_and_missing_dali(tree, monkeypatch):
 
 
 def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
-    from ccs_fast.distributed import cores_per_process as default_num_workers
+    from ccs_fast import distributed
+    from ccs_fast.distributed import default_loader_workers
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(distributed, "available_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_num_workers() == 16
+    assert default_loader_workers("cuda:0") == 16
+    assert default_loader_workers("cpu") == 4  # the model's threads take the other 12
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert default_num_workers() == 2
+    assert default_loader_workers("cuda:0") == 2
+    assert default_loader_workers("cpu") == 0  # 2 cores each: load in the training process
 
 
 def test_unreadable_frame_is_not_called_corrupt(tree, monkeypatch):
