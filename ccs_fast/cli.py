@@ -88,6 +88,12 @@ def cmd_train(args) -> int:
         cfg.train.out_dir = args.out
     elif args.resume and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
         cfg.train.out_dir = str(checkpoint.parent)
+    from ccs_fast.evaluate import select_device
+
+    if select_device(cfg.train.device).type == "cpu":
+        from ccs_fast.distributed import apply_cpu_plan
+
+        print(f"[train] {apply_cpu_plan().describe()}", flush=True)
     return train(cfg, resume=args.resume, overwrite=args.overwrite).get("exit_code", 0)
 
 

@@ -171,6 +171,7 @@ def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[s
     from ccs_fast.evaluate import evaluate_checkpoint
     from ccs_fast.trainer import train
 
+    threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     stdout = sys.stdout
@@ -193,6 +194,7 @@ def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[s
         return result
     finally:
         sys.stdout = stdout
+        torch.set_num_threads(threads_before)
 
 
 def _variant_configs(out: Path, data_dir: Path, variants, seed: int, workers, config_overrides) -> dict:
@@ -255,7 +257,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     ``dataset``: keyword arguments of ``make_synthetic_dataset`` (sizes; tests use tiny ones);
     ``config_overrides``: ``{"section.key": value}`` applied to the demo config (tests);
     ``data_dir``: where the data set is (default ``out/data``; one data set serves many runs)."""
-    from ccs_fast.distributed import available_cores, plan_cpu
+    from ccs_fast.distributed import available_cores, plan_cpu, threads_from_environment
     from ccs_fast.evaluate import select_device
 
     start = time.perf_counter()
@@ -266,7 +268,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     first = cfgs[variants[0]]
     device = select_device(first.train.device)
     if device.type == "cpu":
-        plan = plan_cpu(processes=len(variants), threads=threads)
+        plan = plan_cpu(processes=len(variants), threads=threads or threads_from_environment())
         where = plan.describe()
         for cfg in cfgs.values():
             if cfg.data.num_workers is None:

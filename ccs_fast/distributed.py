@@ -169,3 +169,20 @@ def default_loader_workers(device: str) -> int:
     if str(device).startswith("cpu"):
         return plan_cpu(cores=cores_per_process()).loader_workers
     return cores_per_process()
+
+
+def threads_from_environment() -> Optional[int]:
+    """``OMP_NUM_THREADS`` when the user set it to a positive whole number (a container, a
+    batch script or ``taskset`` users often do): the plan then keeps that thread count."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def apply_cpu_plan(processes: int = 1) -> CpuPlan:
+    """Plan this process's share of the cores (``plan_cpu`` over ``cores_per_process()``,
+    ``OMP_NUM_THREADS`` kept when set) and give torch that many intra-op threads."""
+    import torch
+
+    plan = plan_cpu(processes=processes, threads=threads_from_environment(), cores=cores_per_process())
+    torch.set_num_threads(plan.threads)
+    return plan

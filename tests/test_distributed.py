@@ -88,3 +88,24 @@ def test_plan_on_two_cores():
     # threads asked for: as many processes at once as fit
     assert plan_cpu(processes=2, threads=2, cores=2) == CpuPlan(cores=2, processes=1, threads=2, loader_workers=0)
     assert plan_cpu(processes=1, cores=16) == CpuPlan(cores=16, processes=1, threads=12, loader_workers=4)
+
+
+def test_omp_num_threads_is_kept_by_the_plan(monkeypatch):
+    import torch
+
+    from ccs_fast.distributed import apply_cpu_plan, threads_from_environment
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(distributed, "available_cores", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        for value, expected in (("", None), ("abc", None), ("0", None), (" 3 ", 3)):
+            monkeypatch.setenv("OMP_NUM_THREADS", value)
+            assert threads_from_environment() == expected
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert apply_cpu_plan().threads == 3 and torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        plan = apply_cpu_plan()
+        assert (plan.threads, plan.loader_workers) == (6, 2) and torch.get_num_threads() == 6
+    finally:
+        torch.set_num_threads(before)
