@@ -206,6 +206,8 @@ def cmd_predict(args) -> int:
                             class_ind=args.class_ind, short_side=args.short_side,
                             skip_bad=cfg.data.skip_bad, progress=True)
     _print_skipped({**report, "annotation": f"{len(args.videos)} video(s)"}, "[predict]")
+    for line in report.get("short", []):
+        print(f"[predict] {line}; predicted from the frames decoded", flush=True)
     print(format_predictions(report["rows"]), end="", flush=True)
     if args.out:
         write_json_lines(report["rows"], args.out)

@@ -81,29 +81,37 @@ def prediction_row(video: str, label: Optional[int], scores: dict, row: int, nam
 # ---------------------------------------------------------------------------- video files
 
 def video_clip(path, cfg: Config, estimator, short_side: int = DEFAULT_SHORT_SIDE,
-               segments: Optional[int] = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               segments: Optional[int] = None, progress: bool = False,
+               notes: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
     """The TSN test clip of a video file: uint8 RGB (K, S, S, 3) and flow (K, S, S, 2L),
     K = ``segments`` or data.test_segments; CCSError naming the file for a missing,
-    undecodable or too short video. ``progress``: count the flow pairs computed
-    (``dataloader.progress``)."""
+    undecodable or too short video, or a folder. ``progress``: count the flow pairs computed
+    (``dataloader.progress``). ``notes`` receives prepare's line for a video that decodes to
+    fewer frames than its container declares (it is predicted from the frames it has)."""
     import cv2
 
     from ccs_fast.dataloader.flow import FLOW_BOUND, flow_to_uint8
-    from ccs_fast.dataloader.prepare import decode_resized
+    from ccs_fast.dataloader.prepare import decode_resized, short_decode_line
     from ccs_fast.dataloader.sampling import plan_clip
     from ccs_fast.dataloader.torch_loader import cut_clip
 
     import av
 
     path = Path(path)
+    if path.is_dir():
+        raise bad_file(path, "is a folder, not a video file (rawframe folders are predicted with --list)")
     if not path.is_file():
         raise bad_file(path, "video not found")
+    info: dict = {}
     try:
-        frames = list(decode_resized(path, short_side))
+        frames = list(decode_resized(path, short_side, info))
     except (av.FFmpegError, IndexError) as exc:
         raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
     if not frames:
         raise bad_file(path, "no frames decoded")
+    short = short_decode_line(path, len(frames), info.get("declared", 0))
+    if short and notes is not None:
+        notes.append(short)
     height, width = frames[0].shape[:2]
     try:
         plan = plan_clip(len(frames), width, height, num_segments=segments or cfg.data.test_segments,
@@ -139,9 +147,11 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
                    skip_bad: bool = False, progress: bool = False) -> dict:
     """Top-``topk`` classes with probabilities per stream for each video file.
 
-    Returns ``{"rows": [prediction_row], "skipped_videos", ...}`` (``label`` None). A bad
-    video is a CCSError, or with ``skip_bad`` a skipped row reported like the loaders'
-    (``skipped_reasons``). ``progress``: the flow pairs of each video on stderr."""
+    Returns ``{"rows": [prediction_row], "skipped_videos", "short", ...}`` (``label`` None;
+    ``short``: a line per video that decoded to fewer frames than its container declares,
+    as ``prepare`` reports them). A bad video is a CCSError, or with ``skip_bad`` a skipped
+    row reported like the loaders' (``skipped_reasons``). ``progress``: the flow pairs of
+    each video on stderr."""
     from ccs_fast.dataloader.flow import make_flow_estimator
     from ccs_fast.dataloader.torch_loader import normalize_on_device
     from ccs_fast.video_backbones import is_video_backbone
@@ -154,10 +164,10 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
     model = load_model(cfg, checkpoint, device)
     names = class_names_of(cfg, class_ind)
     estimator = make_flow_estimator(flow, **(flow_params or {}))
-    rows, skipped = [], []
+    rows, skipped, short = [], [], []
     for video in videos:
         try:
-            rgb, flo = video_clip(video, cfg, estimator, short_side, segments, progress=progress)
+            rgb, flo = video_clip(video, cfg, estimator, short_side, segments, progress=progress, notes=short)
         except CCSError as exc:
             if not skip_bad:
                 raise
@@ -168,7 +178,7 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
         scores = forward_scores(model, {"rgb": rgb_t, "flow": flow_t}, device,
                                 cfg.train.precision, cfg.model.fusion_weights)
         rows.append(prediction_row(str(video), None, scores, 0, names, topk))
-    report = {"rows": rows, "skipped_videos": len(skipped)}
+    report = {"rows": rows, "skipped_videos": len(skipped), "short": short}
     if skipped:
         report["skipped_reasons"] = skipped[:3]
     return report

@@ -220,7 +220,7 @@ def _problem(source, exc: BaseException) -> str:
     return f"{source}: {reason.splitlines()[0] if reason else exc.__class__.__name__}"
 
 
-def _short(source, n: int, declared: int) -> str | None:
+def short_decode_line(source, n: int, declared: int) -> str | None:
     """The summary line of a video that decoded to fewer frames than its container declares."""
     if declared and n < declared:
         return f"{source}: decoded {n} of the {declared} frames its container declares (truncated?)"
@@ -237,7 +237,7 @@ def _prepare_one(task):
         info = {}
         n = write_rawframes(decode_resized(source, short_side, info), target, method=flow,
                             overwrite=overwrite, naming=naming)
-        return video_path, n, None, _short(source, n, info.get("declared", 0)), False
+        return video_path, n, None, short_decode_line(source, n, info.get("declared", 0)), False
     except Exception as exc:  # one bad video must not stop the run; it is reported and counted
         return _failed(video_path, source, target, exc)
 
@@ -284,7 +284,7 @@ def _write_task(video: _Video):
     try:
         n = write_rawframes(video.frames, target, method=_Precomputed(video.flows),
                             overwrite=overwrite, naming=naming)
-        return video_path, n, None, _short(source, n, video.declared), False
+        return video_path, n, None, short_decode_line(source, n, video.declared), False
     except Exception as exc:
         return _failed(video_path, source, target, exc)
 
