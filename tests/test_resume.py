@@ -66,3 +66,38 @@ def test_resume_elsewhere_needs_out_and_says_so(run_x, tmp_path, capsys):
     line = _start_line(capsys.readouterr().out)
     assert f"-> {w};" in line and f"writing to {w} (--out), not to {run_x}" in line
     assert _snapshot(run_x) == before and read_checkpoint(w / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "synthetic", pytest.param("dali", marks=pytest.mark.dali)])
+def test_loaders_start_an_epoch_at_a_batch(tmp_path, backend):
+    """The loader position of a mid-epoch checkpoint: set_epoch(e, first_batch=k) gives the
+    epoch's batches from k on, exactly those of an uninterrupted epoch; batches_done counts
+    the batches consumed."""
+    import numpy as np
+
+    from ccs_fast.dataloader import LoaderSpec, build_loader
+    from test_trainer import write_rawframes
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root, annotation = write_rawframes(tmp_path, videos=10)
+    loader = build_loader(LoaderSpec(annotation, root, backend=backend, train=True, batch_size=2, num_segments=2,
+                                     flow_length=1, input_size=16, device="cpu", seed=7, num_workers=0,
+                                     num_classes=4, synthetic_batches=5))
+    epoch = int(np.random.default_rng().integers(0, 100))
+    loader.set_epoch(epoch)
+    whole = list(loader)
+    assert len(whole) == len(loader) == 5 and loader.batches_done == 5
+    first = int(np.random.default_rng().integers(1, 5))
+    loader.set_epoch(epoch, first_batch=first)
+    tail, done = [], []
+    for batch in loader:
+        tail.append(batch)
+        done.append(loader.batches_done)
+    assert done == list(range(first + 1, 6))
+    assert len(tail) == 5 - first
+    for a, b in zip(whole[first:], tail):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["rgb"], b["rgb"])
+        assert torch.equal(a["flow"], b["flow"]) and torch.equal(a["label"], b["label"])
+    loader.set_epoch(epoch + 1)  # the next epoch starts at its beginning again
+    assert len(list(loader)) == 5
