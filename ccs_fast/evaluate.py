@@ -292,6 +292,18 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     with Progress(getattr(loader, "num_videos", 0) or 0, f"eval {Path(str(split)).name}", enabled=progress) as bar:
         result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
                           source=f"{checkpoint} on {split}", progress=bar)
+    describe_evaluation(cfg, result, checkpoint, annotation, segments, skipped_report(loader), out_json, out_md)
+    if return_model:
+        result.update(model=model, cfg=cfg, device=device)
+    return result
+
+
+def describe_evaluation(cfg: Config, result: dict, checkpoint, annotation=None, segments: Optional[int] = None,
+                        skipped: Optional[dict] = None, out_json=None, out_md=None) -> dict:
+    """Complete an ``evaluate`` result of ``checkpoint`` under ``cfg`` in place (the keys
+    ``evaluate_checkpoint`` documents: protocol, class names, most confused pairs, skipped
+    videos, ``table``) and write eval.json (``out_json``) and eval.md (``out_md``) when given.
+    The trainer's final evaluation goes through here too where it is reported as is (the demo)."""
     test_protocol = protocol(cfg, segments)
     names = list(cfg.model.class_names or [str(i) for i in range(cfg.model.num_classes)])
     result.update(
@@ -300,7 +312,7 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
         protocol=test_protocol, variant=cfg.model.variant, class_names=names,
         most_confused=most_confused_pairs(result["confusion_matrix"]["fused"], names),
     )
-    result.update({"skipped_videos": 0, **skipped_report(loader)})
+    result.update({"skipped_videos": 0, **(skipped or {})})
     table = format_table(result)
     if out_json:
         write_text(out_json, json.dumps(result, indent=2) + "\n")
@@ -309,8 +321,6 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
             {split_label(result): result}, title=f"Variant `{cfg.model.variant}`: checkpoint `{checkpoint}`",
             protocol=test_protocol["text"], digits=2) + most_confused_markdown(result["most_confused"]))
     result["table"] = table
-    if return_model:
-        result.update(model=model, cfg=cfg, device=device)
     return result
 
 

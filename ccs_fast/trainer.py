@@ -510,9 +510,11 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int,
 
 
 def evaluate_epoch(run: _Run, model: torch.nn.Module, loader, epoch_done: int) -> dict:
-    """Evaluate after ``epoch_done`` epochs: log, print and return the accuracies."""
+    """Evaluate after ``epoch_done`` epochs: log, print and return the accuracies (and
+    ``eval_s``, the seconds the evaluation took)."""
     cfg = run.cfg
     source = cfg.data.val_list or f"the {cfg.data.backend} eval split"
+    started = time.perf_counter()
     result = evaluate(model, loader, run.device, cfg.train.precision, cfg.model.fusion_weights, source=source)
     skipped = skipped_report(loader)
     scalars = {key: value for key, value in result.items() if key != "confusion_matrix"}
@@ -523,6 +525,7 @@ def evaluate_epoch(run: _Run, model: torch.nn.Module, loader, epoch_done: int) -
         print(f"[eval] epoch {epoch_done}: top-1 RGB {result['rgb']['top1']:.4f} "
               f"Flow {result['flow']['top1']:.4f} RGB+Flow {result['fused']['top1']:.4f} "
               f"({result['num_videos']} videos)", flush=True)
+    result["eval_s"] = time.perf_counter() - started
     return result
 
 
