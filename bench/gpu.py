@@ -291,8 +291,9 @@ PLAN: tuple[Stage, ...] = (
 
 def dry_run_stretch() -> float:
     """How much longer the dry run's budgets are on a machine other jobs keep busy: the 1-minute
-    load average per core, at least 1. The dry budgets are sized for an idle 2-core machine
-    (each stage measured at under half its budget); the GPU budgets are never stretched."""
+    load average per core, at least 1, asked again before each stage (a stretch only grows
+    during a run, and the run's deadline with it). The dry budgets are sized for an idle 2-core
+    machine; the GPU budgets are never stretched."""
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -930,6 +931,11 @@ def main(argv=None) -> int:
     summary = run.out / f"gpu-summary-{slug}.md"
     results: list[StageResult] = []
     for i, stage in enumerate(stages, 1):
+        if run.dry_run:  # other jobs may load the machine more than when the run started
+            later = dry_run_stretch()
+            if later > run.stretch:
+                run.deadline += (total - OVERHEAD_S) * (later - run.stretch)
+                run.stretch = later
         print(f"[{i}/{len(stages)}] {stage.name} (budget {run.budget(stage):.0f} s"
               f"{' + time left' if stage.fill else ''}) ...", end=" ", flush=True)
         try:
@@ -948,7 +954,7 @@ def main(argv=None) -> int:
               + (f" ({result.note})" if result.note else ""), flush=True)
         # after every stage: its row, and the summary of every figure so far (a run cut off keeps them)
         common.append_rows(run.out / f"gpu-{slug}.json", [
-            {**dataclasses.asdict(result), "dry_run": run.dry_run, "stretch": round(stretch, 2),
+            {**dataclasses.asdict(result), "dry_run": run.dry_run, "stretch": round(run.stretch, 2),
              "run_wall_s": round(time.monotonic() - started, 1), **env}])
         text = write_summary(run, results, points, start_counts, env, time.monotonic() - started, summary,
                              not_run=[s.name for s in stages[i:]])

@@ -76,7 +76,8 @@ def test_dry_run_writes_summary_and_rows(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=bare_env())
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stages_table = "".join(line + "\n" for line in proc.stdout.splitlines() if line.startswith("["))
+    assert proc.returncode == 0, stages_table + proc.stderr[-4000:]
     summaries = list(tmp_path.glob("gpu-summary-*.md"))
     assert len(summaries) == 1
     text = summaries[0].read_text()
@@ -304,6 +305,17 @@ def test_kit_paths_reach_the_stages_that_need_them(tmp_path, monkeypatch):
     assert run.env(stage["e2e"])["PYTHONPATH"] == "/k/site"  # the loader figures keep the machine's OpenCV
     monkeypatch.setenv("PYTHONPATH", "/mine")
     assert run.env(stage["e2e"])["PYTHONPATH"] == "/k/site:/mine"
+
+
+def test_dry_budgets_grow_when_the_load_grows_during_the_run(tmp_path, monkeypatch):
+    loads = iter([1.0, 1.0, 3.0, 2.0])  # at the start, then before each of the three stages
+    monkeypatch.setattr(gpu, "dry_run_stretch", lambda: next(loads))
+    plan = tuple(gpu.Stage(name, "", 10, 4, (gpu.Step(("{python}", "-c", "pass")),)) for name in ("a", "b", "c"))
+    monkeypatch.setattr(gpu, "PLAN", plan)
+    assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    assert [(r["name"], r["stretch"]) for r in rows] == [("a", 1.0), ("b", 3.0), ("c", 3.0)]
+    assert rows[1]["budget_s"] == pytest.approx(12, abs=0.5)
 
 
 def test_summary_is_written_after_every_stage(tmp_path, monkeypatch):
