@@ -2,15 +2,23 @@
 
 Writes the data set (or reuses one already written for the same seed), trains the variants
 (``--variants``, default ``baseline`` and ``all``; ``baseline,cb,cs,all`` for the paper's
-Table 3) with the packaged ``demo`` config, evaluates each on the test split (25 segments,
-centre crop) and writes ``report.json`` and ``report.md`` with the Table 3 layout (RGB, Flow,
-RGB+Flow top-1, seed, wall time per variant): ``all`` should reach high RGB+Flow accuracy while
-``baseline`` stays near chance, because the class is a Latin square of appearance and motion.
+Table 3) with the packaged ``demo`` config, evaluates each on the test split (the config's
+5 segments, centre crop) and writes ``report.json`` and ``report.md`` with the Table 3 layout
+(RGB, Flow, RGB+Flow top-1, seed, wall time per variant): ``all`` reaches high RGB+Flow
+accuracy while ``baseline`` stays near chance, because the class is a Latin square of
+appearance and motion.
+
+Where it runs (``distributed.plan_cpu``): on a CPU the variants train side by side, one
+process with one intra-op thread each (and loading in that process), as many at once as there
+are cores available to the demo (CPU affinity and cgroup quota, not the machine's core count);
+``threads`` (``--threads``, or ``OMP_NUM_THREADS``) gives each variant more threads and runs
+fewer at once. On a GPU they train one after the other. One line per variant and epoch
+(prefixed ``[<variant>]``, with the loss and the variant's ETA), one per evaluation, and a
+closing line with each variant's top-1 and the path of report.md.
 
 Pictures beside report.md (with matplotlib, the ``[viz]`` extra; without it the demo runs and
 says they were skipped): ``training_curves.png`` (loss and the training batches' top-1 per
-epoch of every variant, and the test top-1; the demo config evaluates once, at the end, since
-an evaluation of the 108 test videos × 25 segments costs about as much as a training epoch),
+epoch of every variant, and the test top-1 of the evaluation at the end),
 ``<variant>/confusion.png``, and for the last variant trained with a connection block (``all``
 by default) ``cams/`` (class activation maps per stream, paper Fig. 6) and ``attention/``
 (the block's attention) for ``PICTURE_VIDEOS`` test videos.
@@ -296,6 +304,8 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
         timings["pictures_s"] = time.perf_counter() - t0
         if picture_paths.get("skipped"):
             print(f"[demo] pictures skipped: {picture_paths['skipped']}", flush=True)
+        else:
+            print(f"[demo] pictures -> {out} ({format_duration(timings['pictures_s'])})", flush=True)
 
     report = {
         "chance": data["chance"],
