@@ -15,16 +15,28 @@ is applied to the restored schedule), the run folder is claimed (``run_folder``:
 silent overwrite, stale temporaries removed) and checked for room for one checkpoint.
 
 Exact resume: the checkpoint holds every RNG state, the loaders draw nothing from the
-global RNGs (the torch loader's DataLoader has its own generator), so a run killed at any
-point and resumed from ``last.pt`` ends with the same weights, bit for bit on CPU, as one
-that never stopped. A resume first cuts ``metrics.jsonl`` back to the checkpoint's step.
+global RNGs (the torch loader's DataLoader has its own generator, so its workers' seeds are
+the same in a resumed process), so a run killed at any point and resumed from ``last.pt``
+ends with the same weights, bit for bit on CPU, as one that never stopped. A resume first
+cuts ``metrics.jsonl`` back to the checkpoint's step (``ccs-fast train --resume`` points
+``train.out_dir`` at the checkpoint's own folder unless ``--out`` names another).
+
+Stop signals (``signals.GracefulStop``): SIGTERM, SIGINT and SIGUSR1 end the epoch at the next
+step boundary (one process: checked every step; under DDP agreed at log intervals). A
+mid-epoch ``last.pt`` then keeps the loader's position (``EpochProgress.batches``: batches
+consumed, which every backend's ``set_epoch(epoch, first_batch)`` skips without loading) and
+the epoch's running sums, so the resumed epoch trains on exactly the remaining batches and logs
+what an uninterrupted one would. ``train`` then returns with ``stopped_by`` and ``exit_code``
+(128 + the signal) in its summary after one line saying how to resume. ``train.save_every_steps``
+writes the same mid-epoch checkpoint every N steps.
 
 Files in ``train.out_dir``: ``config.yaml``, ``metrics.jsonl`` (each record with the run
 id; ``train_epoch`` records hold the epoch's mean losses and the top-1 of RGB, Flow and
 RGB+Flow on its training batches, accumulated on the device and read with the losses at the
 epoch's end), ``tb/`` (TensorBoard), ``last.pt`` (every ``save_interval`` epochs and at the end),
 ``best.pt`` (best RGB+Flow top-1 so far; model only, no optimizer state) and, while
-training, ``train.lock``.
+training, ``train.lock``. ``last.pt`` is also written at a stop signal and every
+``train.save_every_steps`` steps (mid-epoch).
 """
 from __future__ import annotations
 

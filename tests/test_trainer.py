@@ -73,7 +73,9 @@ def test_resume_equals_straight_run(runs):
     for key, value in straight["optimizer"]["state"].items():
         assert torch.equal(value["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
     assert straight["scheduler"] == resumed["scheduler"]
-    assert runs["resumed"]["eval"] == runs["straight"]["eval"]
+    timings = ("eval_s",)  # seconds, not results
+    assert ({k: v for k, v in runs["resumed"]["eval"].items() if k not in timings}
+            == {k: v for k, v in runs["straight"]["eval"].items() if k not in timings})
 
 
 class _NaNLoss(torch.nn.Module):
