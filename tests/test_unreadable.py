@@ -35,10 +35,6 @@ def _unreadable(monkeypatch, folder):
     """Everything inside ``folder`` raises PermissionError, as in a mode-000 folder."""
     inside = str(folder) + os.sep
 
-    def denied(path):
-        text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
-        return text == str(folder) or text.startswith(inside)
-
     def guard(real, whole_folder=True):
         def wrapper(path, *args, **kwargs):
             text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
@@ -51,7 +47,6 @@ def _unreadable(monkeypatch, folder):
     monkeypatch.setattr(os, "listdir", guard(os.listdir))
     monkeypatch.setattr(os, "scandir", guard(os.scandir))
     monkeypatch.setattr(builtins, "open", guard(builtins.open))
-    return denied
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def tree(tmp_path):
     return tmp_path, _write_tree(tmp_path, videos=4, frames=int(rng.integers(6, 10)), rng=rng)
 
 
-def _spec(root, annotation, backend, skip_bad, modality="rawframes"):
+def _spec(root, annotation, backend, skip_bad):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     return LoaderSpec(annotation, root, backend=backend, batch_size=2, num_segments=2, flow_length=1,
