@@ -138,3 +138,26 @@ def test_demo_report_has_table3_and_links_its_pictures(tmp_path, capsys, one_thr
     assert {"training_curves.png", "cb/confusion.png"} <= set(links)
     assert any(link.startswith("cams/") for link in links) and any(link.startswith("attention/") for link in links)
     assert all((out / link).is_file() for link in links)
+
+
+def test_cam_and_attention_pictures_name_the_video_and_segment(tmp_path, monkeypatch):
+    """Issue 22 #8: the title names the video (its list path) and the segment shown, not
+    "video 0"; the file name carries the video's name."""
+    import ccs_fast.viz as viz
+
+    titles = []
+    for name in ("plot_cams", "plot_attention"):
+        real = getattr(viz, name)
+        monkeypatch.setattr(viz, name, lambda *a, _real=real, **kw: titles.append(kw["title"]) or _real(*a, **kw))
+    pytest.importorskip("matplotlib")
+    model = tiny_model("all")
+    data = batch(1)
+    names = [f"Class/v_{i}" for i in range(8)]
+    names[7] = "Archery/v_Archery_g01_c01"
+    cams = write_cams(model, [data], 1, tmp_path / "cams", device="cpu", class_names=["a", "b", "c"], videos=names)
+    attention = write_attention(model, [data], 1, tmp_path / "att", device="cpu", class_names=["a", "b", "c"],
+                                videos=names)
+    assert [p.name for p in cams] == ["cam_7_Archery_v_Archery_g01_c01.png"]
+    assert [p.name for p in attention] == ["attention_7_Archery_v_Archery_g01_c01.png"]
+    assert all(t.startswith("Archery/v_Archery_g01_c01") and f"segment {K // 2 + 1} of {K}" in t for t in titles)
+    assert "where each stream finds the class" in titles[0] and "attention" in titles[1]
