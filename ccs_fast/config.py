@@ -57,6 +57,7 @@ class LossConfig:
     alpha1: float = 0.3  # triplet margin (paper §4.1)
     alpha2: float = 0.3  # intra-class hinge (paper §4.1)
     alpha3: float = 0.8  # inter-class hinge (paper §4.1)
+    ranking_warmup_epochs: float = 0.0  # λ1, λ2 ramp linearly from 0 over these epochs; the paper uses none (from scratch: README, demo)
 
 
 @dataclass
@@ -248,6 +249,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "loss.alpha1": Range(0),
     "loss.alpha2": Range(0),
     "loss.alpha3": Range(0),
+    "loss.ranking_warmup_epochs": Range(0),
     "data.batch_size": Range(1),
     "data.eval_batch_size": Range(1, optional=True),
     "data.classes_per_batch": Range(1, optional=True),

@@ -65,6 +65,7 @@ from ccs_fast.distributed import DistEnv, dist_env
 from ccs_fast.errors import CCSError, bad_file
 from ccs_fast.evaluate import STREAMS, evaluate, fuse_scores, select_device
 from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
+from ccs_fast.losses import ranking_ramp
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, topk_correct, truncate_metrics
 from ccs_fast.model import build_model
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
@@ -471,7 +472,9 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int,
     throughput = Throughput()
     bar = Progress(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=env.is_main and cfg.train.progress)
     bar.update(progress.batches)
+    ranking_warmup_iters = int(round(cfg.loss.ranking_warmup_epochs * iters_per_epoch))
     for batch in loader:
+        run.objective.ranking_scale = ranking_ramp(run.step, ranking_warmup_iters)
         with autocast_context(cfg.train.precision, device):
             out = run.forward_model(batch["rgb"], batch["flow"])
             losses = run.objective(out["z_f"], out["z_o"], out["logits_f"], out["logits_o"], batch["label"])

@@ -52,6 +52,26 @@ def test_objective_is_the_weighted_sum_and_gradients_flow(impl):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+def test_ranking_scale_multiplies_the_ranking_terms_only():
+    """The ranking warm-up (loss.ranking_warmup_epochs): loss = CE + s·(λ1·L1 + λ2·L2) with the
+    unweighted terms reported as they are, and the ramp 0 -> 1 over the warm-up iterations."""
+    from ccs_fast.losses import ranking_ramp
+
+    z_f, z_o, logits_f, logits_o, y = _batch()
+    objective = CCSObjective(lambda1=0.7, lambda2=0.2, impl="eager")
+    full = objective(z_f, z_o, logits_f, logits_o, y)
+    scale = float(torch.rand(()))
+    objective.ranking_scale = scale
+    ramped = objective(z_f, z_o, logits_f, logits_o, y)
+    for key in ("ce", "triplet", "center"):
+        torch.testing.assert_close(ramped[key], full[key])
+    expected = full["ce"] + scale * (0.7 * full["triplet"] + 0.2 * full["center"])
+    torch.testing.assert_close(ramped["loss"], expected)
+    warmup = int(torch.randint(2, 50, ()))
+    assert ranking_ramp(0, warmup) == 0.0 and ranking_ramp(warmup // 2, warmup) == (warmup // 2) / warmup
+    assert ranking_ramp(warmup, warmup) == 1.0 == ranking_ramp(warmup + 7, warmup) == ranking_ramp(0, 0)
+
+
 def test_objective_without_ranking_is_ce_only():
     z_f, z_o, logits_f, logits_o, y = _batch()
     out = CCSObjective(ranking=False)(z_f, z_o, logits_f, logits_o, y)
