@@ -9,8 +9,9 @@ from ccs_fast.demo import _LinePrefix, run_demo
 # The demo recipe (configs/demo.yaml: optimizer, schedule shape, block after stage 2, the
 # losses) on a shrunken data set: 2 classes (appearance x motion is then an XOR), 16 training
 # and 6 test videos per cell at 40 px, a 0.5 M-parameter backbone and 16 epochs of 8 steps.
-# Measured (one intra-op thread per variant): `all` 1.000 RGB+Flow on seeds 0 and 1, `baseline`
-# at most 0.583 on every stream (chance 0.5), 30-40 s on the 2-core machine.
+# Measured (one intra-op thread per variant, the ranking warm-up of the demo config): `all`
+# 1.000 in every column on seeds 0 and 1, `baseline` at most 0.5 on every stream (chance 0.5);
+# 20-30 s on the 2-core machine beside other jobs.
 SHRUNKEN_DATA = dict(classes=2, videos_per_cell=16, val_videos_per_cell=6, frames=12, size=40, flow="farneback")
 SHRUNKEN_CONFIG = {"model.backbone": "timm:test_resnet", "model.num_classes": 2, "model.embed_dim": 32,
                    "optim.epochs": 16, "optim.lr_steps": [15], "data.input_size": 32, "data.batch_size": 8,
