@@ -447,9 +447,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def data_class_count(cfg: Config) -> Optional[tuple[int, str]]:
-    """How many classes the data of ``cfg`` has and where that was read: the nearest
-    ``classInd.txt`` of the training list (``formats.class_ind_files``), else 1 + the largest
-    label of the training and validation lists. None without a training list file."""
+    """How many classes the data of ``cfg`` has and a phrase saying where that was read
+    ("<file> names", "the labels of <lists> (largest + 1) give"): the nearest ``classInd.txt``
+    of the training list (``formats.class_ind_files``), else 1 + the largest label of the
+    training and validation lists. None without a training list file."""
     from ccs_fast.dataloader.formats import class_ind_files, default_num_classes, read_annotation, read_ucf101_classes
 
     train_list = cfg.data.train_list
@@ -457,10 +458,10 @@ def data_class_count(cfg: Config) -> Optional[tuple[int, str]]:
         return None
     found = class_ind_files(train_list, cfg.data.root)
     if found:
-        return len(read_ucf101_classes(found[0])), str(found[0])
+        return len(read_ucf101_classes(found[0])), f"{found[0]} names"
     lists = [name for name in (train_list, cfg.data.val_list) if name and Path(name).is_file()]
     labels = [r.label for name in lists for r in read_annotation(name, cfg.data.modality, labels=False)]
-    return default_num_classes(labels), " and ".join(f"the labels of {name}" for name in lists)
+    return default_num_classes(labels), f"the labels of {' and '.join(lists)} (largest + 1) give"
 
 
 def settle_num_classes(cfg: Config) -> Optional[str]:
@@ -474,15 +475,15 @@ def settle_num_classes(cfg: Config) -> Optional[str]:
     count, where = found
     source = cfg.sources.get("model.num_classes")
     if source is not None:
-        raise CCSError(f"{where}: the data has {count} classes but model.num_classes = "
+        raise CCSError(f"the data has {count} classes ({where} {count}) but model.num_classes = "
                        f"{cfg.model.num_classes} (from {source}); set model.num_classes to {count} "
                        f"(--set model.num_classes={count}) or train on data with {cfg.model.num_classes} classes")
     if count < 2:
-        raise CCSError(f"{where}: the data has {count} class; training needs at least 2")
+        raise CCSError(f"the data has {count} class ({where} {count}); training needs at least 2")
     cfg.model.num_classes = count
     if cfg.model.class_names is not None and len(cfg.model.class_names) != count:
         cfg.model.class_names = None
-    return f"model.num_classes = {count}, from {where} (the config leaves it unset)"
+    return f"model.num_classes = {count}, from the data ({where} {count}; the config leaves it unset)"
 
 
 def config_from_dict(data: dict, source: str = "checkpoint") -> Config:

@@ -2,8 +2,10 @@
 predict run through ``main``, and bad input ending in one line on stderr with status 2."""
 import json
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from ccs_fast.cli import build_parser, main
@@ -60,7 +62,8 @@ def test_synth_train_eval_predict(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "model.dropout 0.2 in the checkpoint, 0.1 now" in err and err.count("\n") == 1
     assert main(["train", "--resume", str(run / "last.pt"), "--set", "optim.epochs=2", "--set", "optim.lr=0.0005"]) == 0
-    assert "changed on resume: optim.lr 0.001 -> 0.0005, optim.epochs 1 -> 2" in capsys.readouterr().out
+    demo_lr = yaml.safe_load((Path(__file__).parent.parent / "ccs_fast/configs/demo.yaml").read_text())["optim"]["lr"]
+    assert f"changed on resume: optim.lr {demo_lr!r} -> 0.0005, optim.epochs 1 -> 2" in capsys.readouterr().out
     assert 'lr: 0.0005' in (run / "config.yaml").read_text()
 
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
@@ -231,5 +234,6 @@ def test_train_refuses_a_class_count_mismatch_in_one_line(tmp_path, capsys):
     assert main(["train", "--config", "ucf101", "--set", f"data.train_list={data / 'train.txt'}",
                  "--set", f"data.root={data}", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the data has 3 classes but model.num_classes = 101" in err
+    assert err.count("\n") == 1 and "the data has 3 classes (" in err and "classInd.txt names 3)" in err
+    assert "but model.num_classes = 101 (from " in err
     assert "--set model.num_classes=3" in err and not (tmp_path / "run").exists()
