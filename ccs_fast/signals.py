@@ -161,12 +161,32 @@ def end_with_parent(parent_pid: Optional[int] = None, sig: int = signal.SIGKILL)
     return ok
 
 
-def ignore_stop_signals() -> None:
+def ignore_stop_signals(parent_pid: Optional[int] = None) -> None:
     """Leave SIGINT, SIGTERM and SIGUSR1 to the parent (a child process's own handling would
     kill it mid-batch when a terminal or a scheduler signals the whole process group; the
-    parent stops it in order, and ``end_with_parent`` covers a parent that dies)."""
-    for signum in STOP_SIGNALS:
+    parent stops it in order, and ``end_with_parent`` covers a parent that dies).
+
+    With ``parent_pid`` (Linux), a SIGTERM that the parent itself sends still ends the child
+    at once: ``multiprocessing``'s ``terminate()``, which torch uses for a worker that did not
+    stop in time and which Python's exit runs on every daemonic child left before joining it.
+    An ignored SIGTERM there would make the parent wait for ever at exit. SIGTERM is blocked
+    and a daemon thread takes it with ``sigwaitinfo``, which tells who sent it."""
+    ignored = STOP_SIGNALS
+    watch = parent_pid is not None and sys.platform.startswith("linux") and hasattr(signal, "sigwaitinfo")
+    if watch:
+        ignored = tuple(s for s in STOP_SIGNALS if s != signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from, args=(parent_pid,), daemon=True,
+                         name="sigterm-from-parent").start()
+    for signum in ignored:
         try:
             signal.signal(signum, signal.SIG_IGN)
         except (ValueError, OSError):
             pass
+
+
+def _exit_on_sigterm_from(parent_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent_pid:
+            os._exit(128 + signal.SIGTERM)

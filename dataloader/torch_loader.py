@@ -236,7 +236,7 @@ def _worker_init(_worker_id, parent_pid=None):
     cv2.setNumThreads(1)  # one decode thread per worker: the workers already use every core
     # a signal to the process group is the trainer's to handle (it stops the workers in
     # order); a trainer killed outright takes its workers with it
-    ignore_stop_signals()
+    ignore_stop_signals(parent_pid)
     end_with_parent(parent_pid)
 
 

@@ -228,3 +228,64 @@ def test_sigterm_to_a_training_process_then_resume_is_bit_exact(tmp_path):
     assert straight["config"]["data"]["num_workers"] == 1 and straight["config"]["model"]["dropout"] == 0.5
     _same_weights(straight, resumed)
     assert (resumed["epoch"], resumed["step"]) == (2, 8) and resumed["best_metric"] == straight["best_metric"]
+
+
+LEFT_WORKERS = """
+import functools, os, sys, time
+import torch
+from torch.utils.data import DataLoader
+from ccs_fast.dataloader.torch_loader import _worker_init
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        return torch.full((4,), float(i))
+
+loader = DataLoader(Rows(), batch_size=4, num_workers=2, persistent_workers=True,
+                    worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()))
+it = iter(loader)
+next(it)  # the workers run; `it` stays referenced until the interpreter exits
+print(" ".join(str(w.pid) for w in it._workers), flush=True)
+sys.stdin.readline()  # the test signals a worker, then says go
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigwaitinfo and /proc: Linux")
+def test_loader_workers_ignore_a_group_sigterm_but_not_their_parents(tmp_path):
+    """A SIGTERM from anyone but the trainer (a scheduler signalling the process group) leaves
+    a loader worker running; the parent's own terminate(), which Python's exit sends to every
+    daemonic child it then joins, ends it: a process that exits with loader workers still
+    running does not wait for them for ever."""
+    script = tmp_path / "left_workers.py"
+    script.write_text(LEFT_WORKERS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        os.kill(workers[0], signal.SIGTERM)  # from this process: not the worker's parent
+        time.sleep(1.0)
+        assert _alive(workers[0]), "a SIGTERM from outside ended a loader worker"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for pid in workers:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
