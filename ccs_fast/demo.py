@@ -114,7 +114,8 @@ def format_report(report: dict) -> str:
 def _pictures(out: Path, cfgs: dict, results: dict, data: dict, variants, device) -> dict:
     """Write the demo's pictures; paths relative to ``out`` (report.md's folder)."""
     from ccs_fast.evaluate import load_model
-    from ccs_fast.pictures import picture_loader, write_attention, write_cams, write_confusion
+    from ccs_fast.pictures import (confusion_title, picture_loader, video_names, write_attention, write_cams,
+                                   write_confusion)
     from ccs_fast.viz import matplotlib_available, plot_training_curves
 
     if not matplotlib_available():
@@ -125,14 +126,14 @@ def _pictures(out: Path, cfgs: dict, results: dict, data: dict, variants, device
     names = data.get("class_names")
     pictures["confusion"] = {
         v: str(write_confusion(results[v], Path(cfgs[v].train.out_dir) / "confusion.png", names,
-                               title=f"{v}: RGB+Flow on the test split").relative_to(out))
+                               title=f"variant {v}: {confusion_title(results[v])}").relative_to(out))
         for v in variants}
     with_block = [v for v in variants if v in ("cb", "all")]
     chosen = "all" if "all" in with_block else (with_block[-1] if with_block else variants[-1])
     cfg = cfgs[chosen]
     model = load_model(cfg, Path(cfg.train.out_dir) / "last.pt", device)
     pictures["picture_variant"] = chosen
-    kwargs = dict(device=device, precision=cfg.train.precision, class_names=names)
+    kwargs = dict(device=device, precision=cfg.train.precision, class_names=names, videos=video_names(cfg))
     pictures["cams"] = [str(p.relative_to(out)) for p in
                         write_cams(model, picture_loader(cfg, device), PICTURE_VIDEOS, out / "cams",
                                    fusion_weights=cfg.model.fusion_weights, **kwargs)]
