@@ -289,10 +289,18 @@ import os, sys, time
 from multiprocessing import get_context
 from ccs_fast.dataloader.prepare import _worker_init
 
+
+def worker_pid(_):
+    time.sleep(0.05)
+    return os.getpid()
+
+
 if __name__ == "__main__":
     with get_context("spawn").Pool(2, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         print(" ".join(str(p.pid) for p in pool._pool), flush=True)
-        pool.map(abs, range(8))
+        # a worker runs a task only after its initializer: READY once both have run one
+        while len(set(pool.map(worker_pid, range(8), chunksize=1))) < 2:
+            pass
         print("READY", flush=True)
         time.sleep(120)
 """
