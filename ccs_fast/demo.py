@@ -26,6 +26,7 @@ by default) ``cams/`` (class activation maps per stream, paper Fig. 6) and ``att
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from ccs_fast.config import VARIANTS, Config, load_config
 from ccs_fast.distributed import CpuPlan
 from ccs_fast.errors import CCSError
 from ccs_fast.evaluate import protocol
+from ccs_fast.signals import end_with_parent
 from ccs_fast.trainer import format_duration
 
 DEMO_VARIANTS = ("baseline", "all")
@@ -193,6 +195,9 @@ def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[s
         # a demo rerun retrains its variants from scratch; the training run's evaluation at the
         # end (the test split, the demo's test protocol) is the variant's result
         summary = train(cfg, overwrite=True)
+        if "eval" not in summary:  # a stop signal ended training (the trainer said how)
+            raise CCSError(f"demo: {cfg.model.variant} stopped by {summary.get('stopped_by', 'a signal')}; "
+                           "a demo run trains from scratch, run it again")
         out_dir = Path(cfg.train.out_dir)
         result = describe_evaluation(cfg, summary["eval"], out_dir / "last.pt", out_json=out_dir / "eval.json",
                                      out_md=out_dir / "eval.md")
@@ -229,23 +234,13 @@ def _train_variants(cfgs: dict, plan) -> dict:
     # spawn: a forked child of a process whose OpenMP pool already ran waits for ever in
     # libgomp; the workers import torch afresh (about 2 s).
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=end_with_parent) as pool:
+    # a demo that is killed takes its variants with it (SIGKILL at the parent's death: their
+    # trainers would take a SIGTERM as a stop request and then wait for a parent that is gone)
+    with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=end_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {variant: pool.submit(train_variant, cfg, plan.threads, f"[{variant}] ")
                    for variant, cfg in cfgs.items()}
         return {variant: future.result() for variant, future in futures.items()}
-
-
-def end_with_parent() -> None:
-    """In a pool worker: exit when the demo's process dies (Linux: the parent-death signal),
-    so that an interrupted demo leaves no training behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
 
 
 def summary_line(report: dict, out: Path) -> str:

@@ -2,7 +2,15 @@
 the CPU plan it trains under."""
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from ccs_fast.demo import _LinePrefix, run_demo
 
@@ -65,3 +73,77 @@ def test_demo_threads_must_be_positive(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--threads", "0"]) == 2
     assert capsys.readouterr().err == "ccs-fast: error: --threads must be at least 1, got 0\n"
     assert not (tmp_path / "x").exists()
+
+
+KILLED_DEMO = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_demo import SHRUNKEN_CONFIG, SHRUNKEN_DATA
+from ccs_fast.demo import run_demo
+
+if __name__ == "__main__":
+    run_demo(sys.argv[1], seed=0, threads=1, pictures=False, dataset=SHRUNKEN_DATA,
+             config_overrides={{**SHRUNKEN_CONFIG, "optim.epochs": 200}})
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc: Linux")
+def test_a_killed_demo_takes_its_variant_processes_with_it(tmp_path):
+    """The variants train in processes of their own; a demo killed outright (kill -9, a
+    scheduler's SIGKILL) must not leave them training or waiting for a parent that is gone."""
+    driver = tmp_path / "killed_demo.py"
+    driver.write_text(KILLED_DEMO.format(tests=str(Path(__file__).parent)))
+    log = tmp_path / "demo.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(driver), str(tmp_path / "out")], stdout=sink,
+                                stderr=subprocess.STDOUT, env=env)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                "[all] [train] epoch" in log.read_text() and "[baseline] [train] epoch" in log.read_text()):
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "[all] [train] epoch" in text and "[baseline] [train] epoch" in text, text[-2000:]
+        workers = [pid for pid in _children(proc.pid)
+                   if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+                   and "resource_tracker" not in open(f"/proc/{pid}/cmdline").read()]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{pid}") and _children_state(pid) != "Z" for pid in workers) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{pid}") and _children_state(pid) != "Z" for pid in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _children_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
