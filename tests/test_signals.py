@@ -15,7 +15,7 @@ from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.metrics import read_metrics
 from ccs_fast.signals import SignalExit
-from tiny import BATCHES, tiny_config
+from tiny import BATCHES, start_driver, tiny_config
 
 pytest.importorskip("timm")
 
@@ -171,13 +171,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _run(tmp_path, name, wait_at, args, signum=None, timeout=180):
-    driver = tmp_path / "signal_driver.py"
-    driver.write_text(SIGNAL_DRIVER)
-    log = tmp_path / f"{name}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(driver), str(wait_at), *args], stdout=sink,
-                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    proc, log = start_driver(tmp_path, SIGNAL_DRIVER, name, [wait_at, *args])
     deadline = time.monotonic() + timeout
     signalled = None
     try:

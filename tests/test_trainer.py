@@ -484,17 +484,11 @@ def _run_driver(tmp_path, name, kill_at, args, timeout=150):
     """Run the training CLI in a new process group; with ``kill_at``, SIGKILL the whole group
     (the trainer and its loader workers) once the driver says KILL."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
-    log = tmp_path / f"{name}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(driver), str(kill_at), *args], stdout=sink,
-                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    from tiny import start_driver
+
+    proc, log = start_driver(tmp_path, KILL_DRIVER, name, [kill_at, *args])
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:

@@ -39,3 +39,21 @@ def resnet_features(model, x):
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
         x = getattr(model, name)(x)
     return x
+
+
+def start_driver(tmp_path, source: str, name: str, args):
+    """Write ``source`` as a driver script and start it with ``args`` in a new process group
+    (so a test can signal the trainer and its loader workers together, as a scheduler does),
+    one intra-op thread, output to ``<name>.log``; returns (the process, the log's path)."""
+    import os
+    import subprocess
+    import sys
+
+    driver = tmp_path / f"{name}_driver.py"
+    driver.write_text(source)
+    log = tmp_path / f"{name}.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(driver), *map(str, args)], stdout=sink,
+                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    return proc, log
