@@ -34,7 +34,7 @@ setup(
         "Topic :: Multimedia :: Video",
     ],
     python_requires=">=3.10",
-    packages=["ccs_fast", "ccs_fast.kernels", "ccs_fast.dataloader"],
+    packages=["ccs_fast", "ccs_fast.base", "ccs_fast.kernels", "ccs_fast.dataloader"],
     package_dir={
         "ccs_fast": "ccs_fast",
         "ccs_fast.kernels": "kernels",

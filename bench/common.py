@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ccs_fast.atomic import write_text
+from ccs_fast.base.atomic import write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 
 _TORCHVISION_PREFIXES = ("resnet", "resnext", "wide_resnet", "vgg")
 _TIMM_HEAD_MODULES = ("global_pool", "head_drop", "fc_norm", "head", "fc", "classifier")

@@ -33,8 +33,8 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from ccs_fast.atomic import atomic_path
-from ccs_fast.errors import bad_file
+from ccs_fast.base.atomic import atomic_path
+from ccs_fast.base.errors import bad_file
 
 LAST = "last.pt"
 BEST = "best.pt"

@@ -10,7 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 BENCHMARKS = ("cross_attention", "losses", "loader", "e2e")
 DESCRIPTION = ("Two-stream (RGB + optical flow) action recognition with the Cooperative Cross-Stream "
@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
     from ccs_fast.evaluate import select_device
 
     if select_device(cfg.train.device).type == "cpu":
-        from ccs_fast.distributed import apply_cpu_plan
+        from ccs_fast.base.distributed import apply_cpu_plan
 
         print(f"[train] {apply_cpu_plan().describe()}", flush=True)
     return train(cfg, resume=args.resume, overwrite=args.overwrite).get("exit_code", 0)

@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ccs_fast.atomic import write_text
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.atomic import write_text
+from ccs_fast.base.errors import CCSError, bad_file
 
 VARIANTS = ("baseline", "cb", "cs", "all")
 CONSENSUS = ("avg", "max", "mul", "concat", "trn")
@@ -48,6 +48,14 @@ class ModelConfig:
     impl: str = "auto"  # kernels: auto (Triton on CUDA) | triton | eager
     fusion_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # RGB : flow late fusion, paper 1:1
     class_names: Optional[list[str]] = None  # label i's name; None: found by train (classInd.txt or class folders)
+
+    @property
+    def video(self) -> bool:
+        """Whether ``backbone`` is a 3-D model (clips of ``clip_len`` frames, 2 flow channels per
+        frame) rather than a 2-D one (TSN segments with 2L-channel flow stacks). The names
+        belong to ccs_fast.video_backbones; every layer asks this property."""
+        from ccs_fast.video_backbones import is_video_backbone
+        return is_video_backbone(self.backbone)
 
 
 @dataclass
@@ -168,8 +176,7 @@ class Config:
             fail("model.consensus", "trn", f"relates segments and needs model.num_segments >= 2, "
                                            f"got {self.model.num_segments}")
         if self.model.consensus == "trn":
-            from ccs_fast.video_backbones import is_video_backbone
-            name = "data.test_clips" if is_video_backbone(self.model.backbone) else "data.test_segments"
+            name = "data.test_clips" if self.model.video else "data.test_segments"
             if self.get(name) < 2:
                 fail(name, self.get(name), "model.consensus=trn relates the segments a video is tested on "
                                            "and needs at least 2")

@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ccs_fast.atomic import write_text
+from ccs_fast.base.atomic import write_text
 from ccs_fast.config import VARIANTS, Config, load_config
-from ccs_fast.distributed import CpuPlan
-from ccs_fast.errors import CCSError
+from ccs_fast.base.distributed import CpuPlan
+from ccs_fast.base.errors import CCSError
 from ccs_fast.evaluate import protocol
-from ccs_fast.signals import end_with_parent
+from ccs_fast.base.signals import end_with_parent
 from ccs_fast.trainer import format_duration
 
 DEMO_VARIANTS = ("baseline", "all")
@@ -261,7 +261,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     ``dataset``: keyword arguments of ``make_synthetic_dataset`` (sizes; tests use tiny ones);
     ``config_overrides``: ``{"section.key": value}`` applied to the demo config (tests);
     ``data_dir``: where the data set is (default ``out/data``; one data set serves many runs)."""
-    from ccs_fast.distributed import available_cores, plan_cpu, threads_from_environment
+    from ccs_fast.base.distributed import available_cores, plan_cpu, threads_from_environment
     from ccs_fast.evaluate import select_device
 
     start = time.perf_counter()

@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 
 from ccs_fast.amp import autocast_context
-from ccs_fast.atomic import write_text
+from ccs_fast.base.atomic import write_text
 from ccs_fast.checkpoint import load_checkpoint, read_checkpoint, resolve_checkpoint_path
 from ccs_fast.config import Config, config_from_dict
 from ccs_fast.dataloader.progress import Progress
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.loaders import loader_from_config, skipped_report
 from ccs_fast.metrics import confusion_counts, topk_correct
 from ccs_fast.paper_table import mean_over_splits, table1_markdown
@@ -90,10 +90,8 @@ CROP_NAMES = {1: "centre crop", 3: "3 crops (along the long side)", 10: "10 crop
 def protocol(cfg: Config, segments: Optional[int] = None, crops: Optional[int] = None) -> dict:
     """The test protocol of an evaluation of ``cfg``: segments (or clips of a 3-D model),
     crops and how view scores are combined, with a one-line ``text``."""
-    from ccs_fast.video_backbones import is_video_backbone
-
     crops = 1 if cfg.data.backend == "synthetic" else crops or cfg.data.test_crops  # random tensors: no views
-    video = is_video_backbone(cfg.model.backbone)
+    video = cfg.model.video
     result = {"crops": crops, "averaging": "mean of each stream's logits over the views, then softmax (TSN)"
               if crops > 1 else "single view"}
     if video:

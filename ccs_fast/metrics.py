@@ -17,8 +17,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from ccs_fast.atomic import write_text
-from ccs_fast.errors import CCSError
+from ccs_fast.base.atomic import write_text
+from ccs_fast.base.errors import CCSError
 
 METRICS_FILE = "metrics.jsonl"
 DROPPED_METRICS_FILE = "metrics.dropped.jsonl"

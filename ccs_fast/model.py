@@ -48,9 +48,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
 from ccs_fast.config import CONSENSUS, Config, ModelConfig
 from ccs_fast.connection import CrossStreamAttention
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.trn import TemporalRelationConsensus
-from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones, is_video_backbone,
+from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones,
                                       tokens_to_video_maps, video_maps_to_tokens)
 
 TRN_FEATURES = 256  # video feature of the TRN consensus: TRN's bottleneck width
@@ -294,7 +294,7 @@ def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -
     ``eval`` and ``predict`` all build their network here. ``cfg`` is checked by the config's
     own validation (CCSError naming the field)."""
     Config(model=cfg).validate(source="model config")
-    video = is_video_backbone(cfg.backbone)
+    video = cfg.video
     if video:
         rgb, flow = build_two_stream_video_backbones(cfg.backbone, 2, cfg.pretrained)
     else:

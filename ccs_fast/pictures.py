@@ -32,7 +32,7 @@ import torch
 
 from ccs_fast.amp import autocast_context
 from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 
 def rgb_frame(x: torch.Tensor) -> np.ndarray:

@@ -38,10 +38,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ccs_fast.atomic import write_text
+from ccs_fast.base.atomic import write_text
 from ccs_fast.config import Config
 from ccs_fast.dataloader.progress import Progress
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.evaluate import STREAM_TITLES, STREAMS, config_for, forward_scores, load_model, select_device
 from ccs_fast.loaders import loader_from_config, skipped_report
 
@@ -154,10 +154,9 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
     each video on stderr."""
     from ccs_fast.dataloader.flow import make_flow_estimator
     from ccs_fast.dataloader.torch_loader import normalize_on_device
-    from ccs_fast.video_backbones import is_video_backbone
 
     cfg = config_for(cfg, checkpoint)
-    if is_video_backbone(cfg.model.backbone):
+    if cfg.model.video:
         raise CCSError(f"{checkpoint}: predict on video files samples 2-D TSN clips; a 3-D model "
                        f"({cfg.model.backbone}) predicts from prepared rawframes with --list")
     device = select_device(cfg.train.device)

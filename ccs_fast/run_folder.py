@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ccs_fast.atomic import temporary_glob
+from ccs_fast.base.atomic import temporary_glob
 from ccs_fast.checkpoint import BEST, LAST
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.metrics import DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 LOCK_FILE = "train.lock"

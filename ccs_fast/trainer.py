@@ -61,15 +61,15 @@ from ccs_fast.checkpoint import (BEST, LAST, checkpoint_tensors, describe_names,
                                  nonfinite_names, read_checkpoint, resolve_checkpoint_path,
                                  restore_checkpoint, rng_state, save_checkpoint)
 from ccs_fast.config import RESUME_CHANGEABLE, Config, resume_differences, save_config
-from ccs_fast.distributed import DistEnv, dist_env
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.distributed import DistEnv, dist_env
+from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.evaluate import STREAMS, evaluate, fuse_scores, select_device
 from ccs_fast.loaders import loader_from_config, skipped_line, skipped_report
 from ccs_fast.losses import ranking_ramp
 from ccs_fast.metrics import MetricsLogger, Progress, Throughput, flatten_metrics, topk_correct, truncate_metrics
 from ccs_fast.model import build_model
 from ccs_fast.run_folder import CONFIG_FILE, claim_run_folder
-from ccs_fast.signals import GracefulStop, exit_code, signal_name
+from ccs_fast.base.signals import GracefulStop, exit_code, signal_name
 
 LOSS_NAMES = ("loss", "ce", "triplet", "center")
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ccs_fast.backbones import load_pretrained, split_after
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 
 TORCHVISION_VIDEO_MODELS = ("r3d_18", "r2plus1d_18", "s3d")
 I3D_PREFIX = "i3d_"

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccs_fast.atomic import atomic_path
-from ccs_fast.errors import CCSError
+from ccs_fast.base.atomic import atomic_path
+from ccs_fast.base.errors import CCSError
 from ccs_fast.metrics import read_metrics
 
 DEFAULT_DPI = 100

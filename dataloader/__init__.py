@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 from .spec import LoaderSpec
 

@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 
-from ccs_fast.distributed import cores_per_process, dist_env
+from ccs_fast.base.distributed import cores_per_process, dist_env
 
 from .formats import default_num_classes
 from .rawframes import checked_jpeg, frame_size, load_records, read_file_bytes

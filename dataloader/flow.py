@@ -152,7 +152,7 @@ def resolve_flow_device(device: str | None) -> str:
     """``"cpu"`` or ``"cuda"`` (``None``: CUDA when present); CUDA without a GPU is a CCSError."""
     import torch
 
-    from ccs_fast.errors import CCSError
+    from ccs_fast.base.errors import CCSError
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"

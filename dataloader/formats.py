@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccs_fast.atomic import write_text
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.atomic import write_text
+from ccs_fast.base.errors import CCSError, bad_file
 
 
 @dataclass

@@ -56,8 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccs_fast.errors import CCSError, bad_file
-from ccs_fast.signals import end_with_parent
+from ccs_fast.base.errors import CCSError, bad_file
+from ccs_fast.base.signals import end_with_parent
 
 from .flow import (FLOW_BOUND, FLOW_METHODS, default_flow_method, make_flow_estimator, resolve_flow_device,
                    write_rawframes)

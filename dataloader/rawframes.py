@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 
 from .formats import VideoRecord, read_annotation
 from .sampling import num_flow_frames
@@ -109,7 +109,7 @@ def add_naming_arguments(parser) -> None:
 def naming_from_arguments(args) -> FrameNaming:
     """The FrameNaming of ``add_naming_arguments``' options; CCSError when a template or the
     start index is unusable."""
-    from ccs_fast.errors import CCSError
+    from ccs_fast.base.errors import CCSError
 
     if args.start_index < 0:
         raise CCSError(f"--start-index {args.start_index}: must be >= 0")

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ccs_fast.errors import bad_file
+from ccs_fast.base.errors import bad_file
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 from .rawframes import FrameNaming
 
@@ -92,15 +92,13 @@ class LoaderSpec:
         validated Config; with a 3-D backbone K counts clips (data.test_clips at test) of
         model.clip_len frames.
         ``annotation`` replaces data.train_list / data.val_list."""
-        from ccs_fast.video_backbones import is_video_backbone
-
         data = cfg.data
         which = "train_list" if train else "val_list"
         annotation = annotation or getattr(data, which) or None
         if annotation is None and data.backend != "synthetic":
             raise CCSError(f"config: data.{which} is empty; set it to an annotation list "
                            "(or use data.backend=synthetic)")
-        video = is_video_backbone(cfg.model.backbone)
+        video = cfg.model.video
         num_segments = cfg.model.num_segments if train else \
             segments or (data.test_clips if video else data.test_segments)
         clip_len, flow_length = (cfg.model.clip_len, 1) if video else (0, cfg.model.flow_length)

@@ -44,7 +44,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ccs_fast.atomic import atomic_path, temporary_glob, write_text
+from ccs_fast.base.atomic import atomic_path, temporary_glob, write_text
 from ccs_fast.dataloader.flow import FLOW_BOUND, write_rawframes
 from ccs_fast.dataloader.rawframes import FrameNaming
 
@@ -351,7 +351,7 @@ def make_synthetic_dataset(
     MMAction2's filename_tmpl, flow_tmpl and start_index; default img_00001.jpg,
     flow_x_00001.jpg), recorded in the options when not the default.
     """
-    from ccs_fast.errors import CCSError, bad_file
+    from ccs_fast.base.errors import CCSError, bad_file
 
     if not 2 <= classes <= MAX_CLASSES:
         raise CCSError(f"synth: --classes must be between 2 and {MAX_CLASSES}, got {classes}")

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ccs_fast.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file
 
-from ccs_fast.distributed import default_loader_workers
-from ccs_fast.signals import end_with_parent, ignore_stop_signals
+from ccs_fast.base.distributed import default_loader_workers
+from ccs_fast.base.signals import end_with_parent, ignore_stop_signals
 
 from .formats import VideoRecord, default_num_classes
 from .rawframes import decode_jpeg, frame_size, load_records

@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.kernels.tvl1 import make_iterations
 
 TVL1_PARAMS = ("tau", "lambda_", "theta", "nscales", "warps", "epsilon", "innnerIterations",

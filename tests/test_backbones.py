@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from ccs_fast.backbones import build_backbone, build_two_stream_backbones, load_pretrained
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from tiny import resnet_features
 
 has_timm = importlib.util.find_spec("timm") is not None

@@ -9,7 +9,7 @@ import torch
 
 from ccs_fast import checkpoint as ckpt
 from ccs_fast.config import Config
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 
 def _setup(seed=0):
@@ -106,7 +106,7 @@ def test_save_fails_on_rename_error_too(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr("ccs_fast.atomic.os.replace", read_only)
+    monkeypatch.setattr("ccs_fast.base.atomic.os.replace", read_only)
     with pytest.raises(CCSError, match="could not save"):
         ckpt.save_checkpoint(path, model, epoch=2)
     assert ckpt.read_checkpoint(path)["epoch"] == 1

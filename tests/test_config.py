@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from ccs_fast.config import Config, config_from_dict, load_config, save_config
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 
 def test_defaults_are_the_papers():

@@ -7,7 +7,7 @@ import pytest
 
 from ccs_fast.cli import main
 from ccs_fast.config import load_config
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 
 def _one_error_line(capsys) -> str:

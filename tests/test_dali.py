@@ -24,7 +24,7 @@ from ccs_fast.dataloader import LoaderSpec, build_loader  # noqa: E402
 from ccs_fast.dataloader.rawframes import jpeg_size  # noqa: E402
 from ccs_fast.dataloader.flow import write_rawframes  # noqa: E402
 from ccs_fast.dataloader.sampling import plan_clip  # noqa: E402
-from ccs_fast.errors import CCSError  # noqa: E402
+from ccs_fast.base.errors import CCSError  # noqa: E402
 
 pytestmark = pytest.mark.dali
 
@@ -192,7 +192,7 @@ def test_bad_jpeg_is_one_line_error_naming_the_file(tree, tmp_path, damage):
     # in a child process with a timeout: a hang inside DALI would not see SIGALRM
     script = ("import sys\n"
               "from ccs_fast.dataloader import LoaderSpec, build_loader\n"
-              "from ccs_fast.errors import CCSError\n"
+              "from ccs_fast.base.errors import CCSError\n"
               "loader = build_loader(LoaderSpec(sys.argv[1], sys.argv[2], backend='dali',\n"
               "    train=False,"
               f"    batch_size=2, num_segments=25, flow_length={L}, input_size={SIZE},\n"

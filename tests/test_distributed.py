@@ -1,10 +1,10 @@
-"""torchrun's environment, read in one place (ccs_fast/distributed.py)."""
+"""torchrun's environment, read in one place (ccs_fast/base/distributed.py)."""
 import random
 
 import pytest
 
-from ccs_fast import distributed
-from ccs_fast.distributed import (CpuPlan, DistEnv, available_cores, cgroup_cpu_limit, cores_per_process,
+from ccs_fast.base import distributed
+from ccs_fast.base.distributed import (CpuPlan, DistEnv, available_cores, cgroup_cpu_limit, cores_per_process,
                                   dist_env, plan_cpu)
 
 
@@ -93,7 +93,7 @@ def test_plan_on_two_cores():
 def test_omp_num_threads_is_kept_by_the_plan(monkeypatch):
     import torch
 
-    from ccs_fast.distributed import apply_cpu_plan, threads_from_environment
+    from ccs_fast.base.distributed import apply_cpu_plan, threads_from_environment
 
     before = torch.get_num_threads()
     monkeypatch.setattr(distributed, "available_cores", lambda: 8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ccs_fast.checkpoint import save_checkpoint
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores
 from ccs_fast.predict import predict_list
 from tiny import tiny_config

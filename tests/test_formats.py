@@ -3,7 +3,7 @@ import pytest
 from ccs_fast.dataloader.formats import (VideoRecord, read_annotation, read_hmdb51_split,
                                          read_rawframe_list, read_ucf101_split, read_video_list,
                                          write_rawframe_list)
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 
 def write(path, text):

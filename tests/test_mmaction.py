@@ -14,7 +14,7 @@ from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
 from ccs_fast.dataloader.rawframes import FrameNaming
 from ccs_fast.dataloader.sampling import plan_clip
 from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 SIZE = 32
 X_Y = FrameNaming(flow_tmpl="{}_{:05d}.jpg")

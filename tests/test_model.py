@@ -10,7 +10,7 @@ import torch
 
 from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
 from ccs_fast.config import ModelConfig
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.model import CCSModel, SegmentConsensus, build_model, maps_to_tokens, tokens_to_maps
 
 B, K, L, S, CLASSES = 2, 2, 2, 32, 5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccs_fast.config import ModelConfig
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.model import build_model, maps_to_tokens
 from ccs_fast.pictures import head_weights, write_attention, write_cams
 from ccs_fast.viz import class_activation_maps

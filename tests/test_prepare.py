@@ -7,7 +7,7 @@ import pytest
 
 from ccs_fast.dataloader.formats import read_rawframe_list
 from ccs_fast.dataloader.prepare import prepare_dataset, read_splits, resized_shape
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 W, H, FRAMES = 64, 48, 5
 

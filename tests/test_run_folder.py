@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ccs_fast import run_folder
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.run_folder import LOCK_FILE, claim_run_folder
 
 

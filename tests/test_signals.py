@@ -14,7 +14,7 @@ import torch
 from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.metrics import read_metrics
-from ccs_fast.signals import SignalExit
+from ccs_fast.base.signals import SignalExit
 from tiny import BATCHES, start_driver, tiny_config
 
 pytest.importorskip("timm")

@@ -16,7 +16,7 @@ from ccs_fast.dataloader.synth import (
     render_video,
     video_specs,
 )
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 TINY = dict(classes=3, videos_per_cell=1, val_videos_per_cell=1, frames=6, size=32)
 

@@ -13,7 +13,7 @@ from ccs_fast.dataloader.sampling import plan_clip
 from ccs_fast.dataloader.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                                             invert_flow_x, normalize_flow, normalize_rgb,
                                             stack_flow)
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 W, H, FRAMES = 40, 32, 12
 S, K, L = 16, 3, 4
@@ -347,8 +347,8 @@ def test_unknown_backend_and_missing_dali(tree, monkeypatch):
 
 
 def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
-    from ccs_fast import distributed
-    from ccs_fast.distributed import default_loader_workers
+    from ccs_fast.base import distributed
+    from ccs_fast.base.distributed import default_loader_workers
 
     monkeypatch.setattr(distributed, "available_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

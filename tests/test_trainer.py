@@ -16,7 +16,7 @@ import torch
 from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.config import Config
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.metrics import read_metrics
 from tiny import BATCHES, tiny_config
 

@@ -14,7 +14,7 @@ from bench.bench_flow import (epe, opencv_flow, opencv_tvl1_missing, synth_pairs
                               within_levels)
 from ccs_fast.dataloader.flow import _TVL1_DEFAULTS, make_flow_estimator
 from ccs_fast.dataloader.tvl1 import pyramid_sizes, tvl1_flow
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from ccs_fast.kernels.tvl1 import tvl1_step_ref, tvl1_step_triton
 
 H, W = 48, 64

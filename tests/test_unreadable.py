@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ccs_fast.dataloader import LoaderSpec, build_loader
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.dali)]
 

@@ -4,7 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ccs_fast.errors import CCSError
+from ccs_fast.base.errors import CCSError
 from tiny import resnet_features
 from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, 
                                       inflate_conv, tokens_to_video_maps, video_maps_to_tokens)

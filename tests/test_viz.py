@@ -116,7 +116,7 @@ def test_pictures_written_at_their_size(tmp_path):
 def test_missing_matplotlib_is_one_clear_line(monkeypatch, tmp_path):
     import sys
 
-    from ccs_fast.errors import CCSError
+    from ccs_fast.base.errors import CCSError
     from ccs_fast.viz import plot_cams
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
