@@ -92,7 +92,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "bench" / "results"
 
 TOTAL_BUDGET_S = 480  # SPEC §5: every §8 figure in ≤ 8 minutes on one GPU machine, set-up included
@@ -977,6 +977,3 @@ def failed_stages(results: list[StageResult], dry_run: bool) -> list[str]:
     return [r.name for r in results if r.status == "failed" or (dry_run and r.status == "timeout")
             or (r.tests and (r.tests["failed"] or r.tests["error"]))]
 
-
-if __name__ == "__main__":
-    sys.exit(main())
