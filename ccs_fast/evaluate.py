@@ -69,11 +69,19 @@ def fuse_scores(logits_f: torch.Tensor, logits_o: torch.Tensor, fusion_weights: 
     return {"rgb": rgb, "flow": flow, "fused": (w_f * rgb + w_o * flow) / (w_f + w_o)}
 
 
+def average_view_scores(scores: torch.Tensor, num_views: Optional[int] = None) -> torch.Tensor:
+    """Average the class scores of each video's views (TSN): (B, V, C), or (B·V, C) with the
+    V views of a video contiguous and ``num_views`` given → (B, C)."""
+    if scores.dim() == 2:
+        if num_views is None or scores.shape[0] % num_views:
+            raise ValueError(f"(B·V, C) scores of shape {tuple(scores.shape)} need num_views dividing {scores.shape[0]}")
+        scores = scores.view(-1, num_views, scores.shape[-1])
+    return scores.mean(dim=1)
+
+
 def forward_scores(model, batch, device, precision, fusion_weights) -> dict:
     """Fused scores of one batch; a batch with ``views`` > 1 (B·V clips, a video's views
     contiguous) has each stream's logits averaged over its views first (TSN)."""
-    from ccs_fast.dataloader.multicrop import average_view_scores
-
     with autocast_context(precision, device):
         out = model(batch["rgb"], batch["flow"])
     logits_f, logits_o = out["logits_f"], out["logits_o"]
@@ -117,8 +125,9 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
 
     Returns ``{"rgb": {"top1", "top5", "mean_class"}, "flow": {...}, "fused": {...},
     "num_videos", "num_classes", "confusion_matrix": {"rgb", "flow", "fused"}}`` (each a list
-    of rows, true class by predicted class). ``progress``: a ``dataloader.progress.Progress``
-    updated with each batch's video count (one host read of the batch size, no sync).
+    of rows, true class by predicted class). ``loader``: a ``dataloader.Loader``.
+    ``progress``: a ``dataloader.progress.Progress`` updated with each batch's video count
+    (one host read of the batch size, no sync).
     Under torch.distributed the counts are summed over ranks (every rank must call this).
     The model is put in eval mode and restored to its previous mode afterwards. CCSError
     naming ``source`` (the split evaluated) when no video was evaluated or an output logit
@@ -127,33 +136,12 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    # rows: streams; columns: top-1 hits, top-5 hits. Summed on the device, read once.
-    counts = torch.zeros(len(STREAMS), 2, dtype=torch.float64, device=device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # videos whose scores are NaN
-    num_classes = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
-    confusion = None  # (streams, C, C) counts, made with the first batch's class count
     try:
-        for batch in loader:
-            labels = batch["label"].to(device, non_blocking=True)
-            scores = forward_scores(model, batch, device, precision, fusion_weights)
-            # NaN or +inf logits make the softmax NaN (a -inf logit is a class with probability 0)
-            probabilities = torch.cat([scores["rgb"], scores["flow"]], dim=-1)
-            nonfinite += (~probabilities.isfinite()).any(dim=-1).sum()
-            C = scores["fused"].shape[-1]
-            if confusion is None:
-                num_classes = C
-                confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
-            for row, stream in enumerate(STREAMS):
-                counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
-                confusion[row] += confusion_counts(scores[stream], labels)
-            total += labels.numel()
-            if progress is not None:
-                progress.update(int(labels.shape[0]))
+        counts, total, nonfinite, confusion = _tally(model, loader, device, precision, fusion_weights, progress)
     finally:
         model.train(was_training)
     if confusion is None:
-        C = int(num_classes or 1)
+        C = int(loader.num_classes or getattr(model, "num_classes", None) or 1)
         confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
     packed = torch.cat([counts.flatten(), total.view(1), nonfinite.view(1), confusion.flatten()])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -162,16 +150,7 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     head = 2 * len(STREAMS)
     num_videos, num_nonfinite = int(host[head]), int(host[head + 1])
     matrices = torch.tensor(host[head + 2:], dtype=torch.int64).view(confusion.shape)
-    source = source or "evaluation"
-    if num_videos == 0:
-        skipped = getattr(loader, "num_skipped", 0)
-        why = f" ({skipped} skipped as bad)" if skipped else ""
-        errors = getattr(loader, "skipped_errors", None)
-        example = f"; e.g. {next(iter(errors.values()))}" if errors else ""
-        raise CCSError(f"{source}: no video left to evaluate{why}{example}")
-    if num_nonfinite:
-        raise CCSError(f"{source}: the model's outputs are NaN or inf for {num_nonfinite} of {num_videos} videos; "
-                       "the model has diverged and its accuracy would be meaningless")
+    _refuse_empty_or_diverged(source or "evaluation", loader, num_videos, num_nonfinite)
     result = {}
     for row, stream in enumerate(STREAMS):
         result[stream] = {"top1": host[2 * row] / num_videos, "top5": host[2 * row + 1] / num_videos,
@@ -180,6 +159,44 @@ def evaluate(model: torch.nn.Module, loader, device, precision: str = "fp32",
     result["num_classes"] = int(matrices.shape[-1])
     result["confusion_matrix"] = {stream: matrices[row].tolist() for row, stream in enumerate(STREAMS)}
     return result
+
+
+def _tally(model, loader, device, precision, fusion_weights, progress):
+    """The loader's batches counted on the device: (top-1 and top-5 hits (streams, 2),
+    videos, videos whose scores are NaN, confusion counts (streams, C, C) with the first
+    batch's class count, None without a batch)."""
+    counts = torch.zeros(len(STREAMS), 2, dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = None
+    for batch in loader:
+        labels = batch["label"].to(device, non_blocking=True)
+        scores = forward_scores(model, batch, device, precision, fusion_weights)
+        # NaN or +inf logits make the softmax NaN (a -inf logit is a class with probability 0)
+        probabilities = torch.cat([scores["rgb"], scores["flow"]], dim=-1)
+        nonfinite += (~probabilities.isfinite()).any(dim=-1).sum()
+        if confusion is None:
+            C = scores["fused"].shape[-1]
+            confusion = torch.zeros(len(STREAMS), C, C, dtype=torch.float64, device=device)
+        for row, stream in enumerate(STREAMS):
+            counts[row] += topk_correct(scores[stream], labels, (1, 5)).double()
+            confusion[row] += confusion_counts(scores[stream], labels)
+        total += labels.numel()
+        if progress is not None:
+            progress.update(int(labels.shape[0]))
+    return counts, total, nonfinite, confusion
+
+
+def _refuse_empty_or_diverged(source: str, loader, num_videos: int, num_nonfinite: int) -> None:
+    if num_videos == 0:
+        skipped = loader.num_skipped
+        why = f" ({skipped} skipped as bad)" if skipped else ""
+        errors = loader.skipped_errors
+        example = f"; e.g. {next(iter(errors.values()))}" if errors else ""
+        raise CCSError(f"{source}: no video left to evaluate{why}{example}")
+    if num_nonfinite:
+        raise CCSError(f"{source}: the model's outputs are NaN or inf for {num_nonfinite} of {num_videos} videos; "
+                       "the model has diverged and its accuracy would be meaningless")
 
 
 def mean_class_accuracy(confusion: torch.Tensor) -> float:
@@ -287,7 +304,7 @@ def evaluate_checkpoint(cfg: Optional[Config], checkpoint, annotation=None, out_
     model = load_model(cfg, checkpoint, device)
     loader = loader_from_config(cfg, train=False, device=device, annotation=annotation, segments=segments)
     split = annotation or cfg.data.val_list or "the eval split"
-    with Progress(getattr(loader, "num_videos", 0) or 0, f"eval {Path(str(split)).name}", enabled=progress) as bar:
+    with Progress(loader.num_videos, f"eval {Path(str(split)).name}", enabled=progress) as bar:
         result = evaluate(model, loader, device, cfg.train.precision, cfg.model.fusion_weights,
                           source=f"{checkpoint} on {split}", progress=bar)
     describe_evaluation(cfg, result, checkpoint, annotation, segments, skipped_report(loader), out_json, out_md)

@@ -2,14 +2,15 @@
 
 Two kinds of input:
 
-- **Video files** (``predict_videos``): each video is decoded with PyAV and resized as
-  ``prepare`` resizes (short side ``short_side``, 256 by default), its flow is computed on
-  the fly with the chosen estimator and quantised as stored rawframes are (denseflow's
-  uint8 mapping, bound 20; only the JPEG compression of stored flow is left out), and the
-  clip is sampled with the TSN test protocol of the checkpoint's config (``data.test_segments``
-  evenly spaced segments, centre crop, ``model.flow_length`` flow pairs per segment), the same
-  plan the loaders use. Only the flow pairs the clip needs are computed.
+- **Video files** (``predict_videos``): the video-file loader (``dataloader.video_files``)
+  decodes each video with PyAV, resized as ``prepare`` resizes (short side ``short_side``,
+  256 by default), computes its flow on the fly with the chosen estimator, quantised as
+  stored rawframes are, and cuts the TSN test clip of the checkpoint's config
+  (``data.test_segments`` evenly spaced segments, centre crop, ``model.flow_length`` flow
+  pairs per segment), the same plan the other loaders use.
 - **An annotation list** (``predict_list``): the loaders read it, label-less lines allowed.
+
+Either way this module only runs the model on the loader's batches.
 
 Scores are computed exactly as ``eval`` computes them (``evaluate.forward_scores``): each
 stream's softmax, and RGB+Flow the weighted mean ``(w_f·p_rgb + w_o·p_flow) / (w_f + w_o)``,
@@ -35,7 +36,6 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from ccs_fast.base.atomic import write_text
@@ -43,9 +43,7 @@ from ccs_fast.config import Config
 from ccs_fast.dataloader.progress import Progress
 from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.evaluate import STREAM_TITLES, STREAMS, config_for, forward_scores, load_model, select_device
-from ccs_fast.loaders import loader_from_config, skipped_report
-
-DEFAULT_SHORT_SIDE = 256  # prepare's default: 320x240 -> 340x256
+from ccs_fast.loaders import loader_from_config, loader_from_videos, skipped_report
 
 
 def class_names_of(cfg: Config, class_ind=None) -> list[str]:
@@ -80,81 +78,19 @@ def prediction_row(video: str, label: Optional[int], scores: dict, row: int, nam
 
 # ---------------------------------------------------------------------------- video files
 
-def video_clip(path, cfg: Config, estimator, short_side: int = DEFAULT_SHORT_SIDE,
-               segments: Optional[int] = None, progress: bool = False,
-               notes: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
-    """The TSN test clip of a video file: uint8 RGB (K, S, S, 3) and flow (K, S, S, 2L),
-    K = ``segments`` or data.test_segments; CCSError naming the file for a missing,
-    undecodable or too short video, or a folder. ``progress``: count the flow pairs computed
-    (``dataloader.progress``). ``notes`` receives prepare's line for a video that decodes to
-    fewer frames than its container declares (it is predicted from the frames it has)."""
-    import cv2
-
-    from ccs_fast.dataloader.flow import FLOW_BOUND, flow_to_uint8
-    from ccs_fast.dataloader.prepare import decode_resized, short_decode_line
-    from ccs_fast.dataloader.sampling import plan_clip
-    from ccs_fast.dataloader.torch_loader import cut_clip
-
-    import av
-
-    path = Path(path)
-    if path.is_dir():
-        raise bad_file(path, "is a folder, not a video file (rawframe folders are predicted with --list)")
-    if not path.is_file():
-        raise bad_file(path, "video not found")
-    info: dict = {}
-    try:
-        frames = list(decode_resized(path, short_side, info))
-    except (av.FFmpegError, IndexError) as exc:
-        raise bad_file(path, f"cannot decode video ({exc.__class__.__name__})") from None
-    if not frames:
-        raise bad_file(path, "no frames decoded")
-    short = short_decode_line(path, len(frames), info.get("declared", 0))
-    if short and notes is not None:
-        notes.append(short)
-    height, width = frames[0].shape[:2]
-    try:
-        plan = plan_clip(len(frames), width, height, num_segments=segments or cfg.data.test_segments,
-                         flow_length=cfg.model.flow_length, input_size=cfg.data.input_size,
-                         train=False, seed=cfg.train.seed, epoch=0, index=0)
-    except ValueError as exc:
-        raise bad_file(path, f"video too short: {exc}") from None
-    grey: dict[int, np.ndarray] = {}
-    flows: dict[int, tuple] = {}
-
-    def grey_frame(i: int) -> np.ndarray:
-        if i not in grey:
-            grey[i] = cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY)
-        return grey[i]
-
-    def flow_pair(i: int):
-        if i not in flows:
-            fx, fy = flow_to_uint8(estimator(grey_frame(i), grey_frame(i + 1)), FLOW_BOUND)
-            flows[i] = ((f"{path} flow_x {i}", fx), (f"{path} flow_y {i}", fy))
-            bar.update()
-        return flows[i]
-
-    rgb_frames = [(path, frames[int(i)]) for i in plan.frame_indices]
-    pairs = len(np.unique(plan.flow_indices))
-    with Progress(pairs, f"flow of {path.name}", unit="pairs", enabled=progress) as bar:
-        return cut_clip(plan, width, height, cfg.data.input_size, rgb_frames, flow_pair)
-
-
 @torch.no_grad()
 def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow: str = "tvl1",
                    flow_params: Optional[dict] = None, topk: int = 5, class_ind=None,
-                   short_side: int = DEFAULT_SHORT_SIDE, segments: Optional[int] = None,
+                   short_side: Optional[int] = None, segments: Optional[int] = None,
                    skip_bad: bool = False, progress: bool = False) -> dict:
-    """Top-``topk`` classes with probabilities per stream for each video file.
+    """Top-``topk`` classes with probabilities per stream for each video file (the
+    video-file loader, ``loaders.loader_from_videos``; ``short_side`` None: prepare's 256).
 
     Returns ``{"rows": [prediction_row], "skipped_videos", "short", ...}`` (``label`` None;
     ``short``: a line per video that decoded to fewer frames than its container declares,
     as ``prepare`` reports them). A bad video is a CCSError, or with ``skip_bad`` a skipped
     row reported like the loaders' (``skipped_reasons``). ``progress``: the flow pairs of
     each video on stderr."""
-    from ccs_fast.dataloader.flow import make_flow_estimator
-    from ccs_fast.dataloader.torch_loader import normalize_on_device
-
     cfg = config_for(cfg, checkpoint)
     if cfg.model.video:
         raise CCSError(f"{checkpoint}: predict on video files samples 2-D TSN clips; a 3-D model "
@@ -162,25 +98,14 @@ def predict_videos(cfg: Optional[Config], checkpoint, videos: Sequence, *, flow:
     device = select_device(cfg.train.device)
     model = load_model(cfg, checkpoint, device)
     names = class_names_of(cfg, class_ind)
-    estimator = make_flow_estimator(flow, **(flow_params or {}))
-    rows, skipped, short = [], [], []
-    for video in videos:
-        try:
-            rgb, flo = video_clip(video, cfg, estimator, short_side, segments, progress=progress, notes=short)
-        except CCSError as exc:
-            if not skip_bad:
-                raise
-            skipped.append(str(exc))
-            continue
-        rgb_t, flow_t = normalize_on_device(torch.from_numpy(rgb[None]).to(device),
-                                            torch.from_numpy(flo[None]).to(device), torch.float32)
-        scores = forward_scores(model, {"rgb": rgb_t, "flow": flow_t}, device,
-                                cfg.train.precision, cfg.model.fusion_weights)
+    loader = loader_from_videos(cfg, videos, device=device, flow=flow, flow_params=flow_params,
+                                short_side=short_side, segments=segments, skip_bad=skip_bad, progress=progress)
+    rows = []
+    for batch in loader:
+        scores = forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)
+        video = videos[int(batch["index"][0])]  # one video per batch
         rows.append(prediction_row(str(video), None, scores, 0, names, topk))
-    report = {"rows": rows, "skipped_videos": len(skipped), "short": short}
-    if skipped:
-        report["skipped_reasons"] = skipped[:3]
-    return report
+    return {"rows": rows, "skipped_videos": 0, "short": loader.short, **skipped_report(loader)}
 
 
 def format_predictions(rows: Sequence[dict]) -> str:
@@ -221,7 +146,7 @@ def predict_list(cfg: Optional[Config], checkpoint, annotation, out_path, segmen
     paths = [r.path for r in read_annotation(annotation_path, cfg.data.modality, labels=False)] \
         if annotation_path and Path(annotation_path).is_file() else []
     rows = []
-    with Progress(getattr(loader, "num_videos", 0) or 0, f"predict {Path(str(annotation_path)).name}",
+    with Progress(loader.num_videos, f"predict {Path(str(annotation_path)).name}",
                   enabled=progress) as bar:
         for batch in loader:
             scores = forward_scores(model, batch, device, cfg.train.precision, cfg.model.fusion_weights)

@@ -487,7 +487,7 @@ def train_one_epoch(run: _Run, loader, epoch: int, iters_per_epoch: int,
         epoch_hits += _batch_hits(out, batch["label"], cfg.model.fusion_weights)
         progress.since_log += 1
         progress.steps += 1
-        progress.batches = getattr(loader, "batches_done", progress.batches + 1)
+        progress.batches = loader.batches_done
         throughput.add(clips_per_step)
         bar.update()
         log_now = run.step % cfg.train.log_interval == 0
@@ -550,7 +550,7 @@ def _start_line(run: _Run, run_id: str, iters_per_epoch: int, start_epoch: int, 
     """The start record of metrics.jsonl and the start line (rank 0)."""
     cfg, optimizer = run.cfg, run.optimizer
     n_decay, n_plain = (len(g["params"]) for g in optimizer.param_groups[:2])
-    frame_count = getattr(train_loader, "frame_count", None)
+    frame_count = train_loader.frame_count
     run.logger.log("info", run.step, {}, event="start", world_size=run.env.world_size, device=str(run.device),
                    iters_per_epoch=iters_per_epoch, start_epoch=start_epoch,
                    weight_decay_tensors=n_decay, no_weight_decay_tensors=n_plain,
@@ -771,6 +771,4 @@ def _stop_at_epoch_end(run: _Run, save, loader, epoch_done: int, saved: bool) ->
 
 
 def _close_loader(loader) -> None:
-    close = getattr(loader, "close", None)
-    if close is not None:
-        close()
+    loader.close()

@@ -4,7 +4,9 @@
 epochs yield the same batch dict whichever backend built it: ``rgb`` (B, K, 3, S, S), ``flow`` (B, K, 2L, S, S)
 channels_last-strided on the device, ``label`` and ``index`` (B,) int64. Backends:
 ``torch`` (DataLoader with workers), ``synthetic`` (random device tensors, no I/O) and
-``dali`` (GPU decode), advertised only when nvidia-dali is importable.
+``dali`` (GPU decode), advertised only when nvidia-dali is importable. Every loader is a
+``Loader`` (``spec.py``). ``build_video_file_loader(videos, spec)`` gives the same batches
+from video files decoded on the fly (prediction).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import importlib.util
 
 from ccs_fast.base.errors import CCSError
 
-from .spec import LoaderSpec
+from .spec import Loader, LoaderSpec
 
 
 def dali_available() -> bool:
@@ -26,9 +28,10 @@ def available_backends() -> list[str]:
     return ["torch", "synthetic"] + (["dali"] if dali_available() else [])
 
 
-def build_loader(spec: LoaderSpec):
-    """A loader of clip batches for ``spec``: ``__iter__`` (one epoch), ``__len__``,
-    ``set_epoch``, ``num_videos``, ``num_classes``. See docs/loader.md."""
+def build_loader(spec: LoaderSpec) -> Loader:
+    """A loader of clip batches for ``spec`` with every member of ``Loader``: ``__iter__``
+    (one epoch), ``__len__``, ``set_epoch``, ``close``, ``num_videos``, ``num_classes``,
+    ``batches_done``, ``num_skipped``, ``skipped_errors``, ``frame_count``. See docs/loader.md."""
     if spec.backend == "torch":
         from .torch_loader import build_torch_loader
         return build_torch_loader(spec)
@@ -45,4 +48,13 @@ def build_loader(spec: LoaderSpec):
     )
 
 
-__all__ = ["LoaderSpec", "available_backends", "build_loader", "dali_available"]
+def build_video_file_loader(videos, spec: LoaderSpec, **options) -> Loader:
+    """The video-file backend (``video_files``): one batch per video file of ``videos``,
+    decoded and its flow computed on the fly (``ccs-fast predict``); ``options``: ``flow``,
+    ``flow_params``, ``short_side``, ``progress``."""
+    from .video_files import build_video_file_loader as build
+    return build(videos, spec, **options)
+
+
+__all__ = ["Loader", "LoaderSpec", "available_backends", "build_loader", "build_video_file_loader",
+           "dali_available"]

@@ -102,7 +102,7 @@ class ClipSource:
         try:
             plan = plan_clip(info["num_frames"], info["width"], info["height"],
                              num_segments=opts.num_segments, flow_length=opts.flow_length,
-                             input_size=opts.input_size, train=opts.train, seed=opts.seed,
+                             train=opts.train, seed=opts.seed,
                              epoch=epoch, index=self.rows[index], clip_len=opts.clip_len,
                              frame_interval=opts.frame_interval)
         except ValueError as exc:
@@ -369,7 +369,7 @@ class DALILoader:
     """
 
     def __init__(self, source: ClipSource, *, batch_size, device, dtype, num_threads,
-                 py_num_workers, num_classes):
+                 py_num_workers, num_classes, skipped=None, frame_count=None):
         self.source = source
         self.batch_size = batch_size
         self.device = device
@@ -378,8 +378,9 @@ class DALILoader:
         self.py_num_workers = py_num_workers
         self.num_videos = len(source.records)  # usable videos (bad ones dropped with skip_bad)
         self.num_classes = num_classes
-        self.num_skipped = 0
-        self.skipped_errors: dict[int, str] = {}
+        self.skipped_errors: dict[int, str] = dict(skipped or {})  # the list's bad videos first
+        self.num_skipped = len(self.skipped_errors)
+        self.frame_count = frame_count  # rawframes.FrameCount of the list
         self.epoch = 0
         self.first_batch = self.batches_done = 0
         self._pipe = None
@@ -570,12 +571,9 @@ def build_dali_loader(spec) -> DALILoader:
     labels = [record.label for record in records]
     source = ClipSource(records, rows, spec, flow_root, batch_sampler_for(spec, labels))
     num_threads = spec.num_workers or cores_per_process()
-    loader = DALILoader(source, batch_size=spec.batch_size, device=_resolve_device(spec.device),
-                        dtype=spec.dtype, num_threads=num_threads,
-                        py_num_workers=max(1, min(4, num_threads)),
-                        num_classes=spec.num_classes if spec.num_classes is not None
-                        else default_num_classes(labels))
-    loader.skipped_errors = dict(skipped)
-    loader.num_skipped = len(skipped)
-    loader.frame_count = count
-    return loader
+    return DALILoader(source, batch_size=spec.batch_size, device=_resolve_device(spec.device),
+                      dtype=spec.dtype, num_threads=num_threads,
+                      py_num_workers=max(1, min(4, num_threads)),
+                      num_classes=spec.num_classes if spec.num_classes is not None
+                      else default_num_classes(labels),
+                      skipped=skipped, frame_count=count)

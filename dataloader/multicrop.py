@@ -1,4 +1,5 @@
-"""Multi-crop test views (TSN / MMAction2 testing): 1, 3 or 10 crops per frame, scores averaged.
+"""Multi-crop test views (TSN / MMAction2 testing): 1, 3 or 10 crops per frame (the scores of a
+video's views are averaged by ``ccs_fast.evaluate.average_view_scores``).
 
 Geometry (``crop_views(width, height, num_crops, crop_size=None) -> list[CropView]``), in source
 pixels, with ``short = min(width, height)``:
@@ -16,16 +17,12 @@ pixels, with ``short = min(width, height)``:
 Pixels: the loaders cut each view with ``transforms.crop_resize(frame, view.box, size,
 view.flip)``, and a mirrored view's flow_x becomes ``255 − v`` (``transforms.invert_flow_x``),
 as in the training flip.
-
-``average_view_scores(scores, num_views, mode="score")``: (B·V, C) video-major or (B, V, C) →
-(B, C), averaging raw scores (TSN) or softmax probabilities (MMAction2 ``average_clips="prob"``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 CROP_COUNTS = (1, 3, 10)
 DEFAULT_CROP_SCALE = 0.875  # TSN/MMAction2: 224 of 256
@@ -67,17 +64,3 @@ def crop_views(width: int, height: int, num_crops: int, crop_size: Optional[int]
     positions = ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs))
     return [CropView(x0, y0, s, s, flip) for flip in (False, True) for x0, y0 in positions]
 
-
-def average_view_scores(scores: torch.Tensor, num_views: Optional[int] = None, mode: str = "score") -> torch.Tensor:
-    """Average the class scores of each video's views: (B, V, C), or (B·V, C) with the V views
-    of a video contiguous and ``num_views`` given → (B, C). ``mode``: ``"score"`` averages the
-    scores as given (TSN), ``"prob"`` their softmax over classes (MMAction2 average_clips)."""
-    if mode not in ("score", "prob"):
-        raise ValueError(f"mode must be 'score' or 'prob', got {mode!r}")
-    if scores.dim() == 2:
-        if num_views is None or scores.shape[0] % num_views:
-            raise ValueError(f"(B·V, C) scores of shape {tuple(scores.shape)} need num_views dividing {scores.shape[0]}")
-        scores = scores.view(-1, num_views, scores.shape[-1])
-    if mode == "prob":
-        scores = scores.float().softmax(dim=-1)
-    return scores.mean(dim=1)

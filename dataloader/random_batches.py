@@ -29,6 +29,10 @@ class SyntheticLoader:
         self.num_batches = num_batches
         self.epoch = 0
         self.first_batch = self.batches_done = 0
+        # the Loader members that only files give meaning to: nothing is read, nothing skipped
+        self.num_skipped = 0
+        self.skipped_errors: dict[int, str] = {}
+        self.frame_count = None
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         """Epoch ``epoch``'s batches from its batch ``first_batch`` on (a mid-epoch resume)."""
@@ -38,6 +42,9 @@ class SyntheticLoader:
 
     def __len__(self):
         return self.num_batches
+
+    def close(self) -> None:
+        """Nothing to stop: batches are made in this process."""
 
     def _clips(self, channels, generator):
         b, k, s = self.batch_size, self.num_segments, self.input_size

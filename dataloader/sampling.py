@@ -86,14 +86,14 @@ def test_crop(width: int, height: int):
     return ((width - side) // 2, (height - side) // 2, side, side)
 
 
-def plan_clip(num_frames, width, height, *, num_segments, flow_length, input_size, train,
-              seed, epoch, index, clip_len: int = 0, frame_interval: int = 1) -> ClipPlan:
-    """The clip of video ``index`` in ``epoch``: frame and flow indices, crop and flip.
+def plan_clip(num_frames, width, height, *, num_segments, flow_length, train, seed, epoch, index,
+              clip_len: int = 0, frame_interval: int = 1) -> ClipPlan:
+    """The clip of video ``index`` in ``epoch``: frame and flow indices, crop and flip (the
+    backend resizes the crop to its input size).
 
     Raises ValueError when the video has fewer flow frames than ``flow_length``; callers turn
     that into a CCSError naming the video (or skip it with skip_bad).
     """
-    del input_size  # the crop is resized to input_size by the backend; kept for the contract
     num_flow = num_flow_frames(num_frames)
     if num_flow < flow_length:
         raise ValueError(

@@ -1,21 +1,23 @@
-"""``LoaderSpec``: every setting of a clip loader, in one frozen value.
+"""The loader contract: ``LoaderSpec`` (every setting of a clip loader, in one frozen value)
+goes in, a ``Loader`` comes out.
 
 A spec is made once (from the config by ``LoaderSpec.from_config``, or directly) and passed
 whole to ``build_loader`` and from there to the backend, which reads the fields it needs;
 the DALI source and the torch dataset carry the same spec into their worker processes (it
-pickles: plain values, a ``FrameNaming`` and a torch dtype).
+pickles: plain values, a ``FrameNaming`` and a torch dtype). Every backend's loader has all
+of ``Loader``'s members, so consumers read them without defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
 from ccs_fast.base.errors import CCSError
 
-from .rawframes import FrameNaming
+from .rawframes import FrameCount, FrameNaming
 
 
 @dataclass(frozen=True)
@@ -118,3 +120,31 @@ class LoaderSpec:
             naming=FrameNaming(data.filename_tmpl, data.flow_tmpl, data.start_index),
             flow_count=data.flow_count, labels=labels or train,
         )
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What every backend's ``build_loader`` result provides (docs/loader.md, "Contract").
+
+    ``num_videos``: the usable videos (bad ones dropped with skip_bad); ``num_classes``: the
+    spec's, else the labels' count (None only for label-less video files); ``batches_done``:
+    the sampler batches consumed so far this epoch (a mid-epoch checkpoint's position);
+    ``num_skipped`` / ``skipped_errors``: clips dropped as bad input and {annotation row:
+    message} of those videos; ``frame_count``: what the list's total_frames counts (None
+    without a list). ``close()`` stops worker processes or pipelines (a no-op without any).
+    """
+    num_videos: int
+    num_classes: Optional[int]
+    batches_done: int
+    num_skipped: int
+    skipped_errors: dict[int, str]
+    frame_count: Optional[FrameCount]
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None: ...
+
+    def close(self) -> None: ...
+

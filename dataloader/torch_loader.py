@@ -116,7 +116,7 @@ class ClipDataset(Dataset):
         o = self.spec
         try:
             return plan_clip(record.num_frames, width, height, num_segments=o.num_segments,
-                             flow_length=o.flow_length, input_size=o.input_size, train=o.train,
+                             flow_length=o.flow_length, train=o.train,
                              seed=o.seed, epoch=epoch, index=row, clip_len=o.clip_len,
                              frame_interval=o.frame_interval)
         except ValueError as exc:
@@ -244,7 +244,7 @@ class TorchClipLoader:
     """One epoch of batch dicts per ``iter``; see the loader contract in docs/loader.md."""
 
     def __init__(self, dataset, batch_sampler, *, device, dtype, num_workers, skip_bad,
-                 num_classes, skipped=None, generator=None, views: int = 1):
+                 num_classes, skipped=None, generator=None, views: int = 1, frame_count=None):
         self.dataset = dataset
         self.views = views
         self.batches_done = 0
@@ -258,6 +258,7 @@ class TorchClipLoader:
         # batches (a bad video counts each time it is drawn); the last message per row.
         self.skipped_errors: dict[int, str] = dict(skipped or {})
         self.num_skipped = len(self.skipped_errors)
+        self.frame_count = frame_count  # rawframes.FrameCount of the list
         self.loader = DataLoader(
             dataset,
             batch_sampler=_EpochTaggedBatches(batch_sampler),
@@ -342,7 +343,7 @@ def build_torch_loader(spec) -> TorchClipLoader:
     """``build_loader(spec)`` for ``spec.backend == "torch"``."""
     records, rows, skipped, flow_root, count = load_records(spec)
     labels = [r.label for r in records]
-    loader = TorchClipLoader(
+    return TorchClipLoader(
         ClipDataset(records, rows, spec, flow_root), batch_sampler_for(spec, labels),
         device=spec.device, dtype=spec.dtype,
         num_workers=default_loader_workers(spec.device) if spec.num_workers is None else spec.num_workers,
@@ -352,6 +353,5 @@ def build_torch_loader(spec) -> TorchClipLoader:
         skipped=skipped,
         generator=loader_generator(spec.seed, spec.rank, spec.train),
         views=spec.views,
+        frame_count=count,
     )
-    loader.frame_count = count
-    return loader

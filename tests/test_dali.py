@@ -108,7 +108,7 @@ def test_train_agrees_with_torch_backend(tree):
         not torch.equal(dali_epochs[0][0]["rgb"], dali_epochs[1][0]["rgb"])
     # the flip path (ROI start past its end, flow_x inverted) must have been exercised
     flips = [plan_clip(FRAME_COUNTS[int(i)], WIDTH, HEIGHT, num_segments=K, flow_length=L,
-                       input_size=SIZE, train=True, seed=3, epoch=e, index=int(i)).flip
+                       train=True, seed=3, epoch=e, index=int(i)).flip
              for e, batches in enumerate(dali_epochs) for b in batches for i in b["index"]]
     assert any(flips) and not all(flips)
 
@@ -331,3 +331,17 @@ def test_test_crops_and_3d_clips_agree_with_torch_backend(tree):
         positions = options["num_segments"] * options.get("clip_len", 1)
         assert dali_batches[0]["rgb"].shape == (2 * views, positions, 3, SIZE, SIZE)
         assert dali_batches[0].get("views", 1) == views
+
+
+def test_dali_loader_is_a_whole_loader(tree):
+    """The ``dataloader.Loader`` members, before and after an epoch of the CPU pipeline."""
+    from test_torch_loader import assert_is_whole_loader
+
+    loader = build_loader(LoaderSpec(tree / "train.txt", tree / "rawframes", backend="dali", batch_size=2,
+                                     num_segments=K, flow_length=L, input_size=SIZE, device="cpu",
+                                     num_workers=1))
+    assert_is_whole_loader(loader)
+    assert loader.frame_count is not None and loader.num_classes == 2
+    with deadline(60):
+        assert len(list(loader)) == len(loader) and loader.batches_done == len(loader)
+    loader.close()

@@ -7,7 +7,7 @@ import torch
 
 from ccs_fast.checkpoint import save_checkpoint
 from ccs_fast.base.errors import CCSError
-from ccs_fast.evaluate import evaluate, evaluate_checkpoint, format_table, fuse_scores
+from ccs_fast.evaluate import average_view_scores, evaluate, evaluate_checkpoint, format_table, fuse_scores
 from ccs_fast.predict import predict_list
 from tiny import tiny_config
 
@@ -25,6 +25,25 @@ class FixedLogits(torch.nn.Module):
                 "z_f": torch.zeros(len(rows), 2), "z_o": torch.zeros(len(rows), 2)}
 
 
+class ListLoader(list):
+    """Fixed batches with the members of a ``dataloader.Loader`` that ``evaluate`` reads."""
+
+    def __init__(self, batches, num_classes=None, skipped_errors=None):
+        super().__init__(batches)
+        self.num_videos = sum(len(b["index"]) for b in batches)
+        self.num_classes = num_classes
+        self.batches_done = 0
+        self.skipped_errors = dict(skipped_errors or {})
+        self.num_skipped = len(self.skipped_errors)
+        self.frame_count = None
+
+    def set_epoch(self, epoch, first_batch=0):
+        pass
+
+    def close(self):
+        pass
+
+
 def _loader(labels, batch_size):
     batches = []
     for start in range(0, len(labels), batch_size):
@@ -32,7 +51,22 @@ def _loader(labels, batch_size):
         rgb = idx.float().view(-1, 1, 1, 1, 1).expand(-1, 2, 3, 4, 4).contiguous()
         batches.append({"rgb": rgb, "flow": torch.zeros(len(idx), 2, 2, 4, 4),
                         "label": labels[idx], "index": idx})
-    return batches
+    return ListLoader(batches)
+
+
+def test_loader_fake_is_a_loader():
+    from ccs_fast.dataloader import Loader
+
+    assert isinstance(_loader(torch.tensor([0, 1]), 1), Loader)
+
+
+def test_average_view_scores():
+    scores = torch.randn(4 * 3, 6)
+    expected = scores.view(4, 3, 6).mean(1)
+    torch.testing.assert_close(average_view_scores(scores, 3), expected)
+    torch.testing.assert_close(average_view_scores(scores.view(4, 3, 6)), expected)
+    with pytest.raises(ValueError, match="num_views"):
+        average_view_scores(scores, 5)
 
 
 def test_topk_by_hand():
@@ -157,17 +191,18 @@ def test_evaluate_checkpoint_and_predict(tiny_checkpoint, tmp_path, capsys):
         sum(r["fused"][0]["index"] == r["label"]["index"] for r in rows) / 6)
 
 
-class _NothingLeft(list):
+def _nothing_left():
     """An eval loader whose every video was skipped as bad (skip_bad)."""
-    num_skipped = 4
-    skipped_errors = {0: "v0/img_00001.jpg: cannot decode (corrupt or not an image)"}
+    loader = ListLoader([], skipped_errors={0: "v0/img_00001.jpg: cannot decode (corrupt or not an image)"})
+    loader.num_skipped = 4
+    return loader
 
 
 def test_empty_evaluation_is_an_error():
     """Issue 11 #8: with every video skipped, evaluation printed 0.0000 (0 videos)."""
     model = FixedLogits(torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(CCSError) as info:
-        evaluate(model, _NothingLeft(), "cpu", "fp32", source="val.txt")
+        evaluate(model, _nothing_left(), "cpu", "fp32", source="val.txt")
     assert str(info.value) == ("val.txt: no video left to evaluate (4 skipped as bad); "
                                "e.g. v0/img_00001.jpg: cannot decode (corrupt or not an image)")
 
@@ -226,7 +261,7 @@ def _view_loader(labels, views, batch_size):
         rgb = rows.float().view(-1, 1, 1, 1, 1).expand(-1, 2, 3, 4, 4).contiguous()
         batches.append({"rgb": rgb, "flow": torch.zeros(len(rows), 2, 2, 4, 4), "label": labels[idx],
                         "index": idx, "views": views})
-    return batches
+    return ListLoader(batches)
 
 
 @pytest.mark.parametrize("views", [3, 10])

@@ -50,7 +50,7 @@ def test_templates_start_index_and_offsets_pick_the_right_files(tmp_path, backen
                         batch_size=2, num_segments=3, flow_length=2, input_size=16,
                         device="cpu", num_workers=1, naming=naming))
     (batch,) = list(data)
-    plan = plan_clip(8, SIZE, SIZE, num_segments=3, flow_length=2, input_size=16, train=False,
+    plan = plan_clip(8, SIZE, SIZE, num_segments=3, flow_length=2, train=False,
                      seed=0, epoch=0, index=0)
     for row, offset in enumerate((0, 8)):
         np.testing.assert_allclose(blue_levels(batch)[row], 10 * (offset + plan.frame_indices),

@@ -1,9 +1,10 @@
-"""Multi-crop test views: crop geometry and score averaging (the loaders' pixels of each view,
-flow_x inverted on mirrored ones: tests/test_torch_loader.py, tests/test_dali.py)."""
+"""Multi-crop test views: crop geometry (the loaders' pixels of each view, flow_x inverted on
+mirrored ones: tests/test_torch_loader.py, tests/test_dali.py; the averaging of their scores:
+tests/test_evaluate.py)."""
 import pytest
 import torch
 
-from ccs_fast.dataloader.multicrop import average_view_scores, crop_views
+from ccs_fast.dataloader.multicrop import crop_views
 from ccs_fast.dataloader.sampling import test_crop as sampling_test_crop
 
 
@@ -29,14 +30,3 @@ def test_ten_crops_corners_centre_and_mirrors():
     with pytest.raises(ValueError, match="does not fit"):
         crop_views(100, 80, 10, crop_size=90)
 
-
-def test_average_view_scores():
-    scores = torch.randn(4 * 3, 6)
-    expected = scores.view(4, 3, 6).mean(1)
-    torch.testing.assert_close(average_view_scores(scores, 3), expected)
-    torch.testing.assert_close(average_view_scores(scores.view(4, 3, 6)), expected)
-    probs = average_view_scores(scores, 3, mode="prob")
-    torch.testing.assert_close(probs, scores.softmax(-1).view(4, 3, 6).mean(1))
-    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
-    with pytest.raises(ValueError, match="num_views"):
-        average_view_scores(scores, 5)

@@ -71,3 +71,22 @@ def test_a_folder_given_as_a_video_says_so(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"ccs-fast: error: {folder}: is a folder, not a video file (rawframe folders are predicted "
                    "with --list)\n")
+
+
+def test_video_file_loader_is_a_whole_loader_and_skips_bad_videos(tmp_path):
+    """One batch per good video (index: its place in the list); with skip_bad a bad one is a
+    ``skipped_errors`` entry, as in the other backends."""
+    from ccs_fast.dataloader import LoaderSpec, build_video_file_loader
+    from test_torch_loader import assert_is_whole_loader
+
+    video = tmp_path / "short.avi"
+    decoded = _write_truncated_avi(video, 16, np.random.default_rng(0))
+    spec = LoaderSpec(None, None, num_segments=2, flow_length=2, input_size=16, device="cpu", skip_bad=True)
+    loader = build_video_file_loader([tmp_path / "missing.avi", video], spec, flow="farneback", short_side=32)
+    assert_is_whole_loader(loader)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["index"].tolist() == [1] and batches[0]["label"].tolist() == [-1]
+    assert batches[0]["rgb"].shape == (1, 2, 3, 16, 16) and batches[0]["flow"].shape == (1, 2, 4, 16, 16)
+    assert loader.skipped_errors == {0: f"{tmp_path / 'missing.avi'}: video not found"}
+    assert loader.num_skipped == 1 and loader.batches_done == 2
+    assert loader.short == [f"{video}: decoded {decoded} of the 16 frames its container declares (truncated?)"]

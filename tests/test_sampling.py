@@ -7,8 +7,8 @@ from ccs_fast.dataloader.sampling import SCALE_PAIRS, clip_rng, plan_clip
 
 
 def plan(num_frames=12, width=40, height=32, *, K=3, L=5, train=True, seed=0, epoch=0, index=0):
-    return plan_clip(num_frames, width, height, num_segments=K, flow_length=L, input_size=16,
-                     train=train, seed=seed, epoch=epoch, index=index)
+    return plan_clip(num_frames, width, height, num_segments=K, flow_length=L, train=train,
+                     seed=seed, epoch=epoch, index=index)
 
 
 @pytest.mark.parametrize("num_frames,K", [(6, 3), (12, 3), (13, 5), (100, 3), (7, 8)])
@@ -112,7 +112,7 @@ def test_every_plan_stays_inside_the_video_and_the_frame(num_frames, num_segment
     if num_frames - 1 < flow_length:
         return  # a video too short for the flow stack is bad input, tested above
     plan = plan_clip(num_frames, width, height, num_segments=num_segments, flow_length=flow_length,
-                     input_size=8, train=train, seed=seed, epoch=epoch, index=index)
+                     train=train, seed=seed, epoch=epoch, index=index)
     num_flow = num_frames - 1
     assert plan.frame_indices.shape == (num_segments,) and plan.flow_indices.shape == (num_segments, flow_length)
     assert (plan.frame_indices >= 0).all() and (plan.frame_indices < num_flow).all()
@@ -124,7 +124,7 @@ def test_every_plan_stays_inside_the_video_and_the_frame(num_frames, num_segment
     assert 0 <= x0 and 0 <= y0 and 0 < w and 0 < h and x0 + w <= width and y0 + h <= height
     assert train or (not plan.flip and w == h)
     again = plan_clip(num_frames, width, height, num_segments=num_segments, flow_length=flow_length,
-                      input_size=8, train=train, seed=seed, epoch=epoch, index=index)
+                      train=train, seed=seed, epoch=epoch, index=index)
     assert np.array_equal(again.frame_indices, plan.frame_indices)
     assert np.array_equal(again.flow_indices, plan.flow_indices)
     assert again.crop == plan.crop and again.flip == plan.flip
@@ -137,19 +137,19 @@ def test_3d_plan_is_sample_frames_over_the_flow_frames():
     from ccs_fast.dataloader.sampling import train_crop
 
     for index in range(5):
-        p = plan_clip(40, 40, 32, num_segments=2, flow_length=1, input_size=16, train=True, seed=3,
+        p = plan_clip(40, 40, 32, num_segments=2, flow_length=1, train=True, seed=3,
                       epoch=1, index=index, clip_len=4, frame_interval=3)
         rng = clip_rng(3, 1, index)
         expected = flow_clip_indices(40, 4, 3, 2, train=True, rng=rng)
         assert (p.frame_indices == expected.reshape(-1)).all() and p.flow_indices.shape == (8, 1)
         assert (p.flow_indices[:, 0] == p.frame_indices).all()
         assert (p.crop, p.flip) == train_crop(40, 32, rng)  # the same generator, after the offsets
-    test = plan_clip(40, 40, 32, num_segments=3, flow_length=1, input_size=16, train=False, seed=0,
+    test = plan_clip(40, 40, 32, num_segments=3, flow_length=1, train=False, seed=0,
                      epoch=0, index=0, clip_len=4, frame_interval=3)
     assert (test.frame_indices == flow_clip_indices(40, 4, 3, 3, train=False).reshape(-1)).all()
     assert not test.flip
     with pytest.raises(ValueError, match="one flow pair per frame"):
-        plan_clip(40, 40, 32, num_segments=1, flow_length=5, input_size=16, train=False, seed=0,
+        plan_clip(40, 40, 32, num_segments=1, flow_length=5, train=False, seed=0,
                   epoch=0, index=0, clip_len=4)
 
 

@@ -117,7 +117,7 @@ def test_frames_and_flow_follow_the_plan(tmp_path):
         for batch in data:
             for row, rgb_clip, flow_clip in zip(batch["index"], batch["rgb"], batch["flow"]):
                 plan = plan_clip(FRAMES, W, H, num_segments=num_segments, flow_length=L,
-                                 input_size=S, train=train, seed=3, epoch=2, index=int(row))
+                                 train=train, seed=3, epoch=2, index=int(row))
                 marks = [denormalize_rgb(rgb)[..., 2].mean() for rgb in rgb_clip]
                 np.testing.assert_allclose(marks, 20 * plan.frame_indices, atol=2)
                 flow_marks = (flow_clip[:, 1::2].numpy() * 128 + 128).mean(axis=(2, 3))
@@ -128,7 +128,7 @@ def test_loader_equals_the_shared_transforms(tree):
     annotation, root = tree
     batch = next(iter(loader(annotation, root, seed=1)))
     row = int(batch["index"][0])
-    plan = plan_clip(FRAMES, W, H, num_segments=K, flow_length=L, input_size=S, train=True,
+    plan = plan_clip(FRAMES, W, H, num_segments=K, flow_length=L, train=True,
                      seed=1, epoch=0, index=row)
     frame_dir = root / f"v{row}"
 
@@ -306,7 +306,7 @@ def test_video_modality(tmp_path):
     data = loader(annotation, videos, modality="video", train=False, batch_size=2)
     batch = next(iter(data))
     assert batch["rgb"].shape == (2, K, 3, S, S) and batch["flow"].shape == (2, K, 2 * L, S, S)
-    plan = plan_clip(FRAMES, W, H, num_segments=K, flow_length=L, input_size=S, train=False,
+    plan = plan_clip(FRAMES, W, H, num_segments=K, flow_length=L, train=False,
                      seed=0, epoch=0, index=0)
     marks = [denormalize_rgb(rgb)[..., 2].mean() for rgb in batch["rgb"][0]]
     np.testing.assert_allclose(marks, 20 * plan.frame_indices, atol=8)
@@ -416,7 +416,7 @@ def test_video_frames_are_resized_to_the_flows_size(tmp_path):
     data = loader(annotation, tmp_path / "videos", modality="video", train=False, batch_size=1,
                   num_segments=2, flow_length=2, num_classes=2)
     (batch,) = list(data)
-    plan = plan_clip(6, 340, 256, num_segments=2, flow_length=2, input_size=S, train=False,
+    plan = plan_clip(6, 340, 256, num_segments=2, flow_length=2, train=False,
                      seed=0, epoch=0, index=0)
     marks = [denormalize_rgb(rgb)[..., 2].mean() for rgb in batch["rgb"][0]]
     np.testing.assert_allclose(marks, 40 * plan.frame_indices, atol=6)
@@ -447,7 +447,7 @@ def test_test_crops_are_the_multicrop_views(tree):
         batch = next(iter(loader(annotation, root, test_crops=crops, **kw)))
         assert batch["rgb"].shape == (2 * crops, 2, 3, S, S) and batch["flow"].shape == (2 * crops, 2, 4, S, S)
         assert batch["views"] == crops and batch["label"].shape == (2,)
-        plan = plan_clip(FRAMES, W, H, num_segments=2, flow_length=2, input_size=S, train=False,
+        plan = plan_clip(FRAMES, W, H, num_segments=2, flow_length=2, train=False,
                          seed=0, epoch=0, index=1)
         image = rgb_frame(int(plan.frame_indices[0]))  # video 1, segment 0
         for v, view in enumerate(crop_views(W, H, crops)):
@@ -475,3 +475,29 @@ def test_3d_clips_follow_sample_frames(tmp_path):
     assert np.abs(blue - 20 * expected).max() < 3.0  # B channel marks the frame index
     flow_y = batch["flow"][0, :, 1].mean(dim=(1, 2)).numpy() * 128 + 128
     assert np.abs(flow_y - 20 * expected).max() < 3.0  # flow_y marks the flow index
+
+
+def assert_is_whole_loader(data):
+    """Every member ``dataloader.Loader`` declares, attribute or method, is defined."""
+    from ccs_fast.dataloader import Loader
+
+    members = [*Loader.__annotations__, "__iter__", "__len__", "set_epoch", "close"]
+    assert isinstance(data, Loader)
+    assert [name for name in members if not hasattr(data, name)] == []
+    assert isinstance(data.skipped_errors, dict) and data.num_skipped == len(data.skipped_errors)
+    assert data.batches_done == 0 and isinstance(data.num_videos, int) and len(data) >= 1
+
+
+def test_torch_and_synthetic_loaders_are_whole_loaders(tmp_path):
+    annotation, root = make_rawframes(tmp_path)
+    torch_data = loader(annotation, root)
+    assert_is_whole_loader(torch_data)
+    assert torch_data.frame_count is not None and torch_data.num_classes == 3
+    synthetic = build_loader(LoaderSpec(None, None, backend="synthetic", batch_size=2, num_segments=K,
+                                        flow_length=L, input_size=S, device="cpu", num_classes=7,
+                                        synthetic_batches=2))
+    assert_is_whole_loader(synthetic)
+    assert synthetic.frame_count is None and synthetic.num_classes == 7
+    synthetic.set_epoch(1, first_batch=1)
+    assert len(list(synthetic)) == 1 and synthetic.batches_done == 2
+    synthetic.close()
