@@ -20,10 +20,13 @@ import yaml
 
 from ccs_fast.base.atomic import write_text
 from ccs_fast.base.errors import CCSError, bad_file
+from ccs_fast.dataloader import BACKENDS
+from ccs_fast.dataloader.formats import MODALITIES
+from ccs_fast.dataloader.multicrop import CROP_COUNTS
 
 VARIANTS = ("baseline", "cb", "cs", "all")
 CONSENSUS = ("avg", "max", "mul", "concat", "trn")
-TEST_CROPS = (1, 3, 10)  # TSN / MMAction2 test views: centre, three along the long side, TenCrop
+TEST_CROPS = CROP_COUNTS  # TSN / MMAction2 test views: centre, three along the long side, TenCrop
 
 
 @dataclass
@@ -152,8 +155,8 @@ class Config:
         choices = (
             ("model.variant", VARIANTS), ("model.consensus", CONSENSUS),
             ("model.impl", ("auto", "triton", "eager")), ("train.precision", ("bf16", "fp16", "fp32")),
-            ("data.backend", ("torch", "dali", "synthetic")), ("optim.name", ("sgd", "adamw")),
-            ("data.modality", ("rawframes", "video")), ("data.test_crops", TEST_CROPS),
+            ("data.backend", BACKENDS), ("optim.name", ("sgd", "adamw")),
+            ("data.modality", MODALITIES), ("data.test_crops", TEST_CROPS),
         )
         for name, allowed in choices:
             value = self.get(name)

@@ -7,14 +7,30 @@ channels_last-strided on the device, ``label`` and ``index`` (B,) int64. Backend
 ``dali`` (GPU decode), advertised only when nvidia-dali is importable. Every loader is a
 ``Loader`` (``spec.py``). ``build_video_file_loader(videos, spec)`` gives the same batches
 from video files decoded on the fly (prediction).
+
+``LoaderSpec`` and ``Loader`` are imported on first use, so that reading a constant of a
+torch-free module (``formats.MODALITIES``, ``multicrop.CROP_COUNTS``, ``BACKENDS``) does not
+import torch.
 """
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from ccs_fast.base.errors import CCSError
 
-from .spec import Loader, LoaderSpec
+if TYPE_CHECKING:
+    from .spec import Loader, LoaderSpec
+
+BACKENDS = ("torch", "dali", "synthetic")  # data.backend's values
+OPTIONAL_BACKENDS = ("dali",)  # advertised only where importable
+
+
+def __getattr__(name: str):
+    if name in ("Loader", "LoaderSpec"):
+        from . import spec
+        return getattr(spec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dali_available() -> bool:
@@ -25,7 +41,7 @@ def dali_available() -> bool:
 
 
 def available_backends() -> list[str]:
-    return ["torch", "synthetic"] + (["dali"] if dali_available() else [])
+    return [b for b in BACKENDS if b not in OPTIONAL_BACKENDS] + (["dali"] if dali_available() else [])
 
 
 def build_loader(spec: LoaderSpec) -> Loader:

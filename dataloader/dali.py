@@ -47,7 +47,7 @@ from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.base.distributed import cores_per_process, dist_env
 
 from .formats import default_num_classes
-from .rawframes import checked_jpeg, frame_size, load_records, read_file_bytes
+from .rawframes import checked_jpeg, frame_size, frames_folder, load_records, read_file_bytes
 from .sampling import plan_clip, view_plans
 from .samplers import batch_sampler_for
 from .transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -89,10 +89,8 @@ class ClipSource:
         return self._batches_of_epoch[epoch]
 
     def frames_dir(self, index: int) -> Path:
-        record = self.records[index]
-        if self.spec.modality == "video":
-            return self.flow_root / Path(record.path).with_suffix("")
-        return self.data_root / record.path
+        return frames_folder(self.records[index].path, modality=self.spec.modality, data_root=self.data_root,
+                             flow_root=self.flow_root)
 
     def plan(self, index: int, epoch: int):
         """(ClipPlan, video info) of one clip; CCSError naming the video if it cannot be

@@ -25,15 +25,14 @@ from OpenCV's on average. With two intra-op threads it collapsed on the loaded m
 from __future__ import annotations
 
 import contextlib
-
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+
+from ccs_fast.base.atomic import atomic_dir
 
 from .rawframes import FrameNaming
 
@@ -220,44 +219,9 @@ def uint8_to_flow(fx: np.ndarray, fy: np.ndarray, bound: float = FLOW_BOUND) -> 
     return levels * (2.0 * bound / 255.0) - bound
 
 
-def frame_name(kind: str, index: int) -> str:
-    """``img_00001.jpg``, ``flow_x_00001.jpg``, … (1-based, the MMAction2 rawframes names)."""
-    return f"{kind}_{index:05d}.jpg"
-
-
 def _imwrite(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]):
         raise OSError(f"{path}: could not write JPEG")
-
-
-def atomic_dir(out_dir: str | os.PathLike, write: Callable[[Path], object], *,
-               overwrite: bool = False):
-    """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out_dir`` only if it returns.
-
-    The temporary folder is a hidden sibling of ``out_dir`` (same file system, so the rename is
-    atomic); it is removed if ``write`` raises. An existing ``out_dir`` raises
-    ``FileExistsError`` unless ``overwrite``, in which case it is replaced only after the new
-    folder is complete. Returns what ``write`` returned.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        result = write(tmp_dir)
-        if out_dir.exists():
-            old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old_dir)
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return result
 
 
 def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
@@ -293,7 +257,7 @@ def write_rawframes(frames_rgb: Sequence[np.ndarray], out_dir: str | os.PathLike
     ``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from frame i to i+1 on the grey frames,
     mapped by ``flow_to_uint8``), or the names ``naming`` (a ``rawframes.FrameNaming``: templates
     and first number) gives. ``method`` is a method name for ``make_flow_estimator`` or an
-    estimator callable. The folder appears only when complete (see ``atomic_dir``).
+    estimator callable. The folder appears only when complete (``atomic.atomic_dir``).
     """
     estimator = make_flow_estimator(method) if isinstance(method, str) else method
     naming = naming or FrameNaming()

@@ -226,6 +226,9 @@ def default_num_classes(labels) -> int:
     return max((label for label in labels if label is not None), default=0) + 1
 
 
+MODALITIES = ("rawframes", "video")  # data.modality: what a list names, frame folders or video files
+
+
 def read_annotation(path, modality="rawframes", num_classes=None,
                     labels=True) -> list[VideoRecord]:
     """The list build_loader reads: rawframe list, or video list for modality="video";
@@ -234,7 +237,7 @@ def read_annotation(path, modality="rawframes", num_classes=None,
         return read_rawframe_list(path, num_classes, labels)
     if modality == "video":
         return read_video_list(path, num_classes, labels)
-    raise ValueError(f"unknown modality {modality!r}; available: rawframes, video")
+    raise ValueError(f"unknown modality {modality!r}; available: {', '.join(MODALITIES)}")
 
 
 def write_rawframe_list(records, path) -> None:

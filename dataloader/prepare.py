@@ -26,7 +26,7 @@ the lists; the run goes on. A video that decodes to fewer frames than its contai
 Faults. A full disk (ENOSPC or EDQUOT, or a JPEG write that fails with under 1 MiB free)
 stops the run at the first video it hits: one CCSError line naming the folder, no annotation
 list written (finished videos stay and a rerun goes on from them). The hidden temporary
-folders (``.<video>.tmp-*``, ``.<video>.old-*``) of a killed run are removed at the next start;
+folders (``.<video>.<pid>.<random>.tmp``, ``atomic.atomic_dir``) of a killed run are removed at the next start;
 one prepare per output folder at a time. Pool workers ignore SIGINT (the main process stops
 them) and end with the main process (``signals.end_with_parent``), so a killed prepare
 leaves no workers behind.
@@ -53,15 +53,17 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ccs_fast.base.atomic import is_temporary
 from ccs_fast.base.errors import CCSError, bad_file
 from ccs_fast.base.signals import end_with_parent
 
 from .flow import (FLOW_BOUND, FLOW_METHODS, default_flow_method, make_flow_estimator, resolve_flow_device,
                    write_rawframes)
-from .rawframes import FrameNaming, add_naming_arguments, naming_from_arguments
+from .rawframes import RAWFRAMES_FOLDER, FrameNaming, add_naming_arguments, frames_dir_name, naming_from_arguments
 from .progress import VideoProgress
 from .formats import VideoRecord, read_hmdb51_split, read_ucf101_split, write_rawframe_list
 from .transforms import video_frame_rgb
@@ -94,11 +96,6 @@ def read_splits(splits_dir) -> dict[int, tuple[list[VideoRecord], list[VideoReco
                     read_hmdb51_split(splits_dir, n, train=False)) for n in hmdb}
     raise bad_file(splits_dir, "no UCF-101 (trainlist01.txt, classInd.txt) or HMDB-51 "
                                "(<class>_test_split1.txt) split files")
-
-
-def frames_dir_name(video_path: str) -> str:
-    """``Class/v_X.avi`` → ``Class/v_X`` (the rawframes folder and list entry)."""
-    return str(Path(video_path).with_suffix("")).replace(os.sep, "/")
 
 
 def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -135,9 +132,30 @@ def count_frames(frames_dir: Path, naming: FrameNaming = FrameNaming()) -> int:
 
 
 FLOW_MANIFEST = "flow_manifest.jsonl"
-_HIDDEN_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")  # flow.atomic_dir's folders
 _FLOW_FAMILY = {"tvl1": "TV-L1", "tvl1-torch": "TV-L1", "farneback": "Farneback"}
 FULL_DISK_FREE = 2**20  # a failed JPEG write (OpenCV gives no errno) with less free is a full disk
+DEFAULT_SHORT_SIDE = 256  # 320x240 -> 340x256, MMAction2's size
+
+
+class VideoTask(NamedTuple):
+    """One video to prepare, as a worker receives it (pickles into the pool)."""
+    video: str  # its path in the split files, e.g. Class/v_X.avi
+    source: Path  # the video file
+    target: Path  # its rawframes folder
+    flow: str
+    short_side: int
+    overwrite: bool
+    naming: FrameNaming
+
+
+class VideoResult(NamedTuple):
+    """What became of one video: ``frames`` written (and ``short``, the short-decode line, or
+    None), or ``problem``, one line, with ``disk_full`` when that is why."""
+    video: str
+    frames: Optional[int]
+    problem: Optional[str]
+    short: Optional[str]
+    disk_full: bool
 
 
 def flow_settings(flow: str, short_side: int, naming: FrameNaming) -> dict:
@@ -184,7 +202,7 @@ def remove_hidden_temporaries(folders) -> list[Path]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for entry in entries:
-            if _HIDDEN_TEMPORARY.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            if is_temporary(entry.name) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
     return removed
@@ -206,11 +224,12 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
     return False
 
 
-def _failed(video_path, source, target, exc: BaseException):
-    """The result tuple of a video that failed; a full disk is marked as such."""
-    if _is_disk_full(exc, Path(target).parent):
-        return video_path, None, f"{Path(target).parent}: disk full (no space left on device)", None, True
-    return video_path, None, _problem(source, exc), None, False
+def _failed(task: VideoTask, exc: BaseException) -> VideoResult:
+    """The result of a video that failed; a full disk is marked as such."""
+    folder = Path(task.target).parent
+    if _is_disk_full(exc, folder):
+        return VideoResult(task.video, None, f"{folder}: disk full (no space left on device)", None, True)
+    return VideoResult(task.video, None, _problem(task.source, exc), None, False)
 
 
 def _problem(source, exc: BaseException) -> str:
@@ -227,19 +246,17 @@ def short_decode_line(source, n: int, declared: int) -> str | None:
     return None
 
 
-def _prepare_one(task):
-    """Worker: (video path, frames, None, short line or None, False) when done, (video path,
-    None, message, None, disk full?) on failure."""
-    video_path, source, target, flow, short_side, overwrite, naming = task
+def _prepare_one(task: VideoTask) -> VideoResult:
+    """Worker: decode, flow and write one video."""
     try:
-        if not source.is_file():
+        if not task.source.is_file():
             raise FileNotFoundError("video not found")
         info = {}
-        n = write_rawframes(decode_resized(source, short_side, info), target, method=flow,
-                            overwrite=overwrite, naming=naming)
-        return video_path, n, None, short_decode_line(source, n, info.get("declared", 0)), False
+        n = write_rawframes(decode_resized(task.source, task.short_side, info), task.target, method=task.flow,
+                            overwrite=task.overwrite, naming=task.naming)
+        return VideoResult(task.video, n, None, short_decode_line(task.source, n, info.get("declared", 0)), False)
     except Exception as exc:  # one bad video must not stop the run; it is reported and counted
-        return _failed(video_path, source, target, exc)
+        return _failed(task, exc)
 
 
 class _Precomputed:
@@ -255,7 +272,7 @@ class _Precomputed:
 class _Video:
     """One video of the batched path: its frames, grey frames and flows as they arrive."""
 
-    def __init__(self, task, frames, declared):
+    def __init__(self, task: VideoTask, frames, declared):
         import cv2
 
         self.task, self.frames, self.declared = task, frames, declared
@@ -265,36 +282,66 @@ class _Video:
         self.failed = False
 
 
-def _decode_task(task):
-    video_path, source, target, flow, short_side, overwrite, naming = task
+def _decode_task(task: VideoTask) -> tuple[Optional[_Video], Optional[VideoResult]]:
     try:
-        if not source.is_file():
+        if not task.source.is_file():
             raise FileNotFoundError("video not found")
         info = {}
-        frames = list(decode_resized(source, short_side, info))
+        frames = list(decode_resized(task.source, task.short_side, info))
         if not frames:
             raise ValueError("no frames decoded")
         return _Video(task, frames, info.get("declared", 0)), None
     except Exception as exc:  # reported per video, like _prepare_one
-        return None, _failed(video_path, source, target, exc)
+        return None, _failed(task, exc)
 
 
-def _write_task(video: _Video):
-    video_path, source, target, flow, short_side, overwrite, naming = video.task
+def _write_task(video: _Video) -> VideoResult:
+    task = video.task
     try:
-        n = write_rawframes(video.frames, target, method=_Precomputed(video.flows),
-                            overwrite=overwrite, naming=naming)
-        return video_path, n, None, short_decode_line(source, n, video.declared), False
+        n = write_rawframes(video.frames, task.target, method=_Precomputed(video.flows),
+                            overwrite=task.overwrite, naming=task.naming)
+        return VideoResult(task.video, n, None, short_decode_line(task.source, n, video.declared), False)
     except Exception as exc:
-        return _failed(video_path, source, target, exc)
+        return _failed(task, exc)
+
+
+def _flow_of_batch(batch, estimator, pool, writing: list) -> list[VideoResult]:
+    """Flow for one batch of (video, pair index); a video whose last pair this was goes to
+    ``writing``. Returns the failures: every video with a pair in a batch that fails, named."""
+    try:
+        g0 = np.stack([v.grey[i] for v, i in batch])
+        g1 = np.stack([v.grey[i + 1] for v, i in batch])
+        flows = estimator.batch(g0, g1).cpu().numpy()
+    except Exception as exc:
+        failed = {id(v): v for v, _ in batch if not v.failed}
+        for v in failed.values():
+            v.failed = True
+        return [VideoResult(v.task.video, None, _problem(v.task.source, exc), None, False) for v in failed.values()]
+    for (video, i), flow in zip(batch, flows):
+        if video.failed:
+            continue
+        video.flows[i] = flow
+        video.remaining -= 1
+        if video.remaining == 0:
+            writing.append(pool.submit(_write_task, video))
+    return []
+
+
+def _too_small(video: _Video) -> Optional[VideoResult]:
+    """The failure of a video with pairs whose frames TV-L1's pyramid cannot take."""
+    from .tvl1 import MIN_SIDE
+
+    h, w = video.grey[0].shape
+    if video.remaining and (h < MIN_SIDE or w < MIN_SIDE):
+        return VideoResult(video.task.video, None, f"{video.task.source}: frames of {w}x{h} are too small "
+                           f"for TV-L1's pyramid (each side needs at least {MIN_SIDE} pixels)", None, False)
+    return None
 
 
 def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
     """Results like ``_prepare_one``'s for ``tvl1-torch``: threads decode up to ``2 × threads``
     videos ahead and write finished ones; flow runs here on batches of ``batch_pairs`` pairs of
     one frame size, pairs of several videos together."""
-    from .tvl1 import MIN_SIDE
-
     groups: dict = {}  # (H, W) -> [(video, pair index)]
     with ThreadPoolExecutor(threads) as pool:
         decoding, writing = deque(), []
@@ -306,48 +353,25 @@ def _prepare_batched(tasks, estimator, batch_pairs: int, threads: int):
                 if len(decoding) >= 2 * threads:
                     break
 
-        def run(size):
-            batch = groups.pop(size)
-            try:
-                g0 = np.stack([v.grey[i] for v, i in batch])
-                g1 = np.stack([v.grey[i + 1] for v, i in batch])
-                flows = estimator.batch(g0, g1).cpu().numpy()
-            except Exception as exc:  # every video with a pair in the batch fails, named
-                failed = {id(v): v for v, _ in batch if not v.failed}
-                for v in failed.values():
-                    v.failed = True
-                return [(v.task[0], None, _problem(v.task[1], exc), None, False) for v in failed.values()]
-            for (video, i), flow in zip(batch, flows):
-                if video.failed:
-                    continue
-                video.flows[i] = flow
-                video.remaining -= 1
-                if video.remaining == 0:
-                    writing.append(pool.submit(_write_task, video))
-            return []
-
         refill()
         while decoding:
             video, failure = decoding.popleft().result()
             refill()
+            failure = failure or _too_small(video)
             if failure is not None:
                 yield failure
                 continue
-            h, w = video.grey[0].shape
-            if video.remaining and (h < MIN_SIDE or w < MIN_SIDE):
-                yield (video.task[0], None, f"{video.task[1]}: frames of {w}x{h} are too small "
-                       f"for TV-L1's pyramid (each side needs at least {MIN_SIDE} pixels)", None, False)
-                continue
             if not video.remaining:
                 writing.append(pool.submit(_write_task, video))
+            size = video.grey[0].shape
             for i in range(video.remaining):
-                groups.setdefault((h, w), []).append((video, i))
-                if len(groups[(h, w)]) >= batch_pairs:
-                    yield from run((h, w))
+                groups.setdefault(size, []).append((video, i))
+                if len(groups[size]) >= batch_pairs:
+                    yield from _flow_of_batch(groups.pop(size), estimator, pool, writing)
             while writing and writing[0].done():
                 yield writing.pop(0).result()
         for size in list(groups):
-            yield from run(size)
+            yield from _flow_of_batch(groups.pop(size), estimator, pool, writing)
         for future in writing:
             yield future.result()
 
@@ -363,7 +387,7 @@ def _worker_init(parent_pid=None):
 
 
 def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
-                    flow_device=None, batch_pairs=None, short_side=256, skip_existing=True,
+                    flow_device=None, batch_pairs=None, short_side=DEFAULT_SHORT_SIDE, skip_existing=True,
                     progress=True, naming: FrameNaming | None = None) -> dict:
     """Decode every video of the splits, write rawframes + flow and the split lists.
     ``flow``: ``tvl1``, ``tvl1-torch`` or ``farneback`` (None: ``tvl1-torch`` where CUDA is
@@ -385,49 +409,102 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
     """
     if not isinstance(short_side, int) or short_side < 1:
         raise CCSError(f"--short-side {short_side}: must be a positive number of pixels "
-                       "(the frames' short side after resizing; default 256)")
-    flow = flow or default_flow_method()
-    if flow not in FLOW_METHODS:
-        raise CCSError(f"unknown flow method {flow!r}; expected one of {', '.join(FLOW_METHODS)}")
-    if flow == "tvl1-torch":
-        flow_device = resolve_flow_device(flow_device)
-        estimator = make_flow_estimator(flow, device=flow_device)
-        batch_pairs = batch_pairs or (64 if flow_device.startswith("cuda") else 8)
-        flow_label = f"tvl1-torch on {flow_device}"
-    else:
-        if flow_device not in (None, "cpu"):
-            raise CCSError(f"--flow-device {flow_device} needs --flow tvl1-torch ({flow} runs "
-                           f"on the CPU)")
-        flow_label = f"{flow} (OpenCV, CPU)"
+                       f"(the frames' short side after resizing; default {DEFAULT_SHORT_SIDE})")
+    run = _flow_run(flow, flow_device, batch_pairs)
     start = time.perf_counter()
     videos_dir, out_dir = Path(videos_dir), Path(out_dir)
     if not videos_dir.is_dir():
         raise bad_file(videos_dir, "video folder not found")
     splits = read_splits(splits_dir)
-    frames_root = out_dir / "rawframes"
+    frames_root = out_dir / RAWFRAMES_FOLDER
     videos = sorted({r.path for train, val in splits.values() for r in train + val})
     naming = naming or FrameNaming()
 
     removed = remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
-    settings = flow_settings(flow, short_side, naming)
+    settings = flow_settings(run.method, short_side, naming)
     manifest = read_flow_manifest(out_dir)
+    plan = _plan_videos(videos, videos_dir, out_dir, run.method, short_side, skip_existing, naming, settings,
+                        manifest)
+    num_frames, existing = plan.num_frames, len(plan.num_frames)
+    failures, short = [], []
+    bar = VideoProgress(len(plan.tasks), "prepare", enabled=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _ManifestWriter(out_dir / FLOW_MANIFEST, settings)
+    if manifest is None:
+        for video in plan.unrecorded:  # so that a later run keeps them too
+            record.add(video, unrecorded=True)
+    results = _run_tasks(plan.tasks, run, workers)
+    try:
+        _consume(results, num_frames, failures, short, bar, record, len(plan.tasks))
+    except DiskFull:
+        # the pool is stopped; what its workers were writing is left as hidden folders
+        remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
+        raise
+    finally:
+        results.close()  # stops the pool on any exception (Ctrl-C included)
+        record.close()
+        bar.close()
+    return {
+        "videos": len(videos), "done": len(num_frames) - existing, "existing": existing,
+        "failed": len(failures), "failures": failures, "short": sorted(short), "flow": run.label,
+        "lists": _write_split_lists(splits, num_frames, out_dir), "removed_temporaries": [str(p) for p in removed],
+        "unrecorded": len(plan.unrecorded), "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+class _FlowRun(NamedTuple):
+    """The flow estimator a prepare runs: ``method``, the summary's ``label`` and, for
+    ``tvl1-torch``, the batched ``estimator`` and its ``batch_pairs``."""
+    method: str
+    label: str
+    estimator: object = None
+    batch_pairs: Optional[int] = None
+
+
+def _flow_run(flow: Optional[str], flow_device: Optional[str], batch_pairs: Optional[int]) -> _FlowRun:
+    flow = flow or default_flow_method()
+    if flow not in FLOW_METHODS:
+        raise CCSError(f"unknown flow method {flow!r}; expected one of {', '.join(FLOW_METHODS)}")
+    if flow == "tvl1-torch":
+        flow_device = resolve_flow_device(flow_device)
+        return _FlowRun(flow, f"tvl1-torch on {flow_device}", make_flow_estimator(flow, device=flow_device),
+                        batch_pairs or (64 if flow_device.startswith("cuda") else 8))
+    if flow_device not in (None, "cpu"):
+        raise CCSError(f"--flow-device {flow_device} needs --flow tvl1-torch ({flow} runs "
+                       f"on the CPU)")
+    return _FlowRun(flow, f"{flow} (OpenCV, CPU)")
+
+
+class _Plan(NamedTuple):
+    """What a prepare does: ``tasks`` to run, ``num_frames`` of the videos kept as they are,
+    ``unrecorded`` (kept, prepared before flow manifests)."""
+    tasks: list
+    num_frames: dict
+    unrecorded: list
+
+
+def _plan_videos(videos, videos_dir: Path, out_dir: Path, flow: str, short_side: int, skip_existing: bool,
+                 naming: FrameNaming, settings: dict, manifest: Optional[dict]) -> _Plan:
+    """Which videos to (re)do and which to keep; CCSError, nothing written, when a kept video
+    was made with other flow settings (the module docstring's flow manifest)."""
+    frames_root = out_dir / RAWFRAMES_FOLDER
     num_frames, tasks, unrecorded, mismatched = {}, [], [], []
     for video in videos:
         target = frames_root / frames_dir_name(video)
+        task = VideoTask(video, videos_dir / video, target, flow, short_side, not skip_existing, naming)
         if skip_existing and target.is_dir():
             entry = (manifest or {}).get(frames_dir_name(video))
             if manifest is None or (entry or {}).get("unrecorded"):
                 unrecorded.append(video)  # prepared before flow manifests: kept as it is
             elif entry is None:  # finished just before a kill wrote its manifest line: redone
-                tasks.append((video, videos_dir / video, target, flow, short_side, True, naming))
+                tasks.append(task._replace(overwrite=True))
                 continue
             elif any(entry.get(key) != settings[key] for key in _COMPARED):
                 mismatched.append((video, entry))
                 continue
             num_frames[video] = count_frames(target, naming)
         else:
-            tasks.append((video, videos_dir / video, target, flow, short_side, not skip_existing,
-                          naming))
+            tasks.append(task)
     if mismatched:
         video, entry = mismatched[0]
         raise bad_file(out_dir, f"{len(mismatched)} prepared video(s) (e.g. {frames_dir_name(video)}) have flow and "
@@ -435,34 +512,24 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
                                 f"{_describe_settings(settings)}; pass --redo to recompute every video with "
                                 f"{flow}, or --flow {entry.get('flow')} --short-side {entry.get('short_side')} "
                                 "to go on as before; nothing was written")
-    existing = len(num_frames)
+    return _Plan(tasks, num_frames, unrecorded)
 
-    failures, short = [], []
+
+def _run_tasks(tasks: list, run: _FlowRun, workers: Optional[int]):
+    """The ``VideoResult`` of every task, as they finish: batched on this process's device
+    for ``tvl1-torch``, else one video per task here (one worker) or in a process pool."""
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
-    bar = VideoProgress(len(tasks), "prepare", enabled=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = _ManifestWriter(out_dir / FLOW_MANIFEST, settings)
-    if manifest is None:
-        for video in unrecorded:  # so that a later run keeps them too
-            record.add(video, unrecorded=True)
-    try:
-        if flow == "tvl1-torch":
-            results = _prepare_batched(tasks, estimator, batch_pairs, min(workers, 8))
-            _consume(results, num_frames, failures, short, bar, record, len(tasks))
-        elif workers == 1:
-            _consume(map(_prepare_one, tasks), num_frames, failures, short, bar, record, len(tasks))
-        else:
-            with get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-                _consume(pool.imap_unordered(_prepare_one, tasks), num_frames, failures, short,
-                         bar, record, len(tasks))
-    except DiskFull:
-        # the pool is stopped; what its workers were writing is left as hidden folders
-        remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
-        raise
-    finally:
-        record.close()
-        bar.close()
+    if run.method == "tvl1-torch":
+        yield from _prepare_batched(tasks, run.estimator, run.batch_pairs, min(workers, 8))
+    elif workers == 1:
+        yield from map(_prepare_one, tasks)
+    else:
+        with get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            yield from pool.imap_unordered(_prepare_one, tasks)
 
+
+def _write_split_lists(splits: dict, num_frames: dict, out_dir: Path) -> list[str]:
+    """``{train,val}_rawframes_split{N}.txt`` of the prepared videos; their paths."""
     lists = []
     for n, (train, val) in sorted(splits.items()):
         for kind, records in (("train", train), ("val", val)):
@@ -475,12 +542,7 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
                 path,
             )
             lists.append(str(path))
-    return {
-        "videos": len(videos), "done": len(num_frames) - existing, "existing": existing,
-        "failed": len(failures), "failures": failures, "short": sorted(short), "flow": flow_label,
-        "lists": lists, "removed_temporaries": [str(p) for p in removed], "unrecorded": len(unrecorded),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    return lists
 
 
 class _ManifestWriter:
@@ -507,21 +569,20 @@ class _ManifestWriter:
 
 
 def _consume(results, num_frames, failures, short, bar, record, total):
-    for video, n, problem, short_line, disk_full in results:
-        if disk_full:
-            if hasattr(results, "close"):  # the batched path: its threads finish what they hold
-                results.close()
-            raise DiskFull(f"{problem} while writing the frames of {video}; prepare stopped after "
+    for result in results:
+        if result.disk_full:
+            results.close()  # the pool (or the batched path's threads) finishes what it holds
+            raise DiskFull(f"{result.problem} while writing the frames of {result.video}; prepare stopped after "
                            f"{record.done} of {total} videos, no annotation list written (the finished videos "
                            "are kept: free some space and run the same command again)")
-        if problem is None:
-            num_frames[video] = n
-            record.add(video)
-            if short_line:
-                short.append(short_line)
+        if result.problem is None:
+            num_frames[result.video] = result.frames
+            record.add(result.video)
+            if result.short:
+                short.append(result.short)
         else:
-            failures.append(problem)
-            bar.write(f"failed: {problem}")
+            failures.append(result.problem)
+            bar.write(f"failed: {result.problem}")
         bar.update()
 
 
@@ -540,8 +601,8 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument("--flow-batch", type=int, default=None,
                         help="tvl1-torch: frame pairs per batch, across videos (default 64 on "
                              "CUDA, 8 on CPU)")
-    parser.add_argument("--short-side", type=int, default=256,
-                        help="resize frames so the short side is this (default 256: 340x256)")
+    parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
+                        help=f"resize frames so the short side is this (default {DEFAULT_SHORT_SIDE}: 340x256)")
     parser.add_argument("--redo", action="store_true",
                         help="recompute every video, also those already prepared (default: skip them; "
                              "needed to change --flow or --short-side of a prepared folder)")

@@ -222,8 +222,27 @@ def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
         raise bad_file(frame_dir, f"cannot read the flow frame folder ({exc.strerror or exc})") from None
 
 
+RAWFRAMES_FOLDER = "rawframes"  # the frames root prepare and synth write, beside the videos
+
+
+def frames_dir_name(video_path) -> str:
+    """``Class/v_X.avi`` → ``Class/v_X``: a video's frames folder under the frames root, as
+    ``prepare`` and ``synth`` write it and a rawframe list names it."""
+    return str(Path(video_path).with_suffix("")).replace(os.sep, "/")
+
+
 def default_flow_root(data_root) -> Path:
-    return Path(data_root).resolve().parent / "rawframes"
+    """The frames root beside a video data root (``<data>/videos`` → ``<data>/rawframes``)."""
+    return Path(data_root).resolve().parent / RAWFRAMES_FOLDER
+
+
+def frames_folder(record_path, *, modality: str, data_root, flow_root) -> Path:
+    """The folder of a listed video's frames (its flow; its RGB too in a rawframe list): a
+    rawframe list names it under ``data_root``; a video list's ``Class/v_X.avi`` has it at
+    ``flow_root/Class/v_X`` (``frames_dir_name``)."""
+    if modality == "video":
+        return Path(flow_root) / frames_dir_name(record_path)
+    return Path(data_root) / record_path
 
 
 def lists_count_flow_frames(records, data_root, naming: FrameNaming) -> bool | None:
@@ -273,8 +292,7 @@ def resolve_records(records, annotation, data_root, *, modality, flow_root, flow
     good, rows, skipped = [], [], {}
     for row, record in enumerate(records):
         try:
-            folder = (Path(flow_root) / Path(record.path).with_suffix("") if modality == "video"
-                      else Path(data_root) / record.path)
+            folder = frames_folder(record.path, modality=modality, data_root=data_root, flow_root=flow_root)
             if not folder.is_dir():
                 what = "flow frame folder" if modality == "video" else "frame folder"
                 raise bad_file(f"{annotation}:{record.line}", f"{what} {folder} not found")

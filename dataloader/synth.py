@@ -45,8 +45,10 @@ import cv2
 import numpy as np
 
 from ccs_fast.base.atomic import atomic_path, temporary_glob, write_text
-from ccs_fast.dataloader.flow import FLOW_BOUND, write_rawframes
-from ccs_fast.dataloader.rawframes import FrameNaming
+from ccs_fast.base.errors import CCSError, bad_file
+
+from .flow import FLOW_BOUND, write_rawframes
+from .rawframes import RAWFRAMES_FOLDER, FrameNaming, frames_dir_name
 
 MOTIONS = ("up", "down", "sideways", "spin")  # motion m -> name; all invariant to h-flip
 MAX_CLASSES = len(MOTIONS)
@@ -193,7 +195,9 @@ DEFAULT_FPS = 25
 # is within 0.12 px (mean endpoint error) of a converged TV-L1 (20 outer iterations, 8 warps)
 # at 0.012 CPU-s per pair, against 0.084 s for OpenCV's defaults (which are within 0.02 px).
 SYNTH_TVL1_PARAMS = dict(nscales=3, epsilon=0.05)
+SYNTH_FLOW_METHODS = ("tvl1", "farneback")  # synth's --flow: OpenCV's two, on the CPU
 META_FORMAT = "ccs_fast.synth/1"
+VIDEOS_FOLDER = "videos"  # beside rawframes.RAWFRAMES_FOLDER
 _OPTIONS_FILE = ".synth_options.json"
 
 
@@ -266,12 +270,13 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
 
     Returns whether anything was written (False: both already existed from an earlier run).
     """
-    from ccs_fast.dataloader.flow import make_flow_estimator
+    from .flow import make_flow_estimator
 
     cv2.setNumThreads(1)  # the pool already uses every core
     root_path = Path(root)
-    frame_dir = root_path / "rawframes" / spec.class_name / spec.name
-    video_path = root_path / "videos" / spec.class_name / f"{spec.name}.webm"
+    video = f"{spec.class_name}/{spec.name}.webm"
+    frame_dir = root_path / RAWFRAMES_FOLDER / frames_dir_name(video)
+    video_path = root_path / VIDEOS_FOLDER / video
     if frame_dir.is_dir() and video_path.is_file():
         return False
     frames = render_video(spec)
@@ -285,10 +290,10 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
 
 def _remove_stale_temporaries(root: Path) -> None:
     """Delete what a killed run left half-written: hidden temporary videos
-    (``atomic.temporary_glob``) and frame folders (``.<name>.tmp-*``, ``flow.atomic_dir``)."""
-    for top in ("videos", "rawframes"):
+    and frame folders (``atomic.temporary_glob``: ``atomic_path`` and ``atomic_dir``)."""
+    for top in (VIDEOS_FOLDER, RAWFRAMES_FOLDER):
         for class_dir in (root / top).glob("*"):
-            for stale in [*class_dir.glob(".*.tmp-*"), *class_dir.glob(temporary_glob("*"))]:
+            for stale in class_dir.glob(temporary_glob("*")):
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
@@ -351,21 +356,7 @@ def make_synthetic_dataset(
     MMAction2's filename_tmpl, flow_tmpl and start_index; default img_00001.jpg,
     flow_x_00001.jpg), recorded in the options when not the default.
     """
-    from ccs_fast.base.errors import CCSError, bad_file
-
-    if not 2 <= classes <= MAX_CLASSES:
-        raise CCSError(f"synth: --classes must be between 2 and {MAX_CLASSES}, got {classes}")
-    if videos_per_cell < 1 or val_videos_per_cell < 1:
-        raise CCSError("synth: every (appearance, motion) cell needs at least one training "
-                       f"and one validation video, got {videos_per_cell} and "
-                       f"{val_videos_per_cell}")
-    if frames < 2:
-        raise CCSError(f"synth: --frames must be at least 2 (one flow pair), got {frames}")
-    if size < 16 or size % 2:
-        raise CCSError(f"synth: --size must be even and at least 16, got {size}")
-    if flow not in ("tvl1", "farneback"):
-        raise CCSError(f"synth: --flow must be tvl1 or farneback, got {flow!r}")
-
+    _check_options(classes, videos_per_cell, val_videos_per_cell, frames, size, flow)
     start = time.perf_counter()
     root = Path(out_dir)
     codec = pick_video_codec()
@@ -378,6 +369,45 @@ def make_synthetic_dataset(
     if naming != FrameNaming():
         options.update(filename_tmpl=naming.filename_tmpl, flow_tmpl=naming.flow_tmpl,
                        start_index=naming.start_index)
+    _claim_folder(root, options)
+
+    names = class_names(classes)
+    specs = video_specs(seed=seed, classes=classes, videos_per_cell=videos_per_cell,
+                        val_videos_per_cell=val_videos_per_cell, frames=frames, size=size)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
+    jobs = [(spec, str(root), flow, flow_params, codec, fps, naming) for spec in specs]
+    made = _make_videos(jobs, workers, progress)
+    _write_lists(root, specs, names)
+    _write_meta(root, options, names, specs)
+    return dict(
+        out_dir=str(root), seed=seed, classes=classes, class_names=names,
+        chance=1.0 / classes, frames=frames, size=size, flow=flow, codec=codec,
+        train_videos=sum(s.split == "train" for s in specs),
+        val_videos=sum(s.split == "val" for s in specs),
+        videos_written=made, videos_kept=len(specs) - made, workers=workers,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _check_options(classes: int, videos_per_cell: int, val_videos_per_cell: int, frames: int, size: int,
+                   flow: str) -> None:
+    if not 2 <= classes <= MAX_CLASSES:
+        raise CCSError(f"synth: --classes must be between 2 and {MAX_CLASSES}, got {classes}")
+    if videos_per_cell < 1 or val_videos_per_cell < 1:
+        raise CCSError("synth: every (appearance, motion) cell needs at least one training "
+                       f"and one validation video, got {videos_per_cell} and "
+                       f"{val_videos_per_cell}")
+    if frames < 2:
+        raise CCSError(f"synth: --frames must be at least 2 (one flow pair), got {frames}")
+    if size < 16 or size % 2:
+        raise CCSError(f"synth: --size must be even and at least 16, got {size}")
+    if flow not in SYNTH_FLOW_METHODS:
+        raise CCSError(f"synth: --flow must be {' or '.join(SYNTH_FLOW_METHODS)}, got {flow!r}")
+
+
+def _claim_folder(root: Path, options: dict) -> None:
+    """Make ``root`` this data set's folder: refused when it holds another data set or
+    anything else; its options file written, a killed run's temporaries removed."""
     options_path = root / _OPTIONS_FILE
     if options_path.is_file():
         try:
@@ -394,17 +424,15 @@ def make_synthetic_dataset(
     _write_text(options_path, [json.dumps(options, sort_keys=True)])
     _remove_stale_temporaries(root)
 
-    names = class_names(classes)
-    specs = video_specs(seed=seed, classes=classes, videos_per_cell=videos_per_cell,
-                        val_videos_per_cell=val_videos_per_cell, frames=frames, size=size)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(specs)))
-    jobs = [(spec, str(root), flow, flow_params, codec, fps, naming) for spec in specs]
-    from ccs_fast.dataloader.progress import VideoProgress
 
-    bar = VideoProgress(len(specs), "synth") if progress else None
+def _make_videos(jobs: list, workers: int, progress: bool) -> int:
+    """Run ``_make_video`` on every job (here, or in a pool of ``workers`` processes);
+    the number of videos written."""
+    from .progress import VideoProgress
+
+    bar = VideoProgress(len(jobs), "synth") if progress else None
     if workers == 1:
-        results = (_make_video(*job) for job in jobs)
-        made = _count_written(results, bar)
+        made = _count_written((_make_video(*job) for job in jobs), bar)
     else:
         import multiprocessing
 
@@ -416,8 +444,11 @@ def make_synthetic_dataset(
             made = _count_written(pool.map(_make_video, *zip(*jobs), chunksize=4), bar)
     if bar is not None:
         bar.close()
+    return made
 
-    _write_lists(root, specs, names)
+
+def _write_meta(root: Path, options: dict, names: Sequence[str], specs: Sequence[VideoSpec]) -> None:
+    classes = options["classes"]
     meta = dict(
         options,
         class_names=names,
@@ -431,11 +462,3 @@ def make_synthetic_dataset(
                 for s in specs],
     )
     _write_text(root / "meta.json", [json.dumps(meta, indent=1)])
-    return dict(
-        out_dir=str(root), seed=seed, classes=classes, class_names=names,
-        chance=1.0 / classes, frames=frames, size=size, flow=flow, codec=codec,
-        train_videos=sum(s.split == "train" for s in specs),
-        val_videos=sum(s.split == "val" for s in specs),
-        videos_written=made, videos_kept=len(specs) - made, workers=workers,
-        seconds=round(time.perf_counter() - start, 2),
-    )

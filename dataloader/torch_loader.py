@@ -38,7 +38,7 @@ from ccs_fast.base.distributed import default_loader_workers
 from ccs_fast.base.signals import end_with_parent, ignore_stop_signals
 
 from .formats import VideoRecord, default_num_classes
-from .rawframes import decode_jpeg, frame_size, load_records
+from .rawframes import decode_jpeg, frame_size, frames_folder, load_records
 from .sampling import plan_clip, view_plans
 from .samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
@@ -108,9 +108,8 @@ class ClipDataset(Dataset):
         return {"rgb": rgb, "flow": flow, "label": label, "index": row, "error": None}
 
     def flow_dir(self, record: VideoRecord) -> Path:
-        if self.spec.modality == "video":
-            return self.flow_root / Path(record.path).with_suffix("")
-        return self.data_root / record.path
+        return frames_folder(record.path, modality=self.spec.modality, data_root=self.data_root,
+                             flow_root=self.flow_root)
 
     def plan(self, record, width, height, epoch, row, name):
         o = self.spec

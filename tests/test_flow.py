@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
+from ccs_fast.base.atomic import atomic_dir
 from ccs_fast.dataloader.flow import (
     FLOW_BOUND,
-    atomic_dir,
     flow_to_uint8,
     make_flow_estimator,
     uint8_to_flow,

@@ -2,7 +2,6 @@
 mirrored ones: tests/test_torch_loader.py, tests/test_dali.py; the averaging of their scores:
 tests/test_evaluate.py)."""
 import pytest
-import torch
 
 from ccs_fast.dataloader.multicrop import crop_views
 from ccs_fast.dataloader.sampling import test_crop as sampling_test_crop

@@ -239,8 +239,8 @@ def test_hidden_folders_of_an_interrupted_prepare_are_removed(ucf_tree, capsys):
     from ccs_fast.dataloader.prepare import run_prepare
 
     videos, splits, out = ucf_tree
-    stale = [out / "rawframes" / "Jump" / f".v_Jump_g01_c01.tmp-{np.random.default_rng().bytes(4).hex()}",
-             out / "rawframes" / "Run" / ".v_Run_g02_c01.old-0123abcd"]
+    stale = [out / "rawframes" / "Jump" / f".v_Jump_g01_c01.4242.{np.random.default_rng().bytes(4).hex()}.tmp",
+             out / "rawframes" / "Run" / ".v_Run_g02_c01.17.0123abcd.tmp"]
     for folder in stale:
         folder.mkdir(parents=True)
         (folder / "img_00001.jpg").write_bytes(b"half")

@@ -109,7 +109,7 @@ def test_resume_and_option_checks(dataset, tmp_path):
     shutil.copytree(root, copy)
     victim = copy / "rawframes" / "Action01" / "v_Action01_0002"
     shutil.rmtree(victim)
-    stale = victim.parent / f".{victim.name}.tmp-0badc0de"  # as if killed mid-write
+    stale = victim.parent / f".{victim.name}.4242.0badc0de.tmp"  # as if killed mid-write
     stale.mkdir()
     (stale / "img_00001.jpg").write_bytes(b"half")
     summary = make_synthetic_dataset(copy, seed=3, workers=1, **TINY)
