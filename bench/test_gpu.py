@@ -9,39 +9,39 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu
+from bench.gpu import cli, logs, plan, runner, targets
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_plan_budgets_fit_eight_minutes_with_setup():
-    gpu.check_budgets()
-    assert sum(s.budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 480
-    assert sum(s.dry_budget_s for s in gpu.PLAN) + gpu.OVERHEAD_S <= 120
-    assert [s.name for s in gpu.PLAN[:2]] == ["kit", "setup"] and all(s.budget_s > 0 for s in gpu.PLAN[:2])
-    assert [s.name for s in gpu.PLAN if s.kind == "tests"] == ["cuda-tests", "kernel-tests"]
+    plan.check_budgets()
+    assert sum(s.budget_s for s in plan.PLAN) + plan.OVERHEAD_S <= 480
+    assert sum(s.dry_budget_s for s in plan.PLAN) + plan.OVERHEAD_S <= 120
+    assert [s.name for s in plan.PLAN[:2]] == ["kit", "setup"] and all(s.budget_s > 0 for s in plan.PLAN[:2])
+    assert [s.name for s in plan.PLAN if s.kind == "tests"] == ["cuda-tests", "kernel-tests"]
     with pytest.raises(ValueError, match="GPU budgets"):
-        gpu.check_budgets(gpu.PLAN + (gpu.Stage("extra", "", 60, 0, ()),))
+        plan.check_budgets(plan.PLAN + (plan.Stage("extra", "", 60, 0, ()),))
 
 
 def test_plan_reads_the_targets_where_its_benchmarks_measure_them():
-    stage = {s.name: s for s in gpu.PLAN}
+    stage = {s.name: s for s in plan.PLAN}
     attention = stage["attention-targets"].steps[0].gpu
     assert attention[attention.index("--N") + 1] == "588,1225"
     assert attention[attention.index("--features") + 1] == "512"
     assert attention[attention.index("--dtype") + 1] == "bfloat16"
     losses = stage["loss-targets"].steps[0].gpu
     assert losses[losses.index("--B") + 1] == "8192" and losses[losses.index("--D") + 1] == "512"
-    assert gpu.GPU_POINTS.attention_N == (588, 1225) and gpu.GPU_POINTS.loss_B == 8192
+    assert plan.GPU_POINTS.attention_N == (588, 1225) and plan.GPU_POINTS.loss_B == 8192
 
 
 def test_plan_runs_in_order_of_value():
-    assert [s.name for s in gpu.PLAN] == ["kit", "setup", "cuda-tests", "kernel-tests", "attention-targets",
+    assert [s.name for s in plan.PLAN] == ["kit", "setup", "cuda-tests", "kernel-tests", "attention-targets",
                                          "loss-targets", "e2e", "flow", "loader", "dali", "grid"]
-    stage = {s.name: s for s in gpu.PLAN}
+    stage = {s.name: s for s in plan.PLAN}
     # e2e comes before loader and dali: it makes the rawframes they read
     assert "--make-into" in stage["e2e"].steps[0].argv and "bench.bench_e2e" in stage["e2e"].steps[1].argv
-    assert [s.name for s in gpu.PLAN if s.opencv] == ["cuda-tests", "kernel-tests", "flow"]
+    assert [s.name for s in plan.PLAN if s.opencv] == ["cuda-tests", "kernel-tests", "flow"]
 
 
 BARE = REPO / "bench" / "bare_image"
@@ -87,7 +87,7 @@ def test_dry_run_writes_summary_and_rows(tmp_path):
         assert len(files) == 1 and json.loads(files[0].read_text()), name
     stages = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     status = {r["name"]: r["status"] for r in stages}
-    assert status == {s.name: "skipped" if s.name in ("kit", "dali") else "ok" for s in gpu.PLAN}, status
+    assert status == {s.name: "skipped" if s.name in ("kit", "dali") else "ok" for s in plan.PLAN}, status
     # flow without cv2.optflow: tvl1-torch's figures taken, OpenCV's parts skipped naming the package
     flow = {r["name"]: r for r in stages}["flow"]
     assert [s.split(":")[0] for s in flow["skipped"]] == ["agreement", "opencv"]
@@ -107,26 +107,26 @@ def test_dry_run_writes_summary_and_rows(tmp_path):
 def test_overrun_stage_is_stopped_and_keeps_its_rows(tmp_path):
     writer = ("import json, sys, time, pathlib; p = pathlib.Path(sys.argv[1]) / 'toy-cpu.json'; "
               "p.write_text(json.dumps([{'x': 1}, {'x': 2}])); print('two rows', flush=True); time.sleep(60)")
-    stage = gpu.Stage("toy", "writes two rows, then hangs", budget_s=2, dry_budget_s=2,
-                      steps=(gpu.Step(("{python}", "-c", writer, "{out}")),))
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    stage = plan.Stage("toy", "writes two rows, then hangs", budget_s=2, dry_budget_s=2,
+                      steps=(plan.Step(("{python}", "-c", writer, "{out}")),))
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=time.monotonic() + 60)
     start = time.monotonic()
-    result = gpu.run_stage(stage, run)
-    assert time.monotonic() - start < 2 + gpu.KILL_GRACE_S + 5
+    result = runner.run_stage(stage, run)
+    assert time.monotonic() - start < 2 + runner.KILL_GRACE_S + 5
     assert result.status == "timeout" and result.rows == {"toy-cpu.json": 2}
     log = (tmp_path / "toy.log").read_text()
     assert "two rows" in log and "time budget ran out" in log
 
 
 def test_failing_command_fails_the_stage_and_later_steps_still_run(tmp_path):
-    stage = gpu.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
-        gpu.Step(("{python}", "-c", "raise SystemExit(3)")),
-        gpu.Step(("{python}", "-c", "print('second step ran')")),
+    stage = plan.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
+        plan.Step(("{python}", "-c", "raise SystemExit(3)")),
+        plan.Step(("{python}", "-c", "print('second step ran')")),
     ))
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=time.monotonic() + 60)
-    result = gpu.run_stage(stage, run)
+    result = runner.run_stage(stage, run)
     assert result.status == "failed" and result.rc == 3
     assert "second step ran" in (tmp_path / "toy.log").read_text()
 
@@ -134,13 +134,13 @@ def test_failing_command_fails_the_stage_and_later_steps_still_run(tmp_path):
 def test_wheels_already_installed_are_left_alone(tmp_path):
     for name in ("pytest-8.0.0-py3-none-any.whl", "not_a_real_distribution-1.0-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=0)
     assert [Path(w).name for w in run.wheels_to_install()] == ["not_a_real_distribution-1.0-py3-none-any.whl"]
-    setup = {s.name: s for s in gpu.PLAN}["setup"]
+    setup = {s.name: s for s in plan.PLAN}["setup"]
     assert run.resolve(setup.steps[0])[-2:] == [str(tmp_path / "not_a_real_distribution-1.0-py3-none-any.whl"),
                                                        "--dry-run"]
-    empty = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    empty = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                     wheelhouse=tmp_path / "missing", deadline=0)
     assert empty.resolve(setup.steps[0]) is None  # no wheelhouse: the step is left out
 
@@ -152,31 +152,31 @@ def test_pytest_log_counts_a_run_cut_short():
         "tests/test_a.py::test_three SKIPPED (needs CUDA)               [ 30%]",
         "[bench.gpu] stopped: the stage's time budget ran out after 50 s",
     ])
-    counts = gpu.parse_pytest_log(log)
+    counts = logs.parse_pytest_log(log)
     assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
     assert counts["failing"] == ["tests/test_a.py::test_two"]
-    assert gpu.parse_pytest_log("=== 115/127 tests collected (12 deselected) in 1.2s ===")["collected"] == 115
+    assert logs.parse_pytest_log("=== 115/127 tests collected (12 deselected) in 1.2s ===")["collected"] == 115
     # a test file that does not import (a package the machine lacks) is an error of its stage
-    collection = gpu.parse_pytest_log("ERROR tests/test_sampling.py\n!!! Interrupted: 1 error during collection !!!")
+    collection = logs.parse_pytest_log("ERROR tests/test_sampling.py\n!!! Interrupted: 1 error during collection !!!")
     assert collection["error"] == 1 and collection["failing"] == ["tests/test_sampling.py"]
 
 
 def test_device_peaks_by_name():
-    assert gpu.device_peak("NVIDIA H100 80GB HBM3") == (989.0, 3350.0)
-    assert gpu.device_peak("NVIDIA H200") == (989.0, 4800.0)
-    assert gpu.device_peak("NVIDIA H100 PCIe") == (756.0, 2000.0)
-    assert gpu.device_peak("AMD EPYC (2 cores)") is None
+    assert targets.device_peak("NVIDIA H100 80GB HBM3") == (989.0, 3350.0)
+    assert targets.device_peak("NVIDIA H200") == (989.0, 4800.0)
+    assert targets.device_peak("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert targets.device_peak("AMD EPYC (2 cores)") is None
 
 
 def test_loss_minimal_bytes():
     # cross-modal, bf16, B=8192, D=512: two embeddings read, two gradients written, labels, loss, grad_output
     embeddings = 2 * 8192 * 512 * 2
-    assert gpu.loss_min_bytes("cross_modal_triplet_loss", "full", 8192, 512, "bfloat16") == 2 * embeddings + 8 * 8192 + 8
-    assert gpu.loss_min_bytes("discriminative_embedding_loss", "fwd", 8, 4, "float32") == 8 * 4 * 4 + 64 + 4
+    assert targets.loss_min_bytes("cross_modal_triplet_loss", "full", 8192, 512, "bfloat16") == 2 * embeddings + 8 * 8192 + 8
+    assert targets.loss_min_bytes("discriminative_embedding_loss", "fwd", 8, 4, "float32") == 8 * 4 * 4 + 64 + 4
 
 
 def test_targets_from_rows():
-    p = gpu.GPU_POINTS
+    p = plan.GPU_POINTS
     base = dict(op="cross_stream_attention", mode="full", dtype="bfloat16", B=32, d=512, e=512)
 
     def att(provider, n, ms, mem=None):
@@ -188,7 +188,7 @@ def test_targets_from_rows():
     losses = [dict(op="cross_modal_triplet_loss", provider=prov, mode="full", dtype="bfloat16", B=8192, D=512,
                    ms_p50=ms, peak_mem_bytes=mem) for prov, ms, mem in (("triton", 1.0, 10), ("eager", 6.0, 1000))]
     e2e = [dict(case="ccs-synthetic", clips_per_s=95.0), dict(case="backbones-synthetic", clips_per_s=100.0)]
-    verdicts = {t: v for t, _, v in gpu.evaluate_targets(p, attention, losses, [], e2e, (989.0, 4800.0))}
+    verdicts = {t: v for t, _, v in targets.evaluate_targets(p, attention, losses, [], e2e, (989.0, 4800.0))}
     assert verdicts["cross_stream_attention fwd+bwd at N = 588, e = 512: ≥ 3× eager"] == "pass"
     assert verdicts["cross_stream_attention fwd+bwd at N = 588, e = 512: ≥ 1.5× torch.compile"] == "**fail**"
     assert verdicts["cross_stream_attention fwd+bwd at N = 1225, e = 512: ≥ 1.5× torch.compile"] == "—"
@@ -196,46 +196,46 @@ def test_targets_from_rows():
     assert verdicts["cross_modal_triplet_loss at B = 8192, D = 512: peak memory ≤ 1/10 of eager"] == "pass"
     assert verdicts["(b)/(c) ≥ 0.90: CCS cost over the backbones"] == "pass"
     assert verdicts["(a)/(b) ≥ 0.95: the loader never the bottleneck"] == "—"
-    memory = [v for t, _, v in gpu.evaluate_targets(p, attention, losses, [], e2e, None) if "O(B·N·e)" in t]
+    memory = [v for t, _, v in targets.evaluate_targets(p, attention, losses, [], e2e, None) if "O(B·N·e)" in t]
     assert memory == ["pass"]
 
 
 def test_failing_tests_fail_the_run_even_when_their_stage_ran_out_of_time():
     counts = dict(passed=3, failed=1, error=0, skipped=0, failing=["tests/test_a.py::test_two"])
-    results = [gpu.StageResult("kernel-tests", "timeout", tests=counts), gpu.StageResult("e2e", "timeout"),
-               gpu.StageResult("grid", "ok")]
-    assert gpu.failed_stages(results, dry_run=False) == ["kernel-tests"]
-    assert gpu.failed_stages(results, dry_run=True) == ["kernel-tests", "e2e"]
+    results = [runner.StageResult("kernel-tests", "timeout", tests=counts), runner.StageResult("e2e", "timeout"),
+               runner.StageResult("grid", "ok")]
+    assert cli.failed_stages(results, dry_run=False) == ["kernel-tests"]
+    assert cli.failed_stages(results, dry_run=True) == ["kernel-tests", "e2e"]
 
 
 def test_dry_budgets_stretch_with_load_only(monkeypatch):
-    monkeypatch.setattr(gpu.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert gpu.dry_run_stretch() == 1.0
-    monkeypatch.setattr(gpu.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    monkeypatch.setattr(gpu.os, "cpu_count", lambda: 2)
-    assert gpu.dry_run_stretch() == 2.5
-    stage = {s.name: s for s in gpu.PLAN}["e2e"]
-    run = gpu.Run(dry_run=False, python="", out=Path(), work=Path(), logs=Path(), wheelhouse=Path(), deadline=0)
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert plan.dry_run_stretch() == 1.0
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(plan.os, "cpu_count", lambda: 2)
+    assert plan.dry_run_stretch() == 2.5
+    stage = {s.name: s for s in plan.PLAN}["e2e"]
+    run = runner.Run(dry_run=False, python="", out=Path(), work=Path(), logs=Path(), wheelhouse=Path(), deadline=0)
     assert run.budget(stage) == stage.budget_s
 
 
 def test_flow_stage_and_targets_from_rows():
-    stage = {s.name: s for s in gpu.PLAN}["flow"]
+    stage = {s.name: s for s in plan.PLAN}["flow"]
     argv = stage.steps[0].argv + stage.steps[0].gpu
     assert "bench.bench_flow" in argv and "cpu" in argv[argv.index("--skip") + 1]
-    assert "tests/test_tvl1.py" in gpu.KERNEL_TESTS
+    assert "tests/test_tvl1.py" in plan.KERNEL_TESTS
     size = dict(height=256, width=340)
     rows = [dict(kind="agreement", pair="translate-int", epe_ratio=1.02, within_2_levels=0.99, **size),
             dict(kind="agreement", pair="synth-a", within_2_levels=0.97, **size),
             dict(kind="speed", provider="opencv x16 processes", flow_device="cpu", pairs_per_s=12.0, **size),
             dict(kind="speed", provider="tvl1-torch triton", flow_device="cuda", batch=64, pairs_per_s=250.0, **size)]
-    verdicts = {t: (m, v) for t, m, v in gpu.flow_targets(rows)}
+    verdicts = {t: (m, v) for t, m, v in targets.flow_targets(rows)}
     speed = verdicts["tvl1-torch (Triton iteration) ≥ 300 pairs/s at 340×256 on one GPU"]
     assert speed[1] == "**fail**" and "250.0 pairs/s" in speed[0] and "OpenCV on every core 12.0" in speed[0]
     assert verdicts["tvl1-torch EPE against the ground truth ≤ 1.1× OpenCV's on every synthetic pair"][1] == "pass"
     within = verdicts["tvl1-torch ≥ 95 % of pixels within ±2 uint8 levels of OpenCV (bound 20) on every pair"]
     assert within == ("min 97.0 % (synth-a, 2 pairs)", "pass")
-    assert [v for _, _, v in gpu.flow_targets([])] == ["—"] * 5
+    assert [v for _, _, v in targets.flow_targets([])] == ["—"] * 5
 
 
 def test_flow_part_that_fails_keeps_the_next_parts_rows(tmp_path, monkeypatch, capsys):
@@ -250,13 +250,13 @@ def test_flow_part_that_fails_keeps_the_next_parts_rows(tmp_path, monkeypatch, c
     monkeypatch.setattr(bench_flow, "opencv_tvl1_missing", lambda: "needs opencv-contrib-python-headless")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rc = bench_flow.main(["--device", "cpu", "--height", "24", "--width", "32", "--pairs", "1", "--batch", "1",
-                          "--params", gpu.FLOW_DRY_PARAMS, "--out", str(tmp_path)])
+                          "--params", plan.FLOW_DRY_PARAMS, "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 1 and "failed speed cpu" in out and "failed parts: speed cpu" in out
     rows = json.loads(next(tmp_path.glob("flow-*.json")).read_text())
     assert [r["kind"] for r in rows] == ["device-agreement"] * 8
     assert rows[0]["tvl1_params"] == {"nscales": 1, "warps": 1, "outerIterations": 1, "innnerIterations": 2}
-    assert gpu.parse_skips(out) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
+    assert logs.parse_skips(out) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
                                     "opencv: OpenCV's TV-L1 (needs opencv-contrib-python-headless)"]
 
 
@@ -267,7 +267,7 @@ def test_device_agreement_target_from_rows():
 
     rows = [row("translate-int", "triton", 1.0, identical=True), row("zoom-1.02", "triton", 0.995, 0.97),
             row("translate-int", "eager", 0.97)]
-    verdicts = {t.split(" against")[0]: (m, v) for t, m, v in gpu.flow_targets(rows)}
+    verdicts = {t.split(" against")[0]: (m, v) for t, m, v in targets.flow_targets(rows)}
     triton = verdicts["tvl1-torch on the GPU (triton iteration)"]
     assert triton[1] == "pass" and "min 99.50 % (zoom-1.02, 2 pairs, cuda)" in triton[0]
     assert "equal levels ≥ 97.00 %" in triton[0] and "1 pairs bit-identical" in triton[0]
@@ -279,22 +279,22 @@ def test_skip_lines_name_what_a_stage_left_out(tmp_path):
            "skip dali-gpu: nvidia-dali is not installed\n"
            "skip agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)\n"
            "  skip this: indented lines are not skip lines\n")
-    assert gpu.parse_skips(log) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
+    assert logs.parse_skips(log) == ["agreement: OpenCV's TV-L1 (needs opencv-contrib-python-headless)",
                                     "dali-gpu: nvidia-dali is not installed"]
-    stage = gpu.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
-        gpu.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib-python-headless')")),))
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    stage = plan.Stage("toy", "", budget_s=30, dry_budget_s=30, steps=(
+        plan.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib-python-headless')")),))
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=time.monotonic() + 60)
-    result = gpu.run_stage(stage, run)
+    result = runner.run_stage(stage, run)
     assert result.status == "ok" and result.skipped == ["opencv: needs opencv-contrib-python-headless"]
     assert "opencv-contrib-python-headless" in result.note
 
 
 def test_kit_paths_reach_the_stages_that_need_them(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=0, kit_target=tmp_path / "kit")
-    stage = {s.name: s for s in gpu.PLAN}
+    stage = {s.name: s for s in plan.PLAN}
     run.load_kit()  # the kit stage wrote no report: nothing added
     assert "PYTHONPATH" not in run.env(stage["flow"])
     (tmp_path / "kit").mkdir()
@@ -310,10 +310,10 @@ def test_kit_paths_reach_the_stages_that_need_them(tmp_path, monkeypatch):
 
 def test_dry_budgets_grow_when_the_load_grows_during_the_run(tmp_path, monkeypatch):
     loads = iter([1.0, 1.0, 3.0, 2.0])  # at the start, then before each of the three stages
-    monkeypatch.setattr(gpu, "dry_run_stretch", lambda: next(loads))
-    plan = tuple(gpu.Stage(name, "", 10, 4, (gpu.Step(("{python}", "-c", "pass")),)) for name in ("a", "b", "c"))
-    monkeypatch.setattr(gpu, "PLAN", plan)
-    assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(cli, "dry_run_stretch", lambda: next(loads))
+    toy_plan = tuple(plan.Stage(name, "", 10, 4, (plan.Step(("{python}", "-c", "pass")),)) for name in ("a", "b", "c"))
+    monkeypatch.setattr(cli, "PLAN", toy_plan)
+    assert cli.main(["--dry-run", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     assert [(r["name"], r["stretch"]) for r in rows] == [("a", 1.0), ("b", 3.0), ("c", 3.0)]
     assert rows[1]["budget_s"] == pytest.approx(12, abs=0.5)
@@ -324,24 +324,24 @@ def test_summary_is_written_after_every_stage(tmp_path, monkeypatch):
     def writer(name, clips):
         src = tmp_path / f"{name}.json"
         src.write_text(json.dumps([{"backend": "torch", "clips_per_s": clips, "device": "cpu"}]))
-        return gpu.Step(("{python}", "-c", "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])",
+        return plan.Step(("{python}", "-c", "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])",
                          str(src), "{out}/loader-toy.json"))
 
     out = tmp_path / "out"
-    plan = (gpu.Stage("first", "", 10, 10, (writer("first", 12.5),)),
-            gpu.Stage("second", "", 10, 10, (gpu.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib')")),)),
-            gpu.Stage("third", "", 10, 10, (writer("third", 99.0),)))
-    monkeypatch.setattr(gpu, "PLAN", plan)
-    real_run_stage = gpu.run_stage
+    toy_plan = (plan.Stage("first", "", 10, 10, (writer("first", 12.5),)),
+            plan.Stage("second", "", 10, 10, (plan.Step(("{python}", "-c", "print('skip opencv: needs opencv-contrib')")),)),
+            plan.Stage("third", "", 10, 10, (writer("third", 99.0),)))
+    monkeypatch.setattr(cli, "PLAN", toy_plan)
+    real_run_stage = runner.run_stage
 
     def cut_off_at_third(stage, run):
         if stage.name == "third":
             raise KeyboardInterrupt  # the machine taken back, the session's time spent
         return real_run_stage(stage, run)
 
-    monkeypatch.setattr(gpu, "run_stage", cut_off_at_third)
+    monkeypatch.setattr(cli, "run_stage", cut_off_at_third)
     with pytest.raises(KeyboardInterrupt):
-        gpu.main(["--dry-run", "--out", str(out)])
+        cli.main(["--dry-run", "--out", str(out)])
     text = next(out.glob("gpu-summary-*.md")).read_text()
     assert "| `first` | ok |" in text and "| `second` | ok |" in text and "| `third` | not run yet |" in text
     assert "torch DataLoader 12.5 clips/s" in text and "99.0" not in text

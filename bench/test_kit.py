@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import gpu, kit
+from bench import kit
+from bench.gpu import plan, runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,12 +169,12 @@ def test_partial_kit_installs_what_it_completes_and_the_stages_see_it(tmp_path, 
     assert any("ccs_kit_late" in line and "incomplete" in line for line in report["lines"])
     assert not (target / "site" / "pytest").exists() and not (target / "wheels").exists()
     # a stage of bench.gpu imports the kit's module from the temporary folder
-    run = gpu.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
+    run = runner.Run(dry_run=True, python=sys.executable, out=tmp_path, work=tmp_path, logs=tmp_path,
                   wheelhouse=tmp_path, deadline=time.monotonic() + 60, kit_target=target)
     run.load_kit()
-    stage = gpu.Stage("toy", "", 30, 30, (gpu.Step(("{python}", "-c",
+    stage = plan.Stage("toy", "", 30, 30, (plan.Step(("{python}", "-c",
                                                     "import ccs_kit_probe; print('token', ccs_kit_probe.TOKEN)")),))
-    assert gpu.run_stage(stage, run).status == "ok"
+    assert runner.run_stage(stage, run).status == "ok"
     assert f"token {token}" in (tmp_path / "toy.log").read_text()
 
 

@@ -1,6 +1,6 @@
 """``python -m bench.gpu``: see the package's docstring."""
 import sys
 
-from bench.gpu import main
+from bench.gpu.cli import main
 
 sys.exit(main())
