@@ -420,36 +420,45 @@ def prepare_dataset(videos_dir, splits_dir, out_dir, *, workers=None, flow=None,
     videos = sorted({r.path for train, val in splits.values() for r in train + val})
     naming = naming or FrameNaming()
 
-    removed = remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
+    class_folders = {(frames_root / frames_dir_name(v)).parent for v in videos}
+    removed = remove_hidden_temporaries(class_folders)
     settings = flow_settings(run.method, short_side, naming)
     manifest = read_flow_manifest(out_dir)
     plan = _plan_videos(videos, videos_dir, out_dir, run.method, short_side, skip_existing, naming, settings,
                         manifest)
     num_frames, existing = plan.num_frames, len(plan.num_frames)
-    failures, short = [], []
-    bar = VideoProgress(len(plan.tasks), "prepare", enabled=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = _ManifestWriter(out_dir / FLOW_MANIFEST, settings)
     if manifest is None:
         for video in plan.unrecorded:  # so that a later run keeps them too
             record.add(video, unrecorded=True)
-    results = _run_tasks(plan.tasks, run, workers)
-    try:
-        _consume(results, num_frames, failures, short, bar, record, len(plan.tasks))
-    except DiskFull:
-        # the pool is stopped; what its workers were writing is left as hidden folders
-        remove_hidden_temporaries((frames_root / frames_dir_name(v)).parent for v in videos)
-        raise
-    finally:
-        results.close()  # stops the pool on any exception (Ctrl-C included)
-        record.close()
-        bar.close()
+    failures, short = _prepare_planned(plan.tasks, run, workers, num_frames, record, class_folders, progress)
     return {
         "videos": len(videos), "done": len(num_frames) - existing, "existing": existing,
         "failed": len(failures), "failures": failures, "short": sorted(short), "flow": run.label,
         "lists": _write_split_lists(splits, num_frames, out_dir), "removed_temporaries": [str(p) for p in removed],
         "unrecorded": len(plan.unrecorded), "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _prepare_planned(tasks: list, run: "_FlowRun", workers: Optional[int], num_frames: dict,
+                     record: "_ManifestWriter", class_folders, progress: bool) -> tuple[list, list]:
+    """Run ``tasks``, adding each video done to ``num_frames`` and the manifest: (failure
+    lines, short-decode lines). On a full disk the hidden folders the stopped workers were
+    writing are removed from ``class_folders`` before ``DiskFull`` goes up."""
+    failures, short = [], []
+    bar = VideoProgress(len(tasks), "prepare", enabled=progress)
+    results = _run_tasks(tasks, run, workers)
+    try:
+        _consume(results, num_frames, failures, short, bar, record, len(tasks))
+    except DiskFull:
+        remove_hidden_temporaries(class_folders)
+        raise
+    finally:
+        results.close()  # stops the pool on any exception (Ctrl-C included)
+        record.close()
+        bar.close()
+    return failures, short
 
 
 class _FlowRun(NamedTuple):

@@ -305,7 +305,7 @@ def test_undecodable_codec_is_one_line_naming_file_and_codec(tmp_path, capfd):
 
 
 def test_dali_codec_table_on_a_gpu():
-    from ccs_fast.dataloader.dali import check_dali_codec
+    from ccs_fast.dataloader.dali_sources import check_dali_codec
 
     for codec in ("h264", "hevc", "av1", "vp9", "mpeg4"):
         check_dali_codec(Path("x.mp4"), codec, on_gpu=True)
