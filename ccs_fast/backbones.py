@@ -3,6 +3,12 @@
 ``build_backbone(name, in_chans=3, pretrained=None) -> StagedBackbone``;
 ``build_two_stream_backbones(name, flow_chans, pretrained=None) -> (rgb, flow)``.
 
+``Backbone`` is what the 2-D ``StagedBackbone`` (here) and the 3-D ``VideoBackbone``
+(``video_backbones``) share: the stages, their ``channels``, ``in_chans``, the first
+convolution, the rank of the maps. Each kind answers the CCS model's questions about its
+layout (flow channels per input, frames to inputs, maps to the connection block's tokens), so
+the model itself never asks which kind it holds.
+
 - torchvision ResNets (``resnet18/34/50/101/152``, ``resnext*``, ``wide_resnet*``): stage 1 is
   the stem (conv1, bn1, relu, maxpool) followed by layer1; stages 2–4 are layer2–layer4.
 - torchvision VGGs (``vgg16_bn``, ``vgg16``, …): ``features`` split after each max-pool, five
@@ -16,17 +22,20 @@
   single stage running ``forward_features``, so a connection block can only follow its last
   stage.
 
-No classifier and no pooling: ``forward(x)`` returns the last stage's (N, C, h, w) map.
+No classifier and no pooling: ``forward(x)`` returns the last stage's (N, C, h, w) map. The
+connection block sees a video's K segments at once: ``to_tokens`` turns (B·K, C, h, w) into
+(B, K·h·w, C) (segment-major, then row-major positions; a view for channels_last maps) and
+``from_tokens`` turns it back.
 
 Weights are never downloaded (torchvision ``weights=None``, timm ``pretrained=False``).
 ``pretrained`` is a local state-dict file (``torch.save`` or ``.safetensors``) of the RGB
 architecture, loaded with strict key and shape checking except for the classifier.
 
-Flow stream (TSN cross-modality initialisation): the backbone is built with 3 input channels,
-weights loaded, then the first convolution is given ``in_chans`` channels whose weight is the
-mean of its RGB weight over the 3 input channels, repeated ``in_chans`` times. Built from the
-same file, the flow conv1 is therefore the RGB conv1's mean; ``build_two_stream_backbones``
-makes that hold without a file too.
+Flow stream (TSN cross-modality initialisation, ``cross_modality_weight``, 2-D and 3-D alike):
+the backbone is built with 3 input channels, weights loaded, then the first convolution is
+given ``in_chans`` channels whose weight is the mean of its RGB weight over the 3 input
+channels, repeated ``in_chans`` times. Built from the same file, the flow conv1 is therefore
+the RGB conv1's mean; ``two_streams`` makes that hold without a file too.
 """
 from __future__ import annotations
 
@@ -56,12 +65,23 @@ class _ForwardFeatures(nn.Module):
         return self.model.forward_features(x)
 
 
-class StagedBackbone(nn.Module):
-    """A feature extractor as ``stages`` (an ``nn.ModuleList`` run one after another).
+class Backbone(nn.Module):
+    """A feature extractor as ``stages`` (an ``nn.ModuleList`` run one after another) on maps
+    (N, C, *grid): the part the 2-D (``StagedBackbone``) and the 3-D
+    (``video_backbones.VideoBackbone``) backbones share.
 
     Attributes: ``name``, ``in_chans``, ``channels`` (output channels of each stage),
     ``splittable`` (False when the whole network is one stage for lack of structure).
+    A subclass names its layout (``grid``: the axes after the channels, ``(H, W)`` or
+    ``(T, H, W)``; ``input_name``; ``frame_axis``) and says what the CCS model asks of it:
+    ``flow_input_channels``, ``from_frames`` (the model's frames to its inputs),
+    ``to_tokens``/``from_tokens`` (its maps to the connection block's tokens and back) and
+    ``_stage_channels``.
     """
+
+    grid: tuple[str, ...] = ()
+    input_name = ""  # what one input is, for error messages
+    frame_axis = ""  # how the model's input names its frame axis, for error messages
 
     def __init__(self, name: str, stages: list[nn.Module], in_chans: int, splittable: bool = True):
         super().__init__()
@@ -69,23 +89,101 @@ class StagedBackbone(nn.Module):
         self.in_chans = in_chans
         self.splittable = splittable
         self.stages = nn.ModuleList(stages)
-        self.channels = tuple(_probe_channels(self))
+        self.channels = tuple(self._stage_channels())
+
+    @property
+    def dims(self) -> int:
+        """2 for image maps (N, C, h, w), 3 for clip maps (N, C, t, h, w)."""
+        return len(self.grid)
+
+    @property
+    def video(self) -> bool:
+        return self.dims == 3
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last of the maps' rank: the layout the loaders' frames give for free."""
+        return torch.channels_last_3d if self.video else torch.channels_last
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
     @property
-    def first_conv(self) -> nn.Conv2d:
-        return _first_conv(self)
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    @property
+    def first_conv(self) -> nn.Module:
+        return first_conv(self, self.dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 + self.dims or x.shape[1] != self.in_chans:
+            raise ValueError(f"{self.name}: expected {self.input_name} (N, {self.in_chans}, {', '.join(self.grid)}), "
+                             f"got {tuple(x.shape)}")
         for stage in self.stages:
             x = stage(x)
         return x
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in_chans={self.in_chans}, channels={self.channels}"
+
+    def _stage_channels(self) -> list[int]:
+        raise NotImplementedError
+
+
+class StagedBackbone(Backbone):
+    """2-D backbone: images (N, C_in, H, W) → maps (N, C, h, w); N = B·K, the K segments of
+    B videos. A connection block attends over a video's K·h·w positions."""
+
+    grid = ("H", "W")
+    input_name = "images"
+    frame_axis = "K"
+
+    @staticmethod
+    def flow_input_channels(flow_length: int) -> int:
+        """TSN: a segment's flow is a stack of ``flow_length`` (x, y) pairs."""
+        return 2 * flow_length
+
+    @staticmethod
+    def from_frames(frames: torch.Tensor, clip_len: int) -> tuple[torch.Tensor, int]:
+        """(B, K, C, H, W) segments → ((B·K, C, H, W) inputs, K); ``clip_len`` is not used."""
+        return frames.flatten(0, 1), frames.shape[1]
+
+    @staticmethod
+    def to_tokens(maps: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B·K, C, h, w) -> (B, K·h·w, C) for ``batch`` = B; a view (no copy) when ``maps``
+        is channels_last."""
+        return maps.permute(0, 2, 3, 1).reshape(batch, -1, maps.shape[1])
+
+    @staticmethod
+    def from_tokens(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(B, K·h·w, C) -> (B·K, C, h, w) of ``shape``, with channels_last strides."""
+        n, c, h, w = shape
+        return tokens.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def _stage_channels(self) -> list[int]:
+        """Output channels of each stage, read from one small eval-mode forward pass."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = torch.zeros(1, self.in_chans, _PROBE_SIZE, _PROBE_SIZE)
+            channels = []
+            for stage in self.stages:
+                x = stage(x)
+                if x.dim() != 4:
+                    raise CCSError(
+                        f"model.backbone: {self.name} gives {x.dim()}-d features; ccs_fast needs (N, C, h, w) feature maps"
+                    )
+                channels.append(x.shape[1])
+            return channels
+        except CCSError:
+            raise
+        except Exception as exc:
+            raise CCSError(f"model.backbone: {self.name} does not run on a {_PROBE_SIZE}x{_PROBE_SIZE} probe input ({exc})") from None
+        finally:
+            self.train(was_training)
 
 
 def build_backbone(name: str, in_chans: int = 3, pretrained: Optional[str] = None) -> StagedBackbone:
@@ -101,7 +199,7 @@ def build_backbone(name: str, in_chans: int = 3, pretrained: Optional[str] = Non
     if pretrained is not None:
         load_pretrained(model, pretrained, classifier)
     if in_chans != 3:
-        cross_modality_init(_first_conv(model), in_chans)
+        cross_modality_init(first_conv(model), in_chans)
     stages, splittable = _split_stages(name, model)
     return StagedBackbone(name, stages, in_chans, splittable)
 
@@ -109,23 +207,35 @@ def build_backbone(name: str, in_chans: int = 3, pretrained: Optional[str] = Non
 def build_two_stream_backbones(
     name: str, flow_chans: int, pretrained: Optional[str] = None
 ) -> tuple[StagedBackbone, StagedBackbone]:
-    """The RGB backbone and the flow backbone (``flow_chans`` inputs) of one architecture.
+    """The RGB backbone and the flow backbone (``flow_chans`` inputs) of one architecture
+    (``two_streams``)."""
+    return two_streams(build_backbone, name, flow_chans, pretrained)
 
-    Both load ``pretrained`` when given. Without it the streams are initialised independently,
-    except that the flow conv1 is still the mean of the RGB stream's conv1, repeated.
-    """
-    rgb = build_backbone(name, in_chans=3, pretrained=pretrained)
-    flow = build_backbone(name, in_chans=flow_chans, pretrained=pretrained)
+
+def two_streams(build, name: str, flow_chans: int, pretrained: Optional[str], **options):
+    """``build(name, in_chans, pretrained, **options)`` for the RGB stream (3 inputs) and the
+    flow stream (``flow_chans``). Both load ``pretrained`` when given. Without it the streams
+    are initialised independently, except that the flow stream's first convolution is still
+    the cross-modality weight of the RGB stream's."""
+    rgb = build(name, 3, pretrained, **options)
+    flow = build(name, flow_chans, pretrained, **options)
     if pretrained is None:
         with torch.no_grad():
-            flow.first_conv.weight.copy_(rgb.first_conv.weight.mean(dim=1, keepdim=True).expand_as(flow.first_conv.weight))
+            flow.first_conv.weight.copy_(cross_modality_weight(rgb.first_conv.weight, flow_chans))
     return rgb, flow
 
 
-def cross_modality_init(conv: nn.Conv2d, in_chans: int) -> None:
-    """TSN: give ``conv`` ``in_chans`` inputs, each weighted by the mean of its RGB weights."""
-    weight = conv.weight.detach().mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1)
-    conv.weight = nn.Parameter(weight.contiguous())
+def cross_modality_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """TSN's cross-modality initialisation of a convolution weight (C_out, 3, *kernel) of any
+    rank: the mean over the RGB input channels, repeated for ``in_chans`` inputs."""
+    mean = weight.mean(dim=1, keepdim=True)
+    return mean.repeat(1, in_chans, *[1] * (weight.dim() - 2))
+
+
+def cross_modality_init(conv: nn.Module, in_chans: int) -> None:
+    """Give ``conv`` (an ``nn.Conv2d`` or ``nn.Conv3d``) ``in_chans`` inputs with
+    ``cross_modality_weight`` of its RGB weight."""
+    conv.weight = nn.Parameter(cross_modality_weight(conv.weight.detach(), in_chans).contiguous())
     conv.in_channels = in_chans
 
 
@@ -204,11 +314,14 @@ def _create_timm(name: str) -> tuple[nn.Module, tuple[str, ...]]:
     return model, classifier
 
 
-def _first_conv(model: nn.Module) -> nn.Conv2d:
+def first_conv(model: nn.Module, dims: int = 2) -> nn.Module:
+    """The first ``nn.Conv2d`` (``dims`` 2) or ``nn.Conv3d`` (3) of ``model``: the one that
+    reads the input, so the one the flow stream adapts."""
+    kind = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, kind):
             return module
-    raise CCSError(f"model.backbone: {type(model).__name__} has no convolution to adapt to the flow input")
+    raise CCSError(f"model.backbone: {type(model).__name__} has no {dims}-D convolution to adapt to the flow input")
 
 
 def split_after(layers, kind) -> list[nn.Module]:
@@ -276,7 +389,7 @@ def _matches_forward_features(model: nn.Module, stages: list[nn.Module]) -> bool
     was_training = model.training
     model.eval()
     try:
-        x = torch.randn(1, _first_conv(model).in_channels, _PROBE_SIZE, _PROBE_SIZE)
+        x = torch.randn(1, first_conv(model).in_channels, _PROBE_SIZE, _PROBE_SIZE)
         expected = model.forward_features(x)
         y = x
         for stage in stages:
@@ -286,27 +399,3 @@ def _matches_forward_features(model: nn.Module, stages: list[nn.Module]) -> bool
         return False
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def _probe_channels(backbone: StagedBackbone) -> list[int]:
-    """Output channels of each stage, read from one small eval-mode forward pass."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        x = torch.zeros(1, backbone.in_chans, _PROBE_SIZE, _PROBE_SIZE)
-        channels = []
-        for stage in backbone.stages:
-            x = stage(x)
-            if x.dim() != 4:
-                raise CCSError(
-                    f"model.backbone: {backbone.name} gives {x.dim()}-d features; ccs_fast needs (N, C, h, w) feature maps"
-                )
-            channels.append(x.shape[1])
-        return channels
-    except CCSError:
-        raise
-    except Exception as exc:
-        raise CCSError(f"model.backbone: {backbone.name} does not run on a {_PROBE_SIZE}x{_PROBE_SIZE} probe input ({exc})") from None
-    finally:
-        backbone.train(was_training)

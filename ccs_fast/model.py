@@ -9,6 +9,8 @@ inside the model the streams are named ``rgb`` and ``flow``.
 Per stream the backbone stages run on the B·K segments; after each stage in ``cb_stages``
 (variants ``cb`` and ``all``) both streams' maps (B·K, C, h, w) become (B, K·h·w, C) — a free
 permute and view for channels_last tensors — and pass through one ``CrossStreamAttention``.
+The backbone says how (``Backbone.from_frames``, ``to_tokens``, ``from_tokens``,
+``flow_input_channels``): the model runs 2-D and 3-D backbones alike.
 Then per stream: global average pooling over h·w, segment consensus over K (paper Fig. 5a),
 and the head:
 
@@ -45,13 +47,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
+from ccs_fast.backbones import Backbone, build_two_stream_backbones
 from ccs_fast.config import CONSENSUS, Config, ModelConfig
 from ccs_fast.connection import CrossStreamAttention
 from ccs_fast.base.errors import CCSError
 from ccs_fast.trn import TemporalRelationConsensus
-from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones,
-                                      tokens_to_video_maps, video_maps_to_tokens)
+from ccs_fast.video_backbones import build_two_stream_video_backbones
 
 TRN_FEATURES = 256  # video feature of the TRN consensus: TRN's bottleneck width
 
@@ -98,13 +99,12 @@ class SegmentConsensus(nn.Module):
 class CCSModel(nn.Module):
     """Two backbones, connection blocks after ``cb_stages``, consensus and the heads."""
 
-    def __init__(self, cfg: ModelConfig, rgb_backbone: StagedBackbone, flow_backbone: StagedBackbone):
+    def __init__(self, cfg: ModelConfig, rgb_backbone: Backbone, flow_backbone: Backbone):
         super().__init__()
         self.variant = cfg.variant
         self.num_classes = cfg.num_classes
-        self.video = isinstance(rgb_backbone, VideoBackbone)
-        self.clip_len = cfg.clip_len if self.video else 1
-        self.flow_channels = 2 if self.video else 2 * cfg.flow_length
+        self.clip_len = cfg.clip_len  # frames per clip of a 3-D backbone (a 2-D one ignores it)
+        self.flow_channels = rgb_backbone.flow_input_channels(cfg.flow_length)
         self.partial_bn = cfg.partial_bn
         if rgb_backbone.in_chans != 3 or flow_backbone.in_chans != self.flow_channels:
             raise ValueError(
@@ -154,6 +154,11 @@ class CCSModel(nn.Module):
             nn.init.zeros_(fc.bias)
 
     @property
+    def video(self) -> bool:
+        """Whether the backbones are 3-D (inputs are clips of ``clip_len`` frames)."""
+        return self.backbone_rgb.video
+
+    @property
     def uses_connection(self) -> bool:
         return self.variant in ("cb", "all")
 
@@ -169,32 +174,29 @@ class CCSModel(nn.Module):
     def feature_maps(self, rgb: torch.Tensor, flow: torch.Tensor):
         """(last stage's RGB maps, flow maps, B, K): maps (B·K, C, h, w), or (B·K, C, T', h, w)
         for a 3-D model with K clips; connection blocks applied."""
-        what = "N·T" if self.video else "K"
+        what = self.backbone_rgb.frame_axis
         if rgb.dim() != 5 or flow.dim() != 5 or rgb.shape[:2] != flow.shape[:2] or rgb.shape[2] != 3 \
                 or flow.shape[2] != self.flow_channels:
             raise ValueError(
                 f"expected rgb (B, {what}, 3, H, W) and flow (B, {what}, {self.flow_channels}, H, W), "
                 f"got {tuple(rgb.shape)} and {tuple(flow.shape)}"
             )
-        B, P = rgb.shape[:2]
-        if self.video:
-            if P % self.clip_len:
-                raise ValueError(f"{P} frames per video are not whole clips of model.clip_len={self.clip_len}")
-            K = P // self.clip_len
-            x_rgb, x_flow = frames_to_clips(rgb, self.clip_len), frames_to_clips(flow, self.clip_len)
-        else:
-            K = P
-            x_rgb, x_flow = rgb.flatten(0, 1), flow.flatten(0, 1)
+        B = rgb.shape[0]
+        x_rgb, K = self.backbone_rgb.from_frames(rgb, self.clip_len)
+        x_flow, _ = self.backbone_flow.from_frames(flow, self.clip_len)
         for index in range(self.num_stages):
             x_rgb = self.backbone_rgb.stages[index](x_rgb)
             x_flow = self.backbone_flow.stages[index](x_flow)
             if str(index + 1) in self.connections:
-                block = self.connections[str(index + 1)]
-                if self.video:
-                    x_rgb, x_flow = _connect_clips(block, x_rgb, x_flow)
-                else:
-                    x_rgb, x_flow = _connect(block, x_rgb, x_flow, B)
+                x_rgb, x_flow = self._connect(self.connections[str(index + 1)], x_rgb, x_flow, B)
         return x_rgb, x_flow, B, K
+
+    def _connect(self, block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Tensor, B: int):
+        """Run a connection block on both streams' maps as the backbone groups them into tokens
+        (a 2-D video's K·h·w positions, a 3-D clip's T'·h·w)."""
+        to_tokens, from_tokens = self.backbone_rgb.to_tokens, self.backbone_rgb.from_tokens
+        y_rgb, y_flow = block(to_tokens(x_rgb, B), to_tokens(x_flow, B))
+        return from_tokens(y_rgb, x_rgb.shape), from_tokens(y_flow, x_flow.shape)
 
     def head_from_maps(self, x_rgb: torch.Tensor, x_flow: torch.Tensor, B: int, K: int) -> dict[str, torch.Tensor]:
         """Pool the last maps over every position but the segment (clip), consensus, heads."""
@@ -229,38 +231,7 @@ class CCSModel(nn.Module):
         return self
 
 
-def _connect(block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Tensor, B: int):
-    """Run a connection block on (B·K, C, h, w) maps, attending over all K·h·w positions."""
-    y_rgb, y_flow = block(maps_to_tokens(x_rgb, B), maps_to_tokens(x_flow, B))
-    return tokens_to_maps(y_rgb, x_rgb.shape), tokens_to_maps(y_flow, x_flow.shape)
-
-
-def _connect_clips(block: CrossStreamAttention, x_rgb: torch.Tensor, x_flow: torch.Tensor):
-    """Run a connection block on (B·N, C, T, h, w) clip maps, attending within each clip over
-    its T·h·w positions."""
-    y_rgb, y_flow = block(video_maps_to_tokens(x_rgb), video_maps_to_tokens(x_flow))
-    return tokens_to_video_maps(y_rgb, x_rgb.shape), tokens_to_video_maps(y_flow, x_flow.shape)
-
-
-def frames_to_clips(x: torch.Tensor, clip_len: int) -> torch.Tensor:
-    """(B, N·T, C, H, W) frames -> (B·N, C, T, H, W) clips; no copy when each frame is
-    channels_last (the loaders' layout), which makes the clips channels_last_3d."""
-    B, P, C, H, W = x.shape
-    return x.view(B, P // clip_len, clip_len, C, H, W).permute(0, 1, 3, 2, 4, 5).flatten(0, 1)
-
-
-def maps_to_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B·K, C, h, w) -> (B, K·h·w, C); a view (no copy) when ``x`` is channels_last."""
-    return x.permute(0, 2, 3, 1).reshape(batch, -1, x.shape[1])
-
-
-def tokens_to_maps(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """(B, K·h·w, C) -> (B·K, C, h, w) with channels_last strides."""
-    n, c, h, w = shape
-    return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
-
-
-def _resolve_stages(cfg: ModelConfig, backbone: StagedBackbone) -> list[int]:
+def _resolve_stages(cfg: ModelConfig, backbone: Backbone) -> list[int]:
     """Checked 1-based stage numbers from ``cfg.cb_stages`` (negative counts from the last)."""
     n = backbone.num_stages
     stages = []
@@ -294,8 +265,7 @@ def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -
     ``eval`` and ``predict`` all build their network here. ``cfg`` is checked by the config's
     own validation (CCSError naming the field)."""
     Config(model=cfg).validate(source="model config")
-    video = cfg.video
-    if video:
+    if cfg.video:
         rgb, flow = build_two_stream_video_backbones(cfg.backbone, 2, cfg.pretrained)
     else:
         rgb, flow = build_two_stream_backbones(cfg.backbone, 2 * cfg.flow_length, cfg.pretrained)
@@ -303,5 +273,5 @@ def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -
     if device is not None:
         model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d if video else torch.channels_last)
+        model = model.to(memory_format=rgb.memory_format)
     return model

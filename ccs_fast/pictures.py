@@ -112,10 +112,11 @@ def _one_video(batch, row: int, views: int) -> dict:
             "label": int(batch["label"][row]), "index": int(batch["index"][row])}
 
 
-def _middle(model, K: int) -> tuple[int, int]:
-    """(segment or clip k, position on the frame axis of the batch) shown for a video."""
-    k = K // 2
-    return k, (k * model.clip_len + model.clip_len // 2) if model.video else k
+def _middle(frame_count: int, K: int) -> tuple[int, int]:
+    """(segment or clip k, position on the frame axis of the batch) shown for a video of
+    ``frame_count`` frames in K inputs (a 2-D model's segments, a 3-D model's clips)."""
+    k, per_input = K // 2, frame_count // K
+    return k, k * per_input + per_input // 2
 
 
 @torch.no_grad()
@@ -138,7 +139,7 @@ def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "
             out = model.head_from_maps(x_rgb, x_flow, B, K)
         predicted = int(fuse_scores(out["logits_f"], out["logits_o"], fusion_weights)["fused"].argmax())
         target = video["label"] if video["label"] >= 0 else predicted
-        k, position = _middle(model, K)
+        k, position = _middle(video["rgb"].shape[1], K)
         cams = {}
         for stream, maps in (("RGB", x_rgb), ("Flow", x_flow)):
             W, b = weights["rgb" if stream == "RGB" else "flow"]
@@ -186,7 +187,7 @@ def write_attention(model, loader, count: int, out_dir, *, device, precision: st
                 _, _, _, K = model.feature_maps(video["rgb"], video["flow"])
             x_f, x_o = (t.float() for t in captured["tokens"])
             shape = captured["shape"]
-            k, position = _middle(model, K)
+            k, position = _middle(video["rgb"].shape[1], K)
             if model.video:  # tokens per clip: (N, T'·h·w, C), grid (T', h, w)
                 grid, tokens, shown = shape[2:], k, shape[2] // 2
             else:  # tokens per video: (1, K·h·w, C), grid (K, h, w)

@@ -2,10 +2,11 @@
 
 ``build_video_backbone(name, in_chans=3, pretrained=None, **inflation) -> VideoBackbone``;
 ``build_two_stream_video_backbones(name, flow_chans=2, pretrained=None, **inflation) -> (rgb, flow)``.
-``forward(x)`` maps a clip (B, C_in, T, H, W) to the last stage's map (B, C, T', h, w); ``channels``
-holds each stage's output channels (``channels[-1]`` = C), so a connection block can follow any
-stage after ``video_maps_to_tokens`` turns (B, C, T, h, w) into (B, T·h·w, C) (t-major, then
-row-major positions) and ``tokens_to_video_maps`` turns it back.
+``VideoBackbone`` is a ``backbones.Backbone`` of rank 3: ``forward(x)`` maps a clip
+(B, C_in, T, H, W) to the last stage's map (B, C, T', h, w); ``channels`` holds each stage's
+output channels (``channels[-1]`` = C), so a connection block can follow any stage after
+``to_tokens`` turns (B, C, T, h, w) into (B, T·h·w, C) (t-major, then row-major positions;
+each clip attends within itself) and ``from_tokens`` turns it back.
 
 Names:
 
@@ -37,7 +38,8 @@ channel 1 the vertical flow of each frame pair, as MMAction2's 3-D flow models r
 axis) and as I3D's flow stream is fed (the loaders put one flow pair per frame on the segment
 axis and the model views them as (…, 2, T, H, W) clips). The first convolution
 gets ``in_chans`` input channels, each weighted by the mean of its RGB weights over the three
-colour channels (TSN's cross-modality initialisation), after the weights are loaded.
+colour channels (TSN's cross-modality initialisation, ``backbones.cross_modality_init``), after
+the weights are loaded.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ccs_fast.backbones import load_pretrained, split_after
+from ccs_fast.backbones import Backbone, cross_modality_init, first_conv, load_pretrained, split_after, two_streams
 from ccs_fast.base.errors import CCSError, bad_file
 
 TORCHVISION_VIDEO_MODELS = ("r3d_18", "r2plus1d_18", "s3d")
@@ -61,39 +63,48 @@ def is_video_backbone(name: str) -> bool:
     return name.startswith(I3D_PREFIX) or name in TORCHVISION_VIDEO_MODELS
 
 
-class VideoBackbone(nn.Module):
-    """A 3-D feature extractor as ``stages`` run one after another: (B, C_in, T, H, W) →
-    (B, C, T', h, w). Attributes: ``name``, ``in_chans``, ``channels`` (per stage)."""
+class VideoBackbone(Backbone):
+    """3-D backbone: clips (N, C_in, T, H, W) → maps (N, C, T', h, w); N = B·N_clips. A
+    connection block attends within each clip over its T'·h·w positions."""
 
-    def __init__(self, name: str, stages: list[nn.Module], in_chans: int):
-        super().__init__()
-        self.name = name
-        self.in_chans = in_chans
-        self.splittable = True
-        self.stages = nn.ModuleList(stages)
-        self.channels = tuple(_stage_channels(name, stages))
+    grid = ("T", "H", "W")
+    input_name = "a clip"
+    frame_axis = "N·T"
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
+    @staticmethod
+    def flow_input_channels(flow_length: int) -> int:
+        """One (x, y) flow pair per frame, whatever ``flow_length``."""
+        return 2
 
-    @property
-    def out_channels(self) -> int:
-        return self.channels[-1]
+    @staticmethod
+    def from_frames(frames: torch.Tensor, clip_len: int) -> tuple[torch.Tensor, int]:
+        """(B, N·T, C, H, W) frames → ((B·N, C, T, H, W) clips of ``clip_len`` = T, N)."""
+        frame_count = frames.shape[1]
+        if frame_count % clip_len:
+            raise ValueError(f"{frame_count} frames per video are not whole clips of model.clip_len={clip_len}")
+        return frames_to_clips(frames, clip_len), frame_count // clip_len
 
-    @property
-    def first_conv(self) -> nn.Conv3d:
-        return _first_conv3d(self)
+    @staticmethod
+    def to_tokens(maps: torch.Tensor, batch: int = 0) -> torch.Tensor:
+        """(N, C, T, h, w) → (N, T·h·w, C), position index t·h·w + i·w + j; ``batch`` is not
+        used (each clip is its own token set)."""
+        if maps.dim() != 5:
+            raise ValueError(f"expected (B, C, T, h, w) features, got {tuple(maps.shape)}")
+        return maps.flatten(2).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{self.name}: expected a clip (B, {self.in_chans}, T, H, W), got {tuple(x.shape)}")
-        for stage in self.stages:
-            x = stage(x)
-        return x
+    @staticmethod
+    def from_tokens(tokens: torch.Tensor, shape) -> torch.Tensor:
+        """(N, T·h·w, C) → (N, C, T, h, w) of ``shape`` (the inverse of ``to_tokens``)."""
+        B, C, T, h, w = shape
+        return tokens.transpose(1, 2).reshape(B, C, T, h, w)
 
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, in_chans={self.in_chans}, channels={self.channels}"
+    def _stage_channels(self) -> list[int]:
+        """Output channels of each stage, read from the modules (a probe forward pass of a 3-D
+        network costs about a second on CPU): the last BatchNorm3d of a ResNet stage, S3D's known
+        stage widths (torchvision's architecture; checked by a forward pass in the tests)."""
+        if self.name == "s3d":
+            return list(S3D_STAGE_CHANNELS)
+        return [[m for m in stage.modules() if isinstance(m, nn.BatchNorm3d)][-1].num_features for stage in self.stages]
 
 
 def build_video_backbone(name: str, in_chans: int = 3, pretrained: Optional[str] = None, *,
@@ -125,23 +136,15 @@ def build_video_backbone(name: str, in_chans: int = 3, pretrained: Optional[str]
     else:
         raise CCSError(f"model.backbone: unknown 3-D backbone {name!r} (examples: {_EXAMPLES})")
     if in_chans != 3:
-        cross_modality_init_3d(_first_conv3d(nn.ModuleList(stages)), in_chans)
+        cross_modality_init(first_conv(nn.ModuleList(stages), 3), in_chans)
     return VideoBackbone(name, stages, in_chans)
 
 
 def build_two_stream_video_backbones(name: str, flow_chans: int = 2, pretrained: Optional[str] = None,
                                      **inflation) -> tuple[VideoBackbone, VideoBackbone]:
-    """The RGB and the flow (``flow_chans`` inputs per time step) 3-D backbones of one architecture.
-
-    Both load ``pretrained`` when given; without it the flow stem is still the mean of the RGB
-    stream's stem over colour channels, repeated."""
-    rgb = build_video_backbone(name, 3, pretrained, **inflation)
-    flow = build_video_backbone(name, flow_chans, pretrained, **inflation)
-    if pretrained is None:
-        with torch.no_grad():
-            mean = rgb.first_conv.weight.mean(dim=1, keepdim=True)
-            flow.first_conv.weight.copy_(mean.expand_as(flow.first_conv.weight))
-    return rgb, flow
+    """The RGB and the flow (``flow_chans`` inputs per time step) 3-D backbones of one
+    architecture (``backbones.two_streams``)."""
+    return two_streams(build_video_backbone, name, flow_chans, pretrained, **inflation)
 
 
 def inflate_conv(conv: nn.Conv2d, temporal_kernel: int = 1, temporal_stride: int = 1) -> nn.Conv3d:
@@ -208,24 +211,11 @@ def _convert_remaining_2d(module: nn.Module) -> None:
             _convert_remaining_2d(child)
 
 
-def cross_modality_init_3d(conv: nn.Conv3d, in_chans: int) -> None:
-    """TSN on a 3-D stem: ``in_chans`` inputs, each weighted by the mean of the RGB weights."""
-    weight = conv.weight.detach().mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1, 1)
-    conv.weight = nn.Parameter(weight.contiguous())
-    conv.in_channels = in_chans
-
-
-def video_maps_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, h, w) → (B, T·h·w, C), position index t·h·w + i·w + j."""
-    if x.dim() != 5:
-        raise ValueError(f"expected (B, C, T, h, w) features, got {tuple(x.shape)}")
-    return x.flatten(2).transpose(1, 2)
-
-
-def tokens_to_video_maps(tokens: torch.Tensor, shape) -> torch.Tensor:
-    """(B, T·h·w, C) → (B, C, T, h, w) of ``shape`` (the inverse of ``video_maps_to_tokens``)."""
-    B, C, T, h, w = shape
-    return tokens.transpose(1, 2).reshape(B, C, T, h, w)
+def frames_to_clips(x: torch.Tensor, clip_len: int) -> torch.Tensor:
+    """(B, N·T, C, H, W) frames -> (B·N, C, T, H, W) clips; no copy when each frame is
+    channels_last (the loaders' layout), which makes the clips channels_last_3d."""
+    B, P, C, H, W = x.shape
+    return x.view(B, P // clip_len, clip_len, C, H, W).permute(0, 1, 3, 2, 4, 5).flatten(0, 1)
 
 
 def _create_resnet2d(name: str) -> nn.Module:
@@ -234,19 +224,3 @@ def _create_resnet2d(name: str) -> nn.Module:
     if not name.startswith("resnet") or name not in torchvision.models.list_models(module=torchvision.models):
         raise CCSError(f"model.backbone: I3D inflates torchvision ResNets (i3d_resnet18, i3d_resnet50, …), got {I3D_PREFIX}{name!r}")
     return torchvision.models.get_model(name, weights=None)
-
-
-def _first_conv3d(model: nn.Module) -> nn.Conv3d:
-    for module in model.modules():
-        if isinstance(module, nn.Conv3d):
-            return module
-    raise CCSError(f"model.backbone: {type(model).__name__} has no 3-D convolution to adapt to the flow input")
-
-
-def _stage_channels(name: str, stages: list[nn.Module]) -> list[int]:
-    """Output channels of each stage, read from the modules (a probe forward pass of a 3-D
-    network costs about a second on CPU): the last BatchNorm3d of a ResNet stage, S3D's known
-    stage widths (torchvision's architecture; checked by a forward pass in the tests)."""
-    if name == "s3d":
-        return list(S3D_STAGE_CHANNELS)
-    return [[m for m in stage.modules() if isinstance(m, nn.BatchNorm3d)][-1].num_features for stage in stages]

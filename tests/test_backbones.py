@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ccs_fast.backbones import build_backbone, build_two_stream_backbones, load_pretrained
+from ccs_fast.backbones import build_backbone, build_two_stream_backbones, cross_modality_init, load_pretrained
 from ccs_fast.base.errors import CCSError
 from tiny import resnet_features
 
@@ -60,6 +60,24 @@ def test_two_stream_init_without_weights_shares_conv1_mean():
     torch.testing.assert_close(flow.first_conv.weight, expected)
     # Apart from conv1 the streams are initialised independently.
     assert not torch.equal(rgb.stages[1][0].conv1.weight, flow.stages[1][0].conv1.weight)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 6, 3), nn.Conv3d(3, 6, (3, 5, 5))], ids=["2d", "3d"])
+def test_cross_modality_init_over_the_convolutions_rank(conv):
+    rgb_weight = conv.weight.detach().clone()
+    cross_modality_init(conv, 4)
+    assert conv.in_channels == 4 and conv.weight.shape == (6, 4, *rgb_weight.shape[2:])
+    for c in range(4):
+        torch.testing.assert_close(conv.weight[:, c], rgb_weight.mean(dim=1))
+    x = torch.randn(1, 4, *[7] * (rgb_weight.dim() - 2))
+    assert conv(x).shape[1] == 6
+
+
+def test_backbone_checks_its_input():
+    backbone = build_backbone("resnet18", in_chans=4)
+    assert backbone.dims == 2 and not backbone.video and backbone.out_channels == 512
+    with pytest.raises(ValueError, match=r"expected images \(N, 4, H, W\)"):
+        backbone(torch.randn(1, 3, 32, 32))
 
 
 class _Tiny(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from ccs_fast.backbones import StagedBackbone, build_two_stream_backbones
 from ccs_fast.config import ModelConfig
 from ccs_fast.base.errors import CCSError
-from ccs_fast.model import CCSModel, SegmentConsensus, build_model, maps_to_tokens, tokens_to_maps
+from ccs_fast.model import CCSModel, SegmentConsensus, build_model
 
 B, K, L, S, CLASSES = 2, 2, 2, 32, 5
 
@@ -148,9 +148,9 @@ def test_partial_bn_freezes_all_backbone_bn_but_the_first(backbones):
 
 def test_channels_last_tokens_are_views():
     x = torch.randn(B * K, 8, 3, 5).contiguous(memory_format=torch.channels_last)
-    tokens = maps_to_tokens(x, B)
+    tokens = StagedBackbone.to_tokens(x, B)
     assert tokens.shape == (B, K * 15, 8) and tokens.data_ptr() == x.data_ptr()
-    back = tokens_to_maps(tokens, x.shape)
+    back = StagedBackbone.from_tokens(tokens, x.shape)
     assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -247,12 +247,10 @@ def make_video_model(video_backbones, **overrides):
     return CCSModel(ModelConfig(**fields), copy.deepcopy(rgb), copy.deepcopy(flow)).eval()
 
 
-def test_frames_to_clips_is_a_channels_last_3d_view():
-    from ccs_fast.model import frames_to_clips
-
+def test_frames_to_clips_is_a_channels_last_3d_view(video_backbones):
     rgb, _ = video_clip(clips=2)
-    clips = frames_to_clips(rgb, T3D)
-    assert clips.shape == (B * 2, 3, T3D, S, S) and clips.data_ptr() == rgb.data_ptr()
+    clips, count = video_backbones[0].from_frames(rgb, T3D)
+    assert clips.shape == (B * 2, 3, T3D, S, S) and count == 2 and clips.data_ptr() == rgb.data_ptr()
     assert clips.is_contiguous(memory_format=torch.channels_last_3d)
     for b, n, t in ((0, 0, 0), (1, 1, 3), (1, 0, 2)):
         assert torch.equal(clips[b * 2 + n, :, t], rgb[b, n * T3D + t])
@@ -261,9 +259,8 @@ def test_frames_to_clips_is_a_channels_last_3d_view():
 def test_3d_model_matches_its_parts(video_backbones):
     """variant all on (B, T·h·w, C) tokens per clip: the forward equals backbones → block on
     the clip's T'·h·w positions → pooling over (T', h, w) → consensus over clips → shared head."""
-    from ccs_fast.video_backbones import tokens_to_video_maps, video_maps_to_tokens
-
     model = make_video_model(video_backbones, num_segments=2)
+    to_tokens, from_tokens = model.backbone_rgb.to_tokens, model.backbone_rgb.from_tokens
     rgb, flow = video_clip(clips=2, seed=1)
     seen = {}
     block = model.connections["4"]
@@ -274,8 +271,8 @@ def test_3d_model_matches_its_parts(video_backbones):
     x_o = flow.reshape(B, 2, T3D, 2, S, S).transpose(2, 3).reshape(B * 2, 2, T3D, S, S)
     with torch.no_grad():
         f, o = model.backbone_rgb(x_f), model.backbone_flow(x_o)
-        y_f, y_o = block(video_maps_to_tokens(f), video_maps_to_tokens(o))
-        f, o = tokens_to_video_maps(y_f, f.shape), tokens_to_video_maps(y_o, o.shape)
+        y_f, y_o = block(to_tokens(f), to_tokens(o))
+        f, o = from_tokens(y_f, f.shape), from_tokens(y_o, o.shape)
         v = torch.cat([f.mean(dim=(2, 3, 4)).view(B, 2, -1).mean(1), o.mean(dim=(2, 3, 4)).view(B, 2, -1).mean(1)])
         logits = model.classifier(model.projection(v))
     assert seen["n"] == (B * 2, f.shape[2] * f.shape[3] * f.shape[4], 512)  # T'·h·w tokens per clip

@@ -8,7 +8,7 @@ import torch
 
 from ccs_fast.config import ModelConfig
 from ccs_fast.base.errors import CCSError
-from ccs_fast.model import build_model, maps_to_tokens
+from ccs_fast.model import build_model
 from ccs_fast.pictures import head_weights, write_attention, write_cams
 from ccs_fast.viz import class_activation_maps
 
@@ -70,7 +70,8 @@ def test_attention_maps_are_the_blocks_row_and_column_softmax(monkeypatch, tmp_p
         for stage in range(model.num_stages):
             x_f, x_o = model.backbone_rgb.stages[stage](x_f), model.backbone_flow.stages[stage](x_o)
         h, w = x_f.shape[2:]
-        q, key = block.phi(maps_to_tokens(x_f, 1)[0]), block.kappa(maps_to_tokens(x_o, 1)[0])
+        to_tokens = model.backbone_rgb.to_tokens
+        q, key = block.phi(to_tokens(x_f, 1)[0]), block.kappa(to_tokens(x_o, 1)[0])
         scores = (q @ key.T) * q.shape[1] ** -0.5
     centre = (K // 2) * h * w + (h // 2) * w + w // 2
     to_flow, to_rgb = full["maps"]
@@ -161,3 +162,26 @@ def test_cam_and_attention_pictures_name_the_video_and_segment(tmp_path, monkeyp
     assert [p.name for p in attention] == ["attention_7_Archery_v_Archery_g01_c01.png"]
     assert all(t.startswith("Archery/v_Archery_g01_c01") and f"segment {K // 2 + 1} of {K}" in t for t in titles)
     assert "where each stream finds the class" in titles[0] and "attention" in titles[1]
+
+
+def test_3d_pictures_show_the_middle_frame_of_the_middle_clip(tmp_path, monkeypatch):
+    """A 3-D model's inputs are clips: the picture shows frame T/2 of clip N/2 (position
+    k·T + T/2 on the batch's frame axis) and names the clip and its time step."""
+    import ccs_fast.viz as viz
+    from ccs_fast.pictures import rgb_frame
+
+    shown = []
+    for name in ("plot_cams", "plot_attention"):
+        monkeypatch.setattr(viz, name, lambda frame, *a, **kw: shown.append((frame, kw["title"])) or a[-1])
+    clips, T = 3, 2
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="i3d_resnet18", num_classes=CLASSES, num_segments=clips, clip_len=T,
+                                    variant="all", embed_dim=8, impl="eager", cb_gamma_init=1.0)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = {"rgb": torch.randn(1, clips * T, 3, S, S, generator=g), "flow": torch.randn(1, clips * T, 2, S, S, generator=g),
+            "label": torch.tensor([1]), "index": torch.tensor([4])}
+    write_cams(model, [data], 1, tmp_path, device="cpu")
+    write_attention(model, [data], 1, tmp_path, device="cpu")
+    middle = rgb_frame(data["rgb"][0, (clips // 2) * T + T // 2])
+    assert all((frame == middle).all() for frame, _ in shown) and len(shown) == 2
+    assert f"clip {clips // 2 + 1} of {clips}" in shown[0][1] and f"clip {clips // 2 + 1}, time step" in shown[1][1]

@@ -6,8 +6,8 @@ from torch import nn
 
 from ccs_fast.base.errors import CCSError
 from tiny import resnet_features
-from ccs_fast.video_backbones import (build_two_stream_video_backbones, build_video_backbone, 
-                                      inflate_conv, tokens_to_video_maps, video_maps_to_tokens)
+from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones, build_video_backbone,
+                                      inflate_conv)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def test_i3d_inflation_preserves_2d_output_on_constant_clip(resnet18_file):
 def test_two_stream_i3d_tiny_clip_and_flow_stem():
     rgb, flow = build_two_stream_video_backbones("i3d_resnet18", flow_chans=2)
     assert flow.in_chans == 2 and flow.first_conv.in_channels == 2
+    assert rgb.dims == 3 and rgb.video and rgb.memory_format == torch.channels_last_3d
     torch.testing.assert_close(flow.first_conv.weight,
                                rgb.first_conv.weight.mean(dim=1, keepdim=True).expand_as(flow.first_conv.weight))
     with torch.no_grad():
@@ -96,10 +97,10 @@ def test_torchvision_video_models_flow_stream(name, clip, stage_channels, out_sh
 
 def test_tokens_round_trip_and_order():
     x = torch.randn(2, 6, 3, 4, 5)
-    tokens = video_maps_to_tokens(x)
+    tokens = VideoBackbone.to_tokens(x)
     assert tokens.shape == (2, 3 * 4 * 5, 6)
     torch.testing.assert_close(tokens[:, 1 * 20 + 2 * 5 + 3], x[:, :, 1, 2, 3])
-    torch.testing.assert_close(tokens_to_video_maps(tokens, x.shape), x)
+    torch.testing.assert_close(VideoBackbone.from_tokens(tokens, x.shape), x)
 
 
 def test_bad_names_and_files(tmp_path):
@@ -117,9 +118,9 @@ def test_connection_block_on_video_tokens():
     x_f = torch.randn(2, 16, 2, 3, 3, requires_grad=True)  # (B, C, T', h, w) of the two streams
     x_o = torch.randn(2, 16, 2, 3, 3, requires_grad=True)
     block = CrossStreamAttention(16, impl="eager", gamma_init=1.0)
-    y_f, y_o = block(video_maps_to_tokens(x_f), video_maps_to_tokens(x_o))
+    y_f, y_o = block(VideoBackbone.to_tokens(x_f), VideoBackbone.to_tokens(x_o))
     assert y_f.shape == y_o.shape == (2, 2 * 3 * 3, 16)
-    out_f, out_o = tokens_to_video_maps(y_f, x_f.shape), tokens_to_video_maps(y_o, x_o.shape)
+    out_f, out_o = VideoBackbone.from_tokens(y_f, x_f.shape), VideoBackbone.from_tokens(y_o, x_o.shape)
     assert out_f.shape == x_f.shape and not torch.allclose(out_f, x_f)
     (out_f.square().sum() + out_o.square().sum()).backward()
     assert x_f.grad.abs().sum() > 0 and x_o.grad.abs().sum() > 0
