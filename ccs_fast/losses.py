@@ -11,6 +11,22 @@ Usage::
     out = objective(z_f, z_o, logits_f, logits_o, labels)         # z_*: (B, D), logits_*: (B, classes)
     out["loss"].backward()                                        # λ1·L1 + λ2·(L2_f + L2_o) + CE_f + CE_o
     print({k: v.item() for k, v in out.items()})                  # .item() syncs: log sparingly
+
+Names: each loss has a long name (the paper's, SPEC §2.2's, the classes' and the ops') and a
+short one (the log keys in ``metrics.jsonl``, ``CCSObjective``'s output and attributes, the
+kernel files). Both are kept, since configs and logs already use them:
+
+- L1, the cross-modal triplet loss: ``CrossModalTripletLoss``, op ``cross_modal_triplet_loss``
+  (kernels/triplet.py); config ``loss.lambda1``, ``loss.alpha1``; short name ``triplet``.
+- L2, the discriminative embedding loss: ``DiscriminativeEmbeddingLoss``, op
+  ``discriminative_embedding_loss`` (kernels/center.py); config ``loss.lambda2``,
+  ``loss.alpha2``, ``loss.alpha3``; short name ``center``.
+- L3, the two streams' cross-entropies: ``F.cross_entropy``; short name ``ce``.
+
+"center" is short for L2's two terms: each embedding is pulled to its class centre (the batch
+mean of its class, hinge alpha2 = ``alpha_intra``) and the class centres are pushed apart
+(hinge alpha3 = ``alpha_inter``). L2 = L2_f + L2_o: ``DiscriminativeEmbeddingLoss`` on each
+modality's embeddings.
 """
 import torch
 import torch.nn.functional as F
@@ -53,7 +69,8 @@ class BatchHardTripletLoss(nn.Module):
 
 
 class DiscriminativeEmbeddingLoss(nn.Module):
-    """L2_m: intra-class pull to the batch class mean plus inter-class push between means."""
+    """L2_m (short name ``center``): intra-class pull to the batch class mean plus inter-class
+    push between means."""
 
     def __init__(self, alpha_intra: float = 0.3, alpha_inter: float = 0.8, normalize: bool = True, impl: str = "auto"):
         super().__init__()
@@ -72,7 +89,8 @@ class CCSObjective(nn.Module):
     ``ranking=False`` (variants ``baseline`` and ``cb``) keeps only the two cross-entropies;
     the ranking losses are then not computed and reported as zeros.
     forward returns ``{"loss", "ce", "triplet", "center"}``, 0-dim fp32 tensors, where
-    ``triplet`` = L1 and ``center`` = L2_f + L2_o (unweighted).
+    ``triplet`` = L1 and ``center`` = L2_f + L2_o (unweighted; the short names of the module
+    docstring, also the attributes holding the two loss modules).
 
     ``ranking_scale`` (a float in [0, 1], 1 by default) multiplies λ1 and λ2: the trainer ramps
     it from 0 over ``loss.ranking_warmup_epochs`` (``ranking_ramp``). From scratch the embeddings
