@@ -14,7 +14,7 @@ Train (``train_clip_offsets``), with ``span = clip_len · frame_interval`` and
 - else, if ``avg == 0``: the deterministic offsets ``round(i · (num_frames − span + 1) / num_clips)``;
 - else (the video is shorter than one clip): every clip starts at 0.
 
-Test (``test_clip_offsets``), deterministic, with ``span = (clip_len − 1) · frame_interval + 1``
+Evaluation (``eval_clip_offsets``), deterministic, with ``span = (clip_len − 1) · frame_interval + 1``
 (the frames one clip actually covers) and ``max_offset = max(num_frames − span, 0)``:
 ``num_clips > 1`` spreads the offsets evenly from 0 to ``max_offset`` inclusive
 (``round(i · max_offset / (num_clips − 1))``); one clip sits at ``max_offset // 2``.
@@ -63,7 +63,7 @@ def train_clip_offsets(num_frames: int, clip_len: int, frame_interval: int, num_
     return offsets.astype(np.int64)
 
 
-def test_clip_offsets(num_frames: int, clip_len: int, frame_interval: int, num_clips: int) -> np.ndarray:
+def eval_clip_offsets(num_frames: int, clip_len: int, frame_interval: int, num_clips: int) -> np.ndarray:
     """Evenly spaced clip start indices (num_clips,) int64 for testing (deterministic)."""
     _check(num_frames, clip_len, frame_interval, num_clips)
     span = (clip_len - 1) * frame_interval + 1
@@ -71,10 +71,6 @@ def test_clip_offsets(num_frames: int, clip_len: int, frame_interval: int, num_c
     if num_clips == 1:
         return np.array([max_offset // 2], dtype=np.int64)
     return np.round(np.arange(num_clips) * (max_offset / (num_clips - 1))).astype(np.int64)
-
-
-# pytest would collect a module-level function named test_*; it is an API name here.
-test_clip_offsets.__test__ = False
 
 
 def clip_frame_indices(num_frames: int, clip_len: int, frame_interval: int = 1, num_clips: int = 1, *,
@@ -92,7 +88,7 @@ def clip_frame_indices(num_frames: int, clip_len: int, frame_interval: int = 1, 
     if train:
         offsets = train_clip_offsets(num_frames, clip_len, frame_interval, num_clips, rng)
     else:
-        offsets = test_clip_offsets(num_frames, clip_len, frame_interval, num_clips)
+        offsets = eval_clip_offsets(num_frames, clip_len, frame_interval, num_clips)
     indices = offsets[:, None] + np.arange(clip_len, dtype=np.int64)[None, :] * frame_interval
     if temporal_jitter:
         if rng is None:

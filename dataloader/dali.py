@@ -49,6 +49,8 @@ from .rawframes import load_records
 from .samplers import batch_sampler_for
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
+PIPELINE_PREFETCH = 2  # batches DALI's pipeline runs ahead (its default)
+
 # DALI reports a worker's exception with its traceback; this pulls our one line back out.
 _CCS_ERROR_IN_TRACEBACK = re.compile(r"CCSError: (.+)")
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
@@ -56,7 +58,7 @@ _DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
 
 # -- the pipeline ---------------------------------------------------------------------
 def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_threads,
-                        py_num_workers, dtype, prefetch=2):
+                        py_num_workers, dtype):
     """The DALI pipeline of ``source``: outputs rgb, flow, label, index (one sample/segment).
 
     ``device_id=None`` builds a CPU-only pipeline (CPU decoders); otherwise decoding is
@@ -75,7 +77,7 @@ def build_dali_pipeline(source: ClipSource, *, batch_size, device_id, num_thread
 
     @pipeline_def(batch_size=batch_size * opts.samples_per_video, num_threads=num_threads,
                   device_id=device_id, py_num_workers=py_num_workers,
-                  py_start_method=start_method, prefetch_queue_depth=prefetch)
+                  py_start_method=start_method, prefetch_queue_depth=PIPELINE_PREFETCH)
     def clip_pipeline():
         outputs = fn.external_source(
             source, num_outputs=num_rgb_outputs + 2 * opts.flow_length + 8, batch=True, batch_info=True,

@@ -219,13 +219,15 @@ def uint8_to_flow(fx: np.ndarray, fy: np.ndarray, bound: float = FLOW_BOUND) -> 
     return levels * (2.0 * bound / 255.0) - bound
 
 
-def _imwrite(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
-    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]):
+JPEG_QUALITY = 95  # of every rawframe (RGB and flow): prepare's and synth's, as denseflow writes them
+
+
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
         raise OSError(f"{path}: could not write JPEG")
 
 
-def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
-                       estimator: FlowEstimator, jpeg_quality: int, bound: float,
+def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray], estimator: FlowEstimator,
                        naming: FrameNaming) -> int:
     previous_gray = None
     for index, rgb in enumerate(frames_rgb, start=1):
@@ -233,14 +235,13 @@ def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
             raise ValueError(f"frame {index}: expected HxWx3 uint8 RGB, got "
                              f"{rgb.shape} {rgb.dtype}")
-        _imwrite(naming.rgb(folder, index - 1), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                 jpeg_quality)
+        _imwrite(naming.rgb(folder, index - 1), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         if previous_gray is not None:
-            fx, fy = flow_to_uint8(estimator(previous_gray, gray), bound)
+            fx, fy = flow_to_uint8(estimator(previous_gray, gray), FLOW_BOUND)
             path_x, path_y = naming.flow(folder, index - 2)
-            _imwrite(path_x, fx, jpeg_quality)
-            _imwrite(path_y, fy, jpeg_quality)
+            _imwrite(path_x, fx)
+            _imwrite(path_y, fy)
         previous_gray = gray
     if previous_gray is None:
         raise ValueError("no frames to write")
@@ -248,22 +249,18 @@ def _write_frames_into(folder: Path, frames_rgb: Sequence[np.ndarray],
 
 
 def write_rawframes(frames_rgb: Sequence[np.ndarray], out_dir: str | os.PathLike,
-                    method: str | FlowEstimator = "tvl1", jpeg_quality: int = 95, *,
-                    bound: float = FLOW_BOUND, overwrite: bool = False,
+                    method: str | FlowEstimator = "tvl1", *, overwrite: bool = False,
                     naming: FrameNaming | None = None) -> int:
     """Write one video's MMAction2 rawframes atomically and return its frame count ``n``.
 
-    ``out_dir`` receives ``img_00001.jpg`` … ``img_{n}.jpg`` (RGB JPEG) and ``flow_x_``/
-    ``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from frame i to i+1 on the grey frames,
-    mapped by ``flow_to_uint8``), or the names ``naming`` (a ``rawframes.FrameNaming``: templates
-    and first number) gives. ``method`` is a method name for ``make_flow_estimator`` or an
-    estimator callable. The folder appears only when complete (``atomic.atomic_dir``).
+    ``out_dir`` receives ``img_00001.jpg`` … ``img_{n}.jpg`` (RGB JPEG, quality
+    ``JPEG_QUALITY``) and ``flow_x_``/``flow_y_00001.jpg`` … ``{n-1}`` (grey JPEG, flow from
+    frame i to i+1 on the grey frames, mapped by ``flow_to_uint8`` with ``FLOW_BOUND``), or
+    the names ``naming`` (a ``rawframes.FrameNaming``: templates and first number) gives.
+    ``method`` is a method name for ``make_flow_estimator`` or an estimator callable. The
+    folder appears only when complete (``atomic.atomic_dir``).
     """
     estimator = make_flow_estimator(method) if isinstance(method, str) else method
     naming = naming or FrameNaming()
-    return atomic_dir(
-        out_dir,
-        lambda folder: _write_frames_into(folder, frames_rgb, estimator, jpeg_quality, bound,
-                                          naming),
-        overwrite=overwrite,
-    )
+    return atomic_dir(out_dir, lambda folder: _write_frames_into(folder, frames_rgb, estimator, naming),
+                      overwrite=overwrite)

@@ -5,7 +5,7 @@ Geometry (``crop_views(width, height, num_crops, crop_size=None) -> list[CropVie
 pixels, with ``short = min(width, height)``:
 
 - 1 (``CenterCrop``): the centred square of side ``crop_size``, default ``round(0.875 · short)``,
-  the same box as ``sampling.test_crop``.
+  the same box as ``sampling.centre_crop``.
 - 3 (``ThreeCrop``): three squares of side ``crop_size``, default ``short`` (MMAction2 takes
   the short side after resizing it to 256), at the start, middle and end of the long side,
   centred on the short side.

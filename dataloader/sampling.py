@@ -80,7 +80,7 @@ def train_crop(width: int, height: int, rng: np.random.Generator):
     return (x0, y0, crop_w, crop_h), flip
 
 
-def test_crop(width: int, height: int):
+def centre_crop(width: int, height: int):
     """Centred square of side round(0.875 · shorter side)."""
     side = round(TEST_CROP_SCALE * min(width, height))
     return ((width - side) // 2, (height - side) // 2, side, side)
@@ -110,7 +110,7 @@ def plan_clip(num_frames, width, height, *, num_segments, flow_length, train, se
         crop, flip = train_crop(width, height, rng)
     else:
         starts = segment_starts(num_flow, num_segments, None)
-        crop, flip = test_crop(width, height), False
+        crop, flip = centre_crop(width, height), False
     starts = np.asarray(starts, dtype=np.int64)
     flow = np.minimum(starts[:, None] + np.arange(flow_length, dtype=np.int64), num_flow - 1)
     return ClipPlan(frame_indices=starts, flow_indices=flow, crop=tuple(int(c) for c in crop),
@@ -123,7 +123,7 @@ def _plan_3d(num_frames, width, height, *, num_clips, clip_len, frame_interval, 
     if flow_length != 1:
         raise ValueError(f"3-D clips take one flow pair per frame (flow_length 1), got {flow_length}")
     indices = flow_clip_indices(num_frames, clip_len, frame_interval, num_clips, train=train, rng=rng)
-    crop, flip = train_crop(width, height, rng) if train else (test_crop(width, height), False)
+    crop, flip = train_crop(width, height, rng) if train else (centre_crop(width, height), False)
     positions = indices.reshape(-1).astype(np.int64)
     return ClipPlan(frame_indices=positions, flow_indices=positions[:, None].copy(),
                     crop=tuple(int(c) for c in crop), flip=flip)
@@ -131,7 +131,7 @@ def _plan_3d(num_frames, width, height, *, num_clips, clip_len, frame_interval, 
 
 def view_plans(plan: ClipPlan, width: int, height: int, num_crops: int) -> list[ClipPlan]:
     """``plan`` once per test view (``multicrop.crop_views``): 1 view is ``plan`` itself
-    (the centre crop of ``test_crop``)."""
+    (the centre crop of ``centre_crop``)."""
     if num_crops == 1:
         return [plan]
     from .multicrop import crop_views

@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from ccs_fast.dataloader.clip_sampling import (clip_frame_indices, flow_clip_indices, test_clip_offsets,
+from ccs_fast.dataloader.clip_sampling import (clip_frame_indices, flow_clip_indices, eval_clip_offsets,
                                                train_clip_offsets)
 
 
-def test_test_offsets_evenly_spaced_from_start_to_last_full_clip():
+def test_eval_offsets_evenly_spaced_from_start_to_last_full_clip():
     # span = 7·2 + 1 = 15 frames, max_offset = 85, offsets round(0, 42.5, 85) (half to even)
-    np.testing.assert_array_equal(test_clip_offsets(100, 8, 2, 3), [0, 42, 85])
+    np.testing.assert_array_equal(eval_clip_offsets(100, 8, 2, 3), [0, 42, 85])
     indices = clip_frame_indices(100, 8, 2, 3, train=False)
     assert indices.shape == (3, 8) and indices.dtype == np.int64
     np.testing.assert_array_equal(indices[2], 85 + 2 * np.arange(8))
@@ -16,8 +16,8 @@ def test_test_offsets_evenly_spaced_from_start_to_last_full_clip():
 
 
 def test_single_test_clip_is_centred():
-    assert test_clip_offsets(100, 8, 2, 1).tolist() == [42]
-    assert test_clip_offsets(64, 32, 1, 1).tolist() == [16]
+    assert eval_clip_offsets(100, 8, 2, 1).tolist() == [42]
+    assert eval_clip_offsets(64, 32, 1, 1).tolist() == [16]
 
 
 @pytest.mark.parametrize("out_of_bound, expected", [("loop", [0, 1, 2, 3, 4, 0, 1, 2]),

@@ -4,12 +4,12 @@ tests/test_evaluate.py)."""
 import pytest
 
 from ccs_fast.dataloader.multicrop import crop_views
-from ccs_fast.dataloader.sampling import test_crop as sampling_test_crop
+from ccs_fast.dataloader.sampling import centre_crop
 
 
 def test_centre_crop_is_the_single_view_test_crop():
     (view,) = crop_views(340, 256, 1)
-    assert view.box == sampling_test_crop(340, 256) == (58, 16, 224, 224) and not view.flip
+    assert view.box == centre_crop(340, 256) == (58, 16, 224, 224) and not view.flip
 
 
 def test_three_crops_along_the_long_side():
