@@ -258,13 +258,15 @@ def _resolve_stages(cfg: ModelConfig, backbone: Backbone) -> list[int]:
     return sorted(stages)
 
 
-def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False) -> CCSModel:
+def build_model(cfg: ModelConfig, *, device=None, channels_last: bool = False, validate: bool = True) -> CCSModel:
     """Both backbones (flow: 2L input channels, or 2 per frame for a 3-D backbone; TSN
     cross-modality init) and the CCS heads,
     on ``device`` (when given) with channels_last strides (when asked). The training run,
     ``eval`` and ``predict`` all build their network here. ``cfg`` is checked by the config's
-    own validation (CCSError naming the field)."""
-    Config(model=cfg).validate(source="model config")
+    own validation (CCSError naming the field); ``validate=False`` where it is the model
+    section of a Config validated already (the training run's)."""
+    if validate:
+        Config(model=cfg).validate(source="model config")
     if cfg.video:
         rgb, flow = build_two_stream_video_backbones(cfg.backbone, 2, cfg.pretrained)
     else:
