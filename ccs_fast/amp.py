@@ -8,10 +8,15 @@ bf16 and fp32 need no scaler. fp16 uses ``torch.amp.GradScaler``; with a fused o
 (``SGD(fused=True)`` on CUDA) the scaler hands the inf check to the optimizer and nothing
 syncs, with any other optimizer ``GradScaler.step`` reads ``found_inf`` on the host once per
 step (a sync that is torch's, not ours).
+
+A training run checks its precision against its device once (``training_precision``, before
+anything is built or written) and then enters ``Precision.autocast()`` every step with no
+further check.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -49,12 +54,34 @@ def autocast_context(precision: str, device):
     return torch.autocast(device_type=_device_type(device), dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The precision of one training run on its device, checked: the autocast dtype (None for
+    fp32) and, for fp16, the loss scaler ``amp_step`` takes."""
+    name: str
+    device_type: str
+    dtype: Optional[torch.dtype]
+    scaler: Optional[torch.amp.GradScaler]
+
+    def autocast(self):
+        """The autocast context of one step (a no-op context for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def training_precision(precision: str, device) -> Precision:
+    """``precision`` checked once against ``device`` (one-line CCSError when it cannot run
+    there), with its autocast dtype and scaler."""
+    dtype = autocast_dtype(precision)
+    check_precision(precision, device)
+    scaler = torch.amp.GradScaler(_device_type(device)) if precision == "fp16" else None
+    return Precision(precision, _device_type(device), dtype, scaler)
+
+
 def make_scaler(precision: str, device) -> Optional[torch.amp.GradScaler]:
     """A GradScaler for fp16 (the only precision whose gradients underflow), else None."""
-    if precision != "fp16":
-        return None
-    check_precision(precision, device)
-    return torch.amp.GradScaler(_device_type(device))
+    return training_precision(precision, device).scaler
 
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

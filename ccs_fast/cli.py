@@ -62,10 +62,11 @@ def cmd_train(args) -> int:
     A resumed run writes into the folder of the checkpoint it resumes from (the out_dir
     recorded in the checkpoint is where the run was, not an order): another target needs
     ``--out`` (or ``--set train.out_dir=``). Returns the trainer's exit code: 0, or 128 + the
-    signal's number after a stop signal (a resumable checkpoint is written)."""
+    signal's number after a stop signal (a resumable checkpoint is written). The config is
+    validated once, by ``load_config``; what this changes afterwards keeps it valid."""
     from ccs_fast.checkpoint import read_checkpoint, resolve_checkpoint_path
-    from ccs_fast.config import load_config
-    from ccs_fast.trainer import train
+    from ccs_fast.config import check_out_dir, load_config
+    from ccs_fast.trainer import fit
 
     if args.resume and args.overwrite:
         raise CCSError("--resume continues a run and --overwrite replaces it; pass one of them")
@@ -85,6 +86,7 @@ def cmd_train(args) -> int:
         if taken:
             print(f"[train] {taken}", flush=True)
     if args.out:
+        check_out_dir(args.out)
         cfg.train.out_dir = args.out
     elif args.resume and not any(item.split("=", 1)[0].strip() == "train.out_dir" for item in args.overrides):
         cfg.train.out_dir = str(checkpoint.parent)
@@ -94,7 +96,7 @@ def cmd_train(args) -> int:
         from ccs_fast.base.distributed import apply_cpu_plan
 
         print(f"[train] {apply_cpu_plan().describe()}", flush=True)
-    return train(cfg, resume=args.resume, overwrite=args.overwrite).get("exit_code", 0)
+    return fit(cfg, resume=args.resume, overwrite=args.overwrite).get("exit_code", 0)
 
 
 def _config_of_checkpoint(args):
@@ -278,16 +280,10 @@ def flow_methods() -> tuple[str, ...]:
     return FLOW_METHODS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
+    from ccs_fast.dataloader.rawframes import add_naming_arguments
+
     synth_defaults = _synth_defaults()
-    from ccs_fast import __version__
-
-    parser = argparse.ArgumentParser(prog="ccs-fast", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"ccs-fast {__version__}",
-                        help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write the embedded default data set (videos, rawframes, TV-L1 flow, lists, splits)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--classes", type=int, default=synth_defaults["classes"], help="number of classes C, 2-4 (appearances = motions = C; default %(default)s)")
@@ -297,20 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=synth_defaults["size"], help="frame width and height in pixels, even (default %(default)s)")
     p.add_argument("--flow", choices=("tvl1", "farneback"), default="tvl1", help="optical flow (default TV-L1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
-    from ccs_fast.dataloader.rawframes import add_naming_arguments
     add_naming_arguments(p)
-    p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="videos + split files -> rawframes, TV-L1 flow and annotation lists")
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     try:
         from ccs_fast.dataloader.prepare import add_prepare_arguments
     except ImportError:  # pragma: no cover - prepare's own dependencies missing
-        add_prepare_arguments = None
-    if add_prepare_arguments is not None:
-        add_prepare_arguments(p)
-    p.set_defaults(func=cmd_prepare)
+        return
+    add_prepare_arguments(p)
 
-    p = sub.add_parser("train", help="train a model")
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint or run folder (OUT/last.pt or OUT); "
@@ -318,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.num_workers and paths (config.RESUME_CHANGEABLE)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it or --resume a non-empty folder is refused)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="RGB, Flow and RGB+Flow top-1/top-5 of a checkpoint on a split")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--checkpoint", required=True, action="append",
                    help="checkpoint or run folder; repeat it (one per split, with one --list each) "
@@ -338,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-labels", action="store_true",
                    help="the list has no labels (none, or -1): write OUT/predictions.jsonl "
                         "(as predict does) instead of accuracies")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k classes of video files (or of an annotation list's videos)")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint (last.pt, best.pt, an exported file) or run folder to predict with")
@@ -356,25 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow estimator for video files (tvl1: what prepare computes; farneback: fast)")
     p.add_argument("--short-side", type=int, default=256,
                    help="frames are resized to this short side before the flow, as prepare does (default 256)")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("config", help="print the effective config (defaults, --config or a checkpoint's, --set) as YAML")
+
+def _config_command_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--checkpoint", help="start from this checkpoint's config instead of the defaults "
                                         "(when no --config is given)")
-    p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("export", help="a weights-only file of a checkpoint (model and config; for sharing)")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt, best.pt) or a run folder")
     p.add_argument("--out", required=True, help="the file to write")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="run a benchmark from the source checkout: " + ", ".join(BENCHMARKS))
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=BENCHMARKS, help="the benchmark to run")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
-    p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="synth the embedded data set, train baseline and CCS, evaluate, write a report")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     p.add_argument("--workers", type=int, default=None,
@@ -387,7 +381,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="baseline,all",
                    help="comma-separated variants to train (baseline, cb, cs, all; default baseline,all); "
                         "baseline,cb,cs,all gives the paper's Table 3")
-    p.set_defaults(func=cmd_demo)
+
+
+# Each sub-command: its help line, the function adding its arguments, the function it runs.
+COMMANDS = (
+    ("synth", "write the embedded default data set (videos, rawframes, TV-L1 flow, lists, splits)",
+     _synth_arguments, cmd_synth),
+    ("prepare", "videos + split files -> rawframes, TV-L1 flow and annotation lists", _prepare_arguments, cmd_prepare),
+    ("train", "train a model", _train_arguments, cmd_train),
+    ("eval", "RGB, Flow and RGB+Flow top-1/top-5 of a checkpoint on a split", _eval_arguments, cmd_eval),
+    ("predict", "top-k classes of video files (or of an annotation list's videos)", _predict_arguments, cmd_predict),
+    ("config", "print the effective config (defaults, --config or a checkpoint's, --set) as YAML",
+     _config_command_arguments, cmd_config),
+    ("export", "a weights-only file of a checkpoint (model and config; for sharing)", _export_arguments, cmd_export),
+    ("bench", "run a benchmark from the source checkout: " + ", ".join(BENCHMARKS), _bench_arguments, cmd_bench),
+    ("demo", "synth the embedded data set, train baseline and CCS, evaluate, write a report", _demo_arguments, cmd_demo),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ccs_fast import __version__
+
+    parser = argparse.ArgumentParser(prog="ccs-fast", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"ccs-fast {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_line, add_arguments, command in COMMANDS:
+        p = sub.add_parser(name, help=help_line)
+        add_arguments(p)
+        p.set_defaults(func=command)
     return parser
 
 

@@ -192,8 +192,7 @@ class Config:
         except ValueError as exc:
             name = "data.filename_tmpl" if "filename_tmpl" in str(exc) else "data.flow_tmpl"
             raise CCSError(f"{sources.get(name, source)}: {exc}") from None
-        if not str(self.train.out_dir).strip():
-            fail("train.out_dir", self.train.out_dir, "must name a folder")
+        check_out_dir(self.train.out_dir, sources.get("train.out_dir", source))
         n = self.data.classes_per_batch
         if n is not None and self.data.batch_size % n:
             where = "--set" if "--set" in (sources.get("data.batch_size"), sources.get("data.classes_per_batch")) else \
@@ -206,6 +205,12 @@ class Config:
         """The value of ``section.key``."""
         section, key = dotted.split(".", 1)
         return getattr(getattr(self, section), key)
+
+
+def check_out_dir(out_dir, source: str = "config") -> None:
+    """``train.out_dir`` must name a folder (``Config.validate``; the CLI's ``--out``)."""
+    if not str(out_dir).strip():
+        raise CCSError(f"{source}: train.out_dir = {out_dir!r}: must name a folder")
 
 
 @dataclass(frozen=True)
@@ -407,8 +412,18 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 base: Optional[dict] = None, base_source: str = "checkpoint") -> Config:
     """Defaults (or ``base``, a ``Config.to_dict()`` such as a checkpoint's), then the YAML
-    file at ``path``, then ``key=value`` overrides (``section.key=value``). Errors name the
-    source of the offending value: the YAML file, ``--set`` or ``base_source``."""
+    file at ``path``, then ``key=value`` overrides (``section.key=value``), validated: the one
+    validation of a config read from files and the command line (the trainer trusts it).
+    Errors name the source of the offending value: the YAML file, ``--set`` or ``base_source``."""
+    cfg = read_config(path, overrides, base, base_source)
+    return cfg.validate(str(path) if path else "config", cfg.sources)
+
+
+def read_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None, base_source: str = "checkpoint") -> Config:
+    """``load_config`` without the validation, for a caller that changes the config further
+    and validates it once when it is complete (the demo); ``cfg.sources`` says where each
+    value came from."""
     cfg = Config()
     sources: dict[str, str] = {}
     for section, values in (base or {}).items():
@@ -451,7 +466,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             except yaml.YAMLError:
                 raise CCSError(f"--set {item!r}: the value is not valid YAML") from None
         _apply(cfg, section.strip(), key.strip(), parsed, "--set", sources)
-    cfg.validate(str(path) if path else "config", sources)
     cfg.sources = dict(sources)
     return cfg
 

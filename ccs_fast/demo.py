@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Optional
 
 from ccs_fast.base.atomic import write_text
-from ccs_fast.config import VARIANTS, Config, load_config
+from ccs_fast.config import VARIANTS, Config, read_config
 from ccs_fast.base.distributed import CpuPlan
 from ccs_fast.base.errors import CCSError
 from ccs_fast.evaluate import protocol
 from ccs_fast.base.signals import end_with_parent
-from ccs_fast.trainer import format_duration
+from ccs_fast.metrics import format_duration
 
 DEMO_VARIANTS = ("baseline", "all")
 PICTURE_VIDEOS = 3
@@ -54,8 +54,10 @@ def parse_variants(text: str) -> tuple[str, ...]:
 
 
 def demo_config(data_dir: Path, out_dir: Path, variant: str, seed: int, workers: int | None) -> Config:
+    """The packaged ``demo`` config of one variant, not validated yet (``_variant_configs``
+    validates each variant's config once it is complete)."""
     packaged = Path(__file__).parent / "configs" / "demo.yaml"
-    cfg = load_config(packaged)
+    cfg = read_config(packaged)
     cfg.model.variant = variant
     cfg.train.seed = seed
     cfg.train.out_dir = str(out_dir / variant)
@@ -64,7 +66,7 @@ def demo_config(data_dir: Path, out_dir: Path, variant: str, seed: int, workers:
     cfg.data.val_list = str(data_dir / "annotations" / "val_rawframes.txt")
     if workers is not None:
         cfg.data.num_workers = workers
-    return cfg.validate("demo config")
+    return cfg
 
 
 def ensure_dataset(data_dir: Path, seed: int, workers: int | None, **sizes) -> dict:
@@ -180,7 +182,7 @@ def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[s
     import torch
 
     from ccs_fast.evaluate import describe_evaluation
-    from ccs_fast.trainer import train
+    from ccs_fast.trainer import fit
 
     threads_before = torch.get_num_threads()
     if threads is not None:
@@ -194,7 +196,7 @@ def train_variant(cfg: Config, threads: Optional[int] = None, prefix: Optional[s
         t0 = time.perf_counter()
         # a demo rerun retrains its variants from scratch; the training run's evaluation at the
         # end (the test split, the demo's test protocol) is the variant's result
-        summary = train(cfg, overwrite=True)
+        summary = fit(cfg, overwrite=True)
         if "eval" not in summary:  # a stop signal ended training (the trainer said how)
             raise CCSError(f"demo: {cfg.model.variant} stopped by {summary.get('stopped_by', 'a signal')}; "
                            "a demo run trains from scratch, run it again")
@@ -250,6 +252,34 @@ def summary_line(report: dict, out: Path) -> str:
             f"report: {out / 'report.md'}")
 
 
+def _plan(cfgs: dict, processes: int, device, threads: Optional[int]) -> tuple[CpuPlan, str]:
+    """Where the variants train and the line saying so: on a CPU ``processes`` side by side per
+    ``distributed.plan_cpu`` (whose loader workers fill an unset ``data.num_workers``), on a GPU
+    one after the other."""
+    from ccs_fast.base.distributed import available_cores, plan_cpu, threads_from_environment
+
+    if device.type != "cpu":
+        plan = CpuPlan(cores=available_cores(), processes=1, threads=threads, loader_workers=0)
+        return plan, f"on {device}, one variant after the other"
+    plan = plan_cpu(processes=processes, threads=threads or threads_from_environment())
+    for cfg in cfgs.values():
+        if cfg.data.num_workers is None:
+            cfg.data.num_workers = plan.loader_workers
+    return plan, plan.describe()
+
+
+def _timed_pictures(out: Path, cfgs: dict, results: dict, data: dict, variants: list, device, timings: dict) -> dict:
+    """``_pictures`` with its time in ``timings`` and a line saying where they went (or why not)."""
+    t0 = time.perf_counter()
+    paths = _pictures(out, cfgs, results, data, variants, device)
+    timings["pictures_s"] = time.perf_counter() - t0
+    if paths.get("skipped"):
+        print(f"[demo] pictures skipped: {paths['skipped']}", flush=True)
+    else:
+        print(f"[demo] pictures -> {out} ({format_duration(timings['pictures_s'])})", flush=True)
+    return paths
+
+
 def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variants=DEMO_VARIANTS,
              pictures: bool = True, dataset=None, config_overrides: dict | None = None,
              threads: Optional[int] = None, data_dir: str | Path | None = None) -> dict:
@@ -261,7 +291,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     ``dataset``: keyword arguments of ``make_synthetic_dataset`` (sizes; tests use tiny ones);
     ``config_overrides``: ``{"section.key": value}`` applied to the demo config (tests);
     ``data_dir``: where the data set is (default ``out/data``; one data set serves many runs)."""
-    from ccs_fast.base.distributed import available_cores, plan_cpu, threads_from_environment
+    from ccs_fast.base.distributed import available_cores
     from ccs_fast.evaluate import select_device
 
     start = time.perf_counter()
@@ -271,15 +301,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     cfgs = _variant_configs(out, data_dir, variants, seed, workers, config_overrides)
     first = cfgs[variants[0]]
     device = select_device(first.train.device)
-    if device.type == "cpu":
-        plan = plan_cpu(processes=len(variants), threads=threads or threads_from_environment())
-        where = plan.describe()
-        for cfg in cfgs.values():
-            if cfg.data.num_workers is None:
-                cfg.data.num_workers = plan.loader_workers
-    else:
-        plan = CpuPlan(cores=available_cores(), processes=1, threads=threads, loader_workers=0)
-        where = f"on {device}, one variant after the other"
+    plan, where = _plan(cfgs, len(variants), device, threads)
     print(f"[demo] variants {', '.join(variants)}, seed {seed}; {where}", flush=True)
     print(f"[demo] data set -> {data_dir}", flush=True)
     data = ensure_dataset(data_dir, seed, workers or available_cores(), **(dataset or {}))
@@ -293,16 +315,7 @@ def run_demo(out: str | Path, seed: int = 0, workers: int | None = None, variant
     for variant, result in results.items():
         timings[f"{variant}_s"] = result["train_s"] + result["eval_s"]
 
-    picture_paths = {}
-    if pictures:
-        t0 = time.perf_counter()
-        picture_paths = _pictures(out, cfgs, results, data, list(variants), device)
-        timings["pictures_s"] = time.perf_counter() - t0
-        if picture_paths.get("skipped"):
-            print(f"[demo] pictures skipped: {picture_paths['skipped']}", flush=True)
-        else:
-            print(f"[demo] pictures -> {out} ({format_duration(timings['pictures_s'])})", flush=True)
-
+    picture_paths = _timed_pictures(out, cfgs, results, data, list(variants), device, timings) if pictures else {}
     report = {
         "chance": data["chance"],
         "variants": {v: {stream: results[v][stream]["top1"] for stream in ("rgb", "flow", "fused")}

@@ -1,10 +1,16 @@
-"""Training logs: JSON-lines metrics, TensorBoard scalars, a progress bar, top-k accuracy.
+"""Training logs: JSON-lines metrics, TensorBoard scalars, a progress bar, top-k accuracy,
+an epoch's running sums, and the text lines a training run prints.
 
 Only rank 0 writes (the writers are no-ops elsewhere). Values reach these writers as Python
-numbers, read from the device at logging intervals by the trainer. Every JSON record carries
-the ``run_id`` of the process that wrote it. A resumed run first cuts ``metrics.jsonl`` back
-to the checkpoint's step (``truncate_metrics``): the interrupted attempt's later records move
-to ``metrics.dropped.jsonl`` and TensorBoard is told to purge its later events.
+numbers, read from the device at logging intervals by the trainer (``mean_over_steps``, the
+host sync). Every JSON record carries the ``run_id`` of the process that wrote it. A resumed
+run first cuts ``metrics.jsonl`` back to the checkpoint's step (``truncate_metrics``): the
+interrupted attempt's later records move to ``metrics.dropped.jsonl`` and TensorBoard is told
+to purge its later events.
+
+The lines, each built by one function here: the start line (``start_line``, with
+``resumed_note``), one per log interval where no bar is drawn (``interval_line``), one per
+evaluation (``eval_line``) and one when a stop signal ended training (``stop_line``).
 """
 from __future__ import annotations
 
@@ -12,13 +18,21 @@ import errno
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 
 from ccs_fast.base.atomic import write_text
+from ccs_fast.base.distributed import DistEnv
 from ccs_fast.base.errors import CCSError
+from ccs_fast.base.signals import signal_name
+from ccs_fast.config import Config
+
+LOSS_NAMES = ("loss", "ce", "triplet", "center")
+TRAIN_ACCURACY_NAMES = ("train_rgb_top1", "train_flow_top1", "train_fused_top1")
 
 METRICS_FILE = "metrics.jsonl"
 DROPPED_METRICS_FILE = "metrics.dropped.jsonl"
@@ -229,3 +243,114 @@ def confusion_counts(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     flat = torch.zeros(C * C + 1, dtype=torch.float64, device=scores.device)
     flat.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
     return flat[:-1].view(C, C)
+
+
+# ---------------------------------------------------------------------------- one epoch's sums
+
+@dataclass
+class EpochProgress:
+    """Where one epoch stands: the loader's position (``batches``: its batches consumed, the
+    ones a resume skips) and the running sums the epoch's records are made of. A mid-epoch
+    checkpoint keeps it, so a resumed epoch logs what an uninterrupted one would."""
+    running: torch.Tensor  # losses and gradient norm since the last log line
+    epoch_sum: torch.Tensor  # the same over the epoch
+    epoch_hits: torch.Tensor  # training-batch top-1 of RGB, Flow, RGB+Flow over the epoch
+    since_log: int = 0
+    steps: int = 0
+    batches: int = 0
+
+    @classmethod
+    def start(cls, device) -> "EpochProgress":
+        return cls(torch.zeros(len(LOSS_NAMES) + 1, device=device), torch.zeros(len(LOSS_NAMES) + 1, device=device),
+                   torch.zeros(len(TRAIN_ACCURACY_NAMES), device=device))
+
+    def state(self) -> dict:
+        return {"running": self.running.cpu(), "epoch_sum": self.epoch_sum.cpu(), "epoch_hits": self.epoch_hits.cpu(),
+                "since_log": self.since_log, "steps": self.steps, "batches": self.batches}
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> "EpochProgress":
+        return cls(*(state[k].to(device) for k in ("running", "epoch_sum", "epoch_hits")),
+                   since_log=int(state["since_log"]), steps=int(state["steps"]), batches=int(state["batches"]))
+
+
+def mean_over_steps(running: torch.Tensor, count: int, env: DistEnv, names=LOSS_NAMES + ("grad_norm",)) -> dict:
+    """Mean of the accumulated values (losses and gradient norm by default) over ``count``
+    steps (and every rank)."""
+    if env.distributed:
+        running = running.clone()
+        dist.all_reduce(running)
+        count *= env.world_size
+    values = (running / max(count, 1)).tolist()  # syncs with the device: logging intervals only
+    return dict(zip(names, values))
+
+
+# ---------------------------------------------------------------------------- printed lines
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m12s``, ``45s``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int,
+                  values: dict, eta_s: float) -> str:
+    """The log line of one interval, printed where there is no progress bar (stderr not a
+    terminal: a batch job, nohup, CI)."""
+    losses = " ".join(f"{name} {values[name]:.4f}" for name in LOSS_NAMES)
+    return (f"[train] epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch}: {losses} "
+            f"lr {values['lr']:.3g} {values['clips_per_s']:.1f} clips/s ETA {format_duration(eta_s)}")
+
+
+def resumed_note(cfg: Config, path: Optional[Path], start_epoch: int, step: int, iters_per_epoch: int,
+                 batches: Optional[int], changed: dict, moved: int) -> str:
+    """The start line's account of a resume (empty for a fresh run): the checkpoint and where
+    in it the run goes on (``batches``: of a mid-epoch checkpoint), another target folder,
+    the settings changed and the metrics records moved aside."""
+    if path is None:
+        return ""
+    where = f"epoch {start_epoch + 1} after batch {batches}/{iters_per_epoch}" if batches is not None else f"epoch {start_epoch}"
+    note = f"; resumed from {path} ({where}, step {step})"
+    if Path(path).parent.resolve() != Path(cfg.train.out_dir).resolve():
+        note += f", writing to {cfg.train.out_dir} (--out), not to {Path(path).parent}"
+    shown = {name: values for name, values in changed.items() if name != "train.out_dir"}  # the "->" says it
+    if shown:
+        note += ", changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in shown.items())
+    if moved:
+        note += f"; {moved} metrics record(s) after step {step} moved to metrics.dropped.jsonl"
+    return note
+
+
+def start_line(cfg: Config, run_id: str, device, world_size: int, iters_per_epoch: int, start_epoch: int,
+               weight_tensors: tuple[int, int], frame_count, resume_path: Optional[Path], resumed: str) -> str:
+    """The line a training run starts with: what trains where, the schedule, the weight decay
+    (``weight_tensors``: conv/linear weights with it, BN/bias tensors without), the output
+    folder, the data and where the weights come from, then ``resumed`` (``resumed_note``)."""
+    n_decay, n_plain = weight_tensors
+    data_note = f"; {cfg.data.train_list}: {frame_count}" if frame_count is not None else ""
+    if resume_path is not None:
+        weights = f"weights from {resume_path}"
+    elif cfg.model.pretrained:
+        weights = f"{cfg.model.backbone} streams from {cfg.model.pretrained}"
+    else:
+        weights = f"{cfg.model.backbone} streams from scratch (no model.pretrained)"
+    data_note = f"; {cfg.model.num_classes} classes, {cfg.data.backend} loader, {weights}{data_note}"
+    return (f"[train] run {run_id}: {cfg.model.variant} on {device} x{world_size}, {cfg.train.precision}, "
+            f"{iters_per_epoch} steps/epoch, epochs {start_epoch + 1}..{cfg.optim.epochs}; weight decay "
+            f"{cfg.optim.weight_decay:g} on {n_decay} conv/linear weights, none on {n_plain} BN/bias tensors "
+            f"-> {cfg.train.out_dir}{data_note}{resumed}")
+
+
+def eval_line(epoch_done: int, result: dict) -> str:
+    return (f"[eval] epoch {epoch_done}: top-1 RGB {result['rgb']['top1']:.4f} "
+            f"Flow {result['flow']['top1']:.4f} RGB+Flow {result['fused']['top1']:.4f} "
+            f"({result['num_videos']} videos)")
+
+
+def stop_line(signum: int, where: str, since_signal_s: float, checkpoint: str, out_dir: Path) -> str:
+    """The one line of a run that a stop signal ended: ``where`` it stopped, how long after the
+    signal, the checkpoint written and how to resume."""
+    return (f"[train] {signal_name(signum)} received: stopped {where}, {since_signal_s:.1f} s after the signal; "
+            f"checkpoint {checkpoint}; resume with: ccs-fast train --resume {out_dir}")

@@ -15,6 +15,11 @@ is written.
 Without ``flock`` support on the file system, a lock file whose PID is alive (or on another
 host) counts as held.
 
+``run_folder`` is the claim a training run holds (rank 0 claims, every rank learns of a
+refusal; a hard exit on a second signal removes this process's temporaries and the lock);
+``open_outputs`` writes ``config.yaml``, cuts ``metrics.jsonl`` back to a resumed run's step
+and opens the metrics writers.
+
 ``RunFolder.check_room`` compares the free space and the file size limit (``ulimit -f``)
 with the size of one checkpoint: a save writes the new file beside the previous one
 before replacing it. Limits: ``flock`` is advisory and, on NFS, only as good as the
@@ -22,6 +27,7 @@ server's lock manager; PIDs are compared on the same host name only.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -30,13 +36,17 @@ import resource
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
 from ccs_fast.base.atomic import temporary_glob
-from ccs_fast.checkpoint import BEST, LAST
+from ccs_fast.base.distributed import DistEnv, on_main_rank
 from ccs_fast.base.errors import CCSError, bad_file
-from ccs_fast.metrics import DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR
+from ccs_fast.base.signals import GracefulStop
+from ccs_fast.checkpoint import BEST, LAST
+from ccs_fast.config import Config, save_config
+from ccs_fast.metrics import DROPPED_METRICS_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, truncate_metrics
 
 LOCK_FILE = "train.lock"
 CONFIG_FILE = "config.yaml"
@@ -95,6 +105,13 @@ class RunFolder:
         if limit != resource.RLIM_INFINITY and limit < checkpoint_bytes:
             raise bad_file(self.path, f"the file size limit (ulimit -f) of {limit} bytes is below the size of a "
                                       f"checkpoint (about {checkpoint_bytes} bytes); nothing was trained")
+
+    def clean_up_now(self) -> None:
+        """What a process that must exit at once (``GracefulStop``'s hard exit) leaves in order:
+        its temporary files gone, the lock released."""
+        for tmp in self.path.glob(f".*.{os.getpid()}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         """Remove the lock; a folder this claim created and nothing else was written to goes too."""
@@ -162,6 +179,11 @@ def _take_lock(path: Path, run_id: str) -> int:
     raise bad_file(lock_path, "could not take the run folder's lock (it kept changing hands)")
 
 
+def new_run_id() -> str:
+    """Start time and random hex (from os.urandom: no draw from the seeded RNGs)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -209,3 +231,35 @@ def claim_run_folder(path, *, resume: bool, overwrite: bool, run_id: str,
         folder.release()
         raise
     return folder
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Config, env: DistEnv, stop: GracefulStop, *, resume: bool, overwrite: bool, run_id: str):
+    """``train.out_dir`` claimed for the run (``claim_run_folder`` on rank 0; a refusal is
+    raised on every rank) and released on exit; yields the RunFolder (None off rank 0)."""
+    out_dir = Path(cfg.train.out_dir)
+    folder = on_main_rank(env, lambda: claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_id=run_id))
+    if folder is not None:
+        stop.on_hard_exit(folder.clean_up_now)
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def open_outputs(cfg: Config, env: DistEnv, run_id: str, step: int, resumed: bool) -> tuple[MetricsLogger, int]:
+    """``config.yaml`` written, ``metrics.jsonl`` cut back to ``step`` when ``resumed``, the
+    metrics writers opened (TensorBoard purges its events after ``step``) on rank 0; a disabled
+    logger elsewhere. Returns (the logger, the number of metrics records moved aside)."""
+    out_dir = Path(cfg.train.out_dir)
+
+    def open_on_main():
+        save_config(cfg, out_dir / CONFIG_FILE)
+        moved = truncate_metrics(out_dir, step) if resumed else 0
+        logger = MetricsLogger(out_dir, tensorboard=cfg.train.tensorboard, run_id=run_id,
+                               purge_step=step + 1 if resumed else None)
+        return logger, moved
+
+    opened = on_main_rank(env, open_on_main)
+    return opened if env.is_main else (MetricsLogger(out_dir, enabled=False), 0)

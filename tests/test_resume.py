@@ -76,7 +76,7 @@ def test_loaders_start_an_epoch_at_a_batch(tmp_path, backend):
     import numpy as np
 
     from ccs_fast.dataloader import LoaderSpec, build_loader
-    from test_trainer import write_rawframes
+    from trainer_runs import write_rawframes
 
     if backend == "dali":
         pytest.importorskip("nvidia.dali")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from ccs_fast import trainer
+from ccs_fast import epoch, recipe, trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.metrics import read_metrics
 from ccs_fast.base.signals import SignalExit
@@ -39,8 +39,8 @@ class _SignalAtStep(torch.nn.Module):
 
 
 def _signal_at(monkeypatch, at, signals, sleep=0.0):
-    real = trainer.build_objective
-    monkeypatch.setattr(trainer, "build_objective", lambda cfg: _SignalAtStep(real(cfg), at, signals, sleep))
+    real = recipe.build_objective
+    monkeypatch.setattr(recipe, "build_objective", lambda cfg: _SignalAtStep(real(cfg), at, signals, sleep))
 
 
 def _same_weights(a, b):
@@ -118,17 +118,17 @@ def test_save_every_steps_writes_mid_epoch_checkpoints(straight, tmp_path):
     """train.save_every_steps: a resumable last.pt between epoch ends (jobs killed with no signal)."""
     out = tmp_path / "run"
     seen = []
-    real_save = trainer.save_checkpoint
+    real_save = epoch.save_checkpoint
 
     def spy(path, model, **fields):
         seen.append((fields["step"], (fields.get("mid_epoch") or {}).get("batches")))
         return real_save(path, model, **fields)
 
-    trainer.save_checkpoint = spy
+    epoch.save_checkpoint = spy
     try:
         trainer.train(tiny_config(out, epochs=2, save_every_steps=1, eval_interval=5))
     finally:
-        trainer.save_checkpoint = real_save
+        epoch.save_checkpoint = real_save
     assert [s for s in seen if s[1] is not None] == [(1, 1), (3, 1)]
     _same_weights(read_checkpoint(straight[0] / "last.pt"), read_checkpoint(out / "last.pt"))
 
@@ -138,11 +138,11 @@ def test_save_every_steps_writes_mid_epoch_checkpoints(straight, tmp_path):
 SIGNAL_DRIVER = """
 import os, signal, sys, time
 import torch
-from ccs_fast import trainer
+from ccs_fast import recipe
 from ccs_fast.cli import main
 
 wait_at = int(sys.argv[1])
-real_objective = trainer.build_objective
+real_objective = recipe.build_objective
 
 
 class Marked(torch.nn.Module):
@@ -165,7 +165,7 @@ class Marked(torch.nn.Module):
         return self.objective(*args)
 
 
-trainer.build_objective = lambda cfg: Marked(real_objective(cfg))
+recipe.build_objective = lambda cfg: Marked(real_objective(cfg))
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -196,7 +196,7 @@ def test_sigterm_to_a_training_process_then_resume_is_bit_exact(tmp_path):
     """A real ``ccs-fast train`` (torch loader, 1 worker, dropout 0.5) gets SIGTERM in epoch 1
     (after batch 3 of 4), writes a mid-epoch checkpoint, exits 143 with one line; ``--resume``
     ends with the same weights, bit for bit, as a run that never stopped."""
-    from test_trainer import torch_loader_settings, write_rawframes
+    from trainer_runs import torch_loader_settings, write_rawframes
 
     root, annotation = write_rawframes(tmp_path / "data", videos=4 * 4)
     settings = torch_loader_settings(root, annotation, workers=1)

@@ -5,17 +5,27 @@
 them and is rank 0 of 1. The trainer, both loader backends and the worker-count defaults
 read the environment only through ``dist_env()``.
 
+The set-up of a training process is here too (``training_process``: the process group, NCCL on
+CUDA and gloo on CPU, ``deterministic_mode`` and the device's flags), the seeds, and the
+collectives the trainer needs around rank 0's work (``on_main_rank``, ``gather_objects``,
+``any_rank``). torch is imported only where it is used: the CPU plan serves processes that
+never load it.
+
 The cores a process may use (``available_cores``: CPU affinity and the cgroup's CPU quota, not
 the machine's core count) and how a CPU job splits them among training processes, intra-op
 threads and loader workers (``plan_cpu``) are decided here too.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from ccs_fast.base.errors import CCSError
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,116 @@ def dist_env() -> DistEnv:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
+
+
+# ---------------------------------------------------------------------------- process set-up
+
+@contextlib.contextmanager
+def training_process(env: DistEnv, device, deterministic: bool):
+    """The set-up of one training process on ``device`` (``evaluate.select_device``), undone on
+    exit: torch.distributed's default group when there are several processes (NCCL on CUDA,
+    gloo on CPU; one the caller made already is used and kept), ``deterministic_mode`` and
+    the device's flags (``set_device_flags``)."""
+    import torch.distributed as dist
+
+    own_group = env.distributed and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        with deterministic_mode(deterministic):
+            set_device_flags(device, deterministic)
+            yield
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """``train.deterministic``: torch's deterministic algorithms (warning, not failing, on an op
+    that has none), cuDNN without autotuning, cuBLAS with a fixed workspace; the ccs_fast ops
+    then take their atomic-free paths (their ``deterministic=None`` follows torch's flag).
+    The previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def set_device_flags(device, deterministic: bool) -> None:
+    """On CUDA: cuDNN autotuning unless ``deterministic``, TF32 matmuls and convolutions."""
+    if device.type == "cuda":
+        import torch
+
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def on_main_rank(env: DistEnv, action: Callable):
+    """``action()`` on rank 0 only; a CCSError there is raised on every rank (the others
+    would otherwise wait for rank 0 in the next collective for ever)."""
+    result, message = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except CCSError as exc:
+            message = str(exc)
+    if env.distributed:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise CCSError(message)
+    return result
+
+
+def gather_objects(env: DistEnv, value) -> list:
+    """``value`` of every rank, in rank order (a collective under DDP)."""
+    if not env.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def any_rank(env: DistEnv, flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank (a MAX all-reduce and a host sync under DDP)."""
+    if not env.distributed:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def cores_per_process() -> int:

@@ -29,8 +29,8 @@ LAYERS = {
            "ccs_fast.losses"},
     "config": {"ccs_fast.config"},
     "core": {"ccs_fast.model", "ccs_fast.amp", "ccs_fast.checkpoint", "ccs_fast.metrics",
-             "ccs_fast.loaders", "ccs_fast.paper_table", "ccs_fast.viz"},
-    "app": {"ccs_fast.trainer", "ccs_fast.resume", "ccs_fast.evaluate", "ccs_fast.scoring",
+             "ccs_fast.loaders", "ccs_fast.paper_table", "ccs_fast.viz", "ccs_fast.recipe"},
+    "app": {"ccs_fast.trainer", "ccs_fast.epoch", "ccs_fast.resume", "ccs_fast.evaluate", "ccs_fast.scoring",
             "ccs_fast.predict", "ccs_fast.demo", "ccs_fast.pictures", "ccs_fast.run_folder"},
     "cli": {"ccs_fast.cli", "ccs_fast"},
 }
