@@ -21,8 +21,6 @@ count for the triton rows.
 same device at start-up (``peak_tflops``). ``peak_mem_bytes`` is the peak allocation during one
 call beyond what was live before it (inputs, and in ``bwd`` mode the saved graph, excluded).
 """
-import argparse
-
 import torch
 
 from bench import common
@@ -86,34 +84,24 @@ def case(provider, mode, B, n, f, dtype_name, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=(*DTYPES, "all"), default="all", help="'all' = bfloat16 and float32")
-    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
-    p.add_argument("--providers", default=None, help="comma list (default: all four on cuda, eager,triton on cpu)")
-    p.add_argument("--modes", default=",".join(MODES))
+    p = common.kernel_parser(__doc__, DTYPES, "all", MODES, rep=5,
+                             providers_help="comma list (default: all four on cuda, eager,triton on cpu)")
     p.add_argument("--B", type=int, default=None)
     p.add_argument("--N", default=None, help="comma list of N (= N_f = N_o)")
     p.add_argument("--features", default=None, help="comma list of d (= e)")
-    p.add_argument("--rep", type=int, default=5, help="CPU repeats")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
-    cpu = common.prepare_kernel_device(device, "bench_cross_attention")
+    sweep = common.kernel_sweep(args, "bench_cross_attention", ("eager", "triton"), PROVIDERS)
+    device, cpu = sweep.device, sweep.cpu
     B = args.B or (2 if cpu else 32)
     Ns = common.int_list(args.N, [20] if cpu else [147, 588, 1225, 2352])
     feats = common.int_list(args.features, [16] if cpu else [256, 512, 1024])
-    providers = args.providers.split(",") if args.providers else (["eager", "triton"] if cpu else list(PROVIDERS))
-    modes = args.modes.split(",")
-    dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
-    if cpu:
-        dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
-    peak = {} if cpu else {t: common.matmul_peak_tflops(device, DTYPES[t]) for t in dtypes}
-    cases = [case(provider, mode, B, n, f, dtype_name, device)
-             for dtype_name in dtypes for n in Ns for f in feats for mode in modes for provider in providers]
+    peak = {} if cpu else {t: common.matmul_peak_tflops(device, DTYPES[t]) for t in sweep.dtypes}
+    cases = [case(provider, mode, B, n, f, dtype_name, device) for dtype_name in sweep.dtypes for n in Ns
+             for f in feats for mode in sweep.modes for provider in sweep.providers]
     return common.run_sweep("cross_attention", cases, device, args.out, rep=args.rep, peak_tflops=peak,
                             columns=["provider", "mode", "dtype", "B", "N_f", "d", "ms_p50", "ms_p20", "ms_p80",
                                      "tflops", "pct_peak", "peak_mem_bytes"])

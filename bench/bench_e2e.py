@@ -18,7 +18,6 @@ Throughput is the median of the trainer's own clips/s log records after the firs
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_loader import make_rawframes
-from bench.common import append_rows, env_info, print_table, result_path
+from bench.common import append_rows, bench_parser, env_info, print_table, result_path
 from ccs_fast.config import Config
 from ccs_fast.metrics import METRICS_FILE, read_metrics
 
@@ -89,7 +88,7 @@ def measure(case: str, args, annotation, data_root, out_dir: Path) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--classes", type=int, default=101)
@@ -106,7 +105,6 @@ def main(argv=None):
     parser.add_argument("--test-segments", type=int, default=25,
                         help="segments per video of the evaluation after training on synthetic tensors (not timed)")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)

@@ -13,7 +13,6 @@ and reaped children, ``/proc`` for workers still alive), divided by the clips ti
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import resource
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import append_rows, env_info, print_table, result_path
+from bench.common import append_rows, bench_parser, env_info, print_table, result_path
 from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
 from ccs_fast.dataloader.flow import write_rawframes
 
@@ -132,7 +131,7 @@ def measure(backend: str, annotation: Path, data_root: Path, *, batch_size: int,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--data", type=Path, help="rawframes root (with --annotation)")
     parser.add_argument("--annotation", type=Path, help="rawframe list under --data")
     parser.add_argument("--make", type=int, default=16, help="videos to generate without --data")
@@ -147,7 +146,6 @@ def main(argv=None):
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--segments", type=int, default=3)
     parser.add_argument("--flow-length", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (bench/results)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:

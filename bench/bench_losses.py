@@ -19,8 +19,6 @@ serves both directions); center loss 2·C²·D for the class-mean distances plus
 ``peak_mem_bytes`` is the peak allocation during one call beyond what was live before it.
 Rows are appended to bench/results/losses-<gpu-slug>.json.
 """
-import argparse
-
 import torch
 
 from bench import common
@@ -100,32 +98,23 @@ def case(op, provider, mode, B, D, dtype_name, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=(*DTYPES, "all"), default="bfloat16", help="'all' = bfloat16 and float32")
-    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
+    p = common.kernel_parser(__doc__, DTYPES, "bfloat16", MODES, rep=3,
+                             providers_help="comma list (default: all on cuda, eager,triton,pml on cpu)")
     p.add_argument("--ops", default=",".join(OPS))
-    p.add_argument("--providers", default=None, help="comma list (default: all on cuda, eager,triton,pml on cpu)")
-    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--B", default=None, help="comma list of batch sizes")
     p.add_argument("--D", default=None, help="comma list of embedding sizes")
-    p.add_argument("--rep", type=int, default=3, help="CPU repeats")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
-    cpu = common.prepare_kernel_device(device, "bench_losses")
+    sweep = common.kernel_sweep(args, "bench_losses", ("eager", "triton", "pml"), PROVIDERS)
+    device, cpu = sweep.device, sweep.cpu
     Bs = common.int_list(args.B, [24] if cpu else [256, 512, 1024, 2048, 4096, 8192])
     Ds = common.int_list(args.D, [16] if cpu else [256, 512, 2048])
-    providers = args.providers.split(",") if args.providers else (["eager", "triton", "pml"] if cpu else list(PROVIDERS))
-    dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
-    if cpu:
-        dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
     cases = [case(op, provider, mode, B, D, dtype_name, device)
-             for op in args.ops.split(",") for dtype_name in dtypes for B in Bs for D in Ds
-             for mode in args.modes.split(",") for provider in providers]
+             for op in args.ops.split(",") for dtype_name in sweep.dtypes for B in Bs for D in Ds
+             for mode in sweep.modes for provider in sweep.providers]
     return common.run_sweep("losses", cases, device, args.out, rep=args.rep, warmup=1,
                             columns=["op", "provider", "mode", "dtype", "B", "D", "ms_p50", "ms_p20", "ms_p80",
                                      "tflops", "peak_mem_bytes"])

@@ -1,11 +1,13 @@
-"""Shared pieces of the benchmarks: device naming, versions, timing, JSON rows, tables, and
-``run_sweep``, which times a list of ``Case``s (the benchmarks only declare their cases).
+"""Shared pieces of the benchmarks: device naming, versions, timing, JSON rows, tables, the
+command line (``bench_parser``, ``kernel_parser``: the options the benchmarks share, declared once),
+and ``run_sweep``, which times a list of ``Case``s (the benchmarks only declare their cases).
 
 Every result row carries the device, the library versions, the date and the command that
 produced it (SPEC §7); rows are appended to ``bench/results/<name>-<device-slug>.json``.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -175,6 +177,58 @@ def compile_for_the_gpu(prog: str) -> None:
 def int_list(text: str | None, default: Sequence[int]) -> list[int]:
     """``"1,2,3"`` → ``[1, 2, 3]``; ``default`` when the option was not given."""
     return [int(v) for v in text.split(",")] if text else list(default)
+
+
+# ----------------------------------------------------------------------------- the command line
+# Every benchmark's parser starts here: the options they share are declared once, and each
+# benchmark adds only its own.
+
+def bench_parser(doc: str, prog: str | None = None, results: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's parser: the first paragraph of ``doc`` (its module's docstring) as the
+    description and, with ``results``, ``--out``, the folder its rows are appended to."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    if results:
+        p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/)")
+    return p
+
+
+def kernel_parser(doc: str, dtypes: Sequence[str], dtype: str, modes: Sequence[str], *, providers_help: str,
+                  rep: int) -> argparse.ArgumentParser:
+    """``bench_parser`` with the options of a kernel sweep: ``--device`` (cuda, or the CPU smoke run in
+    the Triton interpreter), ``--dtype`` (one of ``dtypes`` or ``all``; default ``dtype``),
+    ``--providers``, ``--modes`` (default all of ``modes``) and ``--rep`` (CPU repeats)."""
+    p = bench_parser(doc)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=(*dtypes, "all"), default=dtype, help="'all' = bfloat16 and float32")
+    p.add_argument("--providers", default=None, help=providers_help)
+    p.add_argument("--modes", default=",".join(modes))
+    p.add_argument("--rep", type=int, default=rep, help="CPU repeats")
+    return p
+
+
+@dataclass(frozen=True)
+class KernelSweep:
+    """A kernel sweep's common options, resolved (``kernel_sweep``)."""
+
+    device: str
+    cpu: bool  # the CPU smoke run: the Triton kernels in the interpreter, tiny shapes
+    dtypes: list[str]
+    providers: list[str]
+    modes: list[str]
+
+
+def kernel_sweep(args: argparse.Namespace, prog: str, cpu_providers: Sequence[str],
+                 providers: Sequence[str]) -> KernelSweep:
+    """The options of ``kernel_parser`` resolved: the device checked (on CPU, TRITON_INTERPRET
+    set before the kernels are imported), the providers (``cpu_providers`` on CPU, else
+    ``providers``, unless ``--providers`` names them), ``all`` dtypes as bfloat16 and float32,
+    and bfloat16 left out on CPU (float32 instead when nothing else is left)."""
+    cpu = prepare_kernel_device(args.device, prog)
+    chosen = args.providers.split(",") if args.providers else list(cpu_providers if cpu else providers)
+    dtypes = ["bfloat16", "float32"] if args.dtype == "all" else [args.dtype]
+    if cpu:
+        dtypes = [t for t in dtypes if t != "bfloat16"] or ["float32"]  # bf16 matmuls on CPU say little
+    return KernelSweep(args.device, cpu, dtypes, chosen, args.modes.split(","))
 
 
 @dataclass(frozen=True)

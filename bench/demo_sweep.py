@@ -13,13 +13,12 @@ side by side (``demo --threads 1``: one process per core) or one after the other
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from bench.common import append_rows, env_info, result_path
+from bench.common import append_rows, bench_parser, env_info, result_path
 
 ABOVE_CHANCE = 0.15  # baseline and cs: every stream within chance + this
 CCS_MIN = 0.95  # all and cb: RGB+Flow top-1 at least this
@@ -75,7 +74,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, results=False)
     parser.add_argument("--seeds", default="0-4", help="seeds of the baseline/all runs (default 0-4)")
     parser.add_argument("--threads", default="1,2", help="intra-op threads per variant (default 1,2)")
     parser.add_argument("--extra-seeds", default="0,1", help="seeds of the cb/cs runs (default 0,1; '' for none)")
