@@ -38,7 +38,6 @@ import this module, and should not pay for torch.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import time
@@ -342,8 +341,10 @@ def parse_params(text: str) -> dict:
     return params
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.bench_flow", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    from bench.common import bench_parser
+
+    p = bench_parser(__doc__, prog="python -m bench.bench_flow")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=340)
     p.add_argument("--pairs", type=int, default=16, help="pairs timed per provider")
@@ -354,21 +355,42 @@ def main(argv=None):
                    help="comma list of parts to leave out: speed, device (device agreement), agreement "
                         "(OpenCV's), opencv (OpenCV's speed), cpu (tvl1-torch's CPU speed)")
     p.add_argument("--params", default="", help="TV-L1 parameters over OpenCV's defaults, e.g. nscales=1,warps=1")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     try:
-        params = parse_params(args.params)
+        args.params = parse_params(args.params)
     except ValueError as e:
         p.error(str(e))
+    args.skip = set(filter(None, args.skip.split(",")))
+    return args
+
+
+def main(argv=None):
+    """The parts in order (module docstring); exit status 1 when one of them failed."""
+    args = parse_args(argv)
     import torch
 
-    from bench.common import append_rows, env_info, print_table, result_path
+    from bench.common import result_path
 
-    skip = set(filter(None, args.skip.split(",")))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda" if cuda else "cpu"
-    info = env_info(device)
     no_opencv = opencv_tvl1_missing()
+    parts = Parts(result_path("flow", device, args.out), row_info(device, no_opencv, args.params))
+    if "speed" not in args.skip:
+        speed_parts(parts, args, cuda)
+    device_part(parts, args, device, cuda)
+    opencv_parts(parts, args, device, no_opencv)
+    if parts.failed:
+        print(f"bench_flow: failed parts: {', '.join(parts.failed)}", flush=True)
+        return 1
+    return 0
+
+
+def row_info(device: str, no_opencv: str | None, params: dict) -> dict:
+    """What every row carries: device, versions, date and command, OpenCV's presence, the cores
+    and the load average at the start (other jobs on the machine), the TV-L1 parameters changed."""
+    from bench.common import env_info
+
+    info = env_info(device)
     if no_opencv is None:
         import cv2
 
@@ -378,59 +400,75 @@ def main(argv=None):
     info["load_avg_1min_at_start"] = round(os.getloadavg()[0], 2)  # other jobs on the machine
     if params:
         info["tvl1_params"] = params
-    path = result_path("flow", device, args.out)
-    cores = os.cpu_count() or 1
-    failed = []
+    return info
 
-    def save(rows, columns=None):  # each part's rows as soon as they exist (a stage may be stopped)
+
+class Parts:
+    """The parts of one run: each part's rows appended as soon as they exist (a stage may be
+    stopped), and a part that fails reported while the next one still runs."""
+
+    def __init__(self, path, info: dict):
+        self.path, self.info, self.failed = path, info, []
+
+    def save(self, rows, columns=None):
+        from bench.common import append_rows, print_table
+
         if columns:
             print_table(rows, columns)
-        append_rows(path, [{**r, **info} for r in rows])
-        print(f"appended {len(rows)} rows to {path}", flush=True)
+        append_rows(self.path, [{**r, **self.info} for r in rows])
+        print(f"appended {len(rows)} rows to {self.path}", flush=True)
 
-    def part(name, run):
-        """One part; a failure is reported and the next part still runs."""
+    def run(self, name, part):
         try:
-            run()
+            part()
         except Exception:  # noqa: BLE001 - any failure of one part: the others still run
             traceback.print_exc()
             print(f"failed {name}", flush=True)
-            failed.append(name)
+            self.failed.append(name)
 
-    speed_columns = ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"]
-    if "speed" not in skip:
-        for d in (["cuda"] if cuda else []) + ([] if "cpu" in skip else ["cpu"]):
-            batch = args.batch or (64 if d == "cuda" else 8)
-            part(f"speed {d}", lambda d=d, batch=batch: print_table(
-                torch_speed_rows(args.height, args.width, args.pairs, batch, d, params, save), speed_columns))
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if "device" in skip:
-        pass
-    elif not cuda and not interpret:
+SPEED_COLUMNS = ["provider", "flow_device", "batch", "pairs", "seconds", "pairs_per_s"]
+
+
+def speed_parts(parts: Parts, args, cuda: bool) -> None:
+    """tvl1-torch's pairs/s: on CUDA (when present), then on CPU (unless ``--skip cpu``)."""
+    from bench.common import print_table
+
+    for d in (["cuda"] if cuda else []) + ([] if "cpu" in args.skip else ["cpu"]):
+        batch = args.batch or (64 if d == "cuda" else 8)
+        parts.run(f"speed {d}", lambda d=d, batch=batch: print_table(
+            torch_speed_rows(args.height, args.width, args.pairs, batch, d, args.params, parts.save), SPEED_COLUMNS))
+
+
+def device_part(parts: Parts, args, device: str, cuda: bool) -> None:
+    """The GPU's flow against the CPU path; without CUDA the Triton iteration in the interpreter
+    stands in, under TRITON_INTERPRET=1 only."""
+    if "device" in args.skip:
+        return
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print("skip device: no CUDA device (the Triton iteration on CPU needs TRITON_INTERPRET=1)", flush=True)
-    else:
-        impls = ("triton", "eager") if cuda else ("triton",)
-        part("device", lambda: save(device_agreement_rows(args.height, args.width, device, impls, params),
-                                    ["pair", "impl", "identical", "max_abs_diff_px", "epe_vs_cpu",
-                                     "same_levels", "within_1_level", "epe_ours"]))
+        return
+    impls = ("triton", "eager") if cuda else ("triton",)
+    parts.run("device", lambda: parts.save(device_agreement_rows(args.height, args.width, device, impls, args.params),
+                                           ["pair", "impl", "identical", "max_abs_diff_px", "epe_vs_cpu",
+                                            "same_levels", "within_1_level", "epe_ours"]))
 
+
+def opencv_parts(parts: Parts, args, device: str, no_opencv: str | None) -> None:
+    """Agreement with OpenCV's TV-L1 and OpenCV's pairs/s; a ``skip`` line each, naming the
+    package, where cv2.optflow is missing."""
     for name in ("agreement", "opencv"):
-        if name not in skip and no_opencv:
+        if name not in args.skip and no_opencv:
             print(f"skip {name}: OpenCV's TV-L1 ({no_opencv})", flush=True)
-    if "agreement" not in skip and not no_opencv:
-        part("agreement", lambda: save(agreement_rows(args.height, args.width, device=device, params=params,
-                                                      processes=cores),
-                                       ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv",
-                                        "within_2_levels"]))
-    if "speed" not in skip and "opencv" not in skip and not no_opencv:
-        part("opencv", lambda: save([opencv_speed_row(args.height, args.width, args.opencv_pairs or args.pairs)],
-                                    speed_columns))
-    if failed:
-        print(f"bench_flow: failed parts: {', '.join(failed)}", flush=True)
-        return 1
-    return 0
-
+    if no_opencv:
+        return
+    if "agreement" not in args.skip:
+        parts.run("agreement", lambda: parts.save(
+            agreement_rows(args.height, args.width, device=device, params=args.params, processes=os.cpu_count() or 1),
+            ["pair", "epe_ours", "epe_opencv", "epe_ratio", "epe_vs_opencv", "within_2_levels"]))
+    if "speed" not in args.skip and "opencv" not in args.skip:
+        parts.run("opencv", lambda: parts.save(
+            [opencv_speed_row(args.height, args.width, args.opencv_pairs or args.pairs)], SPEED_COLUMNS))
 
 if __name__ == "__main__":
     raise SystemExit(main())
