@@ -323,54 +323,13 @@ def install_kit(kit: Path, target: Path, python: str = sys.executable) -> dict:
     lines = list(checked.lines)
     joined = target / "wheels"
     site, cv2_dir = target / "site", target / "cv2"
-    general, shadowing, done = [], [], []
-    for entry in checked.complete:
-        dist = entry.get("dist") or dist_name(entry["wheel"])
-        if dist not in SHADOWS and installed(dist):
-            lines.append(f"kit: {entry['wheel']}: {dist} is installed here already; left out")
-            continue
-        try:
-            wheel = join_wheel(kit, entry, joined)
-        except ValueError as e:
-            lines.append(str(e))
-            continue
-        (shadowing if dist in SHADOWS else general).append((dist, wheel))
-    if general:
-        proc = _pip_target([w for _, w in general], site, python)
-        if proc.returncode == 0:
-            _merge_nvidia_namespace(site)
-            done += [d for d, _ in general]
-            lines += [f"kit: installed {w.name} into {site}: {adds(d)}" for d, w in general]
-        else:
-            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            lines.append(f"kit: pip could not install {', '.join(w.name for _, w in general)}: {err}")
+    general, shadowing = _join_wheels(kit, checked.complete, joined, lines)
+    done = _install_general(general, site, python, lines)
     cv2_path = None
     for dist, wheel in shadowing:
-        have = machine_cv2(python)
-        if have == "optflow":
-            lines.append(f"kit: {wheel.name}: this machine's cv2 has cv2.optflow already; left out")
-            continue
-        why = _numpy_requirement_holds(wheel)
-        if why:
-            lines.append(f"kit: {wheel.name}: left out, {why}")
-            continue
-        proc = _pip_target([wheel], cv2_dir, python)
-        if proc.returncode != 0:
-            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            lines.append(f"kit: pip could not install {wheel.name}: {err}")
-            continue
-        probe = subprocess.run([python, "-c", CV2_PROBE, str(cv2_dir)], capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                   [str(cv2_dir), *filter(None, [os.environ.get("PYTHONPATH")])])))
-        if probe.returncode != 0:
-            err = (probe.stderr.strip().splitlines() or ["?"])[-1]
-            lines.append(f"kit: {wheel.name} does not work here ({err}); left out")
-            shutil.rmtree(cv2_dir, ignore_errors=True)
-            continue
-        cv2_path = str(cv2_dir)
-        done.append(dist)
-        lines.append(f"kit: installed {wheel.name} into {cv2_dir} (OpenCV {probe.stdout.strip()}), first on "
-                     f"the path of the stages that use OpenCV's TV-L1 only: {adds(dist)}")
+        if _install_cv2(dist, wheel, cv2_dir, python, lines):
+            cv2_path = str(cv2_dir)
+            done.append(dist)
     shutil.rmtree(joined, ignore_errors=True)
     for entry in checked.incomplete:
         dist = entry.get("dist") or dist_name(entry["wheel"])
@@ -380,6 +339,68 @@ def install_kit(kit: Path, target: Path, python: str = sys.executable) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     (target / KIT_JSON).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _join_wheels(kit: Path, complete: list[dict], dest: Path, lines: list[str]):
+    """The complete wheels joined into ``dest``, as (dist, wheel) pairs: those that go on the
+    stages' path and those that shadow a module of the machine (``SHADOWS``). A wheel of an
+    installed distribution is left out, with a line in ``lines``."""
+    general, shadowing = [], []
+    for entry in complete:
+        dist = entry.get("dist") or dist_name(entry["wheel"])
+        if dist not in SHADOWS and installed(dist):
+            lines.append(f"kit: {entry['wheel']}: {dist} is installed here already; left out")
+            continue
+        try:
+            wheel = join_wheel(kit, entry, dest)
+        except ValueError as e:
+            lines.append(str(e))
+            continue
+        (shadowing if dist in SHADOWS else general).append((dist, wheel))
+    return general, shadowing
+
+
+def _install_general(general: list[tuple[str, Path]], site: Path, python: str, lines: list[str]) -> list[str]:
+    """One pip call for the wheels that go on every stage's path; the distributions installed."""
+    if not general:
+        return []
+    proc = _pip_target([w for _, w in general], site, python)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        lines.append(f"kit: pip could not install {', '.join(w.name for _, w in general)}: {err}")
+        return []
+    _merge_nvidia_namespace(site)
+    lines += [f"kit: installed {w.name} into {site}: {adds(d)}" for d, w in general]
+    return [d for d, _ in general]
+
+
+def _install_cv2(dist: str, wheel: Path, cv2_dir: Path, python: str, lines: list[str]) -> bool:
+    """opencv-contrib into a folder of its own, only where the machine's cv2 lacks cv2.optflow,
+    the wheel's numpy requirement holds, and a child Python imports it from there and runs one
+    TV-L1. True when it is installed."""
+    if machine_cv2(python) == "optflow":
+        lines.append(f"kit: {wheel.name}: this machine's cv2 has cv2.optflow already; left out")
+        return False
+    why = _numpy_requirement_holds(wheel)
+    if why:
+        lines.append(f"kit: {wheel.name}: left out, {why}")
+        return False
+    proc = _pip_target([wheel], cv2_dir, python)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        lines.append(f"kit: pip could not install {wheel.name}: {err}")
+        return False
+    probe = subprocess.run([python, "-c", CV2_PROBE, str(cv2_dir)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                               [str(cv2_dir), *filter(None, [os.environ.get("PYTHONPATH")])])))
+    if probe.returncode != 0:
+        err = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        lines.append(f"kit: {wheel.name} does not work here ({err}); left out")
+        shutil.rmtree(cv2_dir, ignore_errors=True)
+        return False
+    lines.append(f"kit: installed {wheel.name} into {cv2_dir} (OpenCV {probe.stdout.strip()}), first on "
+                 f"the path of the stages that use OpenCV's TV-L1 only: {adds(dist)}")
+    return True
 
 
 def _merge_nvidia_namespace(site: Path) -> None:
