@@ -27,7 +27,7 @@ Outputs are (B·K, S, S, C) per stream; they are copied into torch tensors (DALI
 buffers until the next run) and viewed as (B, K, C, S, S), channels_last after
 ``flatten(0, 1)``. 3-D clips and test views need nothing else: a 3-D clip's N·T frames are
 its samples (one flow pair each), and with V test crops a clip's samples are its V views one
-after another, each with its own crop box and flip (``sampling.view_plans``), viewed as
+after another, each with its own crop box and flip (``clip_plan.view_plans``), viewed as
 (B·V, P, C, S, S) at the end like the torch backend's batch. Pixels agree with the torch
 backend up to resize rounding (±1 level before normalisation; tests/test_dali.py).
 """
@@ -46,7 +46,7 @@ from ccs_fast.base.distributed import cores_per_process, dist_env
 from .dali_sources import ClipSource, check_dali_codec, video_codec
 from .formats import default_num_classes
 from .rawframes import load_records
-from .samplers import batch_sampler_for
+from .batch_samplers import batch_sampler_for
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PIPELINE_PREFETCH = 2  # batches DALI's pipeline runs ahead (its default)

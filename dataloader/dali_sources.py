@@ -10,7 +10,7 @@ box, flip and flow normalisation as per-sample arguments (``_crop_arguments``; f
 255 − flow_x on flip is folded into the normalisation: (x − 127)/(−128)).
 
 With V test crops a clip's samples are its V views one after another, each with its own crop
-box and flip (``sampling.view_plans``). A batch left with no clip by skip_bad carries a
+box and flip (``clip_plan.view_plans``). A batch left with no clip by skip_bad carries a
 placeholder the loader drops (DALI refuses empty batches).
 
 Codec checks (``check_dali_codec``, ``video_codec``): which videos DALI's decoder can read,
@@ -26,7 +26,7 @@ import torch
 from ccs_fast.base.errors import CCSError, bad_file
 
 from .rawframes import checked_jpeg, frame_size, frames_folder, read_file_bytes
-from .sampling import plan_clip, view_plans
+from .clip_plan import plan_clip, view_plans
 from .transforms import FLOW_MEAN, FLOW_STD
 
 

@@ -5,13 +5,13 @@ Geometry (``crop_views(width, height, num_crops, crop_size=None) -> list[CropVie
 pixels, with ``short = min(width, height)``:
 
 - 1 (``CenterCrop``): the centred square of side ``crop_size``, default ``round(0.875 · short)``,
-  the same box as ``sampling.centre_crop``.
+  the same box as ``clip_plan.centre_crop``.
 - 3 (``ThreeCrop``): three squares of side ``crop_size``, default ``short`` (MMAction2 takes
   the short side after resizing it to 256), at the start, middle and end of the long side,
   centred on the short side.
 - 10 (``TenCrop``): squares of side ``crop_size`` (default ``round(0.875 · short)``) at the four
   corners and the centre, on the grid ``step = (size − crop) // 4`` that TSN's corner cropping and
-  ``sampling.train_crop`` use (corners at 0 and 4·step, centre at 2·step), then the same five
+  ``clip_plan.train_crop`` use (corners at 0 and 4·step, centre at 2·step), then the same five
   mirrored.
 
 Pixels: the loaders cut each view with ``transforms.crop_resize(frame, view.box, size,

@@ -26,10 +26,10 @@ the lists; the run goes on. A video that decodes to fewer frames than its contai
 Faults. A full disk (ENOSPC or EDQUOT, or a JPEG write that fails with under 1 MiB free)
 stops the run at the first video it hits: one CCSError line naming the folder, no annotation
 list written (finished videos stay and a rerun goes on from them). The hidden temporary
-folders (``.<video>.<pid>.<random>.tmp``, ``atomic.atomic_dir``) of a killed run are removed at the next start;
-one prepare per output folder at a time. Pool workers ignore SIGINT (the main process stops
-them) and end with the main process (``signals.end_with_parent``), so a killed prepare
-leaves no workers behind.
+folders (``.<video>.<pid>.<random>.tmp``, ``atomic.atomic_dir``) of a killed run are removed
+at the next start; one prepare per output folder at a time. Pool workers ignore SIGINT (the
+main process stops them) and end with the main process (``signals.end_with_parent``), so a
+killed prepare leaves no workers behind.
 
 Flow manifest. ``flow_manifest.jsonl`` in the output folder gets one line per finished video:
 the estimator that made its flow and the settings its frames depend on (``flow_settings``).

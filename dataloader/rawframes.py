@@ -31,7 +31,7 @@ import numpy as np
 from ccs_fast.base.errors import CCSError, bad_file
 
 from .formats import VideoRecord, read_annotation
-from .sampling import num_flow_frames
+from .clip_plan import num_flow_frames
 
 _SOF_MARKERS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
                           0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF])

@@ -33,7 +33,7 @@ class LoaderSpec:
     this machine's cores shared among the local ranks.
 
     3-D clips (``clip_len`` > 0): ``num_segments`` clips of ``clip_len`` frames
-    ``frame_interval`` apart (MMAction2 SampleFrames, ``clip_sampling``) with one flow pair
+    ``frame_interval`` apart (MMAction2 SampleFrames, ``sample_frames``) with one flow pair
     per frame (``flow_length`` = 1); a batch carries each clip's frames on the segment axis,
     ``rgb`` (B, N·T, 3, S, S) and ``flow`` (B, N·T, 2, S, S), which the model views as N clips
     (C, T, S, S). ``test_crops`` (1, 3, 10; evaluation only): every clip is cut into that

@@ -39,8 +39,8 @@ from ccs_fast.base.signals import end_with_parent, ignore_stop_signals
 
 from .formats import VideoRecord, default_num_classes
 from .rawframes import decode_jpeg, frame_size, frames_folder, load_records
-from .sampling import plan_clip, view_plans
-from .samplers import batch_sampler_for
+from .clip_plan import plan_clip, view_plans
+from .batch_samplers import batch_sampler_for
 from .transforms import (FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                          invert_flow_x, stack_flow, video_frame_rgb)
 

@@ -1,4 +1,5 @@
-"""Dual TV-L1 optical flow in torch, batched over pairs: (P, H, W) grey pairs → (P, H, W, 2).
+"""Dual TV-L1 optical flow, the whole algorithm in torch (pyramid, warps, median, stopping), batched
+over pairs: (P, H, W) grey pairs → (P, H, W, 2); its inner primal-dual iteration is ``kernels/tvl1.py``.
 
 The algorithm is the one OpenCV's ``optflow::DualTVL1OpticalFlow`` implements (Zach, Pock and
 Bischof 2007 with Wedel et al.'s improvements, as described by Sánchez Pérez, Meinhardt-Llopis

@@ -5,7 +5,7 @@ Each video is decoded with PyAV and resized as ``prepare`` resizes (short side
 quantised as stored rawframes are (denseflow's uint8 mapping, bound 20; only the JPEG
 compression of stored flow is left out), and the clip is planned with the TSN test protocol
 (``spec.num_segments`` evenly spaced segments, centre crop, ``spec.flow_length`` flow pairs
-per segment; ``sampling.plan_clip``), cut and normalised as the torch backend cuts and
+per segment; ``clip_plan.plan_clip``), cut and normalised as the torch backend cuts and
 normalises rawframes. Only the flow pairs the clip needs are computed.
 
 One batch per video (B = 1) in the order given: the loader contract's ``rgb``, ``flow``,
@@ -29,7 +29,7 @@ from ccs_fast.base.errors import CCSError, bad_file
 from .flow import FLOW_BOUND, flow_to_uint8, make_flow_estimator
 from .prepare import decode_resized, short_decode_line
 from .progress import Progress
-from .sampling import plan_clip
+from .clip_plan import plan_clip
 from .spec import LoaderSpec
 from .torch_loader import cut_clip, normalize_on_device
 

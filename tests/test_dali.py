@@ -23,7 +23,7 @@ pytest.importorskip("nvidia.dali")
 from ccs_fast.dataloader import LoaderSpec, build_loader  # noqa: E402
 from ccs_fast.dataloader.rawframes import jpeg_size  # noqa: E402
 from ccs_fast.dataloader.flow import write_rawframes  # noqa: E402
-from ccs_fast.dataloader.sampling import plan_clip  # noqa: E402
+from ccs_fast.dataloader.clip_plan import plan_clip  # noqa: E402
 from ccs_fast.base.errors import CCSError  # noqa: E402
 
 pytestmark = pytest.mark.dali

@@ -12,7 +12,7 @@ import pytest
 
 from ccs_fast.dataloader import LoaderSpec, build_loader, dali_available
 from ccs_fast.dataloader.rawframes import FrameNaming
-from ccs_fast.dataloader.sampling import plan_clip
+from ccs_fast.dataloader.clip_plan import plan_clip
 from ccs_fast.dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ccs_fast.base.errors import CCSError
 

@@ -4,7 +4,7 @@ tests/test_evaluate.py)."""
 import pytest
 
 from ccs_fast.dataloader.multicrop import crop_views
-from ccs_fast.dataloader.sampling import centre_crop
+from ccs_fast.dataloader.clip_plan import centre_crop
 
 
 def test_centre_crop_is_the_single_view_test_crop():

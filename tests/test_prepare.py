@@ -263,11 +263,11 @@ def test_full_disk_stops_at_once_with_one_line_and_no_list(ucf_tree, monkeypatch
     real_imwrite, writes = flow_module._imwrite, []
     fail_at = 3 * FRAMES - 2 + int(np.random.default_rng().integers(1, 3 * FRAMES - 2))  # in the 2nd video
 
-    def imwrite(path, image, quality):
+    def imwrite(path, image):
         writes.append(path)
         if len(writes) >= fail_at:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_imwrite(path, image, quality)
+        real_imwrite(path, image)
 
     monkeypatch.setattr(flow_module, "_imwrite", imwrite)
     code = main(["prepare", "--videos", str(videos), "--splits", str(splits), "--out", str(out),

@@ -9,7 +9,7 @@ import torch
 
 import ccs_fast.dataloader as dataloader
 from ccs_fast.dataloader import LoaderSpec, build_loader
-from ccs_fast.dataloader.sampling import plan_clip
+from ccs_fast.dataloader.clip_plan import plan_clip
 from ccs_fast.dataloader.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_resize,
                                             invert_flow_x, normalize_flow, normalize_rgb,
                                             stack_flow)
@@ -463,8 +463,8 @@ def test_test_crops_are_the_multicrop_views(tree):
 
 def test_3d_clips_follow_sample_frames(tmp_path):
     """clip_len: a video gives N·T frames on the segment axis, frame t of clip n at position
-    n·T + t, each with its one flow pair, at the indices of clip_sampling."""
-    from ccs_fast.dataloader.clip_sampling import flow_clip_indices
+    n·T + t, each with its one flow pair, at the indices of sample_frames."""
+    from ccs_fast.dataloader.sample_frames import flow_clip_indices
 
     annotation, root = make_rawframes(tmp_path, num_videos=3, flow_y_marks_index=True)
     batch = next(iter(loader(annotation, root, train=False, batch_size=3, num_segments=2, flow_length=1,

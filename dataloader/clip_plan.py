@@ -1,4 +1,7 @@
-"""Which frames, which crop, which flip: the TSN clip plan both loader backends share.
+"""What is read of one video (frames, crop, flip): ``plan_clip``, the clip plan every backend shares.
+
+Beside it, ``batch_samplers`` decides which videos form a batch and ``sample_frames`` holds
+the 3-D clip offsets a plan calls for ``clip_len`` > 0.
 
 A plan depends only on (num_frames, width, height, options, seed, epoch, index), so the
 torch and DALI backends, every worker and every rank draw exactly the same clip for the same
@@ -7,7 +10,7 @@ fixed order: K segment offsets, then the scale pair, then the crop position, the
 
 3-D base models (``clip_len`` > 0): the K segments become K clips of ``clip_len`` frames
 ``frame_interval`` apart, MMAction2's ``SampleFrames`` over the flow frames
-(``clip_sampling.flow_clip_indices``: random offsets in training, evenly spaced at test),
+(``sample_frames.flow_clip_indices``: random offsets in training, evenly spaced at test),
 drawn before the crop; the RGB frame of each position is the first frame of its flow pair,
 and each position has a flow stack of one pair (``flow_length`` must be 1). ``frame_indices``
 then holds the K·T positions clip after clip.
@@ -118,7 +121,7 @@ def plan_clip(num_frames, width, height, *, num_segments, flow_length, train, se
 
 
 def _plan_3d(num_frames, width, height, *, num_clips, clip_len, frame_interval, flow_length, train, rng):
-    from .clip_sampling import flow_clip_indices
+    from .sample_frames import flow_clip_indices
 
     if flow_length != 1:
         raise ValueError(f"3-D clips take one flow pair per frame (flow_length 1), got {flow_length}")

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccs_fast.dataloader.sampling import SCALE_PAIRS, clip_rng, plan_clip
+from ccs_fast.dataloader.clip_plan import SCALE_PAIRS, clip_rng, plan_clip
 
 
 def plan(num_frames=12, width=40, height=32, *, K=3, L=5, train=True, seed=0, epoch=0, index=0):
@@ -131,10 +131,10 @@ def test_every_plan_stays_inside_the_video_and_the_frame(num_frames, num_segment
 
 
 def test_3d_plan_is_sample_frames_over_the_flow_frames():
-    """A 3-D plan: N clips of T frames from clip_sampling (offsets drawn before the crop),
+    """A 3-D plan: N clips of T frames from sample_frames (offsets drawn before the crop),
     one flow pair per frame, the RGB frame of each position the first of its pair."""
-    from ccs_fast.dataloader.clip_sampling import flow_clip_indices
-    from ccs_fast.dataloader.sampling import train_crop
+    from ccs_fast.dataloader.sample_frames import flow_clip_indices
+    from ccs_fast.dataloader.clip_plan import train_crop
 
     for index in range(5):
         p = plan_clip(40, 40, 32, num_segments=2, flow_length=1, train=True, seed=3,
@@ -156,7 +156,7 @@ def test_3d_plan_is_sample_frames_over_the_flow_frames():
 @pytest.mark.parametrize("crops", [1, 3, 10])
 def test_view_plans_are_the_multicrop_views(crops):
     from ccs_fast.dataloader.multicrop import crop_views
-    from ccs_fast.dataloader.sampling import view_plans
+    from ccs_fast.dataloader.clip_plan import view_plans
 
     base = plan(train=False)
     views = view_plans(base, 40, 32, crops)

@@ -1,4 +1,6 @@
-"""Batch samplers: balanced N classes × M videos (paper §4.1) and sharded plain batches.
+"""Which videos form each batch: balanced N classes × M videos (paper §4.1) or sharded plain batches.
+
+What is read of each of those videos is ``clip_plan``'s decision.
 
 Both yield lists of annotation rows, are deterministic per (seed, epoch) through
 ``set_epoch``, and shard by rank without padding: every rank draws the same epoch-wide plan

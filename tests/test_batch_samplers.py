@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ccs_fast.dataloader.samplers import BalancedBatchSampler, ShardedSampler
+from ccs_fast.dataloader.batch_samplers import BalancedBatchSampler, ShardedSampler
 
 LABELS = np.repeat(np.arange(6), 12)  # 6 classes × 12 videos
 

@@ -1,4 +1,4 @@
-"""Clip sampling for 3-D base models: MMAction2's ``SampleFrames(clip_len, frame_interval, num_clips)``.
+"""3-D clip frame indices: MMAction2's ``SampleFrames(clip_len, frame_interval, num_clips)``, used by ``clip_plan``.
 
 Pure index functions (no I/O). A clip is ``clip_len`` frames ``frame_interval`` apart starting at
 a clip offset; ``num_clips`` clips per video. Indices are 0-based (add the data set's
@@ -26,7 +26,7 @@ indices past the end: ``"loop"`` (MMAction2's default) wraps modulo ``num_frames
 
 These follow MMAction2 1.x (``mmaction/datasets/transforms/loading.py``, ``keep_tail_frames=False``,
 ``twice_sample=False``). Random draws come from the ``numpy.random.Generator`` the caller passes
-(e.g. ``sampling.clip_rng(seed, epoch, index)``), so both loader backends and every worker draw
+(e.g. ``clip_plan.clip_rng(seed, epoch, index)``), so both loader backends and every worker draw
 the same clip for the same video and epoch, where MMAction2 uses numpy's global state.
 """
 from __future__ import annotations

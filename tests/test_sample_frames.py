@@ -1,8 +1,9 @@
-"""3-D clip sampling: MMAction2 SampleFrames semantics, train and test, out-of-bound handling."""
+"""3-D clip frame indices (sample_frames): MMAction2 SampleFrames semantics, train and test,
+out-of-bound handling."""
 import numpy as np
 import pytest
 
-from ccs_fast.dataloader.clip_sampling import (clip_frame_indices, flow_clip_indices, eval_clip_offsets,
+from ccs_fast.dataloader.sample_frames import (clip_frame_indices, flow_clip_indices, eval_clip_offsets,
                                                train_clip_offsets)
 
 
