@@ -1,7 +1,7 @@
 """Ahead-of-time compile report and gate for every Triton kernel, on a machine with no GPU.
 
-Each op's launcher runs on meta tensors at the SPEC §8 shapes with kernel launches recorded
-(``ccs_fast.kernels._common.record_launches``), once per autotune candidate that its pruning
+Each op's launcher runs on meta tensors at the SPEC §8 shapes with its kernel launches recorded
+(a ``ccs_fast.kernels._common.Recording`` passed to it), once per autotune candidate that its pruning
 keeps at those shapes and per input dtype. Every recorded launch is specialised exactly as
 Triton's launcher would specialise it (its own binder: int and alignment specialisations,
 constexprs) and compiled for sm_90a and sm_80 with ``triton.compile``. The cubin is read
@@ -61,8 +61,9 @@ def _meta(*shape, dtype=torch.float32):
 
 
 def attention_calls(dtype):
-    """(label, function, configs) per autotune candidate of both attention kernels."""
+    """(label, function of a Recording, configs) per autotune candidate of both attention kernels."""
     from ccs_fast.kernels import cross_attention as xa
+    from ccs_fast.kernels._dispatch import Impl
 
     B, N = 32, 588
     for d in (64, 128, 256, 512, 1024):
@@ -70,16 +71,21 @@ def attention_calls(dtype):
         q, k, v_f, v_o = _meta(B, N, d, dtype=dtype), _meta(B, N, d, dtype=dtype), _meta(B, N, e, dtype=dtype), _meta(B, N, e, dtype=dtype)
         lse = _meta(B, N)
         for cfg in xa.prune_configs(xa.fwd_configs(), d, e):
-            yield f"d=e={d}", lambda q=q, k=k, vf=v_f, vo=v_o: xa.xattn_forward(q, k, vf, vo, 0.1), {"_xattn_fwd_kernel": cfg}
+            yield (f"d=e={d}", lambda rec, q=q, k=k, vf=v_f, vo=v_o: xa.xattn_forward(q, k, vf, vo, 0.1, Impl.TRITON, rec),
+                   {"_xattn_fwd_kernel": cfg})
         for cfg in xa.prune_configs(xa.bwd_configs(), d, e):
             yield (f"d=e={d}",
-                   lambda q=q, k=k, vf=v_f, vo=v_o: xa.xattn_backward(q, k, vf, vo, vf, vo, lse, lse, vf, vo, 0.1),
+                   lambda rec, q=q, k=k, vf=v_f, vo=v_o: xa.xattn_backward(q, k, vf, vo, vf, vo, lse, lse, vf, vo, 0.1,
+                                                                           Impl.TRITON, rec),
                    {"_xattn_bwd_kernel": cfg})
 
 
 def loss_calls(dtype):
-    """(label, function, configs) per autotune candidate of the triplet and center kernels."""
+    """(label, function of a Recording, configs) per autotune candidate of the triplet and center kernels."""
     from ccs_fast.kernels import center, normalize, triplet
+    from ccs_fast.kernels._dispatch import Impl
+
+    gpu = Impl.TRITON
 
     for B, D in ((8192, 512), (512, 2048), (1024, 256)):
         z_a, z_b = _meta(B, D, dtype=dtype), _meta(B, D, dtype=dtype)
@@ -87,18 +93,21 @@ def loss_calls(dtype):
         for single in (False, True):
             for cfg in triplet.prune_configs(triplet.mine_configs(), B, D):
                 yield (f"B={B} D={D}{' single' if single else ''}",
-                       lambda z_a=z_a, z_b=z_b, y=labels, s=single: triplet.triplet_forward(
-                           z_a, z_b, y, 0.3, True, single=s, compute_grad=True, deterministic=False),
+                       lambda rec, z_a=z_a, z_b=z_b, y=labels, s=single: triplet.triplet_forward(
+                           z_a, z_b, y, 0.3, True, single=s, compute_grad=True, impl=gpu, deterministic=False,
+                           record=rec),
                        {"_triplet_mine_kernel": cfg})
         yield (f"B={B} D={D} deterministic",
-               lambda z_a=z_a, z_b=z_b, y=labels: triplet.triplet_forward(
-                   z_a, z_b, y, 0.3, True, single=False, compute_grad=True, deterministic=True),
+               lambda rec, z_a=z_a, z_b=z_b, y=labels: triplet.triplet_forward(
+                   z_a, z_b, y, 0.3, True, single=False, compute_grad=True, impl=gpu, deterministic=True, record=rec),
                {"_triplet_mine_kernel": triplet.mine_configs()[0]})
-        yield f"B={B} D={D}", lambda z=z_a, y=labels: center.center_forward(z, y, 0.3, 0.8, True, compute_grad=True), {}
-        yield f"B={B} D={D}", lambda z=z_a, y=labels: center.center_forward(z, y, 0.3, 0.8, True, compute_grad=False), {}
+        for grad in (True, False):
+            yield (f"B={B} D={D}", lambda rec, z=z_a, y=labels, c=grad: center.center_forward(
+                z, y, 0.3, 0.8, True, compute_grad=c, impl=gpu, record=rec), {})
         r, g, go = _meta(B), _meta(B, D), _meta(())
         for norm in (True, False):  # the losses' backward
-            yield (f"B={B} D={D} backward", lambda z=z_a, r=r, g=g, go=go, n=norm: normalize.finish_grad(z, r, g, go, n), {})
+            yield (f"B={B} D={D} backward",
+                   lambda rec, z=z_a, r=r, g=g, go=go, n=norm: normalize.finish_grad(z, r, g, go, n, gpu, rec), {})
 
 
 def tvl1_calls(dtype):
@@ -112,10 +121,10 @@ def tvl1_calls(dtype):
         fields = [_meta(P, 256, 340) for _ in range(10)]
         active = _meta(P, dtype=torch.bool)
         yield (f"P={P} 340x256",
-               lambda f=fields, a=active: tvl1.tvl1_step_triton(*f, a, 0.045, 0.3, 0.25 / 0.3), {})
+               lambda rec, f=fields, a=active: tvl1.tvl1_step_triton(*f, a, 0.045, 0.3, 0.25 / 0.3, record=rec), {})
         state = _meta(P, dtype=torch.int32)
         yield (f"P={P} 340x256 median 5x5",
-               lambda f=fields, s=state: tvl1.median_filter_triton(f[0], s, f[1], 5), {})
+               lambda rec, f=fields, s=state: tvl1.median_filter_triton(f[0], s, f[1], 5, record=rec), {})
 
 
 def _ignore_line_numbers():
@@ -137,16 +146,16 @@ def _ignore_line_numbers():
 
 def recorded_launches():
     """Every distinct launch the ops make at the gate's shapes: (op, dtype, label, Launch)."""
-    from ccs_fast.kernels._common import record_launches
+    from ccs_fast.kernels._common import Recording
 
     out = []
     for dname, dtype in DTYPES.items():
         for op, calls in (("cross_stream_attention", attention_calls), ("losses", loss_calls),
                           ("tvl1_flow", tvl1_calls)):
             for label, fn, configs in calls(dtype):
-                with record_launches(configs) as launches:
-                    fn()
-                out += [(op, dname, label, la) for la in launches]
+                recording = Recording(configs)
+                fn(recording)
+                out += [(op, dname, label, la) for la in recording.launches]
     return out
 
 

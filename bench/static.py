@@ -2,8 +2,8 @@
 
     python -m bench.static          # print the tables, write bench/results/static-triton<version>.json
 
-Each op's launcher runs on meta tensors with kernel launches recorded
-(``ccs_fast.kernels._common.record_launches``), once per autotune config the pruning keeps at
+Each op's launcher runs on meta tensors with its kernel launches recorded (a
+``ccs_fast.kernels._common.Recording`` passed to it), once per autotune config the pruning keeps at
 that shape, while a ``TorchDispatchMode`` counts the bytes that torch ops around the kernels
 read and write (the "glue"). Each recorded launch is costed from its grid and tiling:
 
@@ -86,13 +86,14 @@ def _size(t):
 
 
 def record(fn, configs):
-    """(launches, glue bytes, glue by op) of one call of ``fn`` with these autotune configs."""
-    from ccs_fast.kernels._common import record_launches
+    """(launches, glue bytes, glue by op) of one call of ``fn(recording)`` with these autotune configs."""
+    from ccs_fast.kernels._common import Recording
 
     counter = GlueBytes()
-    with record_launches(configs) as launches, counter:
-        fn()
-    return launches, counter.bytes, counter.ops
+    recording = Recording(configs)
+    with counter:
+        fn(recording)
+    return recording.launches, counter.bytes, counter.ops
 
 
 # ----------------------------------------------------------------------------- per-kernel costs
@@ -205,6 +206,7 @@ def floors(flops, nbytes):
 
 def attention_rows(N, d=512, e=512, B=32):
     from ccs_fast.kernels import cross_attention as xa
+    from ccs_fast.kernels._dispatch import Impl
 
     q, k, v_f, v_o = _meta(B, N, d), _meta(B, N, d), _meta(B, N, e), _meta(B, N, e)
     lse = _meta(B, N, dtype=torch.float32)
@@ -214,10 +216,11 @@ def attention_rows(N, d=512, e=512, B=32):
     compulsory = {"fwd": fwd_in + outs,  # inputs read once, outputs written once
                   "bwd": fwd_in + outs + _size(v_f) + _size(v_o) + fwd_in}  # + dy_f, dy_o in; four gradients out
     for mode, configs, call, kname in (
-        ("fwd", xa.prune_configs(xa.fwd_configs(), d, e), lambda: xa.xattn_forward(q, k, v_f, v_o, 0.1),
-         "_xattn_fwd_kernel"),
+        ("fwd", xa.prune_configs(xa.fwd_configs(), d, e),
+         lambda rec: xa.xattn_forward(q, k, v_f, v_o, 0.1, Impl.TRITON, rec), "_xattn_fwd_kernel"),
         ("bwd", xa.prune_configs(xa.bwd_configs(), d, e),
-         lambda: xa.xattn_backward(q, k, v_f, v_o, v_f, v_o, lse, lse, v_f, v_o, 0.1), "_xattn_bwd_kernel"),
+         lambda rec: xa.xattn_backward(q, k, v_f, v_o, v_f, v_o, lse, lse, v_f, v_o, 0.1, Impl.TRITON, rec),
+         "_xattn_bwd_kernel"),
     ):
         for cfg in configs:
             launches, glue, glue_ops = record(call, {kname: cfg})
@@ -264,6 +267,7 @@ def attention_backward_alternatives(N, d=512, e=512, B=32, bm=64, bn=64):
 
 def loss_rows(B=8192, D=512):
     from ccs_fast.kernels import center, triplet
+    from ccs_fast.kernels._dispatch import Impl
 
     rows = []
     z_f, z_o = _meta(B, D), _meta(B, D)
@@ -271,20 +275,20 @@ def loss_rows(B=8192, D=512):
     go = _meta((), dtype=torch.float32)
 
     def full_triplet(det):
-        def call():
+        def call(rec):
             from ccs_fast.kernels.normalize import finish_grad
 
             _, pf, po = triplet.triplet_forward(z_f, z_o, labels, 0.3, True, single=False, compute_grad=True,
-                                                deterministic=det)
-            finish_grad(pf.z, pf.r, pf.g, go, True)
-            finish_grad(po.z, po.r, po.g, go, True)
+                                                impl=Impl.TRITON, deterministic=det, record=rec)
+            finish_grad(pf.z, pf.r, pf.g, go, True, Impl.TRITON, rec)
+            finish_grad(po.z, po.r, po.g, go, True, Impl.TRITON, rec)
         return call
 
-    def full_center():
+    def full_center(rec):
         from ccs_fast.kernels.normalize import finish_grad
 
-        _, p = center.center_forward(z_f, labels, 0.3, 0.8, True, compute_grad=True)
-        finish_grad(p.z, p.r, p.g, go, True)
+        _, p = center.center_forward(z_f, labels, 0.3, 0.8, True, compute_grad=True, impl=Impl.TRITON, record=rec)
+        finish_grad(p.z, p.r, p.g, go, True, Impl.TRITON, rec)
 
     compulsory = {"triplet": 2 * _size(z_f) * 2 + B * 8, "center": 2 * _size(z_f) + B * 8}
     cases = [("cross_modal_triplet_loss", "fwd+bwd", cfg, full_triplet(False), {"_triplet_mine_kernel": cfg}, "triplet")

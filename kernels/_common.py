@@ -1,6 +1,7 @@
-"""Pieces every kernel module shares: the Triton import, dtype checks, the interpreter's
-bf16 workaround, dot precision, launching (with a hook for the static cost report) and the
-helpers of the registered ops (``ccs_fast::*``, see each op's module).
+"""Pieces every kernel module shares: the Triton import, dtype checks, block sizes, what an
+``Impl`` means for blocks, autotuning and dot precision, launching (or recording launches for
+the static reports) and the helpers of the registered ops (``ccs_fast::*``, see each op's
+module).
 
 ``triton`` and ``tl`` are None when Triton is not installed; the kernel modules then define
 no kernels and their dispatchers offer only the eager references.
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ccs_fast.kernels._dispatch import interpreting, triton_available
+from ccs_fast.kernels._dispatch import Impl, triton_available
 
 if triton_available():
     import triton
@@ -32,25 +33,31 @@ def check_dtype(op: str, *tensors: torch.Tensor) -> None:
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
 
 
-def dot_fp32(dtype: torch.dtype) -> bool:
+def block_size(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """A block along an axis of ``n`` elements: the smallest power of two ≥ n, at least ``lo``
+    and at most ``hi``."""
+    size = max(1 << max(n - 1, 0).bit_length(), lo)
+    return size if hi is None else min(size, hi)
+
+
+def autotuned(impl: Impl) -> bool:
+    """Autotuned configs and GPU blocks on CUDA; small fixed blocks under the interpreter."""
+    return impl is Impl.TRITON
+
+
+def dot_fp32(dtype: torch.dtype, impl: Impl) -> bool:
     """Widen bf16 dot operands to fp32 first: only under the interpreter, whose bf16 ``tl.dot``
     (numpy has no bf16) returns wrong values; on a GPU bf16 tiles go to the tensor cores."""
-    return dtype == torch.bfloat16 and interpreting() and _recorder is None
+    return dtype == torch.bfloat16 and impl is Impl.TRITON_INTERPRETED
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, impl: Impl) -> str:
     """``"ieee"`` for fp32 unless torch allows TF32 matmuls on CUDA; half inputs use tensor cores."""
     if dtype == torch.float32 and not (torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
-    if dot_fp32(dtype):
+    if dot_fp32(dtype, impl):
         return "ieee"
     return "tf32"
-
-
-def use_autotune(t: torch.Tensor) -> bool:
-    """Autotuned configs on a GPU (and while launches are recorded); fixed small blocks under
-    the interpreter."""
-    return (t.is_cuda and not interpreting()) or _recorder is not None
 
 
 def deterministic(flag: bool | None) -> bool:
@@ -71,7 +78,13 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- launching
 
-_recorder = None
+
+def jit_function(kernel):
+    """The @triton.jit function behind a kernel object (an Autotuner wraps one)."""
+    fn = kernel
+    while not hasattr(fn, "arg_names") or hasattr(fn, "configs"):
+        fn = fn.fn
+    return fn
 
 
 class Launch(NamedTuple):
@@ -82,42 +95,33 @@ class Launch(NamedTuple):
     meta: dict  # keyword arguments, with the assumed config's blocks, num_warps and num_stages
 
 
-@contextlib.contextmanager
-def record_launches(configs: dict | None = None):
-    """Within this block kernels are not launched but recorded, as on a GPU: autotuned
-    kernels take the config that ``configs`` names for them (kernel name → triton.Config),
-    and the launchers choose their GPU paths. Yields the list of ``Launch``es. ``bench.aot``
-    compiles exactly these launches and ``bench.static`` counts their work, on meta tensors."""
-    global _recorder
-    launches: list = []
-    _recorder = (launches, configs or {})
-    try:
-        yield launches
-    finally:
-        _recorder = None
+class Recording:
+    """Launches collected instead of run, for ``bench.aot`` (compiles them) and ``bench.static``
+    (counts their work), on meta tensors. A launcher given one records its kernels as on a GPU
+    (call it with ``Impl.TRITON``); an autotuned kernel takes the config that ``configs``
+    names for it (kernel name → triton.Config)."""
+
+    def __init__(self, configs: dict | None = None):
+        self.configs = configs or {}
+        self.launches: list[Launch] = []
+
+    def add(self, kernel, grid, args, meta):
+        name = jit_function(kernel).__name__
+        full = dict(meta)
+        cfg = self.configs.get(name)
+        if cfg is not None:
+            full.update(cfg.kwargs)
+            full["num_warps"], full["num_stages"] = cfg.num_warps, cfg.num_stages
+        g = grid(full) if callable(grid) else grid
+        self.launches.append(Launch(name, kernel, tuple(int(x) for x in g), args, full))
 
 
-def jit_function(kernel):
-    """The @triton.jit function behind a kernel object (an Autotuner wraps one)."""
-    fn = kernel
-    while not hasattr(fn, "arg_names") or hasattr(fn, "configs"):
-        fn = fn.fn
-    return fn
-
-
-def launch(kernel, grid, *args, **meta):
-    """``kernel[grid](*args, **meta)``; ``grid`` may be a tuple or a function of the meta."""
-    if _recorder is None:
+def launch(kernel, grid, *args, record: Recording | None = None, **meta):
+    """``kernel[grid](*args, **meta)``, or into ``record``; ``grid`` may be a tuple or a
+    function of the meta."""
+    if record is None:
         return kernel[grid](*args, **meta)
-    launches, configs = _recorder
-    name = jit_function(kernel).__name__
-    full = dict(meta)
-    cfg = configs.get(name)
-    if cfg is not None:
-        full.update(cfg.kwargs)
-        full["num_warps"], full["num_stages"] = cfg.num_warps, cfg.num_stages
-    g = grid(full) if callable(grid) else grid
-    launches.append(Launch(name, kernel, tuple(int(x) for x in g), args, full))
+    record.add(kernel, grid, args, meta)
     return None
 
 
@@ -130,13 +134,6 @@ class PendingGrad(NamedTuple):
     r: torch.Tensor
     g: torch.Tensor
     normalize: bool
-
-
-def runs_kernels(t: torch.Tensor) -> bool:
-    """Whether a registered op's implementation launches the Triton kernels for ``t``: on CUDA,
-    and on CPU under ``TRITON_INTERPRET=1``. Elsewhere (a CPU without the interpreter, no
-    Triton) it computes the same outputs with plain torch ops."""
-    return triton is not None and (t.is_cuda or interpreting())
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -157,3 +154,16 @@ def grad_outputs_fake(z: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor
     """The shapes ``grad_outputs`` gives, for a loss op's fake implementation."""
     rows = z.shape[0] if compute_grad else 0
     return z.new_empty((rows,), dtype=torch.float32), z.new_empty((rows, z.shape[1]), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Record autograd within a registered op's implementation. The dispatcher runs it below
+    autograd (the autograd dispatch keys excluded), where ``torch.enable_grad()`` alone records
+    nothing; the ops' eager branches take their gradients from the references this way (a
+    ``torch.func`` transform would do too, but its wrapped tensors fail opcheck's schema test)."""
+    with contextlib.ExitStack() as stack:
+        for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+        stack.enter_context(torch.enable_grad())
+        yield

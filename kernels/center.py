@@ -42,18 +42,18 @@ from torch import Tensor
 
 from ccs_fast.kernels._common import (
     PendingGrad,
+    autotuned,
+    block_size,
     check_dtype,
     grad_outputs,
     grad_outputs_fake,
     launch,
     needs_grad,
-    runs_kernels,
     tl,
     triton,
-    use_autotune,
 )
-from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, register_loss_autograd, row_factors_ref, row_norms
+from ccs_fast.kernels._dispatch import Impl, resolve_impl
+from ccs_fast.kernels.normalize import EPS as _EPS, loss_outputs_ref, register_loss_autograd, row_norms
 from ccs_fast.kernels.segments import segment_sum
 
 # ----------------------------------------------------------------------------- kernels
@@ -193,42 +193,42 @@ class _Blocks(NamedTuple):
     tile_warps: int  # of the inter-class kernel (IEEE fp32 dots: 64 × 64 tiles spill on sm_90a)
 
 
-def _blocks(z: torch.Tensor, D: int) -> _Blocks:
+def _blocks(D: int, impl: Impl) -> _Blocks:
     """Block sizes: the GPU's, or small ones under the interpreter."""
-    if use_autotune(z):
-        return _Blocks(16, min(triton.next_power_of_2(D), 128), 32, 32, 32, 4, 4)
-    return _Blocks(16, min(triton.next_power_of_2(D), 32), 16, 16, 16, 1, 1)
+    if autotuned(impl):
+        return _Blocks(16, block_size(D, hi=128), 32, 32, 32, 4, 4)
+    return _Blocks(16, block_size(D, hi=32), 16, 16, 16, 1, 1)
 
 
-def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad):
+def center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad, impl, record=None):
     """Loss (fp32 0-dim) and, if ``compute_grad``, z's ``PendingGrad`` (∂L/∂ẑ, finished by
-    ``normalize.finish_grad``)."""
+    ``normalize.finish_grad``). ``record``: a ``_common.Recording`` that takes the launches."""
     check_dtype("discriminative_embedding_loss", z)
     z = z if z.stride(-1) == 1 else z.contiguous()
     B, D = z.shape
     assert labels.shape == (B,), "labels must be (B,)"
     dev = z.device
     cls, num_classes, counts, order, starts = class_ids(labels.contiguous())
-    r, _ = row_norms(z, normalize)
-    blk = _blocks(z, D)
+    r, _ = row_norms(z, normalize, impl, record=record)
+    blk = _blocks(D, impl)
     f32 = dict(dtype=torch.float32, device=dev)
     mu = torch.empty(B, D, **f32)
-    segment_sum(z, order, starts, counts, mu, scale=r, mean=True)  # μ_c = Σ_{i∈c} z_i r_i / n_c
+    segment_sum(z, order, starts, counts, mu, impl, scale=r, mean=True, record=record)  # μ_c = Σ_{i∈c} z_i r_i / n_c
     n_intra, n_inter = triton.cdiv(B, blk.rows), triton.cdiv(B, blk.tile_m)
     partial = torch.empty(n_intra + n_inter, **f32)
     weights = torch.empty(B, **f32) if compute_grad else partial
     g = torch.empty(B, D, **f32) if compute_grad else partial
     dmu = torch.empty(B, D, **f32) if compute_grad else partial  # rows < C written by the inter kernel
     launch(_center_intra_kernel, (n_intra,), z, r, cls, mu, weights, g, partial, B, D, z.stride(0), alpha_intra,
-           COMPUTE_GRAD=compute_grad, BLOCK_B=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
+           COMPUTE_GRAD=compute_grad, BLOCK_B=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps, record=record)
     launch(_center_inter_kernel, (n_inter,), mu, num_classes, dmu, partial[n_intra:], D, alpha_inter,
            COMPUTE_GRAD=compute_grad, BLOCK_M=blk.tile_m, BLOCK_N=blk.tile_n, BLOCK_D=blk.tile_d,
-           num_warps=blk.tile_warps)
+           num_warps=blk.tile_warps, record=record)
     loss = partial.sum()
     if not compute_grad:
         return loss, None
     launch(_center_grad_kernel, (B, triton.cdiv(D, blk.width)), z, r, order, starts, counts, mu, dmu, weights, g,
-           D, z.stride(0), BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps)
+           D, z.stride(0), BLOCK_K=blk.rows, BLOCK_D=blk.width, num_warps=blk.warps, record=record)
     return loss, PendingGrad(z, r, g, normalize)
 
 
@@ -280,7 +280,7 @@ def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, n
     run whatever ``deterministic`` says (the argument exists for a uniform interface)."""
     if z.dim() != 2 or labels.shape != (z.shape[0],):
         raise ValueError(f"discriminative_embedding_loss: need z (B, D) and labels (B,), got {tuple(z.shape)}, {tuple(labels.shape)}")
-    if resolve_impl(impl, z, labels) == "eager":
+    if resolve_impl(impl, z, labels) is Impl.EAGER:
         return discriminative_embedding_loss_ref(z, labels, alpha_intra, alpha_inter, normalize)
     return discriminative_embedding_loss_op(z, labels, float(alpha_intra), float(alpha_inter), bool(normalize),
                                             needs_grad(z))[0]
@@ -294,40 +294,15 @@ def discriminative_embedding_loss(z, labels, alpha_intra=0.3, alpha_inter=0.8, n
 # autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
 
 
-def _center_loss_and_grad(e, labels, alpha_intra, alpha_inter):
-    """L2_m on fp32 embeddings ``e`` (already normalised or not) and ∂L/∂e, with torch ops:
-    the steps of the module docstring with a B × B class-pair matrix in memory."""
-    with torch.autocast(e.device.type, enabled=False):
-        B = e.shape[0]
-        cls, num_classes, counts, _, _ = class_ids(labels)
-        n = counts.clamp_min(1)[:, None].to(e.dtype)
-        mu = torch.zeros_like(e).index_add_(0, cls, e) / n
-        diff = e - mu[cls]
-        dist = diff.pow(2).sum(1)
-        intra = (dist - alpha_intra).clamp_min(0).mean()
-        present = torch.arange(B, device=e.device) < num_classes
-        pairs = present[:, None] & present[None, :] & ~torch.eye(B, dtype=torch.bool, device=e.device)
-        sq = mu.pow(2).sum(1)
-        gap = alpha_inter - (sq[:, None] + sq[None, :] - 2.0 * (mu @ mu.T))
-        active = pairs & (gap > 0)
-        num_pairs = (num_classes * (num_classes - 1)).clamp_min(1)
-        inter = torch.where(active, gap, 0.0).sum() / num_pairs
-        # direct w_i (ẑ_i − μ), w_i = 2/B [active]; ∂L/∂μ_c = (4/P)(Σ_c' a_cc' μ_c' − deg_c μ_c) − Σ_{i∈c} w_i (ẑ_i − μ_c)
-        g = torch.where(dist - alpha_intra > 0, 2.0 / B, 0.0)[:, None] * diff
-        a_w = active.to(e.dtype) * (4.0 / num_pairs)
-        g_mu = a_w @ mu - a_w.sum(1, keepdim=True) * mu - torch.zeros_like(e).index_add_(0, cls, g)
-        return intra + inter, g + (g_mu / n)[cls]
-
-
 @torch.library.custom_op("ccs_fast::discriminative_embedding_loss", mutates_args=())
 def discriminative_embedding_loss_op(z: Tensor, labels: Tensor, alpha_intra: float, alpha_inter: float,
                                      normalize: bool, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """L2_m (fp32 0-dim) and, when ``compute_grad``, the row factors r and ∂L/∂ẑ."""
-    if not runs_kernels(z):
-        r = row_factors_ref(z, normalize)
-        loss, g = _center_loss_and_grad(z.float() * r[:, None], labels, alpha_intra, alpha_inter)
-        return (loss, *grad_outputs(z, PendingGrad(z, r, g, normalize) if compute_grad else None))
-    loss, pending = center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad=compute_grad)
+    impl = resolve_impl("triton", z, labels, fallback=True)
+    if impl is Impl.EAGER:
+        return loss_outputs_ref(lambda e: discriminative_embedding_loss_ref(e, labels, alpha_intra, alpha_inter, False),
+                                [z], normalize, compute_grad)
+    loss, pending = center_forward(z, labels, alpha_intra, alpha_inter, normalize, compute_grad=compute_grad, impl=impl)
     return (loss, *grad_outputs(z, pending))
 
 

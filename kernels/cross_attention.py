@@ -76,16 +76,17 @@ import torch
 from torch import Tensor
 
 from ccs_fast.kernels._common import (
+    autograd_inside_op,
+    autotuned,
+    block_size,
     check_dtype,
     dot_fp32,
     dot_precision,
     launch,
-    runs_kernels,
     tl,
     triton,
-    use_autotune,
 )
-from ccs_fast.kernels._dispatch import resolve_impl
+from ccs_fast.kernels._dispatch import Impl, resolve_impl
 
 LOG2E = 1.4426950408889634
 MAX_BLOCK_E = 512  # widest value slice a forward program holds (BLOCK_M × BLOCK_E fp32 accumulator)
@@ -333,19 +334,14 @@ def _cpu_blocks(D, E):
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32 if D <= 256 else 128, BLOCK_E=32 if E <= 256 else 128)
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two ≥ n."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _bucket(n: int) -> int:
     # autotune key: powers of two up to 4096, so nearby sizes share a tuned config
-    return min(_pow2(n), 4096)
+    return block_size(n, hi=4096)
 
 
 def fwd_block_e(E: int) -> int:
     """Value slice of a forward program: all of e (rounded up to a power of two, ≥ 16) up to 512."""
-    return min(max(16, _pow2(E)), MAX_BLOCK_E)
+    return block_size(E, lo=16, hi=MAX_BLOCK_E)
 
 
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). BLOCK_M ≥ 64 everywhere: a
@@ -389,10 +385,10 @@ def bwd_configs():
 
 def _fits(config, D, E):
     kw = config.kwargs
-    if kw["BLOCK_D"] > max(64, _pow2(D)):  # no feature slice wider than d needs
+    if kw["BLOCK_D"] > block_size(D, lo=64):  # no feature slice wider than d needs
         return False
     if "BLOCK_E" in kw:  # backward: no value slice wider than e needs
-        return kw["BLOCK_E"] <= max(64, _pow2(E))
+        return kw["BLOCK_E"] <= block_size(E, lo=64)
     # forward, by the compile gate on sm_90a: the accumulator plus the S tile within 144 fp32
     # registers per thread, and 128-wide feature slices only beside values up to 256 wide
     block_e = fwd_block_e(E)
@@ -431,13 +427,13 @@ def _empty_output(shape, device, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _attend(queries, keys, values, scale):
+def _attend(queries, keys, values, scale, impl, record):
     """One forward pass: (softmax over keys of scale·queries keysᵀ) values, and base-2 LSE."""
     B, M, D = queries.shape
     N, E = keys.shape[1], values.shape[2]
     y = _empty_output((B, M, E), queries.device, queries.dtype)
     lse = _empty_output((B, M), queries.device, torch.float32)
-    if use_autotune(queries):
+    if autotuned(impl):
         kernel, blocks = _kernel("fwd", D, E), dict(BLOCK_E=fwd_block_e(E))
     else:
         kernel, blocks = _xattn_fwd_kernel, _cpu_blocks(D, E)
@@ -448,8 +444,8 @@ def _attend(queries, keys, values, scale):
     launch(kernel, grid,
            queries, keys, values, y, lse,
            *queries.stride(), *keys.stride(), *values.stride(), *y.stride(), lse.stride(0),
-           M, N, D, E, scale * LOG2E, _bucket(M), _bucket(N),
-           DOT_PRECISION=dot_precision(queries.dtype), DOT_FP32=dot_fp32(queries.dtype), **blocks)
+           M, N, D, E, scale * LOG2E, _bucket(M), _bucket(N), record=record,
+           DOT_PRECISION=dot_precision(queries.dtype, impl), DOT_FP32=dot_fp32(queries.dtype, impl), **blocks)
     return y, lse
 
 
@@ -461,24 +457,24 @@ def _check_launch(q, k, v_f, v_o):
     assert min(q.shape) >= 1 and min(k.shape) >= 1 and v_f.shape[2] >= 1, "empty inputs"
 
 
-def xattn_forward(q, k, v_f, v_o, scale):
-    """Launch both forward passes: returns y_f, y_o, lse_row (B, N_f), lse_col (B, N_o) (base 2)."""
+def xattn_forward(q, k, v_f, v_o, scale, impl, record=None):
+    """Launch both forward passes: returns y_f, y_o, lse_row (B, N_f), lse_col (B, N_o) (base 2).
+    ``record``: a ``_common.Recording`` that takes the launches."""
     _check_launch(q, k, v_f, v_o)
-    y_f, lse_row = _attend(q, k, v_o, scale)  # rows of S:    queries q, keys k
-    y_o, lse_col = _attend(k, q, v_f, scale)  # columns of S: queries k, keys q (Sᵀ = scale·k qᵀ)
+    y_f, lse_row = _attend(q, k, v_o, scale, impl, record)  # rows of S:    queries q, keys k
+    y_o, lse_col = _attend(k, q, v_f, scale, impl, record)  # columns of S: queries k, keys q (Sᵀ = scale·k qᵀ)
     return y_f, y_o, lse_row, lse_col
 
 
-def _delta(dy, y):
+def _delta(dy, y, record):
     B, R, E = y.shape
     delta = torch.empty((B, R), device=y.device, dtype=torch.float32)
-    block_e = min(max(16, 1 << max(E - 1, 0).bit_length()), 128)
     launch(_delta_kernel, (triton.cdiv(R, 32), B), dy, y, delta, R, E, *dy.stride(), *y.stride(),
-           BLOCK_R=32, BLOCK_E=block_e)
+           BLOCK_R=32, BLOCK_E=block_size(E, lo=16, hi=128), record=record)
     return delta
 
 
-def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale):
+def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale, impl, record=None):
     """Gradients (dq, dk, dv_f, dv_o) in the input dtype: Δ, then the row and column passes."""
     _check_launch(q, k, v_f, v_o)
     assert dy_f.shape == y_f.shape and dy_o.shape == y_o.shape, "grad_output shapes"
@@ -486,7 +482,7 @@ def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale
     N, E = k.shape[1], v_f.shape[2]
     dy_f = dy_f.to(q.dtype)
     dy_o = dy_o.to(q.dtype)
-    delta_row, delta_col = _delta(dy_f, y_f), _delta(dy_o, y_o)
+    delta_row, delta_col = _delta(dy_f, y_f, record), _delta(dy_o, y_o, record)
     lse_row, lse_col = lse_row.contiguous(), lse_col.contiguous()
     grads = {}
     for own_rows, (rows, out_d, out_e) in ((True, (M, "dq", "dv_f")), (False, (N, "dk", "dv_o"))):
@@ -495,7 +491,7 @@ def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale
         # fp32 gradients accumulate in place; half ones in an fp32 scratch, cast at the last tile
         s_d = g_d if q.dtype == torch.float32 else _empty_output((B, rows, D), q.device, torch.float32)
         s_e = g_e if q.dtype == torch.float32 else _empty_output((B, rows, E), q.device, torch.float32)
-        if use_autotune(q):
+        if autotuned(impl):
             kernel, blocks = _kernel("bwd", D, E), {}
         else:
             kernel, blocks = _xattn_bwd_kernel, _cpu_blocks(D, E)
@@ -507,8 +503,8 @@ def xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale
                q, k, v_f, v_o, dy_f, dy_o, lse_row, lse_col, delta_row, delta_col,
                g_d, g_e, s_d, s_e,
                *q.stride(), *k.stride(), *v_f.stride(), *v_o.stride(), *dy_f.stride(), *dy_o.stride(),
-               M, N, D, E, scale, scale * LOG2E, _bucket(M), _bucket(N),
-               OWN_ROWS=own_rows, DOT_PRECISION=dot_precision(q.dtype), DOT_FP32=dot_fp32(q.dtype), **blocks)
+               M, N, D, E, scale, scale * LOG2E, _bucket(M), _bucket(N), record=record,
+               OWN_ROWS=own_rows, DOT_PRECISION=dot_precision(q.dtype, impl), DOT_FP32=dot_fp32(q.dtype, impl), **blocks)
         grads[out_d], grads[out_e] = g_d, g_e
     return grads["dq"], grads["dk"], grads["dv_f"], grads["dv_o"]
 
@@ -549,7 +545,7 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
 
     q (B, N_f, d), k (B, N_o, d), v_f (B, N_f, e), v_o (B, N_o, e); ``scale`` None means
     d ** -0.5. Outputs are in the inputs' (common) dtype. fp64 and empty inputs always run
-    the eager reference.
+    the eager reference (``resolve_impl``).
     """
     _check_inputs(q, k, v_f, v_o)
     if scale is None:
@@ -557,8 +553,7 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"cross_stream_attention: scale must be finite, got {scale}")
-    empty = any(t.numel() == 0 for t in (q, k, v_f, v_o))
-    if resolve_impl(impl, q, k, v_f, v_o) == "eager" or q.dtype == torch.float64 or empty:
+    if resolve_impl(impl, q, k, v_f, v_o) is Impl.EAGER:
         return cross_stream_attention_ref(q, k, v_f, v_o, scale)
     dtype = q.dtype
     for t in (k, v_f, v_o):
@@ -576,29 +571,21 @@ def cross_stream_attention(q, k, v_f, v_o, scale=None, impl="auto"):
 # all a registered op may keep for its backward. They are not differentiable.
 
 
-def _forward_ref(q, k, v_f, v_o, scale):
-    """The forward op's four outputs with torch ops (where the kernels do not run)."""
-    y_f, y_o = cross_stream_attention_ref(q, k, v_f, v_o, scale)
+def _lse_ref(q, k, scale):
+    """The forward op's base-2 LSE vectors (row, column) in fp32, with torch ops."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         s = torch.matmul(q.float(), k.float().transpose(1, 2)) * scale
-        return y_f, y_o, torch.logsumexp(s, 2) * LOG2E, torch.logsumexp(s, 1) * LOG2E
+        return torch.logsumexp(s, 2) * LOG2E, torch.logsumexp(s, 1) * LOG2E
 
 
-def _backward_ref(q, k, v_f, v_o, dy_f, dy_o, scale):
-    """The backward op's gradients with torch ops (the formulas of the module docstring, with
-    the B × N_f × N_o matrices in memory)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        q_, k_, vf, vo, dyf, dyo = (t.to(acc) for t in (q, k, v_f, v_o, dy_f, dy_o))
-        s = torch.matmul(q_, k_.transpose(1, 2)) * scale
-        p_row, p_col = torch.softmax(s, 2), torch.softmax(s, 1)
-        dp_row = torch.matmul(dyf, vo.transpose(1, 2))
-        dp_col = torch.matmul(vf, dyo.transpose(1, 2))
-        ds = (p_row * (dp_row - (dp_row * p_row).sum(2, keepdim=True))
-              + p_col * (dp_col - (dp_col * p_col).sum(1, keepdim=True)))
-        grads = (torch.matmul(ds, k_) * scale, torch.matmul(ds.transpose(1, 2), q_) * scale,
-                 torch.matmul(p_col, dyo), torch.matmul(p_row.transpose(1, 2), dyf))
-    return tuple(g.to(q.dtype) for g in grads)
+def _vjp_ref(q, k, v_f, v_o, dy_f, dy_o, scale):
+    """The backward op's gradients with torch ops: the reference's, by autograd (contiguous, as
+    the fake implementation promises)."""
+    with autograd_inside_op():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v_f, v_o)]
+        y_f, y_o = cross_stream_attention_ref(*inputs, scale)
+        grads = torch.autograd.grad((y_f, y_o), inputs, (dy_f.to(y_f.dtype), dy_o.to(y_o.dtype)))
+    return tuple(g.contiguous() for g in grads)
 
 
 @torch.library.custom_op("ccs_fast::cross_stream_attention", mutates_args=())
@@ -607,9 +594,10 @@ def cross_stream_attention_op(q: Tensor, k: Tensor, v_f: Tensor, v_o: Tensor,
     """Both directions of the attention: y_f (B, N_f, e), y_o (B, N_o, e) in the inputs' dtype
     (which the four must share: fp32, fp16 or bf16) and the base-2 LSE vectors (B, N_f),
     (B, N_o) in fp32. Differentiable in y_f and y_o (``ccs_fast::cross_stream_attention_backward``)."""
-    if not runs_kernels(q):
-        return _forward_ref(q, k, v_f, v_o, scale)
-    return xattn_forward(q, k, v_f, v_o, scale)
+    impl = resolve_impl("triton", q, k, v_f, v_o, fallback=True)
+    if impl is Impl.EAGER:
+        return (*cross_stream_attention_ref(q, k, v_f, v_o, scale), *_lse_ref(q, k, scale))
+    return xattn_forward(q, k, v_f, v_o, scale, impl)
 
 
 @cross_stream_attention_op.register_fake
@@ -625,9 +613,10 @@ def cross_stream_attention_backward_op(q: Tensor, k: Tensor, v_f: Tensor, v_o: T
                                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv_f, dv_o) in the inputs' dtype, from the forward op's inputs and outputs and
     the gradients of y_f and y_o. Not differentiable itself (no double backward)."""
-    if not runs_kernels(q):
-        return _backward_ref(q, k, v_f, v_o, dy_f, dy_o, scale)
-    return xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale)
+    impl = resolve_impl("triton", q, k, v_f, v_o, fallback=True)
+    if impl is Impl.EAGER:
+        return _vjp_ref(q, k, v_f, v_o, dy_f, dy_o, scale)
+    return xattn_backward(q, k, v_f, v_o, y_f, y_o, lse_row, lse_col, dy_f, dy_o, scale, impl)
 
 
 @cross_stream_attention_backward_op.register_fake

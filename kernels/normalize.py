@@ -8,13 +8,23 @@ once in the input's dtype. Both are memory-bound row kernels.
 
 ``finish_grad_op`` registers that backward as the operator ``ccs_fast::finish_grad``: the
 losses' registered autograd calls it, so a compiled or exported graph holds one opaque node
-for it. Where the kernels do not run (CPU without ``TRITON_INTERPRET=1``) it computes the
-same formula with torch ops (``finish_grad_ref``).
+for it. Where the kernels do not run (CPU without ``TRITON_INTERPRET=1``) it takes the
+gradient of ``normalized_ref`` by autograd (``finish_grad_ref``), and the loss ops' eager
+branches take ∂L/∂ẑ from their references by autograd (``loss_outputs_ref``).
 """
 import torch
 from torch import Tensor
 
-from ccs_fast.kernels._common import launch, runs_kernels, tl, triton, use_autotune
+from ccs_fast.kernels._common import (
+    autograd_inside_op,
+    autotuned,
+    block_size,
+    grad_outputs,
+    launch,
+    tl,
+    triton,
+)
+from ccs_fast.kernels._dispatch import Impl, resolve_impl
 
 EPS = 1e-12  # F.normalize's clamp of the norm
 
@@ -71,33 +81,34 @@ if triton is not None:
             tl.store(dz_ptr + rows[:, None] * D + dd[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
-def row_blocks(z: torch.Tensor, D: int):
+def row_blocks(D: int, impl: Impl):
     """(BLOCK_B, BLOCK_D, num_warps) of the row kernels: 16 rows, up to 128 features at a time
     (256 spill on sm_90a in the zeroing row-norm pass)."""
-    if use_autotune(z):
-        return 16, min(triton.next_power_of_2(D), 128), 4
-    return 16, min(triton.next_power_of_2(D), 32), 1
+    if autotuned(impl):
+        return 16, block_size(D, hi=128), 4
+    return 16, block_size(D, hi=32), 1
 
 
-def row_norms(z: torch.Tensor, normalize: bool, zero: torch.Tensor | None = None):
+def row_norms(z: torch.Tensor, normalize: bool, impl: Impl, zero: torch.Tensor | None = None, record=None):
     """(r, ‖ẑ‖²) per row, fp32: r = 1/max(‖z‖, eps), or 1 when not normalising. ``zero``, a
     contiguous fp32 tensor of z's shape, is zeroed in the same pass."""
     B, D = z.shape
     r = torch.empty(B, dtype=torch.float32, device=z.device)
     sq = torch.empty_like(r)
-    bb, bd, w = row_blocks(z, D)
+    bb, bd, w = row_blocks(D, impl)
     launch(_row_norm_kernel, (triton.cdiv(B, bb),), z, r, sq, r if zero is None else zero, B, D, z.stride(0),
-           NORMALIZE=normalize, ZERO=zero is not None, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+           NORMALIZE=normalize, ZERO=zero is not None, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w, record=record)
     return r, sq
 
 
-def finish_grad(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, normalize: bool):
+def finish_grad(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, normalize: bool,
+                impl: Impl, record=None):
     """∂L/∂z in z's dtype from g = ∂L/∂ẑ (fp32 contiguous), the row factors r and grad_output."""
     B, D = z.shape
     dz = torch.empty((B, D), dtype=z.dtype, device=z.device)
-    bb, bd, w = row_blocks(z, D)
+    bb, bd, w = row_blocks(D, impl)
     launch(_finish_grad_kernel, (triton.cdiv(B, bb),), z, r, g, grad_out.reshape(1), dz, B, D, z.stride(0),
-           NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
+           NORMALIZE=normalize, EPS=EPS, BLOCK_B=bb, BLOCK_D=bd, num_warps=w, record=record)
     return dz
 
 
@@ -108,24 +119,44 @@ def row_factors_ref(z: torch.Tensor, normalize: bool) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(z.float(), dim=1).clamp_min(EPS)
 
 
-def finish_grad_ref(z: torch.Tensor, r: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor,
-                    normalize: bool) -> torch.Tensor:
-    """``finish_grad`` with torch ops: grad_output · r (g − ẑ (ẑ·g)), in z's dtype."""
-    r = r[:, None]
-    if normalize:
-        z_hat = z.float() * r
-        g = torch.where(r < 1.0 / EPS, g - z_hat * (z_hat * g).sum(1, keepdim=True), g)
-    return (grad_out.float().reshape(()) * r * g).to(z.dtype)
+def normalized_ref(z: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """ẑ = z · r in fp32 (z itself in fp32 when not normalising), with torch ops."""
+    return z.float() * row_factors_ref(z, normalize)[:, None]
+
+
+def finish_grad_ref(z: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``finish_grad`` with torch ops: the gradient of ``normalized_ref`` at z for the cotangent
+    grad_output · g, by autograd, in z's dtype (contiguous)."""
+    with autograd_inside_op():
+        leaf = z.detach().requires_grad_()
+        dz = torch.autograd.grad(normalized_ref(leaf, normalize), leaf, grad_out.float().reshape(()) * g)[0]
+    return dz.contiguous()
+
+
+def loss_outputs_ref(ref, zs, normalize: bool, compute_grad: bool) -> tuple:
+    """A loss op's outputs ``(loss, r, g, r, g, ...)`` with torch ops: ``ref`` (the loss's
+    reference, which must not normalise again) on each input's normalised rows ẑ and, when
+    ``compute_grad``, each input's row factors r and g = ∂L/∂ẑ by autograd."""
+    hats = [normalized_ref(z.detach(), normalize) for z in zs]
+    if not compute_grad:
+        return (ref(*hats), *(t for z in zs for t in grad_outputs(z, None)))
+    with autograd_inside_op():
+        hats = [h.requires_grad_() for h in hats]
+        loss = ref(*hats)
+        grads = torch.autograd.grad(loss, hats)
+    factors = [row_factors_ref(z, normalize) for z in zs]
+    return (loss.detach(), *(t for r, g in zip(factors, grads) for t in (r, g.contiguous())))
 
 
 @torch.library.custom_op("ccs_fast::finish_grad", mutates_args=())
 def finish_grad_op(z: Tensor, r: Tensor, g: Tensor, grad_out: Tensor, normalize: bool) -> Tensor:
     """∂L/∂z (B, D) in z's dtype from ∂L/∂ẑ ``g`` (B, D) fp32, the row factors ``r`` (B,) fp32
     and the loss's 0-dim ``grad_out``. Not differentiable itself."""
-    if not runs_kernels(z):
-        return finish_grad_ref(z, r, g, grad_out, normalize)
+    impl = resolve_impl("triton", z, r, g, grad_out, fallback=True)
+    if impl is Impl.EAGER:
+        return finish_grad_ref(z, g, grad_out, normalize)
     z = z if z.stride(-1) == 1 else z.contiguous()
-    return finish_grad(z, r.contiguous(), g.contiguous(), grad_out.float(), normalize)
+    return finish_grad(z, r.contiguous(), g.contiguous(), grad_out.float(), normalize, impl)
 
 
 @finish_grad_op.register_fake

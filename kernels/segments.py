@@ -9,7 +9,7 @@ gradient its per-target sums.
 """
 import torch
 
-from ccs_fast.kernels._common import launch, tl, triton, use_autotune
+from ccs_fast.kernels._common import autotuned, block_size, launch, tl, triton
 
 if triton is not None:
 
@@ -39,11 +39,12 @@ if triton is not None:
         tl.store(out_ptr + t * D + dd, acc, mask=d_ok)
 
 
-def segment_sum(src, order, starts, counts, out, scale=None, mean=False, accumulate=False):
+def segment_sum(src, order, starts, counts, out, impl, scale=None, mean=False, accumulate=False, record=None):
     """Fill (or add to) the first ``len(counts)`` rows of ``out`` (fp32, contiguous) with segment sums."""
     T, D = counts.shape[0], src.shape[1]
-    bd = min(triton.next_power_of_2(D), 128 if use_autotune(src) else 32)
+    gpu = autotuned(impl)
+    bd = block_size(D, hi=128 if gpu else 32)
     launch(_segment_sum_kernel, (T, triton.cdiv(D, bd)), src, counts if scale is None else scale, order, starts,
            counts, out, D, src.stride(0), HAS_SCALE=scale is not None, MEAN=mean, ACCUMULATE=accumulate,
-           BLOCK_K=16, BLOCK_D=bd, num_warps=4 if use_autotune(src) else 1)
+           BLOCK_K=16, BLOCK_D=bd, num_warps=4 if gpu else 1, record=record)
     return out

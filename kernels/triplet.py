@@ -51,6 +51,8 @@ from torch import Tensor
 
 from ccs_fast.kernels._common import (
     PendingGrad,
+    autotuned,
+    block_size,
     check_dtype,
     deterministic as _deterministic,
     dot_fp32,
@@ -58,13 +60,11 @@ from ccs_fast.kernels._common import (
     grad_outputs_fake,
     launch,
     needs_grad,
-    runs_kernels,
     tl,
     triton,
-    use_autotune,
 )
-from ccs_fast.kernels._dispatch import resolve_impl
-from ccs_fast.kernels.normalize import EPS as _EPS, register_loss_autograd, row_blocks, row_factors_ref, row_norms
+from ccs_fast.kernels._dispatch import Impl, resolve_impl
+from ccs_fast.kernels.normalize import EPS as _EPS, loss_outputs_ref, register_loss_autograd, row_blocks, row_norms
 from ccs_fast.kernels.segments import segment_sum
 
 _MIN_PROGRAMS = 264  # two programs per SM of a 132-SM H100/H200
@@ -237,7 +237,7 @@ def mine_configs():
 
 def prune_configs(configs, B, D):
     """No D chunk wider than D needs (rounded up to a power of two, ≥ 16)."""
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= max(32, triton.next_power_of_2(D))]
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= block_size(D, lo=32)]
     return kept or configs[:1]
 
 
@@ -279,19 +279,67 @@ def _segments(idx: torch.Tensor, B: int):
     return order, torch.cumsum(counts, 0) - counts, counts
 
 
-def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key):
+def _scatter_deterministic(g_tgt, t_both, pos_key, neg_key, impl, record):
     """g_tgt[p_i] += t_both[i] and g_tgt[n_i] += t_both[B + i], summed in anchor order."""
     B = pos_key.shape[0]
     valid = (pos_key != 0) & (neg_key != 0)
     p = torch.where(valid, 2147483647 - ((pos_key - 1) & 2147483647), 0)
     n = torch.where(valid, (9223372036854775807 - neg_key) & 2147483647, 0)
     order, starts, counts = _segments(torch.cat([p, n]), B)  # rows of invalid or inactive anchors are zero
-    segment_sum(t_both, order, starts, counts, g_tgt, accumulate=True)
+    segment_sum(t_both, order, starts, counts, g_tgt, impl, accumulate=True, record=record)
 
 
-def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, deterministic=False):
+def _mine(z_a, z_b, labels, r_a, r_b, sq_a, sq_b, single, impl, record):
+    """The hardest positive and negative of every anchor as keys (2, directions, B): [0] the
+    positives, [1] the negatives; [:, 0] anchored on a's rows, [:, 1] on b's (the columns).
+    And the number of valid anchors per direction."""
+    B, D = z_a.shape
+    dirs = 1 if single else 2
+    keys = torch.zeros((2, dirs, B), dtype=torch.int64, device=z_a.device)
+    col_pos, col_neg = (keys[0, 0], keys[1, 0]) if single else (keys[0, 1], keys[1, 1])
+    widen = dot_fp32(z_a.dtype, impl)
+    precision = "ieee" if z_a.dtype == torch.float32 or widen else "tf32"
+    args = (z_a, z_b, r_a, r_b, sq_a, sq_b, labels, keys[0, 0], keys[1, 0], col_pos, col_neg,
+            B, D, z_a.stride(0), z_b.stride(0), block_size(B), block_size(D))
+    if autotuned(impl):
+        launch(_mine_kernel(), lambda meta: mine_grid(B, meta["BLOCK_M"], meta["BLOCK_N"]), *args,
+               SINGLE=single, DOT_PRECISION=precision, DOT_FP32=widen, record=record)
+    else:
+        launch(_triplet_mine_kernel, mine_grid(B, 16, 16), *args, SINGLE=single, DOT_PRECISION=precision,
+               DOT_FP32=widen, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, record=record)
+    count = torch.empty(dirs, dtype=torch.int32, device=z_a.device)
+    launch(_triplet_count_kernel, (1,), keys[0], keys[1], count, B, DIRECTIONS=dirs, BLOCK=512, num_warps=4,
+           record=record)
+    return keys, count
+
+
+def _hinges(passes, count, margin, compute_grad, t_both, impl, record):
+    """The loss over the anchor directions in ``passes`` (anchors, targets, their r, keys,
+    gradient buffers, ANCHOR mode) and, with ``compute_grad``, ∂L/∂ẑ into the gradient
+    buffers; ``t_both`` (2B, D) holds the per-anchor target terms of the deterministic sum."""
+    B, D = passes[0][0].shape
+    bb, bd, w = row_blocks(D, impl)
+    nblk = triton.cdiv(B, bb)
+    partial = torch.empty(len(passes) * nblk, dtype=torch.float32, device=passes[0][0].device)
+    det = t_both is not None
+    t_pos, t_neg = (t_both[:B], t_both[B:]) if det else (partial, partial)
+    for k, (anc, tgt, r_anc, r_tgt, pk, nk, g_anc, g_tgt, anchor) in enumerate(passes):
+        if not compute_grad:
+            g_anc = g_tgt = partial  # placeholders: nothing is written
+        launch(_triplet_grad_kernel, (nblk,), anc, tgt, r_anc, r_tgt, pk, nk, count[k:], g_anc, g_tgt,
+               t_pos, t_neg, partial[k * nblk:], B, D, anc.stride(0), tgt.stride(0), margin,
+               COMPUTE_GRAD=compute_grad, ANCHOR=anchor, DETERMINISTIC=det, BLOCK_B=bb, BLOCK_D=bd, num_warps=w,
+               record=record)
+        if det:
+            _scatter_deterministic(g_tgt, t_both, pk, nk, impl, record)
+    return partial.sum()
+
+
+def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, impl, deterministic=False,
+                    record=None):
     """Loss (fp32 0-dim) and, if ``compute_grad``, the ``PendingGrad`` of z_a (and of z_b when
-    not ``single``): ∂L/∂ẑ, finished by ``normalize.finish_grad``."""
+    not ``single``): ∂L/∂ẑ, finished by ``normalize.finish_grad``. ``record``: a
+    ``_common.Recording`` that takes the launches."""
     if z_a.dtype != z_b.dtype:
         z_a, z_b = z_a.float(), z_b.float()
     z_a, z_b = _prepare(z_a), _prepare(z_b)
@@ -299,9 +347,8 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
     B, D = z_a.shape
     assert z_b.shape == (B, D) and labels.shape == (B,), "z_a, z_b must be (B, D), labels (B,)"
     assert B < 2**31, "indices are packed in 31 bits"
-    dev = z_a.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    g_a = g_b = t_pos = t_neg = None
+    f32 = dict(dtype=torch.float32, device=z_a.device)
+    g_a = g_b = t_both = None
     if compute_grad:
         # single: anchors and targets share g (zeroed); cross-modal: the first pass stores a's
         # anchor rows and scatters into g_b (zeroed), the second adds b's anchor rows to g_b
@@ -310,45 +357,15 @@ def triplet_forward(z_a, z_b, labels, margin, normalize, single, compute_grad, d
         g_b = g_a if single else torch.empty((B, D), **f32)
         if deterministic:  # per-anchor contributions to the positive and negative targets
             t_both = torch.empty((2 * B, D), **f32)
-            t_pos, t_neg = t_both[:B], t_both[B:]
-    r_a, sq_a = row_norms(z_a, normalize, zero=g_a if single else None)
-    r_b, sq_b = (r_a, sq_a) if single else row_norms(z_b, normalize, zero=g_b)
-    dirs = 1 if single else 2
-    # keys[0] = positives, keys[1] = negatives; [:, 0] anchored on a's rows, [:, 1] on b's (columns)
-    keys = torch.zeros((2, dirs, B), dtype=torch.int64, device=dev)
-    col_pos, col_neg = (keys[0, 0], keys[1, 0]) if single else (keys[0, 1], keys[1, 1])
-    precision = "ieee" if z_a.dtype == torch.float32 or dot_fp32(z_a.dtype) else "tf32"
-    args = (z_a, z_b, r_a, r_b, sq_a, sq_b, labels, keys[0, 0], keys[1, 0], col_pos, col_neg,
-            B, D, z_a.stride(0), z_b.stride(0), triton.next_power_of_2(B), triton.next_power_of_2(D))
-    if use_autotune(z_a):
-        launch(_mine_kernel(), lambda meta: mine_grid(B, meta["BLOCK_M"], meta["BLOCK_N"]), *args,
-               SINGLE=single, DOT_PRECISION=precision, DOT_FP32=False)
-    else:
-        launch(_triplet_mine_kernel, mine_grid(B, 16, 16), *args, SINGLE=single, DOT_PRECISION=precision,
-               DOT_FP32=dot_fp32(z_a.dtype), BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
-    count = torch.empty(dirs, dtype=torch.int32, device=dev)
-    launch(_triplet_count_kernel, (1,), keys[0], keys[1], count, B, DIRECTIONS=dirs, BLOCK=512, num_warps=4)
-
-    bb, bd, w = row_blocks(z_a, D)
-    nblk = triton.cdiv(B, bb)
-    partial = torch.empty(dirs * nblk, **f32)
-    if not compute_grad:
-        g_a = g_b = partial  # placeholders: nothing is written
-    if t_pos is None:
-        t_pos = t_neg = partial
-    det = bool(compute_grad and deterministic)
-    passes = [(z_a, z_b, r_a, r_b, keys[0, 0], keys[1, 0], g_a, g_b, 0 if not single else 2)]
+    r_a, sq_a = row_norms(z_a, normalize, impl, zero=g_a if single else None, record=record)
+    r_b, sq_b = (r_a, sq_a) if single else row_norms(z_b, normalize, impl, zero=g_b, record=record)
+    keys, count = _mine(z_a, z_b, labels, r_a, r_b, sq_a, sq_b, single, impl, record)
+    # ANCHOR 2 (single): the anchors' rows are targets too, so atomics; deterministic: none,
+    # the anchors add to their own rows and the targets come after
+    passes = [(z_a, z_b, r_a, r_b, keys[0, 0], keys[1, 0], g_a, g_b, (1 if t_both is not None else 2) if single else 0)]
     if not single:
         passes.append((z_b, z_a, r_b, r_a, keys[0, 1], keys[1, 1], g_b, g_a, 1))
-    for k, (anc, tgt, r_anc, r_tgt, pk, nk, g_anc, g_tgt, anchor) in enumerate(passes):
-        if det and single:
-            anchor = 1  # no atomics: anchors add to their own rows, targets come after
-        launch(_triplet_grad_kernel, (nblk,), anc, tgt, r_anc, r_tgt, pk, nk, count[k:], g_anc, g_tgt,
-               t_pos, t_neg, partial[k * nblk:], B, D, anc.stride(0), tgt.stride(0), margin,
-               COMPUTE_GRAD=compute_grad, ANCHOR=anchor, DETERMINISTIC=det, BLOCK_B=bb, BLOCK_D=bd, num_warps=w)
-        if det:
-            _scatter_deterministic(g_tgt, t_both, pk, nk)
-    loss = partial.sum()
+    loss = _hinges(passes, count, margin, compute_grad, t_both, impl, record)
     if not compute_grad:
         return loss, None, None
     return loss, PendingGrad(z_a, r_a, g_a, normalize), (None if single else PendingGrad(z_b, r_b, g_b, normalize))
@@ -419,7 +436,7 @@ def cross_modal_triplet_loss(z_f, z_o, labels, margin=0.3, normalize=True, impl=
     ``deterministic`` (None: ``torch.are_deterministic_algorithms_enabled()``) gives
     bit-identical gradients run to run (no floating-point atomics)."""
     _check("cross_modal_triplet_loss", labels, z_f, z_o)
-    if resolve_impl(impl, z_f, z_o, labels) == "eager":
+    if resolve_impl(impl, z_f, z_o, labels) is Impl.EAGER:
         return cross_modal_triplet_loss_ref(z_f, z_o, labels, margin, normalize)
     return cross_modal_triplet_loss_op(z_f, z_o, labels, float(margin), bool(normalize), _deterministic(deterministic),
                                        needs_grad(z_f, z_o))[0]
@@ -429,7 +446,7 @@ def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", 
     """Single-modality batch-hard triplet loss (fp32 0-dim). ``impl``: "auto" | "triton" | "eager";
     ``deterministic`` as in ``cross_modal_triplet_loss``."""
     _check("batch_hard_triplet_loss", labels, z)
-    if resolve_impl(impl, z, labels) == "eager":
+    if resolve_impl(impl, z, labels) is Impl.EAGER:
         return batch_hard_triplet_loss_ref(z, labels, margin, normalize)
     return batch_hard_triplet_loss_op(z, labels, float(margin), bool(normalize), _deterministic(deterministic),
                                       needs_grad(z))[0]
@@ -445,53 +462,17 @@ def batch_hard_triplet_loss(z, labels, margin=0.3, normalize=True, impl="auto", 
 # autograd saves for ``ccs_fast::finish_grad``; empty ((0,), (0, D)) when compute_grad is False.
 
 
-def _batch_hard_with_grads(a, b, pos, neg, margin):
-    """One anchor direction of the batch-hard loss on fp32 embeddings ``a`` (anchors) and ``b``
-    (targets), and its gradients ∂/∂a, ∂/∂b through the selected pairs, with torch ops."""
-    d = _sq_dist(a, b)
-    p = d.masked_fill(~pos, float("-inf")).max(1).indices  # first index of a tie, as the kernel
-    n = d.masked_fill(~neg, float("inf")).min(1).indices
-    valid = pos.any(1) & neg.any(1)
-    count = valid.sum().clamp_min(1)
-    gap = d.gather(1, p[:, None]).squeeze(1) - d.gather(1, n[:, None]).squeeze(1) + margin
-    loss = torch.where(valid, gap.clamp_min(0), 0.0).sum() / count
-    # ∂/∂a = 2c(b_n − b_p), ∂/∂b_p = 2c(b_p − a), ∂/∂b_n = 2c(a − b_n), c = 1/#valid
-    c = torch.where(valid & (gap > 0), 2.0 / count, 0.0)[:, None]
-    b_p, b_n = b[p], b[n]
-    g_b = torch.zeros_like(b).index_add_(0, p, c * (b_p - a)).index_add_(0, n, c * (a - b_n))
-    return loss, c * (b_n - b_p), g_b
-
-
-def _triplet_outputs_ref(z_a, z_b, labels, margin, normalize, single, compute_grad):
-    """The op's outputs with torch ops (where the kernels do not run)."""
-    with torch.autocast(z_a.device.type, enabled=False):
-        same = labels[:, None] == labels[None, :]
-        r_a = row_factors_ref(z_a, normalize)
-        a = z_a.float() * r_a[:, None]
-        if single:
-            eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-            loss, g_anchor, g_target = _batch_hard_with_grads(a, a, same & ~eye, ~same, margin)
-            pending = [(z_a, PendingGrad(z_a, r_a, g_anchor + g_target, normalize))]
-        else:
-            r_b = row_factors_ref(z_b, normalize)
-            b = z_b.float() * r_b[:, None]
-            loss_ab, g_a, g_b = _batch_hard_with_grads(a, b, same, ~same, margin)
-            loss_ba, h_b, h_a = _batch_hard_with_grads(b, a, same, ~same, margin)
-            loss = loss_ab + loss_ba
-            pending = [(z_a, PendingGrad(z_a, r_a, g_a + h_a, normalize)),
-                       (z_b, PendingGrad(z_b, r_b, g_b + h_b, normalize))]
-    return (loss, *[t for z, p in pending for t in grad_outputs(z, p if compute_grad else None)])
-
-
 @torch.library.custom_op("ccs_fast::cross_modal_triplet_loss", mutates_args=())
 def cross_modal_triplet_loss_op(z_f: Tensor, z_o: Tensor, labels: Tensor, margin: float, normalize: bool,
                                 deterministic: bool, compute_grad: bool
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """L1 (fp32 0-dim) and, when ``compute_grad``, each input's row factors and ∂L/∂ẑ."""
-    if not runs_kernels(z_f):
-        return _triplet_outputs_ref(z_f, z_o, labels, margin, normalize, False, compute_grad)
+    impl = resolve_impl("triton", z_f, z_o, labels, fallback=True)
+    if impl is Impl.EAGER:
+        return loss_outputs_ref(lambda f, o: cross_modal_triplet_loss_ref(f, o, labels, margin, False),
+                                [z_f, z_o], normalize, compute_grad)
     loss, p_f, p_o = triplet_forward(z_f, z_o, labels, margin, normalize, single=False, compute_grad=compute_grad,
-                                     deterministic=deterministic)
+                                     impl=impl, deterministic=deterministic)
     return (loss, *grad_outputs(z_f, p_f), *grad_outputs(z_o, p_o))
 
 
@@ -505,10 +486,12 @@ def _cross_modal_fake(z_f, z_o, labels, margin, normalize, deterministic, comput
 def batch_hard_triplet_loss_op(z: Tensor, labels: Tensor, margin: float, normalize: bool, deterministic: bool,
                                compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The single-modality loss (fp32 0-dim) and, when ``compute_grad``, r and ∂L/∂ẑ."""
-    if not runs_kernels(z):
-        return _triplet_outputs_ref(z, z, labels, margin, normalize, True, compute_grad)
+    impl = resolve_impl("triton", z, labels, fallback=True)
+    if impl is Impl.EAGER:
+        return loss_outputs_ref(lambda e: batch_hard_triplet_loss_ref(e, labels, margin, False), [z], normalize,
+                                compute_grad)
     loss, p, _ = triplet_forward(z, z, labels, margin, normalize, single=True, compute_grad=compute_grad,
-                                 deterministic=deterministic)
+                                 impl=impl, deterministic=deterministic)
     return (loss, *grad_outputs(z, p))
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from ccs_fast.kernels._common import launch, tl, triton
-from ccs_fast.kernels._dispatch import resolve_impl
+from ccs_fast.kernels._common import block_size, launch, tl, triton
+from ccs_fast.kernels._dispatch import Impl, resolve_impl
 
 FLT_EPSILON = 1.1920928955078125e-07  # numeric_limits<float>::epsilon(): |∇I1w|² below it is flat
 
@@ -230,13 +230,13 @@ if triton is not None:
             tl.store(o_ptr + base + q, tl.load(x_ptr + base + q, mask=inside, other=0.0), mask=inside)
 
 
-def median_filter_triton(x, state, out, k: int, block: int = 64, num_warps: int = 4):
+def median_filter_triton(x, state, out, k: int, block: int = 64, num_warps: int = 4, record=None):
     """``out`` ← k×k median of ``x`` (P, H, W) fp32 (replicated border) for the pairs whose
-    ``state`` is 0, ``x`` for the others. Exact (sorting, no arithmetic)."""
+    ``state`` is 0, ``x`` for the others. Exact (sorting, no arithmetic). ``record``: a
+    ``_common.Recording`` that takes the launch."""
     P, H, W = x.shape
-    taps = 1 << (k * k - 1).bit_length()
     launch(_tvl1_median_kernel, (P, triton.cdiv(H * W, block)), x, out, state, H, W,
-           R=k // 2, TAPS=taps, BLOCK_N=block, num_warps=num_warps)
+           R=k // 2, TAPS=block_size(k * k), BLOCK_N=block, num_warps=num_warps, record=record)
     return out
 
 
@@ -249,7 +249,7 @@ def _check_fields(fields):
 
 
 def tvl1_iterate_triton(fields, images, out, state, partial, err, l_t, theta, taut, scaled_eps,
-                        block: int = 256, num_warps: int = 4):
+                        block: int = 256, num_warps: int = 4, record=None):
     """One fused iteration from ``fields`` (u1, u2, p11, p12, p21, p22) into ``out`` (six
     buffers, not aliasing them) with ``images`` (wx, wy, grad, rho_c), all (P, H, W) fp32;
     ``state`` (P,) int32 (0 active, 1 just converged: copy, 2 skip) and ``err`` (P,) fp32
@@ -258,13 +258,13 @@ def tvl1_iterate_triton(fields, images, out, state, partial, err, l_t, theta, ta
     blocks = triton.cdiv(H * W, block)
     launch(_tvl1_step_kernel, (P, blocks), *fields, *images, state, *out, partial,
            H, W, float(l_t), float(theta), float(taut), EPS=FLT_EPSILON, BLOCK_N=block,
-           num_warps=num_warps)
+           num_warps=num_warps, record=record)
     launch(_tvl1_converge_kernel, (P,), partial, state, err, blocks, float(scaled_eps),
-           BLOCK_B=128, num_warps=1)
+           BLOCK_B=128, num_warps=1, record=record)
 
 
 def tvl1_step_triton(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_t, theta, taut,
-                     out=None, block: int = 256, num_warps: int = 4):
+                     out=None, block: int = 256, num_warps: int = 4, record=None):
     """``tvl1_step_ref`` with the fused kernels: ``out``, six (P, H, W) buffers for the new
     fields (allocated when None; must not alias the inputs). Returns them and err (P,)."""
     fields = (u1, u2, p11, p12, p21, p22)
@@ -277,7 +277,7 @@ def tvl1_step_triton(u1, u2, p11, p12, p21, p22, wx, wy, grad, rho_c, active, l_
     partial = torch.empty((P, triton.cdiv(H * W, block)), device=u1.device, dtype=torch.float32)
     err = torch.empty((P,), device=u1.device, dtype=torch.float32)
     tvl1_iterate_triton(fields, images, out, state, partial, err, l_t, theta, taut, 0.0,
-                        block=block, num_warps=num_warps)
+                        block=block, num_warps=num_warps, record=record)
     return (*out, err)
 
 
@@ -316,7 +316,7 @@ class TritonIterations(EagerIterations):
     (``state`` 0 → 1 → 2), so a batch costs what its unconverged pairs cost. No host sync
     but ``any_active``."""
 
-    def __init__(self, u1, u2, p, images, l_t, theta, taut, scaled_eps):
+    def __init__(self, u1, u2, p, images, l_t, theta, taut, scaled_eps, impl: Impl = Impl.TRITON):
         fields = [t.contiguous() for t in (u1, u2, *p)]
         images = tuple(t.contiguous() for t in images)
         _check_fields(fields + list(images))
@@ -326,6 +326,7 @@ class TritonIterations(EagerIterations):
         self.images = images
         self.consts = (l_t, theta, taut, scaled_eps)
         self.block = 256
+        self.impl = impl
         self.state = torch.zeros(P, dtype=torch.int32, device=u1.device)
         self.partial = torch.empty((P, triton.cdiv(H * W, self.block)), device=u1.device,
                                    dtype=torch.float32)
@@ -338,9 +339,9 @@ class TritonIterations(EagerIterations):
 
     def median_(self, fn, k: int | None = None) -> None:
         """The median of the active pairs' u: with the Triton median kernel on CUDA (``k``),
-        ``fn`` elsewhere (the interpreter sorts slowly)."""
+        ``fn`` under the interpreter (which sorts slowly)."""
         fields = self.buffers[self.current]
-        if k is None or not fields[0].is_cuda:
+        if k is None or self.impl is not Impl.TRITON:
             keep = self.active.view(-1, 1, 1)
             for i in (0, 1):
                 fields[i].copy_(torch.where(keep, fn(fields[i]), fields[i]))
@@ -363,5 +364,7 @@ class TritonIterations(EagerIterations):
 def make_iterations(u1, u2, p, images, l_t, theta, taut, scaled_eps, impl: str = "auto"):
     """The inner loop's driver for one warp: ``TritonIterations`` on CUDA (``impl="auto"``),
     ``EagerIterations`` elsewhere."""
-    cls = TritonIterations if resolve_impl(impl, u1) == "triton" else EagerIterations
-    return cls(u1, u2, p, images, l_t, theta, taut, scaled_eps)
+    resolved = resolve_impl(impl, u1)
+    if resolved is Impl.EAGER:
+        return EagerIterations(u1, u2, p, images, l_t, theta, taut, scaled_eps)
+    return TritonIterations(u1, u2, p, images, l_t, theta, taut, scaled_eps, resolved)

@@ -99,6 +99,46 @@ def test_torch_implementation_matches_kernels(monkeypatch):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def attention_and_losses(ops):
+    """A small graph through every op (``ops``: the registered ops or the references)."""
+    attention, cross_modal, center_loss, batch_hard = ops
+
+    def fn(q, k, v_f, v_o, z, y):
+        y_f, y_o = attention(q, k, v_f, v_o)
+        z_f, z_o = y_f.mean(1) + z, y_o.mean(1) - z
+        return cross_modal(z_f, z_o, y) + center_loss(z_f, y) + batch_hard(z_o, y)
+    return fn
+
+
+OPS = (lambda *a: xa.cross_stream_attention_op(*a, 0.3)[:2],
+       lambda f, o, y: triplet.cross_modal_triplet_loss_op(f, o, y, 0.3, True, False, True)[0],
+       lambda z, y: center.discriminative_embedding_loss_op(z, y, 0.3, 0.8, True, True)[0],
+       lambda z, y: triplet.batch_hard_triplet_loss_op(z, y, 0.3, True, True, True)[0])
+REFERENCES = (lambda *a: xa.cross_stream_attention_ref(*a, 0.3),
+              lambda f, o, y: triplet.cross_modal_triplet_loss_ref(f, o, y, 0.3),
+              lambda z, y: center.discriminative_embedding_loss_ref(z, y, 0.3, 0.8),
+              lambda z, y: triplet.batch_hard_triplet_loss_ref(z, y, 0.3))
+
+
+def test_torch_implementation_takes_the_references_gradients(monkeypatch):
+    """Where the kernels do not run, every op's gradient is its reference's by autograd, in
+    eager mode and compiled."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(5)
+    shapes = ((6, 5, 8), (6, 7, 8), (6, 5, 8), (6, 7, 8), (6, 8))
+    inputs = [torch.randn(s, generator=g).requires_grad_() for s in shapes] + [torch.tensor([0, 0, 1, 1, 2, 2])]
+    ops = attention_and_losses(OPS)
+    want = loss_and_grads_of(attention_and_losses(REFERENCES), inputs)
+    for fn in (ops, torch.compile(ops, fullgraph=True, backend="aot_eager")):
+        for got, expected in zip(loss_and_grads_of(fn, inputs), want):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def loss_and_grads_of(fn, inputs):
+    loss = fn(*inputs)
+    return (loss.detach(), *torch.autograd.grad(loss * 1.3, inputs[:5]))
+
+
 def test_loss_without_kept_gradient_refuses_backward():
     (z,), y = embeddings(n=1)
     loss, r, g = center.discriminative_embedding_loss_op(z, y, 0.3, 0.8, True, False)
