@@ -27,7 +27,7 @@ import torch
 from ccs_fast.base.errors import CCSError, bad_file
 
 from .flow import FLOW_BOUND, flow_to_uint8, make_flow_estimator
-from .prepare import decode_resized, short_decode_line
+from .prepare_videos import decode_resized, short_decode_line
 from .progress import Progress
 from .clip_plan import plan_clip
 from .spec import LoaderSpec

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ccs_fast.dataloader.formats import read_rawframe_list
-from ccs_fast.dataloader.prepare import prepare_dataset, read_splits, resized_shape
+from ccs_fast.dataloader.prepare import prepare_dataset, read_splits
+from ccs_fast.dataloader.prepare_videos import resized_shape
 from ccs_fast.base.errors import CCSError
 
 W, H, FRAMES = 64, 48, 5
@@ -133,7 +134,7 @@ def test_prepare_with_mmaction_names_feeds_the_loader(ucf_tree, capsys):
 
 def test_prepare_tvl1_torch_batches_pairs_across_videos(ucf_tree):
     from ccs_fast.dataloader.flow import make_flow_estimator, write_rawframes
-    from ccs_fast.dataloader.prepare import decode_resized
+    from ccs_fast.dataloader.prepare_videos import decode_resized
 
     videos, splits, out = ucf_tree
     summary = prepare_dataset(videos, splits, out, workers=2, flow="tvl1-torch", flow_device="cpu",
@@ -287,7 +288,7 @@ def test_full_disk_stops_at_once_with_one_line_and_no_list(ucf_tree, monkeypatch
 WORKER_DRIVER = """
 import os, sys, time
 from multiprocessing import get_context
-from ccs_fast.dataloader.prepare import _worker_init
+from ccs_fast.dataloader.prepare_videos import pool_worker_init
 
 
 def worker_pid(_):
@@ -296,7 +297,7 @@ def worker_pid(_):
 
 
 if __name__ == "__main__":
-    with get_context("spawn").Pool(2, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with get_context("spawn").Pool(2, initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
         print(" ".join(str(p.pid) for p in pool._pool), flush=True)
         # a worker runs a task only after its initializer: READY once both have run one
         while len(set(pool.map(worker_pid, range(8), chunksize=1))) < 2:
