@@ -87,7 +87,8 @@ def measure(case: str, args, annotation, data_root, out_dir: Path) -> float:
     return float(statistics.median(timed))
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The options; ``cases`` as a list (the cases asked for, checked against ``CASES``)."""
     parser = bench_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="resnet50")
@@ -106,10 +107,16 @@ def main(argv=None):
                         help="segments per video of the evaluation after training on synthetic tensors (not timed)")
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args(argv)
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
+    args.cases = [c for c in args.cases.split(",") if c]
+    unknown = set(args.cases) - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {list(CASES)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cases = args.cases
     if args.device != "cuda":
         cases = [c for c in cases if c != "ccs-dali" or _dali_importable()]
 
