@@ -52,12 +52,11 @@ def _check_model_finite(run: TrainingRun) -> None:
     on any rank (one fused reduction and one host sync per rank; the verdict is shared)."""
     state = {"model": run.parts.model.state_dict(), "optimizer": run.parts.optimizer.state_dict()}
     bad = nonfinite_names(checkpoint_tensors(state))
-    if any_rank(run.env, bool(bad), run.device) and not bad:
-        bad = ["(on another rank)"]
-    if bad:
-        raise TrainingStopped(f"{run.last_path.parent}: the model holds NaN or inf in {describe_names(bad)} at the end "
-                              f"of epoch {run.epoch + 1} (step {run.step}); nothing evaluated or saved from it, training "
-                              f"stopped, {kept(run.last_path)}")
+    if any_rank(run.env, bool(bad), run.device):
+        raise TrainingStopped(f"{run.last_path.parent}: the model holds NaN or inf in "
+                              f"{describe_names(bad or ['(on another rank)'])} at the end of epoch {run.epoch + 1} "
+                              f"(step {run.step}); nothing evaluated or saved from it, training stopped, "
+                              f"{kept(run.last_path)}")
 
 
 def _stopped(run: TrainingRun, where: str, checkpoint: str) -> dict:
@@ -67,6 +66,15 @@ def _stopped(run: TrainingRun, where: str, checkpoint: str) -> dict:
     if run.env.is_main:
         print(stop_line(signum, where, run.stop.elapsed(), checkpoint, run.last_path.parent), flush=True)
     return {"stopped_by": signal_name(signum), "exit_code": exit_code(signum)}
+
+
+def _stop_in_epoch(run: TrainingRun, progress: EpochProgress) -> dict:
+    """A stop signal ended the epoch at a step boundary: a resumable mid-epoch last.pt."""
+    run.stop.boundary_reached()
+    saved_at = time.perf_counter()
+    write_checkpoint(run, run.last_path, run.epoch, True, progress)
+    where = f"in epoch {run.epoch + 1} after batch {progress.batches}/{run.parts.iters_per_epoch} (step {run.step})"
+    return _stopped(run, where, f"{run.last_path} written in {time.perf_counter() - saved_at:.1f} s")
 
 
 def evaluate_epoch(run: TrainingRun, model: torch.nn.Module, loader, epoch_done: int) -> dict:
@@ -121,11 +129,7 @@ def _train_epochs(run: TrainingRun, point: StartPoint) -> dict:
             run.epoch = epoch
             progress = (point.progress if epoch == point.epoch else None) or EpochProgress.start(run.device)
             if train_one_epoch(run, progress) is None:
-                run.stop.boundary_reached()
-                saved_at = time.perf_counter()
-                write_checkpoint(run, run.last_path, run.epoch, True, progress)
-                where = f"in epoch {run.epoch + 1} after batch {progress.batches}/{run.parts.iters_per_epoch} (step {run.step})"
-                return _stopped(run, where, f"{run.last_path} written in {time.perf_counter() - saved_at:.1f} s")
+                return _stop_in_epoch(run, progress)
             stopped = _end_epoch(run)
             if stopped:
                 return stopped
@@ -167,6 +171,11 @@ def _summary(run: TrainingRun, stopped: dict) -> dict:
             "best_metric": run.best_metric, "train": run.last_train, "eval": run.last_eval, **stopped}
 
 
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """``fit`` of a Config built in code: validated here first (CCSError naming the field)."""
+    return fit(cfg.validate(), resume, overwrite)
+
+
 def fit(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
     """Train per ``cfg``, a validated Config (``load_config`` validates; ``train`` validates a
     Config built in code). ``resume``: a checkpoint (or an out_dir holding last.pt) to go on
@@ -202,8 +211,3 @@ def fit(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> d
             _log_start(run, point, moved)
             stopped = _train_epochs(run, point)
             return _summary(run, stopped)
-
-
-def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
-    """``fit`` of a Config built in code: validated here first (CCSError naming the field)."""
-    return fit(cfg.validate(), resume, overwrite)

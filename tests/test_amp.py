@@ -118,3 +118,22 @@ def test_autocast_context_dtypes():
         autocast_context("fp8", "cpu")
     scaler = make_scaler("fp16", "cpu")
     assert scaler is not None and scaler.is_enabled()
+
+
+def test_training_precision_is_checked_once_not_per_step(monkeypatch):
+    """A training run checks its precision against the device when it starts; the autocast
+    context of each step checks nothing."""
+    from ccs_fast import amp
+
+    checks = []
+    real = amp.check_precision
+    monkeypatch.setattr(amp, "check_precision", lambda *args: checks.append(args) or real(*args))
+    precision = amp.training_precision("bf16", "cpu")
+    x = torch.randn(4, 4)
+    for _ in range(3):
+        with precision.autocast():
+            assert (x @ x).dtype == torch.bfloat16
+    assert checks == [("bf16", "cpu")] and precision.scaler is None
+    with amp.training_precision("fp32", "cpu").autocast():
+        assert (x @ x).dtype == torch.float32
+    assert amp.training_precision("fp16", "cpu").scaler.is_enabled()

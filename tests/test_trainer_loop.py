@@ -233,3 +233,14 @@ def test_training_batch_top1_per_stream_and_fused():
     fused = logits_f.softmax(-1) + 2.0 * logits_o.softmax(-1)
     want = [(x.argmax(-1) == labels).float().mean().item() for x in (logits_f, logits_o, fused)]
     assert hits.tolist() == pytest.approx(want)
+
+
+def test_a_training_run_validates_its_config_once(tmp_path, monkeypatch):
+    """``train`` validates a Config built in code once; nothing after it (the model's build
+    included) validates it again. ``ccs-fast train`` validates in load_config and calls fit."""
+    calls = []
+    real = Config.validate
+    cfg = tiny_config(tmp_path / "run", epochs=1, tensorboard=False)
+    monkeypatch.setattr(Config, "validate", lambda self, *args, **kwargs: calls.append(1) or real(self, *args, **kwargs))
+    trainer.train(cfg)
+    assert len(calls) == 1
