@@ -94,9 +94,9 @@ $(COMPAT_VENV)/.installed: setup.py pyproject.toml
 compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c 'import sys, torch, triton, numpy; print("compat:", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)'
 	@failed=""; \
-	$(COMPAT_VENV)/bin/python -m pytest -q --benchmark-disable tests/test_cross_attention.py \
-		tests/test_triplet.py tests/test_center.py tests/test_losses.py tests/test_determinism.py \
-		tests/test_ops.py tests/test_connection.py tests/test_tvl1.py tests/test_torch_loader.py || failed="$$failed kernel-tests"; \
+	$(COMPAT_VENV)/bin/python -m pytest -q --benchmark-disable tests/kernels \
+		tests/ccs_fast/test_losses.py tests/ccs_fast/test_connection.py tests/dataloader/test_tvl1.py \
+		tests/dataloader/test_torch_loader.py || failed="$$failed kernel-tests"; \
 	$(COMPAT_VENV)/bin/python -m bench.aot --check || failed="$$failed aot"; \
 	$(COMPAT_VENV)/bin/python -m bench.gpu --dry-run || failed="$$failed gpu-dry-run"; \
 	if [ -n "$$failed" ]; then echo "compat: failed:$$failed"; exit 1; fi; echo "compat: all green"
@@ -111,9 +111,9 @@ BARE_PYTHON ?= python3.12
 BARE_VENV   ?= .venv-bare
 BARE_PINS   := 'torch==2.11.*' 'triton==3.6.*' 'torchvision==0.26.*' timm opencv-python-headless 'numpy<2.4' \
 	pytest pytest-benchmark pytest-timeout hypothesis matplotlib tensorboard tqdm pyyaml six 'setuptools<82' wheel
-BARE_TESTS  := tests/test_cross_attention.py tests/test_triplet.py tests/test_center.py tests/test_losses.py \
-	tests/test_determinism.py tests/test_ops.py tests/test_connection.py tests/test_tvl1.py \
-	bench/test_gpu.py bench/test_kit.py
+BARE_TESTS  := tests/kernels/test_cross_attention.py tests/kernels/test_triplet.py tests/kernels/test_center.py \
+	tests/kernels/test_determinism.py tests/kernels/test_ops.py tests/ccs_fast/test_losses.py \
+	tests/ccs_fast/test_connection.py tests/dataloader/test_tvl1.py tests/bench/test_gpu.py tests/bench/test_kit.py
 
 $(BARE_VENV)/.installed: setup.py pyproject.toml Makefile
 	$(BARE_PYTHON) -m venv $(BARE_VENV)

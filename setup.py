@@ -2,7 +2,7 @@
 
 ``kernels/`` and ``dataloader/`` live at the top of the repository (SPEC §1) but install as
 ``ccs_fast.kernels`` and ``ccs_fast.dataloader`` so nothing generic lands in site-packages.
-``pip wheel --no-deps .`` (or ``python -m build``) makes the wheel; ``tests/test_wheel.py``
+``pip wheel --no-deps .`` (or ``python -m build``) makes the wheel; ``tests/integration/test_wheel.py``
 builds it, installs it apart from the source tree and runs the README's drop-in example.
 
 Extras: ``dev`` (the test suite's tools), ``dali`` (the GPU loader, CUDA 13 wheels),

@@ -29,7 +29,7 @@ buffers until the next run) and viewed as (B, K, C, S, S), channels_last after
 its samples (one flow pair each), and with V test crops a clip's samples are its V views one
 after another, each with its own crop box and flip (``clip_plan.view_plans``), viewed as
 (B·V, P, C, S, S) at the end like the torch backend's batch. Pixels agree with the torch
-backend up to resize rounding (±1 level before normalisation; tests/test_dali.py).
+backend up to resize rounding (±1 level before normalisation; tests/dataloader/test_dali.py).
 """
 from __future__ import annotations
 

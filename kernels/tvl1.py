@@ -27,7 +27,7 @@ registers (``tl.sort``), the middle taken; exact. Off CUDA (and in the interpret
 is slow) the drivers use ``dataloader.tvl1.median_filter``, a min/max selection network.
 The eager reference ``tvl1_step_ref`` is the definition and the CPU implementation.
 Not yet measured on a GPU; the kernel is compiled ahead of time for sm_90a and sm_80 by
-``bench.aot`` and checked against the reference in the interpreter (tests/test_tvl1.py).
+``bench.aot`` and checked against the reference in the interpreter (tests/dataloader/test_tvl1.py).
 """
 from __future__ import annotations
 

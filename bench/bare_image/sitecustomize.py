@@ -10,7 +10,7 @@ module, present only with opencv-contrib) is also taken off ``cv2`` once ``cv2``
 from this Python's site-packages (the machine's own OpenCV; a cv2 from another folder on the
 path, such as the one ``bench.kit`` installs, keeps it).
 Every finder already on ``sys.meta_path`` is wrapped; finders added later are not.
-``bench/test_gpu.py`` runs the dry run of ``bench.gpu`` under it: a stage that imports what
+``tests/bench/test_gpu.py`` runs the dry run of ``bench.gpu`` under it: a stage that imports what
 the GPU machines lack without a skip fails ``make test``.
 """
 import os

@@ -67,7 +67,7 @@ e2e 18 s, flow 9 s, loader 5 s, cuda-tests 12 s, grid 12 s); in ``make compat-ba
 load average of 8 (stretch ×4.0).
 
 ``python -m bench.gpu --dry-run`` under ``PYTHONPATH=bench/bare_image`` is what ``make test``
-runs (``bench/test_gpu.py``): a stage that imports what the bare GPU image lacks without a
+runs (``tests/bench/test_gpu.py``): a stage that imports what the bare GPU image lacks without a
 skip fails there.
 
 Exit status: 0; 1 when a test failed or a stage crashed (and, in the dry run, overran); 2 for

@@ -18,8 +18,8 @@ TOTAL_BUDGET_S = 480  # SPEC §5: every §8 figure in ≤ 8 minutes on one GPU m
 DRY_TOTAL_BUDGET_S = 120  # the dry run is part of `make test`
 OVERHEAD_S = 15  # Python start-up, the summary, and KILL_GRACE_S for each stage that overruns
 
-KERNEL_TESTS = ("tests/test_cross_attention.py", "tests/test_triplet.py", "tests/test_center.py",
-                "tests/test_losses.py", "tests/test_tvl1.py")
+KERNEL_TESTS = ("tests/kernels/test_cross_attention.py", "tests/kernels/test_triplet.py",
+                "tests/kernels/test_center.py", "tests/ccs_fast/test_losses.py", "tests/dataloader/test_tvl1.py")
 
 
 @dataclass(frozen=True)

@@ -333,14 +333,13 @@ def test_test_crops_and_3d_clips_agree_with_torch_backend(tree):
         assert dali_batches[0].get("views", 1) == views
 
 
-def test_dali_loader_is_a_whole_loader(tree):
+def test_dali_loader_is_a_whole_loader(assert_whole_loader, tree):
     """The ``dataloader.Loader`` members, before and after an epoch of the CPU pipeline."""
-    from test_torch_loader import assert_is_whole_loader
 
     loader = build_loader(LoaderSpec(tree / "train.txt", tree / "rawframes", backend="dali", batch_size=2,
                                      num_segments=K, flow_length=L, input_size=SIZE, device="cpu",
                                      num_workers=1))
-    assert_is_whole_loader(loader)
+    assert_whole_loader(loader)
     assert loader.frame_count is not None and loader.num_classes == 2
     with deadline(60):
         assert len(list(loader)) == len(loader) and loader.batches_done == len(loader)

@@ -11,26 +11,16 @@ from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.base.errors import CCSError
 from ccs_fast.metrics import read_metrics
-from tiny import BATCHES, tiny_config
-from trainer_runs import shared_runs, torch_loader_settings, write_rawframes
 
 pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return shared_runs(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def rawframes(tmp_path_factory):
-    return write_rawframes(tmp_path_factory.mktemp("data"), videos=2 * 4)
-
-
-def test_resume_equals_straight_run(runs):
-    root = runs["root"]
+def test_resume_equals_straight_run(tiny_config, tiny_runs):
+    root = tiny_runs["root"]
     assert read_checkpoint(root / "epoch1.pt")["epoch"] == 1
-    assert runs["resumed"]["steps"] == 2 * BATCHES
+    assert tiny_runs["resumed"]["steps"] == 2 * tiny_config.batches
     straight = read_checkpoint(root / "straight" / "last.pt")
     resumed = read_checkpoint(root / "split" / "last.pt")
     assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"])
@@ -40,22 +30,22 @@ def test_resume_equals_straight_run(runs):
         assert torch.equal(value["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
     assert straight["scheduler"] == resumed["scheduler"]
     timings = ("eval_s",)  # seconds, not results
-    assert ({k: v for k, v in runs["resumed"]["eval"].items() if k not in timings}
-            == {k: v for k, v in runs["straight"]["eval"].items() if k not in timings})
+    assert ({k: v for k, v in tiny_runs["resumed"]["eval"].items() if k not in timings}
+            == {k: v for k, v in tiny_runs["straight"]["eval"].items() if k not in timings})
 
 
-def test_resume_from_another_config_is_refused(runs):
-    cfg = tiny_config(runs["root"] / "other", epochs=2)
+def test_resume_from_another_config_is_refused(tiny_config, tiny_runs):
+    cfg = tiny_config(tiny_runs["root"] / "other", epochs=2)
     cfg.model.embed_dim = 8
     with pytest.raises(CCSError, match="embed_dim"):
-        trainer.train(cfg, resume=str(runs["root"] / "epoch1.pt"))
+        trainer.train(cfg, resume=str(tiny_runs["root"] / "epoch1.pt"))
 
 
-def test_resume_applies_allowed_changes_and_refuses_others(runs, tmp_path, capsys):
+def test_resume_applies_allowed_changes_and_refuses_others(tiny_config, tiny_runs, tmp_path, capsys):
     """#7: --set optim.lr on resume was dropped while config.yaml recorded it."""
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    shutil.copy(tiny_runs["root"] / "epoch1.pt", out / "last.pt")
     refused = tiny_config(out, epochs=2)
     refused.optim.momentum = 0.5
     with pytest.raises(CCSError) as info:
@@ -103,13 +93,12 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _run_driver(tmp_path, name, kill_at, args, timeout=150):
+def _run_driver(start_driver, tmp_path, name, kill_at, args, timeout=150):
     """Run the training CLI in a new process group; with ``kill_at``, SIGKILL the whole group
     (the trainer and its loader workers) once the driver says KILL."""
     import signal
     import time
 
-    from tiny import start_driver
 
     proc, log = start_driver(tmp_path, KILL_DRIVER, name, [kill_at, *args])
     deadline = time.monotonic() + timeout
@@ -128,22 +117,22 @@ def _run_driver(tmp_path, name, kill_at, args, timeout=150):
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(rawframes, tmp_path_factory):
+def killed_and_resumed(tiny_config, tiny_rawframes, start_driver, tmp_path_factory):
     """A straight 2-epoch run, and one killed with -9 while saving last.pt after epoch 2 and
     resumed from last.pt of epoch 1; the torch loader with a worker, dropout 0.5."""
     tmp = tmp_path_factory.mktemp("kill")
-    settings = torch_loader_settings(*rawframes, workers=1)
-    code, log = _run_driver(tmp, "straight", 0, ["train", "--out", str(tmp / "straight"), *settings])
+    settings = tiny_config.torch_loader_settings(*tiny_rawframes, workers=1)
+    code, log = _run_driver(start_driver, tmp, "straight", 0, ["train", "--out", str(tmp / "straight"), *settings])
     assert code == 0, log
     out = tmp / "killed"
-    code, log = _run_driver(tmp, "killed", 2, ["train", "--out", str(out), *settings])
+    code, log = _run_driver(start_driver, tmp, "killed", 2, ["train", "--out", str(out), *settings])
     assert code == -9, log
     before = {
         "files": sorted(p.name for p in out.iterdir()),
         "epoch": read_checkpoint(out / "last.pt")["epoch"],
         "metrics": read_metrics(out / "metrics.jsonl"),
     }
-    code, log = _run_driver(tmp, "resumed", 0, ["train", "--resume", str(out)])
+    code, log = _run_driver(start_driver, tmp, "resumed", 0, ["train", "--resume", str(out)])
     assert code == 0, log
     return {"straight": tmp / "straight", "out": out, "before": before, "log": log}
 

@@ -8,13 +8,12 @@ import torch
 from ccs_fast import trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.cli import main
-from tiny import tiny_config
 
 pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
-def run_x(tmp_path_factory):
+def run_x(tiny_config, tmp_path_factory):
     x = tmp_path_factory.mktemp("runs") / "X"
     trainer.train(tiny_config(x, epochs=1))
     return x
@@ -69,18 +68,17 @@ def test_resume_elsewhere_needs_out_and_says_so(run_x, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backend", ["torch", "synthetic", pytest.param("dali", marks=pytest.mark.dali)])
-def test_loaders_start_an_epoch_at_a_batch(tmp_path, backend):
+def test_loaders_start_an_epoch_at_a_batch(noise_rawframes, tmp_path, backend):
     """The loader position of a mid-epoch checkpoint: set_epoch(e, first_batch=k) gives the
     epoch's batches from k on, exactly those of an uninterrupted epoch; batches_done counts
     the batches consumed."""
     import numpy as np
 
     from ccs_fast.dataloader import LoaderSpec, build_loader
-    from trainer_runs import write_rawframes
 
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    root, annotation = write_rawframes(tmp_path, videos=10)
+    root, annotation = noise_rawframes(tmp_path, videos=10)
     loader = build_loader(LoaderSpec(annotation, root, backend=backend, train=True, batch_size=2, num_segments=2,
                                      flow_length=1, input_size=16, device="cpu", seed=7, num_workers=0,
                                      num_classes=4, synthetic_batches=5))

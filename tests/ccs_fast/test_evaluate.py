@@ -9,7 +9,6 @@ from ccs_fast.checkpoint import save_checkpoint
 from ccs_fast.base.errors import CCSError
 from ccs_fast.evaluate import average_view_scores, evaluate, evaluate_checkpoint, format_table, fuse_scores
 from ccs_fast.predict import predict_list
-from tiny import tiny_config
 
 
 class FixedLogits(torch.nn.Module):
@@ -155,7 +154,7 @@ def test_most_confused_pairs():
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path, monkeypatch):
+def tiny_checkpoint(tiny_config, tmp_path, monkeypatch):
     pytest.importorskip("timm")
     from ccs_fast.model import build_model
 
@@ -307,16 +306,15 @@ def test_table1_over_several_checkpoints(tiny_checkpoint, tmp_path, capsys):
     assert "2 --checkpoint but 1 --list" in capsys.readouterr().err
 
 
-def test_eval_crops_confusion_and_pictures_on_rawframes(tmp_path, capsys):
+def test_eval_crops_confusion_and_pictures_on_rawframes(tiny_config, noise_rawframes, tmp_path, capsys):
     """ccs-fast eval --crops 3 --cam 2 --attention 1 on a rawframe list (torch backend):
     the protocol and the confusion matrix in eval.json, the pictures beside it (or a line
     saying they were skipped without matplotlib)."""
     pytest.importorskip("timm")
     from ccs_fast.cli import main
     from ccs_fast.model import build_model
-    from test_torch_loader import make_rawframes
 
-    annotation, root = make_rawframes(tmp_path, num_videos=4)
+    root, annotation = noise_rawframes(tmp_path, videos=4, classes=3)
     cfg = tiny_config(tmp_path / "run")
     cfg.model.num_classes, cfg.model.variant = 3, "all"
     cfg.data.backend, cfg.data.root, cfg.data.val_list = "torch", str(root), str(annotation)

@@ -5,7 +5,6 @@ import torchvision
 from torch import nn
 
 from ccs_fast.base.errors import CCSError
-from tiny import resnet_features
 from ccs_fast.video_backbones import (VideoBackbone, build_two_stream_video_backbones, build_video_backbone,
                                       inflate_conv)
 
@@ -46,7 +45,7 @@ def test_inflated_conv_weight_and_constant_clip():
     assert not torch.allclose(out[:, :, 0], expected, atol=1e-3)  # zero padding at the border
 
 
-def test_i3d_inflation_preserves_2d_output_on_constant_clip(resnet18_file):
+def test_i3d_inflation_preserves_2d_output_on_constant_clip(resnet_features, resnet18_file):
     reference, path = resnet18_file
     backbone, flow = build_two_stream_video_backbones("i3d_resnet18", flow_chans=2, pretrained=str(path))
     backbone.eval()

@@ -11,7 +11,7 @@ import pytest
 
 from bench.gpu import cli, logs, plan, runner, targets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_plan_budgets_fit_eight_minutes_with_setup():
@@ -223,7 +223,7 @@ def test_flow_stage_and_targets_from_rows():
     stage = {s.name: s for s in plan.PLAN}["flow"]
     argv = stage.steps[0].argv + stage.steps[0].gpu
     assert "bench.bench_flow" in argv and "cpu" in argv[argv.index("--skip") + 1]
-    assert "tests/test_tvl1.py" in plan.KERNEL_TESTS
+    assert "tests/dataloader/test_tvl1.py" in plan.KERNEL_TESTS
     size = dict(height=256, width=340)
     rows = [dict(kind="agreement", pair="translate-int", epe_ratio=1.02, within_2_levels=0.99, **size),
             dict(kind="agreement", pair="synth-a", within_2_levels=0.97, **size),

@@ -477,26 +477,15 @@ def test_3d_clips_follow_sample_frames(tmp_path):
     assert np.abs(flow_y - 20 * expected).max() < 3.0  # flow_y marks the flow index
 
 
-def assert_is_whole_loader(data):
-    """Every member ``dataloader.Loader`` declares, attribute or method, is defined."""
-    from ccs_fast.dataloader import Loader
-
-    members = [*Loader.__annotations__, "__iter__", "__len__", "set_epoch", "close"]
-    assert isinstance(data, Loader)
-    assert [name for name in members if not hasattr(data, name)] == []
-    assert isinstance(data.skipped_errors, dict) and data.num_skipped == len(data.skipped_errors)
-    assert data.batches_done == 0 and isinstance(data.num_videos, int) and len(data) >= 1
-
-
-def test_torch_and_synthetic_loaders_are_whole_loaders(tmp_path):
+def test_torch_and_synthetic_loaders_are_whole_loaders(assert_whole_loader, tmp_path):
     annotation, root = make_rawframes(tmp_path)
     torch_data = loader(annotation, root)
-    assert_is_whole_loader(torch_data)
+    assert_whole_loader(torch_data)
     assert torch_data.frame_count is not None and torch_data.num_classes == 3
     synthetic = build_loader(LoaderSpec(None, None, backend="synthetic", batch_size=2, num_segments=K,
                                         flow_length=L, input_size=S, device="cpu", num_classes=7,
                                         synthetic_batches=2))
-    assert_is_whole_loader(synthetic)
+    assert_whole_loader(synthetic)
     assert synthetic.frame_count is None and synthetic.num_classes == 7
     synthetic.set_epoch(1, first_batch=1)
     assert len(list(synthetic)) == 1 and synthetic.batches_done == 2

@@ -68,14 +68,13 @@ def test_disabled_is_silent():
     assert stream.getvalue() == ""
 
 
-def test_eval_and_predict_show_progress(tmp_path, capsys):
+def test_eval_and_predict_show_progress(tiny_config, tmp_path, capsys):
     """``ccs-fast eval`` and ``predict --list`` report the videos done on stderr."""
     pytest.importorskip("timm")
     from ccs_fast.checkpoint import save_checkpoint
     from ccs_fast.evaluate import evaluate_checkpoint
     from ccs_fast.model import build_model
     from ccs_fast.predict import predict_list
-    from tiny import tiny_config
 
     cfg = tiny_config(tmp_path)
     path = save_checkpoint(tmp_path / "last.pt", build_model(cfg.model), config=cfg.to_dict())

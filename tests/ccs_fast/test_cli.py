@@ -62,7 +62,7 @@ def test_synth_train_eval_predict(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "model.dropout 0.2 in the checkpoint, 0.1 now" in err and err.count("\n") == 1
     assert main(["train", "--resume", str(run / "last.pt"), "--set", "optim.epochs=2", "--set", "optim.lr=0.0005"]) == 0
-    demo_lr = yaml.safe_load((Path(__file__).parent.parent / "ccs_fast/configs/demo.yaml").read_text())["optim"]["lr"]
+    demo_lr = yaml.safe_load((Path(__file__).resolve().parents[2] / "ccs_fast/configs/demo.yaml").read_text())["optim"]["lr"]
     assert f"changed on resume: optim.lr {demo_lr!r} -> 0.0005, optim.epochs 1 -> 2" in capsys.readouterr().out
     assert 'lr: 0.0005' in (run / "config.yaml").read_text()
 

@@ -14,25 +14,15 @@ from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.config import Config
 from ccs_fast.base.errors import CCSError
 from ccs_fast.metrics import read_metrics
-from tiny import BATCHES, tiny_config
-from trainer_runs import shared_runs, torch_loader_settings, write_rawframes
 
 pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return shared_runs(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def rawframes(tmp_path_factory):
-    return write_rawframes(tmp_path_factory.mktemp("data"), videos=2 * 4)
-
-
-def test_train_writes_outputs_and_summary(runs):
-    out, summary = runs["root"] / "straight", runs["straight"]
-    assert summary["epochs"] == 2 and summary["steps"] == 2 * BATCHES
+def test_train_writes_outputs_and_summary(tiny_config, tiny_runs):
+    out, summary = tiny_runs["root"] / "straight", tiny_runs["straight"]
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * tiny_config.batches
     assert set(summary["eval"]) >= {"rgb", "flow", "fused", "num_videos"}
     assert 0.0 <= summary["eval"]["fused"]["top1"] <= summary["eval"]["fused"]["top5"] <= 1.0
     assert summary["best_metric"] is not None
@@ -48,7 +38,7 @@ def test_train_writes_outputs_and_summary(runs):
     epoch_record = next(r for r in records if r["split"] == "train_epoch")
     assert all(0.0 <= epoch_record[f"train_{s}_top1"] <= 1.0 for s in ("rgb", "flow", "fused"))
     state = read_checkpoint(out / "last.pt")
-    assert (state["epoch"], state["step"]) == (2, 2 * BATCHES)
+    assert (state["epoch"], state["step"]) == (2, 2 * tiny_config.batches)
     assert state["config"]["model"]["backbone"] == "timm:test_resnet"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
@@ -88,24 +78,24 @@ def test_lr_schedule_warmup_and_steps():
     assert factor(40) == pytest.approx(0.01)
 
 
-def test_two_process_ddp_under_torchrun(tmp_path):
+def test_two_process_ddp_under_torchrun(tiny_config, tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes the run
     folder, and evaluation counts the videos of both ranks."""
     import json
     import socket
     import subprocess
     import sys
-    from pathlib import Path
+    from ccs_fast.config import save_config
 
-    script = tmp_path / "run.py"
+    script, config = tmp_path / "run.py", tmp_path / "tiny.yaml"
     out = tmp_path / "run"
+    save_config(tiny_config(out, epochs=1), config)
     script.write_text(
-        "import json, os, sys, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from tiny import tiny_config\n"
+        "import json, os, torch\n"
         "from ccs_fast import trainer\n"
+        "from ccs_fast.config import load_config\n"
         "torch.set_num_threads(1)\n"
-        f"summary = trainer.train(tiny_config({str(out)!r}, epochs=1))\n"
+        f"summary = trainer.fit(load_config({str(config)!r}))\n"
         "print('RESULT', os.environ['RANK'], json.dumps(summary['eval']['num_videos']), flush=True)\n"
     )
     with socket.socket() as sock:
@@ -119,14 +109,14 @@ def test_two_process_ddp_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     assert set(results) == {"0", "1"}
-    # synthetic eval: BATCHES batches of 4 clips on each of the 2 ranks, gathered
-    assert all(json.loads(v) == 2 * BATCHES * 4 for v in results.values())
+    # synthetic eval: tiny_config.batches batches of 4 clips on each of the 2 ranks, gathered
+    assert all(json.loads(v) == 2 * tiny_config.batches * 4 for v in results.values())
     assert (out / "last.pt").exists()
     starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2
 
 
-def test_deterministic_mode_reaches_the_ops_and_is_restored(tmp_path, monkeypatch):
+def test_deterministic_mode_reaches_the_ops_and_is_restored(tiny_config, tmp_path, monkeypatch):
     from ccs_fast import losses
 
     seen = []
@@ -143,18 +133,18 @@ def test_deterministic_mode_reaches_the_ops_and_is_restored(tmp_path, monkeypatc
     assert torch.are_deterministic_algorithms_enabled() == before
 
 
-def test_every_metrics_record_carries_the_run_id(runs):
-    records = read_metrics(runs["root"] / "straight" / "metrics.jsonl")
-    assert {r["run_id"] for r in records} == {runs["straight"]["run_id"]}
+def test_every_metrics_record_carries_the_run_id(tiny_runs):
+    records = read_metrics(tiny_runs["root"] / "straight" / "metrics.jsonl")
+    assert {r["run_id"] for r in records} == {tiny_runs["straight"]["run_id"]}
 
 
-def test_skipped_videos_are_counted_and_reported(rawframes, tmp_path, capsys):
+def test_skipped_videos_are_counted_and_reported(tiny_config, tiny_rawframes, tmp_path, capsys):
     """Issue 12 #5: with skip_bad, the skipped videos were invisible in train and eval."""
     import json
 
     from ccs_fast.cli import main
 
-    root, annotation = rawframes
+    root, annotation = tiny_rawframes
     bad_root = tmp_path / "bad"
     shutil.copytree(root, bad_root)
     (bad_root / "v1" / "img_00001.jpg").write_bytes(b"not a jpeg")
@@ -162,7 +152,7 @@ def test_skipped_videos_are_counted_and_reported(rawframes, tmp_path, capsys):
     train = tmp_path / "train.txt"
     train.write_text("".join(lines) + "v0 1 1\n")  # and a line too short for the flow stack
     out = tmp_path / "run"
-    args = ["train", "--out", str(out), *torch_loader_settings(bad_root, train, 0),
+    args = ["train", "--out", str(out), *tiny_config.torch_loader_settings(bad_root, train, 0),
             "--set", "data.skip_bad=true", "--set", "optim.epochs=1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -185,7 +175,7 @@ def test_skipped_videos_are_counted_and_reported(rawframes, tmp_path, capsys):
     assert result["skipped_videos"] == 2 and result["num_videos"] == 7
 
 
-def test_one_line_per_log_interval_off_a_terminal(tmp_path, capsys):
+def test_one_line_per_log_interval_off_a_terminal(tiny_config, tmp_path, capsys):
     """Issue 12 #7: in a log file nothing was printed between the start line and the end."""
     pytest.importorskip("timm")
     cfg = tiny_config(tmp_path / "run", epochs=2, progress=True, tensorboard=False)
@@ -198,18 +188,18 @@ def test_one_line_per_log_interval_off_a_terminal(tmp_path, capsys):
     assert metrics.format_duration(3725) == "1h02m" and metrics.format_duration(192) == "3m12s"
 
 
-def test_3d_model_with_trn_trains_and_evaluates_on_rawframes(rawframes, tmp_path, capsys):
+def test_3d_model_with_trn_trains_and_evaluates_on_rawframes(tiny_config, tiny_rawframes, tmp_path, capsys):
     """A 3-D base model end to end on the torch backend: train (i3d_resnet18, 2 clips of T=4
     frames at 32x32, TRN consensus over the clips, variant all: the block on each clip's
     T'·h·w tokens), then ``eval --crops 3`` over 2 test clips; eval.json reports the 3-D
     protocol."""
     from ccs_fast.cli import main
 
-    root, full = rawframes
+    root, full = tiny_rawframes
     annotation = tmp_path / "four.txt"
     annotation.write_text("".join(full.read_text().splitlines(keepends=True)[:4]))
     out = tmp_path / "run"
-    settings = torch_loader_settings(root, annotation, 0) + [
+    settings = tiny_config.torch_loader_settings(root, annotation, 0) + [
         "--set", "model.backbone=i3d_resnet18", "--set", "model.num_segments=2", "--set", "model.clip_len=4",
         "--set", "model.frame_interval=1", "--set", "model.consensus=trn", "--set", "data.test_clips=2",
         "--set", "optim.epochs=1", "--set", "data.val_list=",
@@ -235,7 +225,7 @@ def test_training_batch_top1_per_stream_and_fused():
     assert hits.tolist() == pytest.approx(want)
 
 
-def test_a_training_run_validates_its_config_once(tmp_path, monkeypatch):
+def test_a_training_run_validates_its_config_once(tiny_config, tmp_path, monkeypatch):
     """``train`` validates a Config built in code once; nothing after it (the model's build
     included) validates it again. ``ccs-fast train`` validates in load_config and calls fit."""
     calls = []

@@ -24,13 +24,13 @@ import torch
 
 from ccs_fast.cli import main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 CLASSES = 3
 
 # a block is recognised by a text it holds
 SKIPPED = {
     "--flow-device cuda": "needs a CUDA GPU (tvl1-torch on cuda)",
-    "make gpu": "needs one H100/H200 (python -m bench.gpu); its CPU dry run is bench/test_gpu.py",
+    "make gpu": "needs one H100/H200 (python -m bench.gpu); its CPU dry run is tests/bench/test_gpu.py",
 }
 
 TINY_TRAIN = [

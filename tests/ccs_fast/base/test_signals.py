@@ -15,7 +15,6 @@ from ccs_fast import epoch, recipe, trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.metrics import read_metrics
 from ccs_fast.base.signals import SignalExit
-from tiny import BATCHES, start_driver, tiny_config
 
 pytest.importorskip("timm")
 
@@ -57,27 +56,27 @@ def _accuracies(result: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     return out, trainer.train(tiny_config(out, epochs=2))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
-def test_signal_stops_mid_epoch_and_resume_is_bit_exact(straight, tmp_path, monkeypatch, capsys, signum):
+def test_signal_stops_mid_epoch_and_resume_is_bit_exact(tiny_config, straight, tmp_path, monkeypatch, capsys, signum):
     """Before: SIGTERM killed the run without a word (exit 143, lock and temporary left);
     SIGINT raised KeyboardInterrupt out of the loop; SIGUSR1 killed it."""
     out = tmp_path / "run"
-    _signal_at(monkeypatch, BATCHES + 1, [signum])  # the first step of epoch 2
+    _signal_at(monkeypatch, tiny_config.batches + 1, [signum])  # the first step of epoch 2
     summary = trainer.train(tiny_config(out, epochs=2))
     name = signal.Signals(signum).name
     assert summary["stopped_by"] == name and summary["exit_code"] == 128 + signum
     lines = [line for line in capsys.readouterr().out.splitlines() if "received" in line]
-    assert lines == [f"[train] {name} received: stopped in epoch 2 after batch 1/{BATCHES} (step {BATCHES + 1}), "
-                     + lines[0].split(f"(step {BATCHES + 1}), ", 1)[1]]
+    assert lines == [f"[train] {name} received: stopped in epoch 2 after batch 1/{tiny_config.batches} (step {tiny_config.batches + 1}), "
+                     + lines[0].split(f"(step {tiny_config.batches + 1}), ", 1)[1]]
     assert lines[0].endswith(f"resume with: ccs-fast train --resume {out}")
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "tb"]
     state = read_checkpoint(out / "last.pt")
-    assert (state["epoch"], state["step"], state["mid_epoch"]["batches"]) == (1, BATCHES + 1, 1)
+    assert (state["epoch"], state["step"], state["mid_epoch"]["batches"]) == (1, tiny_config.batches + 1, 1)
     monkeypatch.undo()
     resumed = trainer.train(tiny_config(out, epochs=2), resume=str(out))
     assert "stopped_by" not in resumed
@@ -90,7 +89,7 @@ def test_signal_stops_mid_epoch_and_resume_is_bit_exact(straight, tmp_path, monk
     assert [{k: r[k] for k in keep} for r in epoch_records[1]] == [{k: r[k] for k in keep} for r in epoch_records[0]]
 
 
-def test_second_signal_ends_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+def test_second_signal_ends_at_once_without_a_checkpoint(tiny_config, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, epochs=1))
     before = (out / "last.pt").read_bytes()
@@ -102,7 +101,7 @@ def test_second_signal_ends_at_once_without_a_checkpoint(tmp_path, monkeypatch):
     assert not (out / "train.lock").exists() and not list(out.glob(".*.tmp"))
 
 
-def test_no_step_boundary_in_time_ends_without_a_checkpoint(tmp_path, monkeypatch):
+def test_no_step_boundary_in_time_ends_without_a_checkpoint(tiny_config, tmp_path, monkeypatch):
     """The wait for a step boundary is bounded by train.stop_timeout_s."""
     out = tmp_path / "run"
     _signal_at(monkeypatch, 1, [signal.SIGTERM], sleep=30)
@@ -114,7 +113,7 @@ def test_no_step_boundary_in_time_ends_without_a_checkpoint(tmp_path, monkeypatc
     assert not (out / "train.lock").exists() and not (out / "last.pt").exists()
 
 
-def test_save_every_steps_writes_mid_epoch_checkpoints(straight, tmp_path):
+def test_save_every_steps_writes_mid_epoch_checkpoints(tiny_config, straight, tmp_path):
     """train.save_every_steps: a resumable last.pt between epoch ends (jobs killed with no signal)."""
     out = tmp_path / "run"
     seen = []
@@ -170,7 +169,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _run(tmp_path, name, wait_at, args, signum=None, timeout=180):
+def _run(start_driver, tmp_path, name, wait_at, args, signum=None, timeout=180):
     proc, log = start_driver(tmp_path, SIGNAL_DRIVER, name, [wait_at, *args])
     deadline = time.monotonic() + timeout
     signalled = None
@@ -192,18 +191,16 @@ def _run(tmp_path, name, wait_at, args, signum=None, timeout=180):
     return proc.returncode, log.read_text(), group_left, (time.monotonic() - signalled) if signalled else None
 
 
-def test_sigterm_to_a_training_process_then_resume_is_bit_exact(tmp_path):
+def test_sigterm_to_a_training_process_then_resume_is_bit_exact(tiny_config, noise_rawframes, start_driver, tmp_path):
     """A real ``ccs-fast train`` (torch loader, 1 worker, dropout 0.5) gets SIGTERM in epoch 1
     (after batch 3 of 4), writes a mid-epoch checkpoint, exits 143 with one line; ``--resume``
     ends with the same weights, bit for bit, as a run that never stopped."""
-    from trainer_runs import torch_loader_settings, write_rawframes
-
-    root, annotation = write_rawframes(tmp_path / "data", videos=4 * 4)
-    settings = torch_loader_settings(root, annotation, workers=1)
-    code, log, _, _ = _run(tmp_path, "straight", 0, ["train", "--out", str(tmp_path / "straight"), *settings])
+    root, annotation = noise_rawframes(tmp_path / "data", videos=4 * 4)
+    settings = tiny_config.torch_loader_settings(root, annotation, workers=1)
+    code, log, _, _ = _run(start_driver, tmp_path, "straight", 0, ["train", "--out", str(tmp_path / "straight"), *settings])
     assert code == 0, log
     out = tmp_path / "stopped"
-    code, log, group_left, seconds = _run(tmp_path, "stopped", 3, ["train", "--out", str(out), *settings],
+    code, log, group_left, seconds = _run(start_driver, tmp_path, "stopped", 3, ["train", "--out", str(out), *settings],
                                           signum=signal.SIGTERM)
     assert code == 143, log
     assert not group_left, "a loader worker outlived the trainer"
@@ -215,7 +212,7 @@ def test_sigterm_to_a_training_process_then_resume_is_bit_exact(tmp_path):
     state = read_checkpoint(out / "last.pt")
     assert (state["epoch"], state["step"], state["mid_epoch"]["batches"]) == (0, 3, 3)
 
-    code, log, _, _ = _run(tmp_path, "resumed", 0, ["train", "--resume", str(out)])
+    code, log, _, _ = _run(start_driver, tmp_path, "resumed", 0, ["train", "--resume", str(out)])
     assert code == 0, log
     assert f"resumed from {out / 'last.pt'} (epoch 1 after batch 3/4, step 3)" in log
     straight, resumed = read_checkpoint(tmp_path / "straight" / "last.pt"), read_checkpoint(out / "last.pt")

@@ -1,6 +1,6 @@
 """Multi-crop test views: crop geometry (the loaders' pixels of each view, flow_x inverted on
-mirrored ones: tests/test_torch_loader.py, tests/test_dali.py; the averaging of their scores:
-tests/test_evaluate.py)."""
+mirrored ones: tests/dataloader/test_torch_loader.py, tests/dataloader/test_dali.py; the averaging of their scores:
+tests/ccs_fast/test_evaluate.py)."""
 import pytest
 
 from ccs_fast.dataloader.multicrop import crop_views

@@ -8,7 +8,6 @@ from torch import nn
 
 from ccs_fast.backbones import build_backbone, build_two_stream_backbones, cross_modality_init, load_pretrained
 from ccs_fast.base.errors import CCSError
-from tiny import resnet_features
 
 has_timm = importlib.util.find_spec("timm") is not None
 
@@ -25,7 +24,7 @@ def resnet18_file(tmp_path_factory):
 
 
 
-def test_resnet_stages_equal_torchvision_forward(resnet18_file):
+def test_resnet_stages_equal_torchvision_forward(resnet_features, resnet18_file):
     reference, path = resnet18_file
     backbone = build_backbone("resnet18", pretrained=str(path)).eval()
     assert backbone.num_stages == 4 and backbone.channels == (64, 128, 256, 512)

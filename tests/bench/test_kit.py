@@ -17,7 +17,7 @@ import pytest
 from bench import kit
 from bench.gpu import plan, runner
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def random_wheel(folder: Path, name: str, size: int, rng) -> Path:

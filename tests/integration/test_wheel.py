@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"ccs_fast": "ccs_fast", "ccs_fast/kernels": "kernels", "ccs_fast/dataloader": "dataloader"}
 PACKAGE_DATA = ["ccs_fast/configs/*.yaml"]
 

@@ -7,13 +7,12 @@ import torch
 
 from ccs_fast.checkpoint import save_checkpoint
 from ccs_fast.cli import main
-from tiny import tiny_config
 
 W, H = 64, 48
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
+def checkpoint(tiny_config, tmp_path):
     pytest.importorskip("timm")
     from ccs_fast.model import build_model
 
@@ -73,17 +72,16 @@ def test_a_folder_given_as_a_video_says_so(checkpoint, tmp_path, capsys):
                    "with --list)\n")
 
 
-def test_video_file_loader_is_a_whole_loader_and_skips_bad_videos(tmp_path):
+def test_video_file_loader_is_a_whole_loader_and_skips_bad_videos(assert_whole_loader, tmp_path):
     """One batch per good video (index: its place in the list); with skip_bad a bad one is a
     ``skipped_errors`` entry, as in the other backends."""
     from ccs_fast.dataloader import LoaderSpec, build_video_file_loader
-    from test_torch_loader import assert_is_whole_loader
 
     video = tmp_path / "short.avi"
     decoded = _write_truncated_avi(video, 16, np.random.default_rng(0))
     spec = LoaderSpec(None, None, num_segments=2, flow_length=2, input_size=16, device="cpu", skip_bad=True)
     loader = build_video_file_loader([tmp_path / "missing.avi", video], spec, flow="farneback", short_side=32)
-    assert_is_whole_loader(loader)
+    assert_whole_loader(loader)
     batches = list(loader)
     assert len(batches) == 1 and batches[0]["index"].tolist() == [1] and batches[0]["label"].tolist() == [-1]
     assert batches[0]["rgb"].shape == (1, 2, 3, 16, 16) and batches[0]["flow"].shape == (1, 2, 4, 16, 16)

@@ -13,20 +13,10 @@ from ccs_fast import epoch, recipe, trainer
 from ccs_fast.checkpoint import read_checkpoint
 from ccs_fast.base.errors import CCSError
 from ccs_fast.metrics import read_metrics
-from tiny import BATCHES, tiny_config
-from trainer_runs import shared_runs, torch_loader_settings, write_rawframes
 
 pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return shared_runs(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rawframes(tmp_path_factory):
-    return write_rawframes(tmp_path_factory.mktemp("data"), videos=2 * 4)
 
 
 class _NaNLoss(torch.nn.Module):
@@ -43,10 +33,10 @@ class _NaNLoss(torch.nn.Module):
         return losses
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(runs, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tiny_runs, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    shutil.copy(tiny_runs["root"] / "epoch1.pt", out / "last.pt")
     good = (out / "last.pt").read_bytes()
     real_objective = recipe.build_objective
     monkeypatch.setattr(recipe, "build_objective", lambda cfg: _NaNLoss(real_objective(cfg)))
@@ -80,14 +70,14 @@ def _diverge_after_step(monkeypatch, at_step):
     monkeypatch.setattr(epoch, "amp_step", step)
 
 
-def test_nonfinite_model_is_neither_evaluated_nor_saved(runs, tmp_path, monkeypatch, capsys):
+def test_nonfinite_model_is_neither_evaluated_nor_saved(tiny_config, tiny_runs, tmp_path, monkeypatch, capsys):
     """#1: BN running_var went inf on the last step of an epoch with a finite loss; that model
     was evaluated, saved as last.pt and best.pt, and called the last good checkpoint."""
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    shutil.copy(tiny_runs["root"] / "epoch1.pt", out / "last.pt")
     good = (out / "last.pt").read_bytes()
-    _diverge_after_step(monkeypatch, BATCHES)  # the last step of epoch 2
+    _diverge_after_step(monkeypatch, tiny_config.batches)  # the last step of epoch 2
     with pytest.raises(CCSError) as info:
         trainer.train(tiny_config(out, epochs=2), resume=str(out))
     message = str(info.value)
@@ -97,9 +87,9 @@ def test_nonfinite_model_is_neither_evaluated_nor_saved(runs, tmp_path, monkeypa
     assert "[eval]" not in capsys.readouterr().out
 
 
-def test_fresh_run_never_overwrites_a_run_folder(runs, tmp_path):
+def test_fresh_run_never_overwrites_a_run_folder(tiny_config, tiny_runs, tmp_path):
     """#5: a fresh train into a finished run's folder silently replaced last.pt and best.pt."""
-    finished = runs["root"] / "straight"
+    finished = tiny_runs["root"] / "straight"
     before = {name: (finished / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
     with pytest.raises(CCSError) as info:
         trainer.train(tiny_config(finished, epochs=1))
@@ -116,7 +106,7 @@ def test_fresh_run_never_overwrites_a_run_folder(runs, tmp_path):
         trainer.train(tiny_config(copy, epochs=2), resume=str(copy / "best.pt"))
 
 
-def test_two_runs_into_one_folder(tmp_path):
+def test_two_runs_into_one_folder(tiny_config, tmp_path):
     """#5: two runs into one --out both exited 0 with last.pt from one and best.pt from the other."""
     from ccs_fast.run_folder import claim_run_folder
 
@@ -147,19 +137,19 @@ class _FillsUp:
         return getattr(self.real, name)
 
 
-def test_full_disk_and_unwritable_out_are_one_line(runs, tmp_path, monkeypatch):
+def test_full_disk_and_unwritable_out_are_one_line(tiny_config, tiny_runs, tmp_path, monkeypatch):
     """#4: a full disk on metrics.jsonl, no room for a checkpoint and an unwritable --out."""
     from ccs_fast import metrics, run_folder
 
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copy(runs["root"] / "epoch1.pt", out / "last.pt")
+    shutil.copy(tiny_runs["root"] / "epoch1.pt", out / "last.pt")
     good = (out / "last.pt").read_bytes()
     monkeypatch.setattr(metrics, "open", lambda *a, **k: _FillsUp(open(*a, **k)), raising=False)
     with pytest.raises(CCSError) as info:
         trainer.train(tiny_config(out, epochs=2), resume=str(out))
     assert str(info.value) == (f"{out / 'metrics.jsonl'}: disk full (no space left on device) while writing metrics; "
-                               f"training stopped in epoch 2 (step {BATCHES + 2}), last good checkpoint kept at "
+                               f"training stopped in epoch 2 (step {tiny_config.batches + 2}), last good checkpoint kept at "
                                f"{out / 'last.pt'}")
     assert (out / "last.pt").read_bytes() == good
     monkeypatch.undo()
@@ -175,11 +165,11 @@ def test_full_disk_and_unwritable_out_are_one_line(runs, tmp_path, monkeypatch):
         trainer.train(tiny_config(tmp_path / "file" / "run", epochs=1))
 
 
-def test_all_eval_videos_bad_with_skip_bad_is_an_error(rawframes, tmp_path, capsys):
+def test_all_eval_videos_bad_with_skip_bad_is_an_error(tiny_config, tiny_rawframes, tmp_path, capsys):
     """#8: skip_bad with every validation video bad printed 0.0000 (0 videos) and saved best.pt."""
     from ccs_fast.cli import main
 
-    root, annotation = rawframes
+    root, annotation = tiny_rawframes
     bad_root = tmp_path / "bad"
     shutil.copytree(root, bad_root)
     for frame in bad_root.glob("v*/img_*.jpg"):
@@ -187,7 +177,7 @@ def test_all_eval_videos_bad_with_skip_bad_is_an_error(rawframes, tmp_path, caps
     val = tmp_path / "val.txt"
     val.write_text("".join(f"{bad_root / line}" for line in annotation.read_text().splitlines(True)[:4]))
     out = tmp_path / "run"
-    args = ["train", "--out", str(out), *torch_loader_settings(root, annotation, 0),
+    args = ["train", "--out", str(out), *tiny_config.torch_loader_settings(root, annotation, 0),
             "--set", f"data.val_list={val}", "--set", "data.skip_bad=true", "--set", "optim.epochs=1"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
