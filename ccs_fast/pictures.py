@@ -87,6 +87,12 @@ def _describe(names, video: dict) -> str:
     return video_name(names, video["index"]) or f"video {video['index']} of the list"
 
 
+def _picture_path(out_dir: Path, prefix: str, names, video: dict) -> Path:
+    """``out_dir/<picture_file>`` for ``video``, the folder made if missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / picture_file(prefix, video["index"], video_name(names, video["index"]))
+
+
 def _choose(loader, count: int, max_batches_for_variety: int = 4):
     """Yield (batch, row in batch) of up to ``count`` videos, distinct true classes first."""
     chosen, seen, spare = 0, set(), []
@@ -155,9 +161,7 @@ def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "
                  f"{class_name(class_names, target)}{' (true class)' if video['label'] >= 0 else ' (predicted)'}\n"
                  f"(class activation maps on the {h}x{w} last-stage grid); RGB+Flow predicts "
                  f"{class_name(class_names, predicted)}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        name = picture_file("cam", video["index"], video_name(videos, video["index"]))
-        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams, out_dir / name,
+        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams, _picture_path(out_dir, "cam", videos, video),
                                flow_image=flow, title=title))
     return paths
 
@@ -205,10 +209,8 @@ def write_attention(model, loader, count: int, out_dir, *, device, precision: st
                      f"the connection block's attention at the centre position\n"
                      f"{to_flow[shown].sum():.0%} (left) and {to_rgb[shown].sum():.0%} (right) of the attention "
                      f"falls in this {'time step' if model.video else 'segment'}, the rest in the others")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            name = picture_file("attention", video["index"], video_name(videos, video["index"]))
             paths.append(plot_attention(rgb_frame(video["rgb"][0, position]), to_flow[shown], to_rgb[shown],
-                                        out_dir / name,
+                                        _picture_path(out_dir, "attention", videos, video),
                                         query_rgb=(h // 2, w // 2), query_flow=(h // 2, w // 2), title=title))
     finally:
         for hook in hooks:

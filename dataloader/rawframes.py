@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccs_fast.base.errors import CCSError, bad_file
+from ccs_fast.base.errors import CCSError, bad_file, read_failure
 
 from .formats import VideoRecord, read_annotation
 from .clip_plan import num_flow_frames
@@ -133,14 +133,8 @@ def read_file_bytes(path, missing: str, empty: str) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise bad_file(path, missing) from None
-    except PermissionError:
-        raise bad_file(path, "cannot read (permission denied)") from None
-    except IsADirectoryError:
-        raise bad_file(path, "cannot read (a folder, not a file)") from None
     except OSError as exc:
-        raise bad_file(path, f"cannot read ({exc.strerror or exc})") from None
+        raise read_failure(path, exc, "cannot read", missing) from None
     if not data:
         raise bad_file(path, empty)
     return np.frombuffer(data, dtype=np.uint8)
@@ -214,12 +208,8 @@ def count_flow_frames(frame_dir, naming: FrameNaming = FrameNaming()) -> int:
     pattern = naming.flow_x_pattern()
     try:
         return sum(1 for name in os.listdir(frame_dir) if pattern.match(name))
-    except FileNotFoundError:
-        raise bad_file(frame_dir, "flow frame folder not found") from None
-    except PermissionError:
-        raise bad_file(frame_dir, "cannot read the flow frame folder (permission denied)") from None
     except OSError as exc:
-        raise bad_file(frame_dir, f"cannot read the flow frame folder ({exc.strerror or exc})") from None
+        raise read_failure(frame_dir, exc, "cannot read the flow frame folder", "flow frame folder not found") from None
 
 
 RAWFRAMES_FOLDER = "rawframes"  # the frames root prepare and synth write, beside the videos

@@ -18,3 +18,18 @@ class CCSError(Exception):
 def bad_file(path, problem: str) -> CCSError:
     """``CCSError`` for a problem with one file: ``"<path>: <problem>"``."""
     return CCSError(f"{path}: {problem}")
+
+
+def read_failure(path, exc: OSError, reading: str, missing: str) -> CCSError:
+    """``CCSError`` for a failed read of ``path``: ``"<path>: <missing>"`` when it is not
+    there, else ``"<path>: <reading> (<reason>)"``, the reason in lower-case words
+    (``permission denied``, ``a folder, not a file``, or the system's own)."""
+    if isinstance(exc, FileNotFoundError):
+        return bad_file(path, missing)
+    if isinstance(exc, PermissionError):
+        reason = "permission denied"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "a folder, not a file"
+    else:
+        reason = exc.strerror or str(exc)
+    return bad_file(path, f"{reading} ({reason})")
