@@ -7,8 +7,6 @@ order, so the sums need no atomics and are bit-identical run to run. The center 
 its class means this way (scale = the row-norm factors r), the deterministic triplet
 gradient its per-target sums.
 """
-import torch
-
 from ccs_fast.kernels._common import autotuned, block_size, launch, tl, triton
 
 if triton is not None:

@@ -348,8 +348,6 @@ def test_pool_workers_end_with_a_killed_prepare_and_ignore_ctrl_c(tmp_path):
 
 
 def _alive(pid) -> bool:
-    import os
-
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
