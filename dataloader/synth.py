@@ -44,7 +44,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ccs_fast.base.atomic import atomic_path, temporary_glob, write_text
+from ccs_fast.base.atomic import atomic_path, is_temporary, write_text
 from ccs_fast.base.errors import CCSError, bad_file
 
 from .flow import FLOW_BOUND, write_rawframes
@@ -290,10 +290,10 @@ def _make_video(spec: VideoSpec, root: str, flow: str, flow_params: dict, codec:
 
 def _remove_stale_temporaries(root: Path) -> None:
     """Delete what a killed run left half-written: hidden temporary videos
-    and frame folders (``atomic.temporary_glob``: ``atomic_path`` and ``atomic_dir``)."""
+    and frame folders (``atomic.is_temporary``: ``atomic_path`` and ``atomic_dir``)."""
     for top in (VIDEOS_FOLDER, RAWFRAMES_FOLDER):
         for class_dir in (root / top).glob("*"):
-            for stale in class_dir.glob(temporary_glob("*")):
+            for stale in [path for path in class_dir.glob(".*") if is_temporary(path.name)]:
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
                 else:

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 _TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # what temporary_name makes
+# The frames folders' earlier scheme (``.<name>.tmp-<hex>``, ``.<name>.old-<hex>``, from before
+# atomic_dir joined this module): still recognised, so a run killed under it is cleaned too.
+_EARLIER_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 
 
 def temporary_name(path: Path) -> Path:
@@ -35,8 +38,9 @@ def temporary_glob(name: str) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file or folder name is one ``temporary_name`` makes."""
-    return _TEMPORARY.match(name) is not None
+    """Whether a file or folder name is one ``temporary_name`` makes (or the frames folders'
+    earlier scheme, ``.<name>.tmp-<hex>`` and ``.<name>.old-<hex>``)."""
+    return _TEMPORARY.match(name) is not None or _EARLIER_TEMPORARY.match(name) is not None
 
 
 def fsync_path(path: Path) -> None:

@@ -241,7 +241,8 @@ def test_hidden_folders_of_an_interrupted_prepare_are_removed(ucf_tree, capsys):
 
     videos, splits, out = ucf_tree
     stale = [out / "rawframes" / "Jump" / f".v_Jump_g01_c01.4242.{np.random.default_rng().bytes(4).hex()}.tmp",
-             out / "rawframes" / "Run" / ".v_Run_g02_c01.17.0123abcd.tmp"]
+             out / "rawframes" / "Run" / ".v_Run_g02_c01.17.0123abcd.tmp",
+             out / "rawframes" / "Run" / ".v_Run_g01_c01.tmp-89abcdef"]  # the earlier scheme
     for folder in stale:
         folder.mkdir(parents=True)
         (folder / "img_00001.jpg").write_bytes(b"half")
@@ -249,7 +250,7 @@ def test_hidden_folders_of_an_interrupted_prepare_are_removed(ucf_tree, capsys):
     keep.mkdir()
     assert run_prepare(_prepare_args(videos, splits, out, "--short-side", "32")) == 0
     assert not any(folder.exists() for folder in stale) and keep.is_dir()
-    assert "removed 2 unfinished folder(s) of an interrupted prepare" in capsys.readouterr().out
+    assert "removed 3 unfinished folder(s) of an interrupted prepare" in capsys.readouterr().out
 
 
 def test_full_disk_stops_at_once_with_one_line_and_no_list(ucf_tree, monkeypatch, capsys):

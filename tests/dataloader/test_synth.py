@@ -109,11 +109,13 @@ def test_resume_and_option_checks(dataset, tmp_path):
     shutil.copytree(root, copy)
     victim = copy / "rawframes" / "Action01" / "v_Action01_0002"
     shutil.rmtree(victim)
-    stale = victim.parent / f".{victim.name}.4242.0badc0de.tmp"  # as if killed mid-write
-    stale.mkdir()
-    (stale / "img_00001.jpg").write_bytes(b"half")
+    stale = [victim.parent / f".{victim.name}.4242.0badc0de.tmp",  # as if killed mid-write
+             victim.parent / f".{victim.name}.old-0badc0de"]  # the earlier scheme's
+    for folder in stale:
+        folder.mkdir()
+        (folder / "img_00001.jpg").write_bytes(b"half")
     summary = make_synthetic_dataset(copy, seed=3, workers=1, **TINY)
-    assert not stale.exists()
+    assert not any(folder.exists() for folder in stale)
     assert summary["videos_written"] == 1 and summary["videos_kept"] == 17
     assert _files(copy) == _files(root)
 
