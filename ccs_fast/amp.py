@@ -79,11 +79,6 @@ def training_precision(precision: str, device) -> Precision:
     return Precision(precision, _device_type(device), dtype, scaler)
 
 
-def make_scaler(precision: str, device) -> Optional[torch.amp.GradScaler]:
-    """A GradScaler for fp16 (the only precision whose gradients underflow), else None."""
-    return training_precision(precision, device).scaler
-
-
 def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 

@@ -38,8 +38,6 @@ from ccs_fast.kernels._dispatch import Impl, resolve_impl
 
 FLT_EPSILON = 1.1920928955078125e-07  # numeric_limits<float>::epsilon(): |∇I1w|² below it is flat
 
-_FIELDS = ("u1", "u2", "p11", "p12", "p21", "p22")
-
 
 def _shift_right(t: torch.Tensor) -> torch.Tensor:
     """t[..., x - 1] with 0 in column 0."""

@@ -59,10 +59,11 @@ def dist_env() -> DistEnv:
 
 @contextlib.contextmanager
 def training_process(env: DistEnv, device, deterministic: bool):
-    """The set-up of one training process on ``device`` (``evaluate.select_device``), undone on
-    exit: torch.distributed's default group when there are several processes (NCCL on CUDA,
-    gloo on CPU; one the caller made already is used and kept), ``deterministic_mode`` and
-    the device's flags (``set_device_flags``)."""
+    """The set-up of one training process on ``device`` (``evaluate.select_device``):
+    torch.distributed's default group when there are several processes (NCCL on CUDA, gloo on
+    CPU; one the caller made already is used and kept) and ``deterministic_mode``, both undone
+    on exit, and the device's flags (``set_device_flags``: cuDNN benchmark and TF32), which
+    stay set for the rest of the process."""
     import torch.distributed as dist
 
     own_group = env.distributed and not dist.is_initialized()

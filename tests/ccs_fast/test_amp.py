@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from ccs_fast.amp import amp_step, autocast_context, make_scaler
+from ccs_fast.amp import amp_step, autocast_context, training_precision
 
 
 def _model_and_batch(seed=0):
@@ -42,7 +42,7 @@ def test_amp_step_one_step_clip_and_zero(precision):
     model, x, y = _model_and_batch()
     ref, ref_norm = _reference_step(model, x, y, lr=0.1, clip=0.05)
     opt = CountingSGD(model.parameters(), lr=0.1)
-    assert make_scaler(precision, "cpu") is None
+    assert training_precision(precision, "cpu").scaler is None
     with autocast_context(precision, "cpu"):
         loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     norm = amp_step(loss, opt, None, clip_grad=0.05)
@@ -116,7 +116,7 @@ def test_autocast_context_dtypes():
         assert (x @ x).dtype == torch.float32
     with pytest.raises(ValueError):
         autocast_context("fp8", "cpu")
-    scaler = make_scaler("fp16", "cpu")
+    scaler = training_precision("fp16", "cpu").scaler
     assert scaler is not None and scaler.is_enabled()
 
 
