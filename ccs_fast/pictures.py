@@ -161,8 +161,8 @@ def write_cams(model, loader, count: int, out_dir, *, device, precision: str = "
                  f"{class_name(class_names, target)}{' (true class)' if video['label'] >= 0 else ' (predicted)'}\n"
                  f"(class activation maps on the {h}x{w} last-stage grid); RGB+Flow predicts "
                  f"{class_name(class_names, predicted)}")
-        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams, _picture_path(out_dir, "cam", videos, video),
-                               flow_image=flow, title=title))
+        paths.append(plot_cams(rgb_frame(video["rgb"][0, position]), cams,
+                               _picture_path(out_dir, "cam", videos, video), flow_image=flow, title=title))
     return paths
 
 

@@ -16,7 +16,7 @@ elsewhere). The operators:
 
 Their implementations launch the Triton kernels on CUDA (and on CPU under
 ``TRITON_INTERPRET=1``) and otherwise run the eager references, with the gradients the
-references give by autograd. ``_dispatch.resolve_impl`` decides which, the one place that does.
+references give by autograd. ``_dispatch.resolve_impl`` is the one place that decides which.
 """
 from ccs_fast.kernels.center import discriminative_embedding_loss, discriminative_embedding_loss_ref
 from ccs_fast.kernels.cross_attention import cross_stream_attention, cross_stream_attention_ref
